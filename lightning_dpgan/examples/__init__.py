@@ -1,0 +1,1 @@
+"""Lightning modules written the way users already write them, to show the strategy dropping into them."""

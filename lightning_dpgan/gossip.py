@@ -1,0 +1,275 @@
+"""The gossip wire: mix tensors in place with ``W^t`` by point-to-point exchange with graph neighbours.
+
+Tensors are packed into one flat buffer per (device, dtype). Each round every worker sends its buffer to its
+out-neighbours and receives its in-neighbours' buffers with one ``batch_isend_irecv``, then forms
+``w_ii x_i + sum_j w_ij x_j`` in a single ``addmv`` pass. A complete graph is one ``all_reduce`` instead.
+All buffers (flat, receive, wire cast) are allocated once per tensor list and reused on every step.
+
+An optional wire dtype (bf16/fp16) is used for the bytes on the wire only; the local copy and the
+accumulation stay in the tensors' own precision.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_dpgan.topology import Topology, _check_rounds
+
+WIRE_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "float32": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+class GossipPeerError(RuntimeError):
+    """A neighbour stopped answering: it died, or did not reach the same gossip call within the timeout."""
+
+
+def resolve_wire_dtype(wire_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if wire_dtype is None or isinstance(wire_dtype, torch.dtype):
+        return None if wire_dtype == torch.float32 else wire_dtype
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"unknown wire_dtype {wire_dtype!r}; allowed: {', '.join(WIRE_DTYPES)}")
+    return WIRE_DTYPES[wire_dtype]
+
+
+class _Bucket:
+    """One flat buffer holding a list of same-device, same-dtype tensors, plus its per-round scratch buffers."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.tensors = list(tensors)
+        first = self.tensors[0]
+        self.numel = sum(t.numel() for t in self.tensors)
+        self.flat = torch.empty(self.numel, dtype=first.dtype, device=first.device)
+        self.views: list[Tensor] = []
+        offset = 0
+        for t in self.tensors:
+            self.views.append(self.flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        self._scratch: dict[tuple[str, torch.dtype, int], Tensor] = {}
+
+    def pack(self) -> Tensor:
+        torch._foreach_copy_(self.views, self.tensors)
+        return self.flat
+
+    def unpack(self) -> None:
+        torch._foreach_copy_(self.tensors, self.views)
+
+    def scratch(self, kind: str, dtype: torch.dtype, rows: int = 0) -> Tensor:
+        """A reusable buffer of ``rows`` x ``numel`` (or ``numel`` when ``rows == 0``)."""
+        key = (kind, dtype, rows)
+        if key not in self._scratch:
+            shape = (rows, self.numel) if rows else (self.numel,)
+            self._scratch[key] = torch.empty(shape, dtype=dtype, device=self.flat.device)
+        return self._scratch[key]
+
+
+class _Plan:
+    """The buckets for one list of tensors, cached so repeated mixes of the same tensors allocate nothing."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.tensors = list(tensors)  # strong references keep the ids in the cache key valid
+        groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for t in self.tensors:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        self.buckets = [_Bucket(ts) for ts in groups.values()]
+
+
+class GossipEngine:
+    """Mixes tensors across the default process group with a :class:`~lightning_dpgan.topology.Topology`.
+
+    ``phase`` counts gossip rounds since the start (it is checkpointed) and selects the matrix of a
+    time-varying topology, so every worker walks the same cycle in lockstep.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        rank: int,
+        wire_dtype: str | torch.dtype | None = None,
+        timeout: timedelta | None = None,
+        max_cached_plans: int = 8,
+    ) -> None:
+        if not 0 <= rank < topology.world_size:
+            raise ValueError(f"rank {rank} is outside the topology's world size {topology.world_size}")
+        self.topology = topology
+        self.rank = rank
+        self.wire_dtype = resolve_wire_dtype(wire_dtype)
+        self.timeout = timeout
+        self.phase = 0
+        self.messages_sent = 0
+        self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()
+        self._max_cached_plans = max_cached_plans
+        self._neighbours = [topology.neighbours(rank, p) for p in range(topology.period)]
+        self._weights: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def mix(self, tensors: Sequence[Tensor], rounds: int = 1) -> None:
+        """Replace every worker's tensors by ``W^t`` times the stacked tensors, in place."""
+        _check_rounds(rounds)
+        if self.world_size == 1 or not tensors:
+            self.phase += rounds
+            return
+        plan = self._plan(tensors)
+        for bucket in plan.buckets:
+            bucket.pack()
+        if self.topology.is_complete:
+            for bucket in plan.buckets:
+                self._all_average(bucket.flat, bucket)
+            self.phase += rounds
+        else:
+            for _ in range(rounds):
+                for bucket in plan.buckets:
+                    self._round(bucket)
+                self.phase += 1
+        for bucket in plan.buckets:
+            bucket.unpack()
+
+    @torch.no_grad()
+    def average(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The exact average over all workers (one all_reduce per dtype), as new tensors; inputs are untouched."""
+        if self.world_size == 1:
+            return [t.detach().clone() for t in tensors]
+        out = [t.detach().clone() for t in tensors]
+        plan = _Plan(out)
+        for bucket in plan.buckets:
+            bucket.pack()
+            self._all_average(bucket.flat, bucket)
+            bucket.unpack()
+        return out
+
+    @torch.no_grad()
+    def broadcast(self, tensors: Sequence[Tensor], src: int = 0) -> None:
+        """Overwrite every worker's tensors with ``src``'s, one broadcast per dtype."""
+        if self.world_size == 1 or not tensors:
+            return
+        plan = _Plan(tensors)
+        for bucket in plan.buckets:
+            bucket.pack()
+            self._wait(dist.broadcast(bucket.flat, src=src, async_op=True), "broadcast", src)
+            bucket.unpack()
+
+    @torch.no_grad()
+    def consensus_distance(self, tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int) -> Tensor:
+        """``mean_i ||x_i - x_bar||^2`` for each group of tensors, identical on every worker.
+
+        One model-sized all_reduce gives ``x_bar``; the squared deviations are then computed exactly (no
+        ``E||x||^2 - ||x_bar||^2`` cancellation) and summed with one small all_reduce.
+        """
+        sums = torch.zeros(num_groups, dtype=torch.float64)
+        if self.world_size > 1 and tensors:
+            plan = self._plan(tensors)
+            ids = dict(zip(map(id, tensors), group_ids))
+            for bucket in plan.buckets:
+                mean = bucket.scratch("mean", bucket.flat.dtype)
+                mean.copy_(bucket.pack())
+                self._wait(dist.all_reduce(mean, async_op=True), "all_reduce")
+                mean.div_(self.world_size).sub_(bucket.flat)
+                offset = 0
+                for t in bucket.tensors:
+                    dev = mean[offset : offset + t.numel()]
+                    sums[ids[id(t)]] += float(torch.dot(dev.double(), dev.double()))
+                    offset += t.numel()
+            device = plan.buckets[0].flat.device
+            total = sums.to(device)
+            self._wait(dist.all_reduce(total, async_op=True), "all_reduce")
+            sums = total.cpu() / self.world_size
+        return sums
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "topology": self.topology.name, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.phase = int(state["phase"])
+
+    # ------------------------------------------------------------------ internals
+    def _plan(self, tensors: Sequence[Tensor]) -> _Plan:
+        key = tuple(id(t) for t in tensors)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = _Plan(tensors)
+            self._plans[key] = plan
+            if len(self._plans) > self._max_cached_plans:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def _round_weights(self, bucket: _Bucket) -> Tensor:
+        phase = self.phase % self.topology.period
+        key = (phase, bucket.flat.device, bucket.flat.dtype)
+        if key not in self._weights:
+            nb = self._neighbours[phase]
+            self._weights[key] = torch.tensor(nb.receive_weights, dtype=bucket.flat.dtype, device=bucket.flat.device)
+        return self._weights[key]
+
+    def _round(self, bucket: _Bucket) -> None:
+        nb = self._neighbours[self.phase % self.topology.period]
+        flat = bucket.flat
+        wire_dtype = self.wire_dtype if flat.is_floating_point() and self.wire_dtype is not None else flat.dtype
+        if wire_dtype != flat.dtype:
+            send = bucket.scratch("send", wire_dtype)
+            send.copy_(flat)
+        else:
+            send = flat
+        recv = bucket.scratch("recv", wire_dtype, len(nb.receive_from))
+        ops = [dist.P2POp(dist.isend, send, peer) for peer in nb.send_to]
+        ops += [dist.P2POp(dist.irecv, recv[k], peer) for k, peer in enumerate(nb.receive_from)]
+        works = dist.batch_isend_irecv(ops)
+        peers = list(nb.send_to) + list(nb.receive_from)
+        for work, peer in zip(works, peers):
+            self._wait(work, "gossip exchange", peer)
+        self.messages_sent += len(nb.send_to)
+        if wire_dtype != flat.dtype:
+            received = bucket.scratch("recv_acc", flat.dtype, len(nb.receive_from))
+            received.copy_(recv)
+        else:
+            received = recv
+        # x_i <- w_ii x_i + sum_j w_ij x_j, one pass over the data
+        flat.addmv_(received.t(), self._round_weights(bucket), beta=nb.self_weight)
+
+    def _all_average(self, flat: Tensor, bucket: _Bucket) -> None:
+        if self.wire_dtype is not None and flat.is_floating_point() and self.wire_dtype != flat.dtype:
+            wire = bucket.scratch("send", self.wire_dtype)
+            wire.copy_(flat)
+            self._wait(dist.all_reduce(wire, async_op=True), "all_reduce")
+            flat.copy_(wire)
+        else:
+            self._wait(dist.all_reduce(flat, async_op=True), "all_reduce")
+        self.messages_sent += 1
+        flat.div_(self.world_size)
+
+    def _wait(self, work: Any, what: str, peer: int | None = None) -> None:
+        try:
+            if self.timeout is not None:
+                work.wait(self.timeout)
+            else:
+                work.wait()
+        except Exception as err:  # gloo/nccl raise RuntimeError or DistBackendError
+            who = f"rank {peer}" if peer is not None else "a peer"
+            raise GossipPeerError(
+                f"rank {self.rank}: {what} with {who} failed at gossip round {self.phase}"
+                f" (peer died or stalled past the {self.timeout or 'process-group'} timeout): {err}"
+            ) from err
+
+
+def dense_mix(stacked: np.ndarray, topology: Topology, rounds: int, phase: int = 0) -> np.ndarray:
+    """Single-process reference: rows are workers; returns ``W^t @ stacked`` as the engine would compute it."""
+    return topology.mixing_product(rounds, phase) @ np.asarray(stacked, dtype=np.float64)

@@ -1,0 +1,166 @@
+"""The gossip engine on real gloo process groups (torchrun), against a dense numpy W^t X reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_dpgan.gossip import GossipEngine, dense_mix, resolve_wire_dtype
+from lightning_dpgan.topology import build_topology, ring
+
+from helpers import torchrun
+
+sys.path.insert(0, str(Path(__file__).parent / "workers"))
+from gossip_worker import case_tensors  # noqa: E402
+
+
+def path_metropolis(n: int) -> list[list[float]]:
+    """Metropolis-Hastings weights of the path 0-1-...-(n-1), written out by hand."""
+    deg = [1 if i in (0, n - 1) else 2 for i in range(n)] if n > 1 else [0]
+    w = np.zeros((n, n))
+    for i in range(n - 1):
+        w[i, i + 1] = w[i + 1, i] = 1.0 / (1 + max(deg[i], deg[i + 1]))
+    w[np.diag_indices(n)] = 1 - w.sum(axis=1)
+    return w.tolist()
+
+
+def topologies_for(n: int) -> list[tuple[str, dict]]:
+    names: list[tuple[str, dict]] = [
+        ("ring", {}),
+        ("exponential", {}),
+        ("one_peer_exponential", {}),
+        ("complete", {}),
+        ("star", {}),
+        ("random_regular", {"seed": 3}),
+        ("custom", {"matrix": path_metropolis(n)}),
+    ]
+    if n in (4, 6, 8, 9):
+        names.append(("torus", {}))
+    if n & (n - 1) == 0:
+        names.append(("hypercube", {}))
+    return names
+
+
+def cases_for(n: int) -> list[dict]:
+    cases = [
+        {"topology": name, "options": options, "rounds": t}
+        for name, options in topologies_for(n)
+        for t in (1, 2, 3)
+    ]
+    cases.append({"topology": "ring", "rounds": 2, "wire_dtype": "bf16"})
+    cases.append({"topology": "ring", "rounds": 1, "mixes": 3})  # consecutive mixes reuse the buffers
+    if n & (n - 1) == 0 and n > 1:
+        cases.append({"topology": "one_peer_exponential", "rounds": 1, "mixes": int(math.log2(n))})
+    if n == 8:
+        cases += [{"topology": "ring", "rounds": t, "mixes": 14, "track_consensus": True} for t in (1, 2, 3)]
+    return cases
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4, 8])
+def gossip_run(request, tmp_path_factory):
+    n = request.param
+    out = tmp_path_factory.mktemp(f"gossip{n}")
+    cases = cases_for(n)
+    torchrun("gossip_worker.py", n, str(out), json.dumps(cases), timeout=300)
+    results = [np.load(out / f"rank{r}.npz") for r in range(n)]
+    return n, cases, results
+
+
+def reference(case: dict, index: int, n: int) -> list[np.ndarray]:
+    topo = build_topology(case["topology"], n, **case.get("options", {}))
+    inputs = [case_tensors(index, r) for r in range(n)]
+    out = []
+    for k in range(len(inputs[0])):
+        stacked = np.stack([inputs[r][k].astype(np.float64).ravel() for r in range(n)])
+        mixes, t = case.get("mixes", 1), case["rounds"]
+        if topo.is_time_varying:
+            product = np.eye(n)
+            for phase in range(mixes * t):
+                product = topo.matrices[phase % topo.period] @ product
+        else:
+            product = np.linalg.matrix_power(topo.matrices[0], mixes * t)
+        out.append(product @ stacked)
+    return out
+
+
+def test_gossip_equals_dense_reference(gossip_run):
+    n, cases, results = gossip_run
+    for index, case in enumerate(cases):
+        if case.get("track_consensus"):
+            continue
+        tol = 2e-2 if case.get("wire_dtype") else 1e-6
+        for k, expected in enumerate(reference(case, index, n)):
+            got = np.stack([results[r][f"{index}/{k}"].astype(np.float64).ravel() for r in range(n)])
+            np.testing.assert_allclose(got, expected, rtol=0, atol=tol, err_msg=f"n={n} case={case} tensor {k}")
+
+
+def test_one_peer_exponential_exact_average(gossip_run):
+    n, cases, results = gossip_run
+    if n & (n - 1) or n == 1:
+        pytest.skip("exact averaging needs a power-of-two world size")
+    index = next(i for i, c in enumerate(cases) if c["topology"] == "one_peer_exponential" and c.get("mixes"))
+    inputs = [case_tensors(index, r) for r in range(n)]
+    for k in range(len(inputs[0])):
+        mean = np.mean([inputs[r][k].astype(np.float64) for r in range(n)], axis=0)
+        for r in range(n):
+            np.testing.assert_allclose(results[r][f"{index}/{k}"], mean, rtol=0, atol=1e-6)
+
+
+def test_messages_only_to_neighbours(gossip_run):
+    n, cases, results = gossip_run
+    for index, case in enumerate(cases):
+        topo = build_topology(case["topology"], n, **case.get("options", {}))
+        mixes, t = case.get("mixes", 1), case["rounds"]
+        for r in range(n):
+            sent = int(results[r][f"{index}/messages"])
+            # the worker's tensors form two dtype buckets (float64, float32): one message stream each
+            if topo.is_complete:
+                expected = 2 * mixes  # one all_reduce per mix, whatever t
+            else:
+                expected = 2 * sum(len(topo.neighbours(r, p).send_to) for p in range(mixes * t))
+            assert sent == expected, (n, case, r, sent, expected)
+    if n == 2:
+        assert ring(2).neighbours(0).send_to == (1,)
+
+
+def test_ring8_contraction_matches_rho_squared(gossip_run):
+    n, cases, results = gossip_run
+    if n != 8:
+        pytest.skip("ring-of-8 contraction is measured at n = 8")
+    lam2 = (1 + 2 * math.cos(2 * math.pi / 8)) / 3  # the ring's second eigenvalue, by hand
+    for index, case in enumerate(cases):
+        if not case.get("track_consensus"):
+            continue
+        distances = results[0][f"{index}/consensus"]
+        # after the fast modes have died out, each mix shrinks consensus distance by rho(W^t)^2
+        measured = distances[-1] / distances[-2]
+        expected = lam2 ** (2 * case["rounds"])
+        assert abs(measured - expected) <= 0.10 * expected, (case["rounds"], measured, expected)
+        assert all(np.diff(distances) < 0)
+
+
+def test_world_size_one_is_noop():
+    engine = GossipEngine(ring(1), 0)
+    x = torch.randn(5)
+    before = x.clone()
+    engine.mix([x], rounds=3)
+    assert torch.equal(x, before)
+    assert engine.messages_sent == 0
+
+
+def test_dense_reference_matches_matrix_power():
+    topo = ring(5)
+    x = np.random.default_rng(0).standard_normal((5, 4))
+    np.testing.assert_allclose(dense_mix(x, topo, 3), np.linalg.matrix_power(topo.matrix(), 3) @ x)
+
+
+@pytest.mark.parametrize("bad", ["int8", "fp8", "half-ish"])
+def test_bad_wire_dtype(bad):
+    with pytest.raises(ValueError, match=f"unknown wire_dtype '{bad}'; allowed: fp32"):
+        resolve_wire_dtype(bad)

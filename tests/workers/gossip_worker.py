@@ -1,0 +1,52 @@
+"""Run under torchrun: mix seeded random tensors with every case given and save what each rank ends with.
+
+Usage: gossip_worker.py OUT_DIR CASES_JSON, where each case is {"topology", "options", "rounds", "mixes",
+"wire_dtype"}. Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
+dense reference.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lightning_dpgan.gossip import GossipEngine
+from lightning_dpgan.topology import build_topology
+
+SHAPES = [((3, 5), "float64"), ((7,), "float64"), ((2, 2, 2), "float32"), ((11,), "float32")]
+
+
+def case_tensors(case_index: int, rank: int) -> list[np.ndarray]:
+    rng = np.random.default_rng([case_index, rank])
+    return [rng.standard_normal(shape).astype(dtype) for shape, dtype in SHAPES]
+
+
+def main() -> None:
+    out_dir, cases = sys.argv[1], json.loads(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for index, case in enumerate(cases):
+        topology = build_topology(case["topology"], world, **case.get("options", {}))
+        engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"))
+        tensors = [torch.from_numpy(a) for a in case_tensors(index, rank)]
+        distances = []
+        group_ids = [0] * len(tensors)
+        for _ in range(case.get("mixes", 1)):
+            engine.mix(tensors, case["rounds"])
+            if case.get("track_consensus"):
+                distances.append(float(engine.consensus_distance(tensors, group_ids, 1)[0]))
+        for k, t in enumerate(tensors):
+            results[f"{index}/{k}"] = t.numpy()
+        results[f"{index}/messages"] = np.array(engine.messages_sent)
+        results[f"{index}/consensus"] = np.array(distances)
+    np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **results)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
