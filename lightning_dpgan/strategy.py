@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
@@ -331,16 +333,20 @@ class DecentralizedStrategy(DDPStrategy):
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
+        # Every rank removes its own shard (node-local disks); rank 0 also removes the folder, tolerating the
+        # other ranks deleting their files at the same moment.
         super().remove_checkpoint(filepath)
-        shards = shard_path(filepath, self.global_rank)
-        fs = get_filesystem(shards)
+        shard = shard_path(filepath, self.global_rank)
+        fs = get_filesystem(shard)
         with contextlib.suppress(FileNotFoundError):
-            if fs.exists(shards):
-                fs.rm(shards)
+            fs.rm(shard)
         if self.is_global_zero:
-            with contextlib.suppress(FileNotFoundError):
-                if fs.exists(os.path.dirname(shards)):
-                    fs.rm(os.path.dirname(shards), recursive=True)
+            folder = os.path.dirname(shard)
+            if isinstance(fs, LocalFileSystem):
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(folder, recursive=True)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
@@ -380,8 +386,12 @@ class DecentralizedStrategy(DDPStrategy):
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        # The last restore step before the fit loop draws from the RNG (its dataloader iterator does), so
+        # the random streams are put back here, as they were when the checkpoint was written.
         source = self._pending_shard if self._pending_shard is not None else checkpoint
         super().load_optimizer_state_dict(source)
+        if self._pending_shard is not None:
+            _set_rng_states(self._pending_shard["rng_states"])
         if self._pending_consensus_restart:
             # rank 0's optimizer state came with the main file: point its anchors at the consensus model
             for optimizer in self.optimizers:
@@ -394,8 +404,6 @@ class DecentralizedStrategy(DDPStrategy):
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self._pending_shard is not None:
-            _set_rng_states(self._pending_shard["rng_states"])
         self._pending_shard = None
         self._pending_consensus_restart = False
 

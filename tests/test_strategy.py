@@ -1,0 +1,208 @@
+"""DecentralizedStrategy in real multi-process Lightning runs (popen, spawn, torchrun), on gloo."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from lightning_dpgan import DecentralizedStrategy, TopologyError
+from lightning_dpgan.examples.alternating_gan import AlternatingGAN
+from lightning_dpgan.topology import ring
+
+from helpers import WORKERS, free_port, lightning_script, run
+
+sys.path.insert(0, str(WORKERS))
+from lightning_worker import quadratic_targets  # noqa: E402
+
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=False)
+
+
+def replicas(out: Path, n: int, when: str = "end") -> list[dict[str, torch.Tensor]]:
+    return [load(out / f"{when}_rank{r}.pt") for r in range(n)]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+def test_complete_topology_with_sgd_equals_ddp(tmp_path):
+    lightning_script("lightning_worker.py", "sgd", str(tmp_path / "gossip"), "strategy=complete")
+    lightning_script("lightning_worker.py", "sgd", str(tmp_path / "ddp"), "strategy=ddp")
+    gossip, ddp = replicas(tmp_path / "gossip", 4), replicas(tmp_path / "ddp", 4)
+    initial = load(tmp_path / "gossip" / "end_rank0.pt")
+    for r in range(4):
+        assert max_diff(gossip[r], ddp[r]) < 1e-5
+    assert any(float((initial[k] - ddp[0][k]).abs().max()) > 0 for k in initial)  # training did move weights
+
+
+def test_two_optimizer_gan_consensus_with_and_without_gossip(tmp_path):
+    lightning_script("lightning_worker.py", "gan", str(tmp_path / "mix"), "mixing=1")
+    lightning_script("lightning_worker.py", "gan", str(tmp_path / "local"), "mixing=0")
+    mixed = json.loads((tmp_path / "mix" / "consensus.json").read_text())
+    local = json.loads((tmp_path / "local" / "consensus.json").read_text())
+    assert len(mixed) == len(local) == 12  # 60 batches, every 5 steps of each optimizer
+    for entry in mixed:
+        assert set(entry) == {"generator", "discriminator"}
+        assert max(entry.values()) < 0.05  # bounded under gossip
+    for name in ("generator", "discriminator"):
+        assert local[-1][name] > 10 * local[0][name]  # replicas drift apart without mixing
+        assert local[-1][name] > 100 * mixed[-1][name]
+    header = (tmp_path / "mix" / "log" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "consensus/generator" in header and "consensus/discriminator" in header
+
+
+def test_resume_reproduces_uninterrupted_run_on_every_rank(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    lightning_script("lightning_worker.py", "resume", str(full), "epochs=3")
+    lightning_script("lightning_worker.py", "resume", str(part), "epochs=1")
+    ckpt = part / "ckpt" / "last.ckpt"
+    lightning_script("lightning_worker.py", "resume", str(part), "epochs=3", f"ckpt={ckpt}")
+    uninterrupted, resumed = replicas(full, 4), replicas(part, 4)
+    for r in range(4):
+        for key, value in uninterrupted[r].items():
+            assert torch.equal(value, resumed[r][key]), (r, key)
+    assert max_diff(uninterrupted[0], uninterrupted[1]) > 1e-4  # replicas are distinct, so shards mattered
+
+    # the main file holds the consensus model: the average of the replicas in the shards
+    main = load(ckpt)
+    shards = [load(Path(f"{ckpt}.replicas") / f"rank{r}.pt") for r in range(4)]
+    for key, value in main["state_dict"].items():
+        if value.is_floating_point():
+            mean = sum(s["state_dict"][key].double() for s in shards) / 4
+            torch.testing.assert_close(value.double(), mean, atol=1e-6, rtol=0)
+    model = AlternatingGAN.load_from_checkpoint(ckpt)
+    assert torch.equal(model.generator.net[0].weight, main["state_dict"]["generator.net.0.weight"])
+
+
+def test_resume_at_another_world_size_starts_from_consensus(tmp_path):
+    first = tmp_path / "four"
+    lightning_script("lightning_worker.py", "resume", str(first), "epochs=1")
+    ckpt = first / "ckpt" / "last.ckpt"
+    out = tmp_path / "two"
+    proc = lightning_script("lightning_worker.py", "resume", str(out), "epochs=2", "devices=2", f"ckpt={ckpt}", "save=start")
+    assert "written by 4 workers and this run has 2" in proc.stderr + proc.stdout
+    consensus = load(ckpt)["state_dict"]
+    for replica in replicas(out, 2, "start"):
+        assert max_diff(replica, consensus) == 0.0
+
+
+def test_killed_worker_stops_the_rest_naming_it(tmp_path):
+    start = time.monotonic()
+    proc = lightning_script("lightning_worker.py", "kill", str(tmp_path), "timeout=20", "rank=2", timeout=180, check=False)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 120
+    assert "GossipPeerError" in proc.stderr and "with rank 2 failed" in proc.stderr
+
+
+def test_automatic_optimization_clipping_bf16_sampler_and_callbacks(tmp_path):
+    lightning_script("lightning_worker.py", "features", str(tmp_path))
+    seen = [set(json.loads((tmp_path / f"seen_rank{r}.json").read_text())) for r in range(4)]
+    assert set.union(*seen) == set(range(1797))  # DistributedSampler: every sample, each rank its shard
+    overlap = sum(len(a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
+    assert overlap <= 3  # only the padding that makes 1797 divisible by 4
+    best = Path(json.loads((tmp_path / "best.json").read_text())["best"])
+    ckpts = sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt"))
+    assert best.name in ckpts and len(ckpts) == 2  # save_top_k=2 removed the others, with their shards
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.replicas")) == [c + ".replicas" for c in ckpts]
+    ends = replicas(tmp_path, 4)
+    assert max_diff(ends[0], ends[3]) > 0  # replicas stay distinct: no DDP all-reduce
+    metrics = (tmp_path / "log" / "version_0" / "metrics.csv").read_text()
+    assert "consensus/body" in metrics and "val_loss" in metrics
+
+
+def dposg_reference(n: int, steps: int, lr: float, w: np.ndarray, dim: int = 6) -> np.ndarray:
+    """x <- W^t (x - lr g(z)); z <- x - lr g(z), with g(z) = z - c_rank, written out in numpy."""
+    c = quadratic_targets(n, dim)
+    z = np.zeros((n, dim))
+    x = z.copy()
+    for _ in range(steps):
+        d = lr * (z - c)
+        x = w @ (x - d)
+        z = x - d
+    return z
+
+
+def test_anchored_optimizer_mixes_anchors_then_extrapolates_under_spawn(tmp_path):
+    lightning_script("lightning_worker.py", "anchored", str(tmp_path), "rounds=2", "start_method=spawn")
+    expected = dposg_reference(4, 5, 0.3, np.linalg.matrix_power(ring(4).matrix(), 2))
+    for r, replica in enumerate(replicas(tmp_path, 4)):
+        np.testing.assert_allclose(replica["z"].numpy(), expected[r], atol=1e-12)
+
+
+def test_two_nodes_by_torchrun(tmp_path):
+    """2 nodes x 2 processes: two torchrun agents on this machine, as on two hosts."""
+    port = free_port()
+    script = str(WORKERS / "lightning_worker.py")
+
+    def agent(node: int) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=2",
+            "--master-addr=127.0.0.1", f"--master-port={port}", script, "anchored", str(tmp_path),
+            "devices=2", "nodes=2", "topology=one_peer_exponential", "steps=4",
+        ]
+
+    import subprocess
+
+    from helpers import worker_env
+
+    second = subprocess.Popen(agent(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=worker_env(), text=True)
+    try:
+        run(agent(0), timeout=240)
+        assert second.wait(timeout=60) == 0, second.stdout.read()
+    finally:
+        second.kill()
+    from lightning_dpgan.topology import one_peer_exponential
+
+    topo = one_peer_exponential(4)
+    c, lr, z = quadratic_targets(4, 6), 0.3, np.zeros((4, 6))
+    x = z.copy()
+    for step in range(4):  # the time-varying graph walks W_0, W_1, W_0, ... one matrix per step
+        d = lr * (z - c)
+        x = topo.matrices[step % 2] @ (x - d)
+        z = x - d
+    for r, replica in enumerate(replicas(tmp_path, 4)):
+        np.testing.assert_allclose(replica["z"].numpy(), z[r], atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"topology": "ringg"}, TopologyError, r"unknown topology 'ringg'; allowed: ring, torus"),
+        ({"gossip_rounds": 0}, TopologyError, r"gossip_rounds must be an integer >= 1, got 0"),
+        ({"gossip_rounds": 1.5}, TopologyError, r"gossip_rounds must be an integer >= 1, got 1.5"),
+        ({"wire_dtype": "int8"}, ValueError, r"unknown wire_dtype 'int8'; allowed: fp32"),
+        ({"consensus_every": -1}, ValueError, r"consensus_every must be an integer >= 0"),
+        ({"timeout": 0}, ValueError, r"timeout must be a positive number of seconds, got 0"),
+    ],
+)
+def test_bad_strategy_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        DecentralizedStrategy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "topology,devices,message",
+    [
+        ("hypercube", 3, r"'hypercube' needs a power-of-two world size .* got 3"),
+        ("torus", 5, r"'torus' needs world size = rows x cols .* 5 has no such factors"),
+    ],
+)
+def test_bad_world_size_fails_in_trainer_before_any_process_starts(topology, devices, message):
+    with pytest.raises(TopologyError, match=message):
+        pl.Trainer(accelerator="cpu", devices=devices, strategy=DecentralizedStrategy(topology), logger=False)
+
+
+def test_registered_by_name():
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="decentralized", logger=False)
+    assert isinstance(trainer.strategy, DecentralizedStrategy) and trainer.strategy.topology.name == "ring"
+    spawn = pl.Trainer(accelerator="cpu", devices=2, strategy="decentralized_spawn", logger=False)
+    assert spawn.strategy._start_method == "spawn"

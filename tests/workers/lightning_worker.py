@@ -1,0 +1,251 @@
+"""Scenarios for the strategy tests. Run as a script; Lightning's popen launcher re-runs it for ranks 1..n-1.
+
+Usage: lightning_worker.py SCENARIO OUT_DIR [key=value ...]. Every rank writes what the test checks to OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dpgan import DecentralizedStrategy
+from lightning_dpgan.data import DigitsDataModule
+from lightning_dpgan.examples.alternating_gan import AlternatingGAN
+
+
+def digits(with_index: bool = False) -> TensorDataset:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    tensors = [torch.as_tensor(x, dtype=torch.float32) / 16.0, torch.as_tensor(y)]
+    if with_index:
+        tensors.append(torch.arange(len(y)))
+    return TensorDataset(*tensors)
+
+
+class Classifier(pl.LightningModule):
+    """Automatic optimization, BatchNorm, a validation loss: the ordinary Lightning model."""
+
+    def __init__(self, lr: float = 0.1, batchnorm: bool = True, record_indices: bool = False) -> None:
+        super().__init__()
+        self.lr = lr
+        layers: list[nn.Module] = [nn.Linear(64, 32)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(32))
+        layers += [nn.ReLU(), nn.Linear(32, 10)]
+        self.body = nn.Sequential(*layers)
+        self.record_indices = record_indices
+        self.seen: list[int] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        if self.record_indices and self.current_epoch == 0:
+            self.seen += batch[2].tolist()
+        loss = F.cross_entropy(self.body(x), y)
+        self.log("train_loss", loss, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self.body(batch[0]), batch[1]), sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class AnchoredSGD(torch.optim.Optimizer):
+    """Test-local optimizer with anchors: x <- x - lr g; (strategy mixes x); z <- x - lr g."""
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    def _state(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if "anchor" not in state:
+            state["anchor"] = p.detach().clone()
+            state["direction"] = torch.zeros_like(p)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                s = self._state(p)
+                s["direction"].copy_(p.grad).mul_(group["lr"])
+                s["anchor"].sub_(s["direction"])
+        return loss
+
+    def anchors(self) -> list[Tensor]:
+        return [self._state(p)["anchor"] for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def extrapolate(self) -> None:
+        for g in self.param_groups:
+            for p in g["params"]:
+                s = self._state(p)
+                p.copy_(s["anchor"] - s["direction"])
+
+
+class Quadratic(pl.LightningModule):
+    """Rank r minimises 0.5 ||z - c_r||^2; manual optimization with an anchored optimizer."""
+
+    def __init__(self, dim: int, lr: float) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.z = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+        self.lr = lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        target = torch.as_tensor(quadratic_targets(self.trainer.world_size, self.z.numel())[self.global_rank])
+        loss = 0.5 * ((self.z - target) ** 2).sum()
+        self.manual_backward(loss)
+        opt.step()
+        opt.zero_grad()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return AnchoredSGD(self.parameters(), lr=self.lr)
+
+
+def quadratic_targets(world_size: int, dim: int) -> np.ndarray:
+    return np.random.default_rng(1234).standard_normal((world_size, dim))
+
+
+class SaveReplica(Callback):
+    """Writes each rank's parameters (and anything the scenario adds) at a chosen hook."""
+
+    def __init__(self, out: str, when: str = "end") -> None:
+        self.out, self.when = out, when
+
+    def _save(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        torch.save(state, os.path.join(self.out, f"{self.when}_rank{trainer.global_rank}.pt"))
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.when == "start":
+            self._save(trainer, module)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.when == "end":
+            self._save(trainer, module)
+            if getattr(module, "seen", None) is not None:
+                with open(os.path.join(self.out, f"seen_rank{trainer.global_rank}.json"), "w") as f:
+                    json.dump(module.seen, f)
+
+
+class ConsensusHistory(Callback):
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.history: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        values = dict(trainer.strategy.consensus_distance)
+        if values and (not self.history or values != self.history[-1]):
+            self.history.append(values)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            with open(os.path.join(self.out, "consensus.json"), "w") as f:
+                json.dump(self.history, f)
+
+
+class KillRank(Callback):
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trainer(out: str, strategy: Any, devices: int = 4, **kwargs: Any) -> pl.Trainer:
+    kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=CSVLogger(out, name="log"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def main() -> None:
+    scenario, out, *pairs = sys.argv[1:]
+    opts = dict(p.split("=", 1) for p in pairs)
+    os.makedirs(out, exist_ok=True)
+    pl.seed_everything(int(opts.get("seed", 0)), verbose=False)
+    devices = int(opts.get("devices", 4))
+
+    if scenario == "sgd":  # plain SGD, automatic optimization, no BatchNorm: complete gossip == DDP
+        strategy = "ddp" if opts["strategy"] == "ddp" else DecentralizedStrategy("complete")
+        t = trainer(out, strategy, devices, max_steps=20, callbacks=[SaveReplica(out)])
+        t.fit(Classifier(lr=0.2, batchnorm=False), DataLoader(digits(), batch_size=16, shuffle=True))
+
+    elif scenario == "gan":  # Lightning-example GAN: two optimizers, alternating, BatchNorm in G
+        strategy = DecentralizedStrategy("ring", consensus_every=5, mixing=opts["mixing"] == "1")
+        t = trainer(out, strategy, devices, max_steps=2 * int(opts.get("batches", 60)), callbacks=[ConsensusHistory(out), SaveReplica(out)])
+        t.fit(AlternatingGAN(lr=1e-3), datamodule=DigitsDataModule(batch_size=32))
+
+    elif scenario == "resume":  # save at an epoch end, resume, compare with the uninterrupted run
+        ckpt = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True, save_top_k=-1)
+        callbacks = [SaveReplica(out, opts.get("save", "end")), ckpt]
+        strategy = DecentralizedStrategy(opts.get("topology", "ring"), gossip_rounds=2, consensus_every=3)
+        t = trainer(out, strategy, devices, max_epochs=int(opts["epochs"]), callbacks=callbacks, enable_checkpointing=True)
+        t.fit(AlternatingGAN(), datamodule=DigitsDataModule(batch_size=64), ckpt_path=opts.get("ckpt"))
+
+    elif scenario == "kill":
+        strategy = DecentralizedStrategy("ring", timeout=float(opts["timeout"]))
+        t = trainer(out, strategy, devices, max_steps=400, callbacks=[KillRank(int(opts["rank"]), 6)])
+        t.fit(AlternatingGAN(), datamodule=DigitsDataModule(batch_size=16))
+
+    elif scenario == "features":  # automatic optimization with clipping, bf16 autocast, sampler, callbacks
+        strategy = DecentralizedStrategy("torus", consensus_every=4)
+        callbacks = [
+            SaveReplica(out),
+            EarlyStopping("val_loss", patience=2),
+            ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), monitor="val_loss", save_top_k=2),
+        ]
+        t = trainer(
+            out, strategy, devices, max_epochs=4, callbacks=callbacks, enable_checkpointing=True,
+            gradient_clip_val=0.5, precision="bf16-mixed", log_every_n_steps=2,
+        )
+        data = digits(with_index=True)
+        t.fit(
+            Classifier(lr=0.1, record_indices=True),
+            DataLoader(data, batch_size=32, shuffle=True),
+            DataLoader(data, batch_size=256),
+        )
+        if t.is_global_zero:
+            with open(os.path.join(out, "best.json"), "w") as f:
+                json.dump({"best": t.checkpoint_callback.best_model_path}, f)
+
+    elif scenario == "anchored":  # DPOSG-form optimizer through the strategy; launcher chosen by the test
+        dim, lr, steps = 6, 0.3, int(opts.get("steps", 5))
+        strategy = DecentralizedStrategy(
+            opts.get("topology", "ring"), gossip_rounds=int(opts.get("rounds", 1)),
+            start_method=opts.get("start_method", "popen"), consensus_every=0,
+        )
+        nodes = int(opts.get("nodes", 1))
+        t = trainer(out, strategy, devices, num_nodes=nodes, max_steps=steps, callbacks=[SaveReplica(out)])
+        batches = DataLoader(TensorDataset(torch.zeros(steps * devices * nodes, 1)), batch_size=1)
+        t.fit(Quadratic(dim, lr), batches)
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+
+
+if __name__ == "__main__":
+    main()
