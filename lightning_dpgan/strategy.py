@@ -69,6 +69,7 @@ class _MixSet:
     params: list[Tensor]
     buffers: list[Tensor]
     param_groups: list[int]
+    anchored: bool
 
 
 class DecentralizedStrategy(DDPStrategy):
@@ -151,7 +152,13 @@ class DecentralizedStrategy(DDPStrategy):
 
     @override
     def setup_environment(self) -> None:
-        super().setup_environment()
+        if self.num_nodes * self.num_processes == 1:
+            # One worker has no one to talk to: skip the process group, so reduce/barrier/sync_dist cost
+            # nothing and a one-process fit runs at a plain Trainer's speed.
+            Strategy.setup_environment(self)
+            self.set_world_ranks()
+        else:
+            super().setup_environment()
         world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if self.topology is None or self.topology.world_size != world_size:
             self.topology = self._build_topology(world_size)
@@ -191,6 +198,8 @@ class DecentralizedStrategy(DDPStrategy):
         """No wrapper: start every replica from rank 0's weights, then give each rank its own random stream."""
         assert isinstance(self.model, pl.LightningModule)
         assert self.engine is not None
+        if self.engine.world_size == 1:
+            return  # one replica: nothing to align, and the random stream is left as a plain Trainer leaves it
         module = self.model
         tensors = [p.data for p in _own_parameters(module)] + [b for _, b in _own_buffers(module)]
         self.engine.broadcast(tensors, src=0)
@@ -219,15 +228,14 @@ class DecentralizedStrategy(DDPStrategy):
     def _gossip(self, optimizer: Optimizer) -> None:
         assert self.engine is not None
         mix_set = self._mix_set(optimizer)
-        anchored = isinstance(optimizer, AnchoredOptimizer)
-        state = optimizer.anchors() if anchored else [p.data for p in mix_set.params]
+        state = optimizer.anchors() if mix_set.anchored else [p.data for p in mix_set.params]
         if self.mixing:
             self.engine.mix(state + mix_set.buffers, self.gossip_rounds)
-        if anchored:
+        if mix_set.anchored:
             optimizer.extrapolate()
         count = self._step_counts.get(id(optimizer), 0) + 1
         self._step_counts[id(optimizer)] = count
-        if self.consensus_every and count % self.consensus_every == 0:
+        if self.consensus_every and count % self.consensus_every == 0 and self.engine.world_size > 1:
             self._record_consensus(state, mix_set.param_groups)
 
     def _mix_set(self, optimizer: Optimizer) -> _MixSet:
@@ -241,7 +249,8 @@ class DecentralizedStrategy(DDPStrategy):
         owner = {id(p): name.split(".", 1)[0] for name, p in module.named_parameters()}
         group_ids = [names.index(owner.get(id(p), "_unregistered")) for p in params]
         buffers = _buffers_owned_by(module, {id(p) for p in params}, self._other_params(optimizer))
-        mix_set = _MixSet(params, buffers if self.mix_buffers else [], group_ids)
+        anchored = isinstance(optimizer, AnchoredOptimizer)
+        mix_set = _MixSet(params, buffers if self.mix_buffers else [], group_ids, anchored)
         self._mix_sets[id(optimizer)] = mix_set
         return mix_set
 

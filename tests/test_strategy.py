@@ -206,3 +206,25 @@ def test_registered_by_name():
     assert isinstance(trainer.strategy, DecentralizedStrategy) and trainer.strategy.topology.name == "ring"
     spawn = pl.Trainer(accelerator="cpu", devices=2, strategy="decentralized_spawn", logger=False)
     assert spawn.strategy._start_method == "spawn"
+
+
+def test_one_process_fit_equals_plain_trainer(tmp_path):
+    """World size 1: no process group, no mixing, the same result as a plain Trainer."""
+    from torch.utils.data import DataLoader
+
+    from lightning_worker import Classifier, digits
+
+    def fit(strategy) -> dict[str, torch.Tensor]:
+        pl.seed_everything(0, verbose=False)
+        model = Classifier(lr=0.2)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, strategy=strategy, max_steps=15, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            use_distributed_sampler=False, default_root_dir=tmp_path,
+        )
+        trainer.fit(model, DataLoader(digits(), batch_size=32, shuffle=True))
+        return model.state_dict()
+
+    plain, decentralized = fit("auto"), fit(DecentralizedStrategy("ring", gossip_rounds=3))
+    for key, value in plain.items():
+        assert torch.equal(value, decentralized[key]), key
