@@ -201,6 +201,7 @@ class GossipEngine:
 
     # ------------------------------------------------------------------ internals
     def _plan(self, tensors: Sequence[Tensor]) -> _Plan:
+        # Keyed by tensor identity: callers pass the same objects each step (parameters, optimizer state).
         key = tuple(id(t) for t in tensors)
         plan = self._plans.get(key)
         if plan is None:

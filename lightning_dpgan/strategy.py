@@ -228,7 +228,8 @@ class DecentralizedStrategy(DDPStrategy):
     def _gossip(self, optimizer: Optimizer) -> None:
         assert self.engine is not None
         mix_set = self._mix_set(optimizer)
-        state = optimizer.anchors() if mix_set.anchored else [p.data for p in mix_set.params]
+        # the same tensor objects every step, so the engine reuses its cached buffers (``p.data`` is a new object)
+        state = optimizer.anchors() if mix_set.anchored else mix_set.params
         if self.mixing:
             self.engine.mix(state + mix_set.buffers, self.gossip_rounds)
         if mix_set.anchored:
@@ -288,7 +289,7 @@ class DecentralizedStrategy(DDPStrategy):
         names = self._group_names()
         params = list(module.named_parameters())
         values = self.engine.consensus_distance(
-            [p.data for _, p in params], [names.index(n.split(".", 1)[0]) for n, _ in params], len(names)
+            [p for _, p in params], [names.index(n.split(".", 1)[0]) for n, _ in params], len(names)
         )
         return {name: float(values[i]) for i, name in enumerate(names[:-1])}
 

@@ -56,6 +56,9 @@ def test_two_optimizer_gan_consensus_with_and_without_gossip(tmp_path):
     for name in ("generator", "discriminator"):
         assert local[-1][name] > 10 * local[0][name]  # replicas drift apart without mixing
         assert local[-1][name] > 100 * mixed[-1][name]
+    # buffers are allocated once and reused: per optimizer at most one plan to mix and one to measure consensus
+    # (G's differ because G's mix includes its BatchNorm buffers). Fresh plans per step would fill the cache (8).
+    assert json.loads((tmp_path / "mix" / "buffers.json").read_text())["plans"] == 3
     header = (tmp_path / "mix" / "log" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "consensus/generator" in header and "consensus/discriminator" in header
 

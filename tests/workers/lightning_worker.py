@@ -159,6 +159,8 @@ class ConsensusHistory(Callback):
         if trainer.is_global_zero:
             with open(os.path.join(self.out, "consensus.json"), "w") as f:
                 json.dump(self.history, f)
+            with open(os.path.join(self.out, "buffers.json"), "w") as f:
+                json.dump({"plans": len(trainer.strategy.engine._plans)}, f)
 
 
 class KillRank(Callback):
