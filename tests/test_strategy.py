@@ -38,10 +38,13 @@ def test_complete_topology_with_sgd_equals_ddp(tmp_path):
     lightning_script("lightning_worker.py", "sgd", str(tmp_path / "gossip"), "strategy=complete")
     lightning_script("lightning_worker.py", "sgd", str(tmp_path / "ddp"), "strategy=ddp")
     gossip, ddp = replicas(tmp_path / "gossip", 4), replicas(tmp_path / "ddp", 4)
-    initial = load(tmp_path / "gossip" / "end_rank0.pt")
     for r in range(4):
         assert max_diff(gossip[r], ddp[r]) < 1e-5
-    assert any(float((initial[k] - ddp[0][k]).abs().max()) > 0 for k in initial)  # training did move weights
+    from lightning_worker import Classifier
+
+    pl.seed_everything(0, verbose=False)  # the workers' initial weights, rebuilt here
+    initial = Classifier(lr=0.2, batchnorm=False).state_dict()
+    assert max_diff(initial, ddp[0]) > 1e-2  # 20 steps did move the weights, so equality is not trivial
 
 
 def test_two_optimizer_gan_consensus_with_and_without_gossip(tmp_path):
