@@ -1,0 +1,50 @@
+"""DPOSG written out from the paper's equations in numpy: the independent reference the tests compare against."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+
+def adam_direction(g: np.ndarray, m: np.ndarray, v: np.ndarray, k: int, betas: tuple[float, float], eps: float):
+    """Adam's bias-corrected direction at step k (1-based); returns (direction, m, v)."""
+    b1, b2 = betas
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    return (m / (1 - b1**k)) / (np.sqrt(v / (1 - b2**k)) + eps), m, v
+
+
+def dposg(
+    grad: Callable[[np.ndarray], np.ndarray],
+    z0: np.ndarray,
+    mixing: np.ndarray | list[np.ndarray],
+    steps: int,
+    lr: float | np.ndarray,
+    adam: tuple[tuple[float, float], float] | None = None,
+) -> np.ndarray:
+    """Workers' ``z`` after ``steps`` gradients, rows = workers.
+
+    ``z^k = W^t x^{k-1} - lr d(z^{k-1})`` and ``x^k = W^t x^{k-1} - lr d(z^k)``, with ``x^0 = z^0`` and ``d = g``
+    (OSG) or Adam's direction. ``grad(z)`` maps the (workers, dim) matrix to each worker's gradient; ``lr`` may be
+    a per-coordinate vector (param groups); ``mixing`` is one matrix, or one per step for time-varying graphs.
+    """
+    z = np.array(z0, dtype=np.float64)
+    x = z.copy()
+    mats = mixing if isinstance(mixing, list) else [mixing]
+    m = np.zeros_like(z)
+    v = np.zeros_like(z)
+    # iteration 1 uses only g(z^0): z^1 = W x^0 - lr d(z^0)
+    d = grad(z)
+    if adam:
+        d, m, v = adam_direction(d, m, v, 1, *adam)
+    mixed = mats[0] @ x
+    z = mixed - lr * d
+    for k in range(1, steps):
+        d = grad(z)  # g(z^k)
+        if adam:
+            d, m, v = adam_direction(d, m, v, k + 1, *adam)
+        x = mixed - lr * d  # x^k
+        mixed = mats[k % len(mats)] @ x  # W^t x^k
+        z = mixed - lr * d  # z^{k+1}
+    return z
