@@ -53,8 +53,10 @@ CHECKPOINT_KEY = "decentralized"
 class AnchoredOptimizer(Protocol):
     """An optimizer whose gossiped state differs from its live parameters (DPOSG's anchors ``x``).
 
-    ``anchors()`` returns one tensor per parameter, in ``param_groups`` order, that the strategy mixes in place;
-    ``extrapolate()`` then writes the live parameters from the mixed anchors.
+    ``anchors()`` returns one tensor per parameter, in ``param_groups`` order, that the strategy mixes in place
+    after ``step()``; ``extrapolate()`` then rewrites the live parameters from the mixed anchors. ``step()`` may
+    extrapolate too (so the optimizer is complete without this strategy): ``extrapolate()`` must be idempotent.
+    :class:`~lightning_dpgan.optim.OptimisticAdam` and :class:`~lightning_dpgan.optim.OptimisticSGD` implement it.
     """
 
     def anchors(self) -> list[Tensor]: ...

@@ -17,6 +17,7 @@ from lightning_dpgan.examples.alternating_gan import AlternatingGAN
 from lightning_dpgan.topology import ring
 
 from helpers import WORKERS, free_port, lightning_script, run
+from reference import dposg
 
 sys.path.insert(0, str(WORKERS))
 from lightning_worker import quadratic_targets  # noqa: E402
@@ -125,21 +126,10 @@ def test_automatic_optimization_clipping_bf16_sampler_and_callbacks(tmp_path):
     assert "consensus/body" in metrics and "val_loss" in metrics
 
 
-def dposg_reference(n: int, steps: int, lr: float, w: np.ndarray, dim: int = 6) -> np.ndarray:
-    """x <- W^t (x - lr g(z)); z <- x - lr g(z), with g(z) = z - c_rank, written out in numpy."""
-    c = quadratic_targets(n, dim)
-    z = np.zeros((n, dim))
-    x = z.copy()
-    for _ in range(steps):
-        d = lr * (z - c)
-        x = w @ (x - d)
-        z = x - d
-    return z
-
-
 def test_anchored_optimizer_mixes_anchors_then_extrapolates_under_spawn(tmp_path):
     lightning_script("lightning_worker.py", "anchored", str(tmp_path), "rounds=2", "start_method=spawn")
-    expected = dposg_reference(4, 5, 0.3, np.linalg.matrix_power(ring(4).matrix(), 2))
+    c = quadratic_targets(4, 6)
+    expected = dposg(lambda z: z - c, np.zeros((4, 6)), np.linalg.matrix_power(ring(4).matrix(), 2), 5, 0.3)
     for r, replica in enumerate(replicas(tmp_path, 4)):
         np.testing.assert_allclose(replica["z"].numpy(), expected[r], atol=1e-12)
 
@@ -168,13 +158,8 @@ def test_two_nodes_by_torchrun(tmp_path):
         second.kill()
     from lightning_dpgan.topology import one_peer_exponential
 
-    topo = one_peer_exponential(4)
-    c, lr, z = quadratic_targets(4, 6), 0.3, np.zeros((4, 6))
-    x = z.copy()
-    for step in range(4):  # the time-varying graph walks W_0, W_1, W_0, ... one matrix per step
-        d = lr * (z - c)
-        x = topo.matrices[step % 2] @ (x - d)
-        z = x - d
+    c = quadratic_targets(4, 6)  # the time-varying graph walks W_0, W_1, W_0, ... one matrix per step
+    z = dposg(lambda z: z - c, np.zeros((4, 6)), list(one_peer_exponential(4).matrices), 4, 0.3)
     for r, replica in enumerate(replicas(tmp_path, 4)):
         np.testing.assert_allclose(replica["z"].numpy(), z[r], atol=1e-12)
 

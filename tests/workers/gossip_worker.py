@@ -2,7 +2,7 @@
 
 Usage: gossip_worker.py OUT_DIR CASES_JSON, where each case is {"topology", "options", "rounds", "mixes",
 "wire_dtype"}. Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
-dense reference.
+dense reference. GOSSIP_BACKEND=nccl puts each rank's tensors on cuda:LOCAL_RANK (the GPU tests).
 """
 
 import json
@@ -26,13 +26,18 @@ def case_tensors(case_index: int, rank: int) -> list[np.ndarray]:
 
 def main() -> None:
     out_dir, cases = sys.argv[1], json.loads(sys.argv[2])
-    dist.init_process_group("gloo")
+    backend = os.environ.get("GOSSIP_BACKEND", "gloo")
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for index, case in enumerate(cases):
         topology = build_topology(case["topology"], world, **case.get("options", {}))
         engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"))
-        tensors = [torch.from_numpy(a) for a in case_tensors(index, rank)]
+        tensors = [torch.from_numpy(a).to(device) for a in case_tensors(index, rank)]
         distances = []
         group_ids = [0] * len(tensors)
         for _ in range(case.get("mixes", 1)):
@@ -40,7 +45,7 @@ def main() -> None:
             if case.get("track_consensus"):
                 distances.append(float(engine.consensus_distance(tensors, group_ids, 1)[0]))
         for k, t in enumerate(tensors):
-            results[f"{index}/{k}"] = t.numpy()
+            results[f"{index}/{k}"] = t.cpu().numpy()
         results[f"{index}/messages"] = np.array(engine.messages_sent)
         results[f"{index}/consensus"] = np.array(distances)
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **results)

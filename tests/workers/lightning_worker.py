@@ -17,12 +17,17 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dpgan import DecentralizedStrategy
 from lightning_dpgan.data import DigitsDataModule
 from lightning_dpgan.examples.alternating_gan import AlternatingGAN
+from lightning_dpgan.data import GaussianMixtureDataModule
+from lightning_dpgan.gan import DPGAN
+from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
+from lightning_dpgan.optim import OPTIMIZERS, OptimisticSGD
 
 
 def digits(with_index: bool = False) -> TensorDataset:
@@ -64,42 +69,8 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-class AnchoredSGD(torch.optim.Optimizer):
-    """Test-local optimizer with anchors: x <- x - lr g; (strategy mixes x); z <- x - lr g."""
-
-    def __init__(self, params: Any, lr: float) -> None:
-        super().__init__(params, {"lr": lr})
-
-    def _state(self, p: Tensor) -> dict[str, Tensor]:
-        state = self.state[p]
-        if "anchor" not in state:
-            state["anchor"] = p.detach().clone()
-            state["direction"] = torch.zeros_like(p)
-        return state
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                s = self._state(p)
-                s["direction"].copy_(p.grad).mul_(group["lr"])
-                s["anchor"].sub_(s["direction"])
-        return loss
-
-    def anchors(self) -> list[Tensor]:
-        return [self._state(p)["anchor"] for g in self.param_groups for p in g["params"]]
-
-    @torch.no_grad()
-    def extrapolate(self) -> None:
-        for g in self.param_groups:
-            for p in g["params"]:
-                s = self._state(p)
-                p.copy_(s["anchor"] - s["direction"])
-
-
 class Quadratic(pl.LightningModule):
-    """Rank r minimises 0.5 ||z - c_r||^2; manual optimization with an anchored optimizer."""
+    """Rank r minimises 0.5 ||z - c_r||^2; manual optimization with OptimisticSGD (anchored)."""
 
     def __init__(self, dim: int, lr: float) -> None:
         super().__init__()
@@ -116,7 +87,54 @@ class Quadratic(pl.LightningModule):
         opt.zero_grad()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return AnchoredSGD(self.parameters(), lr=self.lr)
+        return OptimisticSGD(self.parameters(), lr=self.lr)
+
+
+class BilinearGame(pl.LightningModule):
+    """Rank r plays min_x max_y x^T A_r y with its own A_r (see :func:`bilinear_matrices`); one fused optimizer."""
+
+    def __init__(self, optimizer: str, lr: float, iterations_per_batch: int = 1, **optimizer_kwargs: Any) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        start = np.random.default_rng(7).standard_normal(2 * BILINEAR_DIM)
+        self.x = nn.Parameter(torch.as_tensor(start[:BILINEAR_DIM]))
+        self.y = nn.Parameter(torch.as_tensor(start[BILINEAR_DIM:]))
+        self.optimizer, self.lr, self.kwargs = optimizer, lr, optimizer_kwargs
+        self.iterations_per_batch = iterations_per_batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        a = torch.as_tensor(bilinear_matrices(self.trainer.world_size)[1][self.global_rank])
+        for _ in range(self.iterations_per_batch):
+            opt.zero_grad()
+            value = self.x @ a @ self.y
+            self.manual_backward(value, inputs=[self.x], retain_graph=True)  # x minimises
+            self.manual_backward(-value, inputs=[self.y])  # y maximises
+            opt.step()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [{"params": [self.x]}, {"params": [self.y]}]
+        return OPTIMIZERS[self.optimizer](groups, lr=self.lr, **self.kwargs)
+
+
+BILINEAR_DIM = 12
+
+
+def bilinear_matrices(world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A well-conditioned A (singular values 0.5..1) and per-rank A_r that average to A.
+
+    Rank r holds only its block of A's rows (scaled by n): each local game alone has a whole subspace of
+    equilibria, so without mixing a worker stops wherever its start projects; only the average game pins
+    (0, 0). At the equilibrium every local gradient is zero, so DPOSG with a constant step can reach it exactly.
+    """
+    rng = np.random.default_rng(11)
+    q1, _ = np.linalg.qr(rng.standard_normal((BILINEAR_DIM, BILINEAR_DIM)))
+    q2, _ = np.linalg.qr(rng.standard_normal((BILINEAR_DIM, BILINEAR_DIM)))
+    a = q1 @ np.diag(np.linspace(0.5, 1.0, BILINEAR_DIM)) @ q2.T
+    parts = np.zeros((world_size, BILINEAR_DIM, BILINEAR_DIM))
+    for r, rows in enumerate(np.array_split(np.arange(BILINEAR_DIM), world_size)):
+        parts[r, rows] = world_size * a[rows]
+    return a, parts
 
 
 def quadratic_targets(world_size: int, dim: int) -> np.ndarray:
@@ -161,6 +179,34 @@ class ConsensusHistory(Callback):
                 json.dump(self.history, f)
             with open(os.path.join(self.out, "buffers.json"), "w") as f:
                 json.dump({"plans": len(trainer.strategy.engine._plans)}, f)
+
+
+class MessageCount(Callback):
+    """Gossip messages this rank sent in each training batch (one DPGAN iteration)."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.per_batch, self._before = out, [], 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._before = trainer.strategy.engine.messages_sent
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.per_batch.append(trainer.strategy.engine.messages_sent - self._before)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        with open(os.path.join(self.out, f"messages_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"per_batch": self.per_batch, "consensus": trainer.strategy.consensus_distance}, f)
+
+
+class Snapshots(Callback):
+    """Rank 0's module state every ``every`` steps, to follow training in one run."""
+
+    def __init__(self, out: str, every: int) -> None:
+        self.out, self.every = out, every
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if trainer.is_global_zero and trainer.global_step % self.every == 0:
+            torch.save(module.state_dict(), os.path.join(self.out, f"step{trainer.global_step}.pt"))
 
 
 class KillRank(Callback):
@@ -245,6 +291,35 @@ def main() -> None:
         t = trainer(out, strategy, devices, num_nodes=nodes, max_steps=steps, callbacks=[SaveReplica(out)])
         batches = DataLoader(TensorDataset(torch.zeros(steps * devices * nodes, 1)), batch_size=1)
         t.fit(Quadratic(dim, lr), batches)
+    elif scenario == "bilinear":  # DPOSG on a bilinear game split across ranks
+        steps, per_batch = int(opts["steps"]), int(opts.get("per_batch", 1))
+        strategy = DecentralizedStrategy(
+            opts.get("topology", "ring"), gossip_rounds=int(opts.get("rounds", 1)), mixing=opts.get("mixing", "1") == "1",
+            consensus_every=0,
+        )
+        kwargs = json.loads(opts.get("kwargs", "{}"))
+        t = trainer(out, strategy, devices, max_steps=steps, callbacks=[SaveReplica(out)])
+        batches = DataLoader(TensorDataset(torch.zeros(steps * devices, 1)), batch_size=1)
+        t.fit(BilinearGame(opts["optimizer"], float(opts["lr"]), per_batch, **kwargs), batches)
+
+    elif scenario == "grid":  # DPGAN with OptimisticAdam on the grid of 25 Gaussians
+        strategy = DecentralizedStrategy(
+            "ring", gossip_rounds=int(opts.get("rounds", 1)), consensus_every=int(opts.get("consensus_every", 50)),
+            mixing=opts.get("mixing", "1") == "1",
+        )
+        callbacks = [SaveReplica(out), Snapshots(out, int(opts.get("snapshot_every", 10**9)))]
+        if opts.get("strategy") == "ddp":  # centralized OSG (CPOSG): gradients all-reduced, same optimizer
+            strategy = DDPStrategy(find_unused_parameters=int(opts.get("n_critic", 1)) > 1)
+        else:
+            callbacks.append(MessageCount(out))
+        t = trainer(out, strategy, devices, max_steps=int(opts["steps"]), callbacks=callbacks, log_every_n_steps=1)
+        hidden = int(opts.get("hidden", 128))
+        gan = DPGAN(
+            MLPGenerator(hidden=hidden), MLPDiscriminator(hidden=hidden), optimizer=opts.get("optimizer", "optimistic_adam"),
+            lr_g=float(opts.get("lr", 1e-3)), lr_d=float(opts.get("lr", 1e-3)), optimizer_kwargs={"betas": (0.5, 0.9)},
+            loss=opts.get("loss", "ns"), n_critic=int(opts.get("n_critic", 1)), ema_decay=float(opts.get("ema", 0)) or None,
+        )
+        t.fit(gan, datamodule=GaussianMixtureDataModule("grid", batch_size=int(opts.get("batch_size", 128))))
     else:
         raise SystemExit(f"unknown scenario {scenario}")
 

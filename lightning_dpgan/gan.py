@@ -1,0 +1,172 @@
+"""``DPGAN``: a GAN LightningModule whose iteration is DPOSG's: both gradients at the same point, one fused step.
+
+One iteration (one batch) is:
+
+1. noise and the real batch are drawn once; ``L_D`` and ``L_G`` are computed at the same parameters ``z``;
+2. one ``manual_backward`` puts ``∇_D L_D`` into D's parameters and ``∇_G L_G`` into G's, nothing else (G's loss
+   goes through D with its parameters detached);
+3. a single ``optimizer.step()`` on one optimizer holding G and D as two param groups. Under
+   :class:`~lightning_dpgan.strategy.DecentralizedStrategy` that is one gossip exchange per neighbour per round
+   for both players together; with an optimistic optimizer it is DPOSG, with ``strategy="ddp"`` CPOSG, and with
+   ``optimizer="adam"`` simultaneous Adam gradient descent/ascent.
+
+With ``n_critic > 1`` only every ``n_critic``-th iteration gives G a gradient; the others are discriminator-only
+(G's parameters have no gradient, so the optimizer leaves them, but they are still mixed).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_dpgan.losses import build_loss, gradient_penalty
+from lightning_dpgan.optim import OPTIMIZERS
+
+OptimizerFactory = Callable[..., Optimizer]
+
+
+class DPGAN(pl.LightningModule):
+    """A GAN trained with simultaneous, fused updates.
+
+    Args:
+        generator: maps ``(N, latent_dim)`` noise to samples; its ``latent_dim`` attribute is used unless given.
+        discriminator: maps samples to ``(N,)`` (or ``(N, 1)``) raw scores.
+        optimizer: a name from :data:`lightning_dpgan.optim.OPTIMIZERS` or a callable taking param groups
+            (e.g. a Hydra ``_partial_``); it receives ``optimizer_kwargs``.
+        lr_g, lr_d: the two param groups' learning rates.
+        optimizer_kwargs: further arguments, e.g. ``betas``.
+        loss: ``"ns"`` (non-saturating), ``"hinge"`` or ``"wgan-gp"``.
+        gradient_penalty: WGAN-GP's weight.
+        n_critic: iterations per generator update (the others update D alone).
+        ema_decay: keep an exponential moving average of G (``generator_ema``) for evaluation; ``None``: none.
+        latent_dim: noise size, when the generator has no ``latent_dim``.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        optimizer: str | OptimizerFactory = "optimistic_adam",
+        lr_g: float = 2e-4,
+        lr_d: float = 2e-4,
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        loss: str = "ns",
+        gradient_penalty: float = 10.0,
+        n_critic: int = 1,
+        ema_decay: float | None = None,
+        latent_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}, or a callable")
+        if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic < 1:
+            raise ValueError(f"n_critic must be an integer >= 1, got {n_critic!r}")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay!r}")
+        latent_dim = latent_dim if latent_dim is not None else getattr(generator, "latent_dim", None)
+        if not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer (or the generator's latent_dim), got {latent_dim!r}")
+        self.save_hyperparameters(ignore=["generator", "discriminator"])
+        self.generator = generator
+        self.discriminator = discriminator
+        self.loss = build_loss(loss, gradient_penalty)
+        self.optimizer_spec = optimizer
+        self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        self.lr_g, self.lr_d = lr_g, lr_d
+        self.n_critic = n_critic
+        self.latent_dim = latent_dim
+        self.ema_decay = ema_decay
+        self.generator_ema = _frozen_copy(generator) if ema_decay is not None else None
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    @override
+    def forward(self, noise: Tensor) -> Tensor:
+        return self.generator(noise)
+
+    def sample(self, n: int, ema: bool = True) -> Tensor:
+        """``n`` samples from the EMA generator if there is one (and ``ema``), else from the generator, in eval mode."""
+        model = self.generator_ema if ema and self.generator_ema is not None else self.generator
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.randn(n, self.latent_dim, device=self.device))
+        model.train(was_training)
+        return out
+
+    @override
+    def configure_optimizers(self) -> Optimizer:
+        groups = [
+            {"params": list(self.generator.parameters()), "lr": self.lr_g, "name": "generator"},
+            {"params": list(self.discriminator.parameters()), "lr": self.lr_d, "name": "discriminator"},
+        ]
+        factory = OPTIMIZERS[self.optimizer_spec] if isinstance(self.optimizer_spec, str) else self.optimizer_spec
+        return factory(groups, **self.optimizer_kwargs)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real = batch[0] if isinstance(batch, (list, tuple)) else batch
+        optimizer = self.optimizers()
+        update_g = int(self.iteration) % self.n_critic == self.n_critic - 1
+        optimizer.zero_grad(set_to_none=True)
+
+        noise = torch.randn(real.shape[0], self.latent_dim, device=real.device, dtype=real.dtype)
+        fake = self.generator(noise)
+        loss_d = self.loss.discriminator(self.discriminator(real), self.discriminator(fake.detach()))
+        if self.loss.gradient_penalty:
+            loss_d = loss_d + self.loss.gradient_penalty * gradient_penalty(self.discriminator, real, fake)
+        logs = {"loss/d": loss_d.detach()}
+        total = loss_d
+        if update_g:
+            # G's loss through a frozen copy of D's function: its gradient reaches G and stops at D's parameters
+            loss_g = self.loss.generator(_frozen_forward(self.discriminator, fake))
+            logs["loss/g"] = loss_g.detach()
+            total = total + loss_g
+        # One backward for both players at the same z: ∇_D L_D lands in D, ∇_G L_G in G. One pass also keeps DDP's
+        # reducer (CPOSG baseline) and AMP's grad scaler to their one-backward-per-step contract.
+        self.manual_backward(total)
+        if update_g:
+            logs["grad_norm/generator"] = _grad_norm(self.generator)
+        logs["grad_norm/discriminator"] = _grad_norm(self.discriminator)
+
+        optimizer.step()
+        self.iteration += 1
+        if self.generator_ema is not None and update_g:
+            _ema_update(self.generator_ema, self.generator, self.ema_decay)
+        self.log_dict(logs, prog_bar=False)
+        self.log("loss_d", logs["loss/d"], prog_bar=True, logger=False)
+
+
+def _frozen_forward(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` with detached parameters and throwaway copies of its buffers (running statistics and spectral
+    norm vectors are left as the discriminator's own forward passes set them)."""
+    state = {name: p.detach() for name, p in module.named_parameters()}
+    state.update((name, b.clone()) for name, b in module.named_buffers())
+    return functional_call(module, state, (x,))
+
+
+def _grad_norm(module: nn.Module) -> Tensor:
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    ema = copy.deepcopy(module)
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), live.parameters()):
+        e.lerp_(p, 1.0 - decay)
+    for e, b in zip(ema.buffers(), live.buffers()):
+        e.copy_(b)

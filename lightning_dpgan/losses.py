@@ -1,0 +1,54 @@
+"""GAN losses as (discriminator loss, generator loss) pairs over the discriminator's raw scores.
+
+Each player minimises its own loss; DPGAN takes both gradients at the same parameters before one fused step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class GANLoss:
+    """A loss family; ``gradient_penalty`` is the WGAN-GP weight (0 for none)."""
+
+    name: str
+    gradient_penalty: float = 0.0
+
+    def discriminator(self, real_scores: Tensor, fake_scores: Tensor) -> Tensor:
+        if self.name == "ns":
+            return F.softplus(-real_scores).mean() + F.softplus(fake_scores).mean()  # BCE with labels 1 / 0
+        if self.name == "hinge":
+            return F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
+        return fake_scores.mean() - real_scores.mean()  # wgan-gp critic
+
+    def generator(self, fake_scores: Tensor) -> Tensor:
+        if self.name == "ns":
+            return F.softplus(-fake_scores).mean()  # non-saturating: -log D(G(z))
+        return -fake_scores.mean()  # hinge and WGAN share the generator loss
+
+
+LOSSES = ("ns", "hinge", "wgan-gp")
+
+
+def build_loss(name: str, gradient_penalty: float = 10.0) -> GANLoss:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")
+    if name == "wgan-gp":
+        if isinstance(gradient_penalty, bool) or not isinstance(gradient_penalty, (int, float)) or gradient_penalty < 0:
+            raise ValueError(f"gradient_penalty must be a number >= 0, got {gradient_penalty!r}")
+        return GANLoss(name, float(gradient_penalty))
+    return GANLoss(name)
+
+
+def gradient_penalty(discriminator: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
+    """WGAN-GP (Gulrajani et al., 2017): ``E[(||∇D(x̂)||₂ - 1)²]`` on random interpolates of real and fake."""
+    shape = (real.shape[0],) + (1,) * (real.dim() - 1)
+    alpha = torch.rand(shape, device=real.device, dtype=real.dtype)
+    mixed = (alpha * real + (1 - alpha) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(discriminator(mixed).sum(), mixed, create_graph=True)
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()

@@ -1,0 +1,38 @@
+"""MLPs for low-dimensional data such as the 2-D Gaussian mixtures (PacGAN's ring and grid benchmarks)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+
+def _mlp(n_in: int, hidden: int, depth: int, n_out: int, activation: Callable[[], nn.Module]) -> nn.Sequential:
+    if depth < 1 or hidden < 1:
+        raise ValueError(f"an MLP needs depth >= 1 and hidden >= 1, got depth={depth!r}, hidden={hidden!r}")
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(n_in if i == 0 else hidden, hidden), activation()]
+    layers.append(nn.Linear(hidden, n_out))
+    return nn.Sequential(*layers)
+
+
+class MLPGenerator(nn.Module):
+    """``latent_dim`` noise to ``data_dim`` values, unbounded (the mixtures live on [-4, 4]², not [-1, 1])."""
+
+    def __init__(self, latent_dim: int = 2, data_dim: int = 2, hidden: int = 128, depth: int = 3) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.net = _mlp(latent_dim, hidden, depth, data_dim, nn.ReLU)
+
+    def forward(self, noise: Tensor) -> Tensor:
+        return self.net(noise)
+
+
+class MLPDiscriminator(nn.Module):
+    def __init__(self, data_dim: int = 2, hidden: int = 128, depth: int = 3) -> None:
+        super().__init__()
+        self.net = _mlp(data_dim, hidden, depth, 1, lambda: nn.LeakyReLU(0.2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1)).squeeze(1)

@@ -1,0 +1,132 @@
+"""DPOSG end to end on real gloo processes launched by Lightning: exactness, convergence, the fused step, a GAN."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_dpgan.data import mode_coverage
+from lightning_dpgan.models import MLPGenerator
+from lightning_dpgan.topology import complete, ring
+
+from helpers import WORKERS, lightning_script
+from reference import dposg
+
+sys.path.insert(0, str(WORKERS))
+from lightning_worker import BILINEAR_DIM, BilinearGame, bilinear_matrices  # noqa: E402
+
+N = 4
+
+
+def replicas(out: Path) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(out / f"end_rank{r}.pt", weights_only=False) for r in range(N)]
+
+
+def bilinear_run(out: Path, **opts: object) -> np.ndarray:
+    """The workers' final (x, y), one row per rank."""
+    lightning_script("lightning_worker.py", "bilinear", str(out), *(f"{k}={v}" for k, v in opts.items()))
+    return np.stack([np.concatenate([r["x"].numpy(), r["y"].numpy()]) for r in replicas(out)])
+
+
+def bilinear_gradient(z: np.ndarray) -> np.ndarray:
+    """Each rank's (∇_x, ∇_y) of its own x^T A_r y, x descending and y ascending."""
+    _, parts = bilinear_matrices(N)
+    x, y = z[:, :BILINEAR_DIM], z[:, BILINEAR_DIM:]
+    return np.concatenate([np.einsum("rij,rj->ri", parts, y), -np.einsum("rij,ri->rj", parts, x)], axis=1)
+
+
+def start() -> np.ndarray:
+    game = BilinearGame("optimistic_sgd", 0.1)  # only to read the common starting point
+    return np.tile(np.concatenate([game.x.detach().numpy(), game.y.detach().numpy()]), (N, 1))
+
+
+@pytest.mark.parametrize(
+    "topology,rounds,optimizer,kwargs,mixing",
+    [
+        ("complete", 1, "optimistic_adam", {"betas": [0.5, 0.9]}, lambda: complete(N).matrix()),  # exact averaging
+        ("ring", 1, "optimistic_adam", {"betas": [0.5, 0.9]}, lambda: ring(N).matrix()),
+        ("ring", 3, "optimistic_sgd", {}, lambda: np.linalg.matrix_power(ring(N).matrix(), 3)),
+    ],
+)
+def test_strategy_equals_the_dposg_equations(tmp_path, topology, rounds, optimizer, kwargs, mixing):
+    lr, steps = 0.05, 6
+    z = bilinear_run(tmp_path, topology=topology, rounds=rounds, optimizer=optimizer, lr=lr, steps=steps, kwargs=json.dumps(kwargs))
+    adam = ((tuple(kwargs["betas"]), 1e-8)) if optimizer == "optimistic_adam" else None
+    expected = dposg(bilinear_gradient, start(), mixing(), steps, lr, adam)
+    np.testing.assert_allclose(z, expected, atol=1e-10, rtol=0)
+    assert np.abs(z - start()).max() > 1e-2 and np.abs(z - z.mean(0)).max() > 1e-6  # moved, and replicas differ
+
+
+def test_decentralized_bilinear_game_reaches_the_average_games_equilibrium(tmp_path):
+    """Rank r only sees its rows of A: the local games have whole subspaces of equilibria, the average game only 0."""
+    start_norm = np.linalg.norm(start()[0])
+    results = {}
+    for name, opts in {"t1": {"rounds": 1}, "t3": {"rounds": 3}, "local": {"rounds": 1, "mixing": 0}}.items():
+        z = bilinear_run(tmp_path / name, optimizer="optimistic_sgd", lr=0.1, steps=600, per_batch=10, **opts)
+        mean = z.mean(0)
+        results[name] = (np.linalg.norm(mean) / start_norm, float(((z - mean) ** 2).sum(1).mean()))
+    for name in ("t1", "t3"):
+        distance, consensus = results[name]
+        assert distance < 1e-3, results  # measured 8.8e-5 (t=1) and 4.0e-4 (t=3) after 500 steps in numpy
+        assert consensus < 1e-6, results
+    assert results["local"][0] > 0.3, results  # each worker stops on its own equilibrium subspace
+
+
+def test_one_dpgan_iteration_is_one_gossip_exchange_per_round(tmp_path):
+    """G and D in one optimizer: per batch, t rounds × 2 ring neighbours messages, also in D-only iterations."""
+    lightning_script(
+        "lightning_worker.py", "grid", str(tmp_path), "steps=6", "rounds=3", "n_critic=2", "loss=wgan-gp", "ema=0.99",
+        "consensus_every=2",
+    )
+    for r in range(N):
+        record = json.loads((tmp_path / f"messages_rank{r}.json").read_text())
+        assert record["per_batch"] == [3 * 2] * 6
+    with open(tmp_path / "log" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = {k for row in rows for k, v in row.items() if v}
+    assert {"loss/d", "loss/g", "grad_norm/generator", "grad_norm/discriminator", "consensus/generator"} <= logged
+    # n_critic=2: G is updated every other iteration (Lightning repeats the last value in the rows between)
+    assert len({row["loss/g"] for row in rows if row["loss/g"]}) == 3
+    assert len({row["loss/d"] for row in rows}) == 6
+    ema = replicas(tmp_path)[0]
+    assert any(k.startswith("generator_ema.") for k in ema)
+
+
+def test_dpgan_under_ddp_is_centralized_osg(tmp_path):
+    """strategy=ddp with the same optimizer: gradients averaged, so every replica stays identical (CPOSG)."""
+    lightning_script("lightning_worker.py", "grid", str(tmp_path), "steps=5", "strategy=ddp", "n_critic=2", "loss=wgan-gp")
+    states = replicas(tmp_path)
+    for r in range(1, N):
+        for key, value in states[0].items():
+            if value.is_floating_point():
+                torch.testing.assert_close(states[r][key], value, rtol=0, atol=1e-6)
+
+
+def test_grid25_smoke_run_covers_most_modes(tmp_path):
+    lightning_script("lightning_worker.py", "grid", str(tmp_path), "steps=2500", "batch_size=256", timeout=280)
+    states = replicas(tmp_path)
+    consensus = {k: sum(s[k] for s in states) / N for k in states[0] if k.startswith("generator.")}
+    generator = MLPGenerator()
+    generator.load_state_dict({k.removeprefix("generator."): v for k, v in consensus.items()})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        samples = generator(torch.randn(2500, generator.latent_dim)).numpy()
+    modes, hq = mode_coverage(samples, "grid")
+    assert modes >= 20, (modes, hq)
+
+
+def test_mode_coverage_on_constructed_samples():
+    modes = np.array([(a, b) for a in (-4.0, -2.0, 0.0, 2.0, 4.0) for b in (-4.0, -2.0, 0.0, 2.0, 4.0)])
+    rng = np.random.default_rng(0)
+    on_all = modes[rng.integers(25, size=2500)] + 0.05 * rng.standard_normal((2500, 2))
+    assert mode_coverage(on_all, "grid") == (25, pytest.approx(0.9889, abs=0.01))  # P(|N(0, I)| < 3) in 2-D
+    on_half = modes[rng.integers(12, size=2500)]
+    assert mode_coverage(on_half, "grid") == (12, 1.0)
+    between = modes[:, None].repeat(100, 1).reshape(-1, 2)[:2500] + 1.0  # midpoints between modes
+    assert mode_coverage(between, "grid") == (0, 0.0)
