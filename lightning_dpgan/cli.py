@@ -2,7 +2,8 @@
 
 This is the minimal entry point before the Hydra configuration (see the CLI issue) replaces the small
 ``key=value`` parser below: DPOSG (``DPGAN`` with ``OptimisticAdam``, MLPs) on PacGAN's grid of 25 Gaussians,
-trained by 4 CPU processes gossiping on a ring, then the consensus model's mode coverage.
+trained by 4 CPU processes gossiping on a ring, evaluated (mode coverage of the consensus model, pictures)
+every 500 steps and at the end.
 
 Lightning's popen launcher re-runs ``sys.argv`` in every worker, so the verb is read from ``sys.argv`` on
 every process alike; all validation happens before the Trainer starts any worker.
@@ -70,7 +71,8 @@ def fit(options: dict[str, Any]) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from lightning_dpgan.data import GaussianMixtureDataModule, mode_coverage
+    from lightning_dpgan.data import GaussianMixtureDataModule
+    from lightning_dpgan.evaluation import GANEvaluation
     from lightning_dpgan.gan import DPGAN
     from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
     from lightning_dpgan.optim import OPTIMIZERS
@@ -89,44 +91,36 @@ def fit(options: dict[str, Any]) -> None:
     )
     logger = CSVLogger(options["output_dir"], name="fit")
     checkpoint = ModelCheckpoint(save_last=True)
+    evaluation = GANEvaluation("grid", every_n_steps=500, output_dir=logger.log_dir)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=options["devices"],
         strategy=strategy,
         max_steps=options["max_steps"],
         logger=logger,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, evaluation],
         log_every_n_steps=50,
         enable_model_summary=False,
     )
 
-    def gan() -> DPGAN:
-        return DPGAN(
-            MLPGenerator(), MLPDiscriminator(), optimizer=options["optimizer"], lr_g=options["lr"], lr_d=options["lr"],
-            optimizer_kwargs={"betas": (0.5, 0.9)} if "adam" in options["optimizer"] else {},
-        )
-
+    gan = DPGAN(
+        MLPGenerator(), MLPDiscriminator(), optimizer=options["optimizer"], lr_g=options["lr"], lr_d=options["lr"],
+        optimizer_kwargs={"betas": (0.5, 0.9)} if "adam" in options["optimizer"] else {},
+    )
     start = time.perf_counter()
-    trainer.fit(gan(), datamodule=GaussianMixtureDataModule("grid", batch_size=options["batch_size"]))
+    trainer.fit(gan, datamodule=GaussianMixtureDataModule("grid", batch_size=options["batch_size"]))
     if trainer.is_global_zero:
-        consensus_model = gan()  # the checkpoint holds the average of the replicas
-        consensus_model.load_state_dict(torch_load(checkpoint.last_model_path)["state_dict"])
-        modes, high_quality = mode_coverage(consensus_model.sample(2500).numpy(), "grid")
+        final = evaluation.history[-1]
         consensus = ", ".join(f"{k} {v:.3g}" for k, v in strategy.consensus_distance.items())
         print(
             f"\nfit done in {time.perf_counter() - start:.1f} s on {trainer.world_size} processes"
             f" ({options['topology']}, gossip_rounds={options['gossip_rounds']}, {options['optimizer']})\n"
-            f"  consensus model, 2500 samples: {modes}/25 modes, {100 * high_quality:.1f}% high quality\n"
+            f"  consensus model, 2500 samples: {final['modes']:.0f}/25 modes, {100 * final['high_quality']:.1f}% high quality\n"
             f"  consensus distance: {consensus or 'not measured'}\n"
             f"  metrics:    {os.path.join(logger.log_dir, 'metrics.csv')}\n"
+            f"  evaluation: {os.path.join(logger.log_dir, 'evaluation.csv')} and samples_step*.png, consensus.png\n"
             f"  checkpoint: {checkpoint.last_model_path}"
         )
-
-
-def torch_load(path: str) -> dict[str, Any]:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

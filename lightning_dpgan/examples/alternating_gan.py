@@ -61,7 +61,7 @@ class AlternatingGAN(pl.LightningModule):
         return self.generator(z)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
-        real = batch[0]
+        real = batch[0].flatten(1)  # (N, 1, 8, 8) digits or already flat
         opt_g, opt_d = self.optimizers()
         z = torch.randn(real.shape[0], self.hparams.latent_dim, device=real.device, dtype=real.dtype)
         ones = torch.ones(real.shape[0], 1, device=real.device, dtype=real.dtype)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,7 +26,8 @@ from lightning_dpgan.data import DigitsDataModule
 from lightning_dpgan.examples.alternating_gan import AlternatingGAN
 from lightning_dpgan.data import GaussianMixtureDataModule
 from lightning_dpgan.gan import DPGAN
-from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
+from lightning_dpgan.evaluation import GANEvaluation
+from lightning_dpgan.models import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
 from lightning_dpgan.optim import OPTIMIZERS, OptimisticSGD
 
 
@@ -88,6 +89,25 @@ class Quadratic(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return OptimisticSGD(self.parameters(), lr=self.lr)
+
+
+class RecordBatches(pl.LightningModule):
+    """Records the (point, label) batches this rank trains on in its first epoch."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out, self.seen = out, []
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.seen.append(torch.cat([batch[0], batch[1][:, None].float()], dim=1))
+        return (self.weight * 0).sum()
+
+    def on_train_epoch_end(self) -> None:
+        np.save(os.path.join(self.out, f"seen_rank{self.global_rank}.npy"), torch.cat(self.seen).numpy())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
 class BilinearGame(pl.LightningModule):
@@ -301,6 +321,32 @@ def main() -> None:
         t = trainer(out, strategy, devices, max_steps=steps, callbacks=[SaveReplica(out)])
         batches = DataLoader(TensorDataset(torch.zeros(steps * devices, 1)), batch_size=1)
         t.fit(BilinearGame(opts["optimizer"], float(opts["lr"]), per_batch, **kwargs), batches)
+
+    elif scenario == "shards":  # what each rank's datamodule hands it in one epoch
+        data = GaussianMixtureDataModule("grid", num_samples=int(opts["n"]), batch_size=50, shard=opts["shard"], val_size=int(opts.get("val", 0)))
+        t = trainer(out, DecentralizedStrategy("ring", consensus_every=0), devices, max_epochs=1, num_sanity_val_steps=0, limit_val_batches=0)
+        t.fit(RecordBatches(out), datamodule=data)
+
+    elif scenario == "evaluate":  # GANEvaluation during a short DPGAN run (or the same run without it)
+        image = opts.get("dataset", "grid") == "digits"
+        callbacks: list[Callback] = [SaveReplica(out)]
+        if opts.get("eval", "1") == "1":
+            callbacks.append(GANEvaluation(
+                opts.get("dataset", "grid"), every_n_steps=10, num_samples=int(opts.get("samples", 400)),
+                model=opts.get("model", "consensus"), output_dir=os.path.join(out, "eval"),
+            ))
+        strategy = DecentralizedStrategy("ring", consensus_every=5, mixing=opts.get("mixing", "1") == "1")
+        logger = CSVLogger(out, name="log") if opts.get("logger", "csv") == "csv" else TensorBoardLogger(out, name="tb")
+        t = pl.Trainer(
+            accelerator="cpu", devices=devices, strategy=strategy, max_steps=int(opts.get("steps", 30)), logger=logger,
+            callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        )
+        if image:
+            gan = DPGAN(DCGANGenerator(8, channels=1, latent_dim=16, width=16), DCGANDiscriminator(8, channels=1, width=16), ema_decay=0.9)
+            t.fit(gan, datamodule=DigitsDataModule(batch_size=32, val_size=360))
+        else:
+            gan = DPGAN(MLPGenerator(hidden=64), MLPDiscriminator(hidden=64), lr_g=1e-3, lr_d=1e-3)
+            t.fit(gan, datamodule=GaussianMixtureDataModule("grid", num_samples=20_000, batch_size=64))
 
     elif scenario == "grid":  # DPGAN with OptimisticAdam on the grid of 25 Gaussians
         strategy = DecentralizedStrategy(

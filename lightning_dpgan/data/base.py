@@ -1,0 +1,72 @@
+"""What every datamodule shares: argument checks, a seeded held-out split, and per-rank shards."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_dpgan.data.sharding import SHARDS, ShardSampler
+
+
+def check_positive_int(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class ShardedDataModule(pl.LightningDataModule):
+    """Subclasses implement :meth:`load` (the dataset and its labels); this class splits and shards it.
+
+    Args:
+        batch_size: per rank.
+        shard: ``"iid"`` or ``"by_label"`` (see :mod:`lightning_dpgan.data.sharding`).
+        val_size: samples held out (the same ones on every rank, chosen by ``seed``) as real data for evaluation.
+        num_workers: DataLoader workers.
+        seed: the split and the shards.
+    """
+
+    def __init__(self, batch_size: int = 64, shard: str = "iid", val_size: int = 0, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("val_size", val_size, 0)
+        check_positive_int("num_workers", num_workers, 0)
+        if shard not in SHARDS:
+            raise ValueError(f"unknown shard {shard!r}; allowed: {', '.join(SHARDS)}")
+        self.batch_size, self.shard, self.val_size, self.num_workers, self.seed = batch_size, shard, val_size, num_workers, seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.train_labels: np.ndarray | None = None
+
+    def load(self) -> tuple[Dataset, np.ndarray]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        dataset, labels = self.load()
+        labels = np.asarray(labels)
+        if self.val_size >= len(labels):
+            raise ValueError(f"val_size must be smaller than the dataset ({len(labels)} samples), got {self.val_size}")
+        order = np.random.default_rng(self.seed).permutation(len(labels))
+        val, train = np.sort(order[: self.val_size]), np.sort(order[self.val_size :])
+        self.train_set, self.train_labels = Subset(dataset, train.tolist()), labels[train]
+        self.val_set = Subset(dataset, val.tolist()) if self.val_size else None
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        world_size, rank = self._rank()
+        sampler = ShardSampler(self.train_set, world_size, rank, self.shard, self.train_labels, seed=self.seed)
+        if len(sampler) < self.batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is larger than a rank's shard ({len(sampler)} samples over {world_size} ranks)"
+            )
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

@@ -1,0 +1,254 @@
+"""``GANEvaluation``: quality numbers and pictures of a DPGAN while it trains, for the consensus or every replica.
+
+* ``model="consensus"`` (default): the generator's parameters and buffers (BatchNorm statistics too) are
+  averaged over ranks for the evaluation and put back afterwards; every rank generates its share of the
+  samples and the metrics are synchronised, so the numbers describe the one average model.
+* ``model="local"``: every replica is evaluated on its own samples; the logs hold the mean and the worst.
+
+Metrics live in this callback, not in the LightningModule, so they are never gossiped, averaged or
+checkpointed. Every rank calls ``compute()`` (a collective), and noise comes from a dedicated seeded generator,
+so evaluating does not change the training run. Pictures and ``evaluation.csv`` go to ``output_dir`` (the
+logger's folder by default) on rank 0, and images are also sent to TensorBoard or wandb when those log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torch import Tensor, nn
+from torchmetrics import Metric
+from typing_extensions import override
+
+from lightning_dpgan.data.gaussians import MIXTURES, mixture_modes
+from lightning_dpgan.metrics.image_quality import fid_metric, inception_score_metric, to_unit_range, uses_embedded_extractor
+from lightning_dpgan.metrics.mode_coverage import ModeCoverage
+
+MODELS = ("consensus", "local")
+#: for each logged number, whether a larger value is better (decides the worst replica)
+HIGHER_IS_BETTER = {"modes": True, "high_quality": True, "reverse_kl": False, "fid": False, "inception_score": True}
+
+
+class GANEvaluation(pl.Callback):
+    """Evaluate the generator every ``every_n_steps`` optimizer steps and when training ends.
+
+    Args:
+        dataset: ``ring``/``grid`` (mode coverage and a scatter plot) or an image dataset (FID, IS, image grid):
+            ``digits``/``mnist5k`` use the shipped extractor, anything else torchmetrics' Inception.
+        every_n_steps: 0 evaluates only at the end.
+        num_samples: generated samples per evaluation (the whole ensemble's in consensus mode, each replica's in
+            local mode). PacGAN's mode numbers use 2500.
+        model: ``consensus`` or ``local``.
+        use_ema: evaluate ``generator_ema`` when the module has one.
+        num_real: at most this many real images (the datamodule's ``val_set``, else ``train_set``) for FID.
+        output_dir: where PNGs and ``evaluation.csv`` go; default: the logger's folder.
+        seed: the evaluation noise.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        every_n_steps: int = 500,
+        num_samples: int = 2500,
+        model: str = "consensus",
+        use_ema: bool = True,
+        num_real: int = 10_000,
+        output_dir: str | None = None,
+        seed: int = 1234,
+    ) -> None:
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+        for name, value, low in (("every_n_steps", every_n_steps, 0), ("num_samples", num_samples, 1), ("num_real", num_real, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.dataset, self.every_n_steps, self.num_samples, self.model = dataset, every_n_steps, num_samples, model
+        self.use_ema, self.num_real, self.output_dir, self.seed = use_ema, num_real, output_dir, seed
+        self.is_mixture = dataset in MIXTURES
+        self.metrics: dict[str, Metric] = {}
+        self.history: list[dict[str, float]] = []
+        self._real_done = False
+        self._last_step = -1
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        sync = self.model == "consensus"
+        if self.is_mixture:
+            self.metrics = {"coverage": ModeCoverage(self.dataset, sync_on_compute=sync)}
+        else:
+            self.metrics = {
+                "fid": fid_metric(self.dataset, sync_on_compute=sync),
+                "inception_score": inception_score_metric(self.dataset, sync_on_compute=sync),
+            }
+        for metric in self.metrics.values():
+            metric.to(pl_module.device)
+        if self.output_dir is None:
+            self.output_dir = trainer.log_dir or trainer.default_root_dir
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
+        if trainer.is_global_zero and self.history:
+            self._write_history()
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """One evaluation (a collective: every rank must call it); returns what was logged."""
+        self._last_step = trainer.global_step
+        generator = pl_module.generator_ema if self.use_ema and getattr(pl_module, "generator_ema", None) is not None else pl_module.generator
+        world_size = trainer.world_size
+        if not self.is_mixture and not self._real_done:
+            self._add_real_images(trainer, pl_module)
+        with self._consensus(trainer, generator):
+            per_rank = math.ceil(self.num_samples / world_size) if self.model == "consensus" else self.num_samples
+            samples = self._generate(generator, pl_module, per_rank, trainer.global_step, trainer.global_rank)
+        for metric in self.metrics.values():
+            metric.reset()
+        if self.is_mixture:
+            self.metrics["coverage"].update(samples)
+            values = {k: float(v) for k, v in self.metrics["coverage"].compute().items()}
+        else:
+            self.metrics["fid"].update(samples, real=False)
+            self.metrics["inception_score"].update(samples if uses_embedded_extractor(self.dataset) else to_unit_range(samples))
+            values = {"fid": float(self.metrics["fid"].compute()), "inception_score": float(self.metrics["inception_score"].compute()[0])}
+        logged = self._summarise(trainer, values)
+        consensus = trainer.strategy.measure_consensus() if hasattr(trainer.strategy, "measure_consensus") and world_size > 1 else {}
+        logged.update({f"consensus/{k}": v for k, v in consensus.items()})
+        if trainer.is_global_zero:
+            self.history.append({"step": trainer.global_step, **logged})
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({f"eval/{k}" if not k.startswith("consensus/") else k: v for k, v in logged.items()}, step=trainer.global_step)
+            self._save_picture(trainer, samples)
+        return logged
+
+    def _summarise(self, trainer: pl.Trainer, values: dict[str, float]) -> dict[str, float]:
+        if self.model == "consensus" or trainer.world_size == 1:
+            return values
+        gathered = trainer.strategy.all_gather(torch.tensor(list(values.values()), dtype=torch.float64, device=trainer.strategy.root_device))
+        out: dict[str, float] = {}
+        for i, name in enumerate(values):
+            column = gathered[:, i]
+            out[f"{name}_mean"] = float(column.mean())
+            out[f"{name}_worst"] = float(column.min() if HIGHER_IS_BETTER[name] else column.max())
+        return out
+
+    @contextlib.contextmanager
+    def _consensus(self, trainer: pl.Trainer, generator: nn.Module) -> Iterator[None]:
+        engine = getattr(trainer.strategy, "engine", None)
+        if self.model != "consensus" or engine is None or engine.world_size == 1:
+            yield
+            return
+        tensors = [p.data for p in generator.parameters()] + [b for b in generator.buffers() if b.is_floating_point()]
+        saved = [t.clone() for t in tensors]
+        with torch.no_grad():
+            for t, avg in zip(tensors, engine.average(tensors)):
+                t.copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, s in zip(tensors, saved):
+                    t.copy_(s)
+
+    def _generate(self, generator: nn.Module, pl_module: pl.LightningModule, n: int, step: int, rank: int) -> Tensor:
+        noise_source = torch.Generator(device=pl_module.device).manual_seed(self.seed + 1_000_003 * rank + 7919 * step)
+        was_training = generator.training
+        generator.eval()
+        try:
+            with torch.no_grad():
+                noise = torch.randn(n, pl_module.latent_dim, device=pl_module.device, generator=noise_source)
+                return torch.cat([generator(chunk) for chunk in noise.split(512)]).float()
+        finally:
+            generator.train(was_training)
+
+    def _add_real_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        real_set = getattr(datamodule, "val_set", None) or getattr(datamodule, "train_set", None)
+        if real_set is None:
+            raise ValueError("GANEvaluation needs a datamodule with val_set or train_set for FID's real statistics")
+        indices = list(range(min(len(real_set), self.num_real)))
+        if self.model == "consensus":  # ranks split the real images; the synchronised metric sees them all once
+            indices = indices[trainer.global_rank :: trainer.world_size]
+        for start in range(0, len(indices), 512):
+            batch = torch.stack([real_set[i][0] for i in indices[start : start + 512]]).to(pl_module.device)
+            self.metrics["fid"].update(batch, real=True)
+        self._real_done = True
+
+    # ------------------------------------------------------------------ pictures
+    def _save_picture(self, trainer: pl.Trainer, samples: Tensor) -> None:
+        assert self.output_dir is not None
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, f"samples_step{trainer.global_step:07d}.png")
+        if self.is_mixture:
+            _scatter(samples.cpu().numpy(), self.dataset, path, f"step {trainer.global_step}")
+            image = None
+        else:
+            from torchvision.utils import make_grid, save_image
+
+            image = make_grid(to_unit_range(samples[:64]).cpu(), nrow=8)
+            save_image(image, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                from torchvision.io import read_image
+
+                logger.experiment.add_image("samples", read_image(path) if image is None else image, trainer.global_step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("samples", [path], step=trainer.global_step)
+
+    def _write_history(self) -> None:
+        assert self.output_dir is not None
+        keys = list(dict.fromkeys(k for row in self.history for k in row))
+        with open(os.path.join(self.output_dir, "evaluation.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+        curves = {k: [(row["step"], row[k]) for row in self.history if k in row] for k in keys if k.startswith("consensus/")}
+        if curves:
+            _plot_consensus(curves, os.path.join(self.output_dir, "consensus.png"))
+
+
+def _scatter(points: Any, mixture: str, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes, _ = mixture_modes(mixture)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.4, label="generated")
+    ax.scatter(modes[:, 0], modes[:, 1], s=40, marker="x", color="red", label="true modes")
+    limit = 1.0 + abs(modes).max() * 1.15
+    ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect="equal", title=title)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_consensus(curves: dict[str, list[tuple[float, float]]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        steps, values = zip(*points)
+        ax.plot(steps, [max(v, 1e-30) for v in values], marker="o", label=name.removeprefix("consensus/"))
+    ax.set(yscale="log", xlabel="optimizer step", ylabel="mean_i ||x_i - mean(x)||²", title="consensus distance")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
