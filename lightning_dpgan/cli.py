@@ -1,138 +1,352 @@
-"""``python -m lightning_dpgan fit [key=value ...]``: the main job.
+"""``python -m lightning_dpgan <verb> [Hydra overrides]``: ``fit``, ``validate``, ``sample`` and ``topology``.
 
-This is the minimal entry point before the Hydra configuration (see the CLI issue) replaces the small
-``key=value`` parser below: DPOSG (``DPGAN`` with ``OptimisticAdam``, MLPs) on PacGAN's grid of 25 Gaussians,
-trained by 4 CPU processes gossiping on a ring, evaluated (mode coverage of the consensus model, pictures)
-every 500 steps and at the end.
-
-Lightning's popen launcher re-runs ``sys.argv`` in every worker, so the verb is read from ``sys.argv`` on
-every process alike; all validation happens before the Trainer starts any worker.
+The verb is not a Hydra override, so it is taken off the command line before Hydra parses the rest, and put
+back before training starts: Lightning's popen launcher re-runs ``sys.argv`` in every worker, and each worker
+must read the same verb. Everything that can reject bad input (unknown group options, bad values, a world size
+the topology cannot take, a missing data path) runs first, in the launching process, before any worker starts;
+it ends with one message and exit status 2.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib import resources
 from typing import Any
 
-VERBS = ("fit",)
-DEFAULTS: dict[str, Any] = {
-    "topology": "ring",
-    "gossip_rounds": 1,
-    "devices": 4,
-    "max_steps": 2500,
-    "batch_size": 256,
-    "optimizer": "optimistic_adam",
-    "lr": 1e-3,
-    "wire_dtype": "fp32",
-    "seed": 0,
-    "consensus_every": 50,
-    "output_dir": "runs",
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_PACKAGE = "lightning_dpgan.conf"
+VERB_VARIABLE = "LIGHTNING_DPGAN_VERB"
+VERBS = {
+    "fit": "train (default: DPOSG on the grid of 25 Gaussians, 4 CPU workers gossiping on a ring)",
+    "validate": "evaluate the consensus model of a checkpoint: ckpt_path=...",
+    "sample": "write num_samples samples of a checkpoint as samples.npy and samples.png: ckpt_path=...",
+    "topology": "print W, degree, spectral gap and rho(W^t) for topology, devices x num_nodes, gossip_rounds",
 }
-USAGE = f"""usage: python -m lightning_dpgan {{{','.join(VERBS)}}} [key=value ...]
-
-verbs:
-  fit    train DPGAN on the grid of 25 Gaussians with DecentralizedStrategy
-
-keys (default):
-""" + "\n".join(f"  {k}={v}" for k, v in DEFAULTS.items())
+EXAMPLES = """examples:
+  python -m lightning_dpgan fit topology=ring gossip_rounds=3 devices=8
+  python -m lightning_dpgan fit experiment=digits strategy=ddp logger=wandb
+  python -m lightning_dpgan fit -m topology=ring,torus,exponential
+  python -m lightning_dpgan topology topology=exponential devices=16 gossip_rounds=2
+  python -m lightning_dpgan sample ckpt_path=runs/fit/<date>/checkpoints/last.ckpt num_samples=1000
+Hydra's own flags (--cfg job, --info, -m) go after the verb."""
 
 
 class UsageError(Exception):
-    pass
+    """Bad input, reported as one line and exit status 2."""
 
 
-def parse(argv: Sequence[str]) -> tuple[str, dict[str, Any]]:
-    if not argv or argv[0] in ("-h", "--help"):
-        raise UsageError("")
-    verb, *pairs = argv
-    if verb not in VERBS:
-        raise UsageError(f"unknown verb {verb!r}; allowed: {', '.join(VERBS)}")
-    options = dict(DEFAULTS)
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in DEFAULTS:
-            raise UsageError(f"unknown option {pair!r}; allowed keys: {', '.join(DEFAULTS)}")
-        default = DEFAULTS[key]
-        try:
-            options[key] = type(default)(value)
-        except ValueError:
-            raise UsageError(f"{key}={value!r} is not a valid {type(default).__name__}") from None
-    for key in ("devices", "max_steps", "batch_size"):
-        if options[key] < 1:
-            raise UsageError(f"{key} must be >= 1, got {options[key]}")
-    return verb, options
-
-
-def fit(options: dict[str, Any]) -> None:
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-
-    from lightning_dpgan.data import GaussianMixtureDataModule
-    from lightning_dpgan.evaluation import GANEvaluation
-    from lightning_dpgan.gan import DPGAN
-    from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
-    from lightning_dpgan.optim import OPTIMIZERS
-    from lightning_dpgan.strategy import DecentralizedStrategy
-    from lightning_dpgan.topology import build_topology
-
-    build_topology(options["topology"], options["devices"])  # fail here, before any worker starts
-    if options["optimizer"] not in OPTIMIZERS:
-        raise UsageError(f"unknown optimizer {options['optimizer']!r}; allowed: {', '.join(OPTIMIZERS)}")
-    pl.seed_everything(options["seed"], verbose=False)
-    strategy = DecentralizedStrategy(
-        topology=options["topology"],
-        gossip_rounds=options["gossip_rounds"],
-        wire_dtype=options["wire_dtype"],
-        consensus_every=options["consensus_every"],
-    )
-    logger = CSVLogger(options["output_dir"], name="fit")
-    checkpoint = ModelCheckpoint(save_last=True)
-    evaluation = GANEvaluation("grid", every_n_steps=500, output_dir=logger.log_dir)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=options["devices"],
-        strategy=strategy,
-        max_steps=options["max_steps"],
-        logger=logger,
-        callbacks=[checkpoint, evaluation],
-        log_every_n_steps=50,
-        enable_model_summary=False,
-    )
-
-    gan = DPGAN(
-        MLPGenerator(), MLPDiscriminator(), optimizer=options["optimizer"], lr_g=options["lr"], lr_d=options["lr"],
-        optimizer_kwargs={"betas": (0.5, 0.9)} if "adam" in options["optimizer"] else {},
-    )
-    start = time.perf_counter()
-    trainer.fit(gan, datamodule=GaussianMixtureDataModule("grid", batch_size=options["batch_size"]))
-    if trainer.is_global_zero:
-        final = evaluation.history[-1]
-        consensus = ", ".join(f"{k} {v:.3g}" for k, v in strategy.consensus_distance.items())
-        print(
-            f"\nfit done in {time.perf_counter() - start:.1f} s on {trainer.world_size} processes"
-            f" ({options['topology']}, gossip_rounds={options['gossip_rounds']}, {options['optimizer']})\n"
-            f"  consensus model, 2500 samples: {final['modes']:.0f}/25 modes, {100 * final['high_quality']:.1f}% high quality\n"
-            f"  consensus distance: {consensus or 'not measured'}\n"
-            f"  metrics:    {os.path.join(logger.log_dir, 'metrics.csv')}\n"
-            f"  evaluation: {os.path.join(logger.log_dir, 'evaluation.csv')} and samples_step*.png, consensus.png\n"
-            f"  checkpoint: {checkpoint.last_model_path}"
-        )
-
-
+# ---------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    verb, overrides = argv[0], argv[1:]
     try:
-        verb, options = parse(argv)
-        if verb == "fit":
-            os.environ.setdefault("OMP_NUM_THREADS", "1")
-            fit(options)
+        if verb not in VERBS:
+            raise UsageError(f"unknown verb {verb!r}; allowed: {', '.join(VERBS)}")
+        hydra_flags = any(arg.startswith("-") for arg in overrides)  # -m, --cfg, --info: Hydra's to handle
+        cfg = None if hydra_flags else check(verb, overrides)
     except UsageError as err:
-        print(f"error: {err}\n\n{USAGE}" if str(err) else USAGE, file=sys.stderr)
-        sys.exit(2 if str(err) else 0)
-    except ValueError as err:  # TopologyError and other bad values, raised before workers start
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if verb == "topology" and cfg is not None:
+        print_topology(cfg)  # reads the configuration only: no run directory, no process
+        return
+    run_hydra(verb, overrides)
+
+
+def usage() -> str:
+    groups = config_groups()
+    lines = ["usage: python -m lightning_dpgan {" + ",".join(VERBS) + "} [key=value ...]", "", "verbs:"]
+    lines += [f"  {verb:<9} {text}" for verb, text in VERBS.items()]
+    lines += ["", "config groups (group=option):"]
+    lines += [f"  {group:<11} {', '.join(options)}" for group, options in groups.items()]
+    defaults = compose_config("fit", [])
+    shortcuts = [k for k, v in defaults.items() if not isinstance(v, DictConfig) and k != "verb"]
+    lines += ["", "shortcuts (key=value): " + ", ".join(f"{k}={defaults[k]}" for k in shortcuts), "", EXAMPLES]
+    return "\n".join(lines)
+
+
+def config_groups() -> dict[str, list[str]]:
+    root = resources.files(CONFIG_PACKAGE)
+    return {
+        entry.name: sorted(f.name.removesuffix(".yaml") for f in entry.iterdir() if f.name.endswith(".yaml"))
+        for entry in sorted(root.iterdir(), key=lambda e: e.name)
+        if entry.is_dir() and not entry.name.startswith("_")
+    }
+
+
+# ---------------------------------------------------------------------- checks before any process starts
+def compose_config(verb: str, overrides: Sequence[str]) -> DictConfig:
+    """The configuration Hydra will run with (minus ``hydra.*``), or a :class:`UsageError` saying what is wrong."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ[VERB_VARIABLE] = verb
+    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    try:
+        with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
+            return compose("config", overrides=user)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UsageError(_hydra_message(err)) from None
+
+
+def _hydra_message(err: BaseException) -> str:
+    message = str(err).strip()
+    cause = err.__cause__
+    return f"{message}: {cause}" if cause is not None and str(cause) not in message else message
+
+
+def check(verb: str, overrides: Sequence[str]) -> DictConfig:
+    """Compose the configuration and build every cheap object that validates its own arguments."""
+    cfg = compose_config(verb, overrides)
+    for key in ("devices", "num_nodes", "max_steps", "batch_size", "num_samples"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{key} must be an integer >= 1, got {value!r}")
+    build_topology_from(cfg)
+    if verb == "topology":
+        return cfg
+    if verb in ("validate", "sample"):
+        if not cfg.ckpt_path or not os.path.isfile(str(cfg.ckpt_path)):
+            raise UsageError(f"{verb} needs ckpt_path=<a checkpoint file>, got {cfg.ckpt_path!r}")
+        cfg = with_run_config(cfg)
+    for key in ("dataset", "model", "strategy", "evaluation"):
+        instantiate(cfg, key)  # constructors check their arguments; none starts a process or downloads
+    _check_target(cfg, "logger")  # building a logger would create its run (a wandb run, a folder)
+    return cfg
+
+
+def build_topology_from(cfg: DictConfig) -> Any:
+    from lightning_dpgan.topology import TopologyError, _check_rounds, build_topology
+
+    try:
+        _check_rounds(cfg.gossip_rounds)
+        options = OmegaConf.to_container(cfg.topology.options, resolve=True) or {}
+        return build_topology(cfg.topology.name, cfg.devices * cfg.num_nodes, **options)
+    except TopologyError as err:
+        raise UsageError(str(err)) from None
+
+
+def _is_decentralized(cfg: DictConfig) -> bool:
+    return str(cfg.strategy.get("_target_", "")).endswith("DecentralizedStrategy")
+
+
+def _check_target(cfg: DictConfig, key: str) -> None:
+    from hydra.utils import get_class
+
+    try:
+        get_class(cfg[key]._target_)
+    except Exception as err:  # an import error names the missing package
+        raise UsageError(f"{key}: {_hydra_message(err)}") from None
+
+
+def instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(cfg[key])`` with plain containers, and the bad value's own message on failure."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(cfg[key], _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise UsageError(f"{key}: {cause}") from None
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"{key}: {err}") from None
+
+
+def with_run_config(cfg: DictConfig) -> DictConfig:
+    """For a checkpoint written by ``fit``: the dataset and model it was trained with (from its ``config.yaml``)."""
+    saved = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(str(cfg.ckpt_path)))), "config.yaml")
+    if not os.path.isfile(saved):
+        return cfg
+    run = OmegaConf.load(saved)
+    merged = cfg.copy()
+    OmegaConf.set_struct(merged, False)
+    for key in ("dataset", "model", "loss", "optim"):
+        if key in run:
+            merged[key] = run[key]
+    return merged
+
+
+# ---------------------------------------------------------------------- running under Hydra
+def run_hydra(verb: str, overrides: Sequence[str]) -> None:
+    import hydra
+
+    task = TASKS[verb]
+    restored = [sys.argv[0], verb, *overrides]
+
+    def hydra_task(cfg: DictConfig) -> None:
+        sys.argv[:] = restored  # what Lightning's popen launcher re-runs in each worker, verb included
+        task(cfg)
+
+    os.environ[VERB_VARIABLE] = verb  # the config's ${verb}; not an argument, so Hydra's flags parse as usual
+    sys.argv[:] = [sys.argv[0], *overrides]
+    hydra.main(config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config", version_base="1.3")(hydra_task)()
+
+
+def run_directory() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def fit(cfg: DictConfig) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    run_dir = run_directory()
+    world_size = cfg.devices * cfg.num_nodes
+    if world_size > 1 and cfg.trainer.accelerator == "cpu":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # several processes share the cores
+    pl.seed_everything(cfg.seed, verbose=False)
+    datamodule = instantiate(cfg, "dataset")
+    model = instantiate(cfg, "model")
+    # popen re-runs the command line, which under multirun would start the whole sweep again in every worker
+    strategy = instantiate(cfg, "strategy", **({"start_method": "spawn"} if is_multirun() and world_size > 1 else {}))
+    logger = make_logger(cfg, run_dir)
+    evaluation = instantiate(cfg, "evaluation", output_dir=run_dir)
+    checkpoint = ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), save_last=True)
+    trainer = instantiate(cfg, "trainer", strategy=strategy, logger=logger, callbacks=[checkpoint, evaluation])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger.log_hyperparams(resolved)  # rank 0; creates the logger's files first, so it finds no others there
+    if rank_zero_only.rank == 0:
+        OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
+    start = time.perf_counter()
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        finish_wandb(cfg)
+    if trainer.is_global_zero:
+        print(fit_summary(cfg, run_dir, time.perf_counter() - start, world_size))
+
+
+def make_logger(cfg: DictConfig, run_dir: str) -> Any:
+    kwargs: dict[str, Any] = {"save_dir": run_dir}
+    if cfg.logger._target_.endswith("WandbLogger") and not cfg.logger.offline and not wandb_key_available():
+        print("wandb: no API key (WANDB_API_KEY or `wandb login`), logging offline; `wandb sync` uploads later")
+        kwargs["offline"] = True
+    return instantiate(cfg, "logger", **kwargs)
+
+
+def wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return True
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+def finish_wandb(cfg: DictConfig) -> None:
+    """Close the wandb run, so that the next multirun job starts its own."""
+    if cfg.logger._target_.endswith("WandbLogger"):
+        import wandb
+
+        wandb.finish()
+
+
+def fit_summary(cfg: DictConfig, run_dir: str, seconds: float, world_size: int) -> str:
+    rows = read_csv(os.path.join(run_dir, "evaluation.csv"))
+    last = rows[-1] if rows else {}
+    if "modes" in last:
+        quality = f"{float(last['modes']):.0f} modes, {100 * float(last['high_quality']):.1f}% high quality, reverse KL {float(last['reverse_kl']):.3f}"
+    elif "fid" in last:
+        quality = f"FID {float(last['fid']):.2f}, IS {float(last['inception_score']):.2f}"
+    else:
+        quality = "not evaluated"
+    consensus = ", ".join(f"{k.removeprefix('consensus/')} {float(v):.3g}" for k, v in last.items() if k.startswith("consensus/") and v)
+    communication = (
+        f"{cfg.topology.name}, gossip_rounds={cfg.gossip_rounds}" if _is_decentralized(cfg) else cfg.strategy._target_.rsplit(".", 1)[-1]
+    )
+    return (
+        f"\nfit done in {seconds:.1f} s on {world_size} processes ({communication}, {cfg.optim._target_.rsplit('.', 1)[-1]})\n"
+        f"  {'consensus' if cfg.evaluation.model == 'consensus' else 'local'} model, {cfg.evaluation.num_samples} samples: {quality}\n"
+        f"  consensus distance: {consensus or 'not measured (one process, or DDP: identical replicas)'}\n"
+        f"  run directory: {run_dir}\n"
+        f"    config.yaml, metrics.csv, evaluation.csv, samples_step*.png, consensus.png, checkpoints/last.ckpt"
+    )
+
+
+def read_csv(path: str) -> list[dict[str, str]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def load_model(cfg: DictConfig) -> Any:
+    """The checkpoint's consensus model (the file holds the average of the replicas), on the CPU, in eval mode."""
+    import torch
+
+    model = instantiate(cfg, "model")
+    state = torch.load(str(cfg.ckpt_path), map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def validate(cfg: DictConfig) -> None:
+    import json
+
+    cfg = with_run_config(cfg)
+    run_dir = run_directory()
+    os.makedirs(run_dir, exist_ok=True)
+    model = load_model(cfg)
+    datamodule = instantiate(cfg, "dataset")
+    datamodule.setup("validate")
+    evaluation = instantiate(cfg, "evaluation", output_dir=run_dir)
+    values = evaluation.evaluate_module(model, datamodule, picture=os.path.join(run_dir, "samples.png"))
+    result = {"ckpt_path": os.path.abspath(str(cfg.ckpt_path)), "dataset": evaluation.dataset, **values}
+    with open(os.path.join(run_dir, "validate.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"validate {result['ckpt_path']} ({evaluation.dataset}, {cfg.evaluation.num_samples} samples):")
+    for key, value in values.items():
+        print(f"  {key}: {value:.4g}")
+    print(f"  written to {run_dir}/validate.json and samples.png")
+
+
+def sample(cfg: DictConfig) -> None:
+    import numpy as np
+    import torch
+
+    from lightning_dpgan.evaluation import save_samples_picture
+
+    cfg = with_run_config(cfg)
+    run_dir = run_directory()
+    os.makedirs(run_dir, exist_ok=True)
+    model = load_model(cfg)
+    torch.manual_seed(cfg.seed)
+    samples = model.sample(cfg.num_samples, ema=cfg.evaluation.use_ema)
+    np.save(os.path.join(run_dir, "samples.npy"), samples.numpy())
+    dataset = cfg.evaluation.dataset or instantiate(cfg, "dataset").name
+    save_samples_picture(samples, dataset, os.path.join(run_dir, "samples.png"), f"{cfg.num_samples} samples")
+    print(f"sample: {tuple(samples.shape)} from {cfg.ckpt_path}\n  written to {run_dir}/samples.npy and samples.png")
+
+
+def print_topology(cfg: DictConfig) -> None:
+    import numpy as np
+
+    topology = build_topology_from(cfg)
+    rounds = cfg.gossip_rounds
+    with np.printoptions(precision=3, suppress=True, linewidth=160):
+        for phase in range(topology.period):
+            label = f"W (round {phase} of a period of {topology.period})" if topology.is_time_varying else "W"
+            print(f"{label}:\n{topology.matrix(phase)}")
+    for key, value in topology.summary(rounds).items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+
+
+TASKS: dict[str, Callable[[DictConfig], None]] = {"fit": fit, "validate": validate, "sample": sample, "topology": print_topology}

@@ -41,7 +41,8 @@ class GANEvaluation(pl.Callback):
 
     Args:
         dataset: ``ring``/``grid`` (mode coverage and a scatter plot) or an image dataset (FID, IS, image grid):
-            ``digits``/``mnist5k`` use the shipped extractor, anything else torchmetrics' Inception.
+            ``digits``/``mnist5k`` use the shipped extractor, anything else torchmetrics' Inception. ``None``: the
+            datamodule's ``name``.
         every_n_steps: 0 evaluates only at the end.
         num_samples: generated samples per evaluation (the whole ensemble's in consensus mode, each replica's in
             local mode). PacGAN's mode numbers use 2500.
@@ -54,7 +55,7 @@ class GANEvaluation(pl.Callback):
 
     def __init__(
         self,
-        dataset: str,
+        dataset: str | None = None,
         every_n_steps: int = 500,
         num_samples: int = 2500,
         model: str = "consensus",
@@ -70,16 +71,27 @@ class GANEvaluation(pl.Callback):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.dataset, self.every_n_steps, self.num_samples, self.model = dataset, every_n_steps, num_samples, model
         self.use_ema, self.num_real, self.output_dir, self.seed = use_ema, num_real, output_dir, seed
-        self.is_mixture = dataset in MIXTURES
         self.metrics: dict[str, Metric] = {}
         self.history: list[dict[str, float]] = []
         self._real_done = False
         self._last_step = -1
 
+    @property
+    def is_mixture(self) -> bool:
+        return self.dataset in MIXTURES
+
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        sync = self.model == "consensus"
+        self._build_metrics(trainer.datamodule, pl_module.device, sync=self.model == "consensus")
+        if self.output_dir is None:
+            self.output_dir = trainer.log_dir or trainer.default_root_dir
+
+    def _build_metrics(self, datamodule: Any, device: torch.device, sync: bool) -> None:
+        if self.dataset is None:
+            self.dataset = getattr(datamodule, "name", None)
+            if not self.dataset:
+                raise ValueError("GANEvaluation needs dataset=..., or a datamodule with a name (e.g. 'grid', 'digits')")
         if self.is_mixture:
             self.metrics = {"coverage": ModeCoverage(self.dataset, sync_on_compute=sync)}
         else:
@@ -88,9 +100,7 @@ class GANEvaluation(pl.Callback):
                 "inception_score": inception_score_metric(self.dataset, sync_on_compute=sync),
             }
         for metric in self.metrics.values():
-            metric.to(pl_module.device)
-        if self.output_dir is None:
-            self.output_dir = trainer.log_dir or trainer.default_root_dir
+            metric.to(device)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -109,23 +119,15 @@ class GANEvaluation(pl.Callback):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """One evaluation (a collective: every rank must call it); returns what was logged."""
         self._last_step = trainer.global_step
-        generator = pl_module.generator_ema if self.use_ema and getattr(pl_module, "generator_ema", None) is not None else pl_module.generator
+        generator = self._generator(pl_module)
         world_size = trainer.world_size
         if not self.is_mixture and not self._real_done:
-            self._add_real_images(trainer, pl_module)
+            split = (trainer.global_rank, world_size) if self.model == "consensus" else (0, 1)
+            self._add_real_images(trainer.datamodule, pl_module.device, *split)
         with self._consensus(trainer, generator):
             per_rank = math.ceil(self.num_samples / world_size) if self.model == "consensus" else self.num_samples
             samples = self._generate(generator, pl_module, per_rank, trainer.global_step, trainer.global_rank)
-        for metric in self.metrics.values():
-            metric.reset()
-        if self.is_mixture:
-            self.metrics["coverage"].update(samples)
-            values = {k: float(v) for k, v in self.metrics["coverage"].compute().items()}
-        else:
-            self.metrics["fid"].update(samples, real=False)
-            self.metrics["inception_score"].update(samples if uses_embedded_extractor(self.dataset) else to_unit_range(samples))
-            values = {"fid": float(self.metrics["fid"].compute()), "inception_score": float(self.metrics["inception_score"].compute()[0])}
-        logged = self._summarise(trainer, values)
+        logged = self._summarise(trainer, self._score(samples))
         consensus = trainer.strategy.measure_consensus() if hasattr(trainer.strategy, "measure_consensus") and world_size > 1 else {}
         logged.update({f"consensus/{k}": v for k, v in consensus.items()})
         if trainer.is_global_zero:
@@ -134,6 +136,30 @@ class GANEvaluation(pl.Callback):
                 trainer.logger.log_metrics({f"eval/{k}" if not k.startswith("consensus/") else k: v for k, v in logged.items()}, step=trainer.global_step)
             self._save_picture(trainer, samples)
         return logged
+
+    def evaluate_module(self, pl_module: pl.LightningModule, datamodule: Any, picture: str | None = None) -> dict[str, float]:
+        """Score one model in this process alone, with no trainer (the ``validate`` verb); ``picture``: a PNG path."""
+        self._build_metrics(datamodule, pl_module.device, sync=False)
+        if not self.is_mixture:
+            self._add_real_images(datamodule, pl_module.device, 0, 1)
+        samples = self._generate(self._generator(pl_module), pl_module, self.num_samples, 0, 0)
+        if picture is not None:
+            save_samples_picture(samples, self.dataset, picture, f"{self.num_samples} samples")
+        return self._score(samples)
+
+    def _generator(self, pl_module: pl.LightningModule) -> nn.Module:
+        ema = getattr(pl_module, "generator_ema", None)
+        return ema if self.use_ema and ema is not None else pl_module.generator
+
+    def _score(self, samples: Tensor) -> dict[str, float]:
+        for metric in self.metrics.values():
+            metric.reset()
+        if self.is_mixture:
+            self.metrics["coverage"].update(samples)
+            return {k: float(v) for k, v in self.metrics["coverage"].compute().items()}
+        self.metrics["fid"].update(samples, real=False)
+        self.metrics["inception_score"].update(samples if uses_embedded_extractor(self.dataset) else to_unit_range(samples))
+        return {"fid": float(self.metrics["fid"].compute()), "inception_score": float(self.metrics["inception_score"].compute()[0])}
 
     def _summarise(self, trainer: pl.Trainer, values: dict[str, float]) -> dict[str, float]:
         if self.model == "consensus" or trainer.world_size == 1:
@@ -175,16 +201,14 @@ class GANEvaluation(pl.Callback):
         finally:
             generator.train(was_training)
 
-    def _add_real_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule = trainer.datamodule
+    def _add_real_images(self, datamodule: Any, device: torch.device, rank: int, world_size: int) -> None:
+        """FID's real statistics; ranks split the images when the metric is synchronised (each is seen once)."""
         real_set = getattr(datamodule, "val_set", None) or getattr(datamodule, "train_set", None)
         if real_set is None:
             raise ValueError("GANEvaluation needs a datamodule with val_set or train_set for FID's real statistics")
-        indices = list(range(min(len(real_set), self.num_real)))
-        if self.model == "consensus":  # ranks split the real images; the synchronised metric sees them all once
-            indices = indices[trainer.global_rank :: trainer.world_size]
+        indices = list(range(min(len(real_set), self.num_real)))[rank::world_size]
         for start in range(0, len(indices), 512):
-            batch = torch.stack([real_set[i][0] for i in indices[start : start + 512]]).to(pl_module.device)
+            batch = torch.stack([real_set[i][0] for i in indices[start : start + 512]]).to(device)
             self.metrics["fid"].update(batch, real=True)
         self._real_done = True
 
@@ -193,19 +217,12 @@ class GANEvaluation(pl.Callback):
         assert self.output_dir is not None
         os.makedirs(self.output_dir, exist_ok=True)
         path = os.path.join(self.output_dir, f"samples_step{trainer.global_step:07d}.png")
-        if self.is_mixture:
-            _scatter(samples.cpu().numpy(), self.dataset, path, f"step {trainer.global_step}")
-            image = None
-        else:
-            from torchvision.utils import make_grid, save_image
-
-            image = make_grid(to_unit_range(samples[:64]).cpu(), nrow=8)
-            save_image(image, path)
+        save_samples_picture(samples, self.dataset, path, f"step {trainer.global_step}")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 from torchvision.io import read_image
 
-                logger.experiment.add_image("samples", read_image(path) if image is None else image, trainer.global_step)
+                logger.experiment.add_image("samples", read_image(path)[:3], trainer.global_step)
             elif isinstance(logger, WandbLogger):
                 logger.log_image("samples", [path], step=trainer.global_step)
 
@@ -219,6 +236,16 @@ class GANEvaluation(pl.Callback):
         curves = {k: [(row["step"], row[k]) for row in self.history if k in row] for k in keys if k.startswith("consensus/")}
         if curves:
             _plot_consensus(curves, os.path.join(self.output_dir, "consensus.png"))
+
+
+def save_samples_picture(samples: Tensor, dataset: str, path: str, title: str = "") -> None:
+    """A scatter over the true modes (mixtures) or an 8×8 ``make_grid`` of the first 64 images, as a PNG."""
+    if dataset in MIXTURES:
+        _scatter(samples.detach().cpu().numpy(), dataset, path, title)
+        return
+    from torchvision.utils import make_grid, save_image
+
+    save_image(make_grid(to_unit_range(samples[:64].detach()).cpu(), nrow=8), path)
 
 
 def _scatter(points: Any, mixture: str, path: str, title: str) -> None:

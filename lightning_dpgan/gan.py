@@ -25,12 +25,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
-from lightning_dpgan.losses import build_loss, gradient_penalty
+from lightning_dpgan.losses import GANLoss, build_loss, gradient_penalty
 from lightning_dpgan.optim import OPTIMIZERS
 
 OptimizerFactory = Callable[..., Optimizer]
+SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 
 class DPGAN(pl.LightningModule):
@@ -43,11 +45,13 @@ class DPGAN(pl.LightningModule):
             (e.g. a Hydra ``_partial_``); it receives ``optimizer_kwargs``.
         lr_g, lr_d: the two param groups' learning rates.
         optimizer_kwargs: further arguments, e.g. ``betas``.
-        loss: ``"ns"`` (non-saturating), ``"hinge"`` or ``"wgan-gp"``.
-        gradient_penalty: WGAN-GP's weight.
+        loss: ``"ns"`` (non-saturating), ``"hinge"`` or ``"wgan-gp"``, or a built :class:`~lightning_dpgan.losses.GANLoss`.
+        gradient_penalty: WGAN-GP's weight (with a loss name).
         n_critic: iterations per generator update (the others update D alone).
         ema_decay: keep an exponential moving average of G (``generator_ema``) for evaluation; ``None``: none.
         latent_dim: noise size, when the generator has no ``latent_dim``.
+        scheduler: a callable taking the optimizer and returning an LR scheduler (e.g. a Hydra ``_partial_`` of
+            ``torch.optim.lr_scheduler.LinearLR``), stepped once per iteration; ``None``: constant learning rates.
     """
 
     def __init__(
@@ -58,16 +62,20 @@ class DPGAN(pl.LightningModule):
         lr_g: float = 2e-4,
         lr_d: float = 2e-4,
         optimizer_kwargs: Mapping[str, Any] | None = None,
-        loss: str = "ns",
+        loss: str | GANLoss = "ns",
         gradient_penalty: float = 10.0,
         n_critic: int = 1,
         ema_decay: float | None = None,
         latent_dim: int | None = None,
+        scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}, or a callable")
+        for name, lr in (("lr_g", lr_g), ("lr_d", lr_d)):
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {lr!r}")
         if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic < 1:
             raise ValueError(f"n_critic must be an integer >= 1, got {n_critic!r}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
@@ -75,13 +83,22 @@ class DPGAN(pl.LightningModule):
         latent_dim = latent_dim if latent_dim is not None else getattr(generator, "latent_dim", None)
         if not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive integer (or the generator's latent_dim), got {latent_dim!r}")
-        self.save_hyperparameters(ignore=["generator", "discriminator"])
+        if scheduler is not None and not callable(scheduler):
+            raise ValueError(f"scheduler must be a callable taking the optimizer, or None, got {scheduler!r}")
+        optimizer, optimizer_kwargs = _named_optimizer(optimizer, optimizer_kwargs)
+        built_loss = loss if isinstance(loss, GANLoss) else build_loss(loss, gradient_penalty)
+        # hyperparameters as plain values (names, numbers), so that they log as YAML and load_from_checkpoint
+        # rebuilds the same module from them
+        self.save_hyperparameters(ignore=["generator", "discriminator", "scheduler", "loss", "gradient_penalty"])
+        penalty = built_loss.gradient_penalty if built_loss.name == "wgan-gp" else gradient_penalty
+        self.hparams.update(loss=built_loss.name, gradient_penalty=penalty)
         self.generator = generator
         self.discriminator = discriminator
-        self.loss = build_loss(loss, gradient_penalty)
+        self.loss = built_loss
         self.optimizer_spec = optimizer
         self.optimizer_kwargs = dict(optimizer_kwargs or {})
         self.lr_g, self.lr_d = lr_g, lr_d
+        self.scheduler_factory = scheduler
         self.n_critic = n_critic
         self.latent_dim = latent_dim
         self.ema_decay = ema_decay
@@ -103,13 +120,17 @@ class DPGAN(pl.LightningModule):
         return out
 
     @override
-    def configure_optimizers(self) -> Optimizer:
+    def configure_optimizers(self) -> Any:
         groups = [
             {"params": list(self.generator.parameters()), "lr": self.lr_g, "name": "generator"},
             {"params": list(self.discriminator.parameters()), "lr": self.lr_d, "name": "discriminator"},
         ]
         factory = OPTIMIZERS[self.optimizer_spec] if isinstance(self.optimizer_spec, str) else self.optimizer_spec
-        return factory(groups, **self.optimizer_kwargs)
+        optimizer = factory(groups, **self.optimizer_kwargs)
+        if self.scheduler_factory is None:
+            return optimizer
+        # manual optimization: Lightning checkpoints the scheduler, training_step steps it
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
@@ -138,11 +159,25 @@ class DPGAN(pl.LightningModule):
         logs["grad_norm/discriminator"] = _grad_norm(self.discriminator)
 
         optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()  # the next step() uses the new rate
         self.iteration += 1
         if self.generator_ema is not None and update_g:
             _ema_update(self.generator_ema, self.generator, self.ema_decay)
         self.log_dict(logs, prog_bar=False)
         self.log("loss_d", logs["loss/d"], prog_bar=True, logger=False)
+
+
+def _named_optimizer(
+    optimizer: str | OptimizerFactory, kwargs: Mapping[str, Any] | None
+) -> tuple[str | OptimizerFactory, dict[str, Any]]:
+    """A partial of one of :data:`OPTIMIZERS` (e.g. from a Hydra ``_partial_``) as its name and keyword arguments."""
+    func = getattr(optimizer, "func", None)
+    names = {cls: name for name, cls in OPTIMIZERS.items()}
+    if func in names and not getattr(optimizer, "args", ()):
+        return names[func], {**getattr(optimizer, "keywords", {}), **(kwargs or {})}
+    return optimizer, dict(kwargs or {})
 
 
 def _frozen_forward(module: nn.Module, x: Tensor) -> Tensor:

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-@dataclass(frozen=True)
+@dataclass
 class GANLoss:
-    """A loss family; ``gradient_penalty`` is the WGAN-GP weight (0 for none)."""
+    """A loss family; ``gradient_penalty`` is the WGAN-GP weight (0 for none).
+
+    Not frozen: Lightning's hyperparameter logging rebuilds dataclasses field by field."""
 
     name: str
     gradient_penalty: float = 0.0

@@ -1,42 +1,160 @@
-"""The main job through the real command line, and its errors before any worker starts."""
+"""The command line, run as users run it (``python -m lightning_dpgan <verb> ...`` in a subprocess).
+
+Numbers it prints or writes are recomputed here independently: mode coverage in numpy from the checkpoint's
+weights, W and rho(W^t) from a hand-built matrix.
+"""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
 
-from helpers import run
+from helpers import run, worker_env
+
+CLI = [sys.executable, "-m", "lightning_dpgan"]
+TINY = ["devices=2", "max_steps=40", "evaluation.every_n_steps=20", "evaluation.num_samples=400", "trainer.enable_progress_bar=false"]
+GRID = np.array([(a, b) for a in range(-4, 5, 2) for b in range(-4, 5, 2)], dtype=float)
 
 
-def test_fit_runs_the_gan_on_a_ring_and_reports(tmp_path):
-    proc = run(
-        [sys.executable, "-m", "lightning_dpgan", "fit", "devices=2", "max_steps=60", "consensus_every=10", f"output_dir={tmp_path}"],
-        timeout=240,
-    )
-    assert "fit done" in proc.stdout and "on 2 processes (ring, gossip_rounds=1, optimistic_adam)" in proc.stdout
-    assert "/25 modes" in proc.stdout
-    assert "consensus distance: generator" in proc.stdout
-    assert (tmp_path / "fit" / "version_0" / "metrics.csv").exists()
-    assert (tmp_path / "fit" / "version_0" / "evaluation.csv").exists()
-    assert (tmp_path / "fit" / "version_0" / "samples_step0000060.png").exists()
-    assert (tmp_path / "fit" / "version_0" / "checkpoints" / "last.ckpt.replicas" / "rank1.pt").exists()
+def modes_and_quality(points: np.ndarray) -> tuple[int, float]:
+    """PacGAN's numbers in numpy: modes with a sample within 3σ = 0.15, and the fraction of such samples."""
+    distance = np.sqrt(((points[:, None, :] - GRID[None]) ** 2).sum(-1))
+    near = distance.min(1) < 0.15
+    return len(set(distance.argmin(1)[near].tolist())), float(near.mean())
+
+
+def generator_from(ckpt: Path, prefix: str) -> torch.nn.Module:
+    from lightning_dpgan.models import MLPGenerator
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    generator = MLPGenerator()
+    generator.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    return generator.eval()
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("fit") / "run"
+    proc = run([*CLI, "fit", *TINY, f"hydra.run.dir={run_dir}"], timeout=240)
+    return run_dir, proc
+
+
+def test_fit_trains_on_a_ring_and_leaves_a_complete_run_directory(fitted):
+    run_dir, proc = fitted
+    assert "fit done in" in proc.stdout and "on 2 processes (ring, gossip_rounds=1, OptimisticAdam)" in proc.stdout
+    assert "modes" in proc.stdout and "consensus distance: generator" in proc.stdout and str(run_dir) in proc.stdout
+    for name in ("config.yaml", "metrics.csv", "evaluation.csv", "samples_step0000020.png", "samples_step0000040.png",
+                 "consensus.png", "checkpoints/last.ckpt", "checkpoints/last.ckpt.replicas/rank1.pt"):
+        assert (run_dir / name).is_file(), name
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["strategy"]["topology"] == "ring" and config["trainer"]["devices"] == 2  # resolved
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    assert hparams["topology"]["name"] == "ring" and hparams["max_steps"] == 40  # the config, logged
+
+
+def test_validate_scores_the_checkpoint_as_recomputed_by_hand(fitted, tmp_path):
+    run_dir, _ = fitted
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    out = tmp_path / "validate"
+    proc = run([*CLI, "validate", f"ckpt_path={ckpt}", "evaluation.num_samples=1000", f"hydra.run.dir={out}"], timeout=120)
+    result = json.loads((out / "validate.json").read_text())
+    # the run's own config was used: the EMA generator, noise from the evaluation's seed (1234, rank 0, step 0)
+    generator = generator_from(ckpt, "generator_ema.")
+    with torch.no_grad():
+        points = generator(torch.randn(1000, 2, generator=torch.Generator().manual_seed(1234))).numpy()
+    modes, quality = modes_and_quality(points)
+    assert result["modes"] == modes and result["high_quality"] == pytest.approx(quality)
+    assert f"modes: {modes}" in proc.stdout and (out / "samples.png").stat().st_size > 1000
+
+
+def test_sample_writes_the_generators_output(fitted, tmp_path):
+    run_dir, _ = fitted
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    out = tmp_path / "sample"
+    run([*CLI, "sample", f"ckpt_path={ckpt}", "num_samples=300", "seed=7", f"hydra.run.dir={out}"], timeout=120)
+    samples = np.load(out / "samples.npy")
+    generator = generator_from(ckpt, "generator_ema.")  # built first: its initialisation draws random numbers
+    torch.manual_seed(7)
+    with torch.no_grad():
+        expected = generator(torch.randn(300, 2)).numpy()
+    np.testing.assert_allclose(samples, expected, rtol=0, atol=1e-6)
+    assert (out / "samples.png").stat().st_size > 1000
+
+
+def test_topology_prints_w_and_rho_without_starting_anything(tmp_path):
+    proc = run([*CLI, "topology", "topology=ring", "devices=8", "gossip_rounds=3", f"output_dir={tmp_path}"], timeout=60)
+    w = np.zeros((8, 8))
+    for i in range(8):
+        for j in (i - 1, i, i + 1):
+            w[i, j % 8] = 1 / 3
+    printed = [line for line in proc.stdout.splitlines() if line.strip().startswith("[")]
+    got = np.array([[float(x) for x in line.replace("[", "").replace("]", "").split()] for line in printed])
+    np.testing.assert_allclose(got, w, atol=1e-3)
+    rho = np.linalg.norm(np.linalg.matrix_power(w, 3) - np.full((8, 8), 1 / 8), 2)
+    assert f"rho(W^t): {rho:.4g}" in proc.stdout
+    assert not list(tmp_path.iterdir())  # no run directory
+
+
+def test_multirun_gives_every_job_its_own_directory(tmp_path):
+    proc = run([*CLI, "fit", "-m", "topology=ring,exponential", *TINY, "max_steps=20", f"output_dir={tmp_path}"], timeout=300)
+    jobs = sorted((tmp_path / "multirun").glob("*/*/config.yaml"))
+    assert len(jobs) == 2, proc.stdout[-2000:]
+    topologies = [yaml.safe_load(p.read_text())["strategy"]["topology"] for p in jobs]
+    assert topologies == ["ring", "exponential"]
+    for path in jobs:
+        assert (path.parent / "evaluation.csv").is_file() and (path.parent / "checkpoints" / "last.ckpt").is_file()
+    assert proc.stdout.count("fit done in") == 2
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["train"], "unknown verb 'train'; allowed: fit"),
-        (["fit", "topology=hypercube", "devices=3"], "'hypercube' needs a power-of-two world size"),
+        (["train"], "unknown verb 'train'; allowed: fit, validate, sample, topology"),
+        (["fit", "topology=rinng"], "Could not find 'topology/rinng'"),
+        (["fit", "optim=rmsprop"], "Available options in 'optim':\n\tadam\n\toptimistic_adam"),
+        (["fit", "learning_rate=1"], "Could not override 'learning_rate'"),
         (["fit", "gossip_rounds=0"], "gossip_rounds must be an integer >= 1, got 0"),
-        (["fit", "devices=0"], "devices must be >= 1, got 0"),
-        (["fit", "learning_rate=1"], "unknown option 'learning_rate=1'; allowed keys: topology"),
-        (["fit", "optimizer=rmsprop"], "unknown optimizer 'rmsprop'; allowed: optimistic_adam, optimistic_sgd, adam, sgd"),
-        (["fit", "devices=two"], "devices='two' is not a valid int"),
+        (["fit", "devices=0"], "devices must be an integer >= 1, got 0"),
+        (["fit", "devices=two"], "devices must be an integer >= 1, got 'two'"),
+        (["fit", "topology=torus", "devices=7"], "'torus' needs world size = rows x cols"),
+        (["fit", "topology=hypercube", "devices=3"], "'hypercube' needs a power-of-two world size"),
+        (["fit", "dataset=cifar10", "dataset.root=/nonexistent"], "cifar10 not found under '/nonexistent'"),
+        (["fit", "model.lr_g=-1"], "model: lr_g must be a number >= 0, got -1"),
+        (["fit", "wire_dtype=int8"], "wire_dtype"),
+        (["sample", "ckpt_path=/nonexistent.ckpt"], "sample needs ckpt_path=<a checkpoint file>, got '/nonexistent.ckpt'"),
     ],
 )
-def test_bad_input_exits_2_with_one_message(args, message):
-    proc = run([sys.executable, "-m", "lightning_dpgan", *args], timeout=60, check=False)
-    assert proc.returncode == 2
+def test_bad_input_exits_2_with_one_message_before_any_worker(args, message):
+    proc = run([*CLI, *args], timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
-    assert "Traceback" not in proc.stderr and "Initializing distributed" not in proc.stderr
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert "Initializing distributed" not in proc.stdout + proc.stderr
+
+
+def test_help_lists_verbs_and_groups():
+    proc = run([*CLI, "--help"], timeout=60)
+    for word in ("fit", "validate", "sample", "topology", "dataset", "one_peer_exponential", "optimistic_adam", "wandb"):
+        assert word in proc.stdout
+
+
+def test_configs_ship_in_a_non_editable_install(tmp_path):
+    """Build the wheel, install it elsewhere, run the CLI from a folder that is not the checkout."""
+    root = Path(__file__).resolve().parents[1]
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(root)], timeout=180)
+    wheel = next((tmp_path / "dist").glob("lightning_dpgan-*.whl"))
+    run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], timeout=180)
+    env = dict(worker_env(), PYTHONPATH=str(tmp_path / "site"))
+    where = subprocess.run([*CLI[:1], "-c", "import lightning_dpgan; print(lightning_dpgan.__file__)"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(tmp_path / "site")), where.stdout
+    proc = subprocess.run([*CLI, "topology", "topology=torus", "devices=6"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "topology: torus" in proc.stdout and "world_size: 6" in proc.stdout

@@ -123,3 +123,25 @@ def test_grid25_smoke_run_covers_most_modes(tmp_path):
     coverage.update(torch.as_tensor(samples))
     result = coverage.compute()
     assert result["modes"] >= 20, result
+
+
+def test_scheduler_steps_once_per_iteration_and_is_checkpointed(tmp_path):
+    """LinearLR from 1.0 to 0.1 over 10 iterations: after 4 iterations both groups run at 1 - 0.9 * 4/10 of their rate."""
+    from functools import partial
+
+    import lightning.pytorch as pl
+
+    from lightning_dpgan import DPGAN
+    from lightning_dpgan.data import GaussianMixtureDataModule
+    from lightning_dpgan.models import MLPDiscriminator
+
+    scheduler = partial(torch.optim.lr_scheduler.LinearLR, start_factor=1.0, end_factor=0.1, total_iters=10)
+    gan = DPGAN(MLPGenerator(hidden=16), MLPDiscriminator(hidden=16), lr_g=1e-3, lr_d=4e-3, scheduler=scheduler)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(gan, datamodule=GaussianMixtureDataModule("grid", num_samples=2000, batch_size=64))
+    factor = 1 - 0.9 * 4 / 10
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == pytest.approx([1e-3 * factor, 4e-3 * factor])
+    trainer.save_checkpoint(tmp_path / "s.ckpt")
+    saved = torch.load(tmp_path / "s.ckpt", weights_only=False)["lr_schedulers"][0]
+    assert saved["last_epoch"] == 4

