@@ -17,6 +17,7 @@ import contextlib
 import csv
 import math
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,6 +76,8 @@ class GANEvaluation(pl.Callback):
         self.history: list[dict[str, float]] = []
         self._real_done = False
         self._last_step = -1
+        self._train_start = time.perf_counter()
+        self._evaluating_s = 0.0
 
     @property
     def is_mixture(self) -> bool:
@@ -103,6 +106,10 @@ class GANEvaluation(pl.Callback):
             metric.to(device)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start, self._evaluating_s = time.perf_counter(), 0.0
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
@@ -117,7 +124,12 @@ class GANEvaluation(pl.Callback):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """One evaluation (a collective: every rank must call it); returns what was logged."""
+        """One evaluation (a collective: every rank must call it); returns what was logged.
+
+        ``evaluation.csv`` also gets ``train_s``: seconds of training so far, evaluations excluded (time to quality).
+        """
+        started = time.perf_counter()
+        train_s = started - self._train_start - self._evaluating_s
         self._last_step = trainer.global_step
         generator = self._generator(pl_module)
         world_size = trainer.world_size
@@ -131,10 +143,11 @@ class GANEvaluation(pl.Callback):
         consensus = trainer.strategy.measure_consensus() if hasattr(trainer.strategy, "measure_consensus") and world_size > 1 else {}
         logged.update({f"consensus/{k}": v for k, v in consensus.items()})
         if trainer.is_global_zero:
-            self.history.append({"step": trainer.global_step, **logged})
+            self.history.append({"step": trainer.global_step, "train_s": train_s, **logged})
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"eval/{k}" if not k.startswith("consensus/") else k: v for k, v in logged.items()}, step=trainer.global_step)
             self._save_picture(trainer, samples)
+        self._evaluating_s += time.perf_counter() - started
         return logged
 
     def evaluate_module(self, pl_module: pl.LightningModule, datamodule: Any, picture: str | None = None) -> dict[str, float]:

@@ -43,7 +43,7 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_dpgan.gossip import GossipEngine, resolve_wire_dtype
+from lightning_dpgan.gossip import GossipEngine, check_chunk_bytes, resolve_wire_dtype
 from lightning_dpgan.topology import TOPOLOGIES, Topology, TopologyError, _check_rounds, build_topology
 
 CHECKPOINT_KEY = "decentralized"
@@ -87,6 +87,8 @@ class DecentralizedStrategy(DDPStrategy):
         mix_buffers: also mix floating-point buffers such as BatchNorm running statistics.
         mixing: ``False`` turns communication off (local training, for ablations); consensus is still measured.
         timeout: seconds (or a timedelta) a worker waits for a peer before failing with the peer's rank.
+        chunk_bytes: on CPU (gloo), messages go out in chunks of this size with sends and receives interleaved,
+            which keeps both directions of a link busy (see :mod:`lightning_dpgan.gossip`).
     """
 
     strategy_name = "decentralized"
@@ -101,6 +103,7 @@ class DecentralizedStrategy(DDPStrategy):
         mix_buffers: bool = True,
         mixing: bool = True,
         timeout: float | timedelta = 600.0,
+        chunk_bytes: int = 64 * 1024,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -113,6 +116,7 @@ class DecentralizedStrategy(DDPStrategy):
             raise TopologyError(f"unknown topology {topology!r}; allowed: {', '.join(TOPOLOGIES)}")
         _check_rounds(gossip_rounds)
         resolve_wire_dtype(wire_dtype)
+        check_chunk_bytes(chunk_bytes)
         if isinstance(consensus_every, bool) or not isinstance(consensus_every, int) or consensus_every < 0:
             raise ValueError(f"consensus_every must be an integer >= 0 (0 turns it off), got {consensus_every!r}")
         if not isinstance(timeout, timedelta):
@@ -133,6 +137,7 @@ class DecentralizedStrategy(DDPStrategy):
         self.topology_options = dict(topology_options or {})
         self.gossip_rounds = gossip_rounds
         self.wire_dtype = wire_dtype
+        self.chunk_bytes = chunk_bytes
         self.consensus_every = consensus_every
         self.mix_buffers = mix_buffers
         self.mixing = mixing
@@ -164,7 +169,9 @@ class DecentralizedStrategy(DDPStrategy):
         world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if self.topology is None or self.topology.world_size != world_size:
             self.topology = self._build_topology(world_size)
-        self.engine = GossipEngine(self.topology, self.global_rank, wire_dtype=self.wire_dtype, timeout=self._timeout)
+        self.engine = GossipEngine(
+            self.topology, self.global_rank, wire_dtype=self.wire_dtype, timeout=self._timeout, chunk_bytes=self.chunk_bytes
+        )
 
     def _build_topology(self, world_size: int) -> Topology:
         return build_topology(self.topology_spec, world_size, **self.topology_options)

@@ -55,6 +55,10 @@ def cases_for(n: int) -> list[dict]:
     ]
     cases.append({"topology": "ring", "rounds": 2, "wire_dtype": "bf16"})
     cases.append({"topology": "ring", "rounds": 1, "mixes": 3})  # consecutive mixes reuse the buffers
+    # messages cut into many chunks with a remainder (3 float32/float64 or 6 bf16 elements per chunk)
+    cases.append({"topology": "ring", "rounds": 2, "chunk_bytes": 12})
+    cases.append({"topology": "exponential", "rounds": 1, "chunk_bytes": 12, "wire_dtype": "bf16"})
+    cases.append({"topology": "one_peer_exponential", "rounds": 3, "chunk_bytes": 12})
     if n & (n - 1) == 0 and n > 1:
         cases.append({"topology": "one_peer_exponential", "rounds": 1, "mixes": int(math.log2(n))})
     if n == 8:

@@ -1,7 +1,7 @@
 """Run under torchrun: mix seeded random tensors with every case given and save what each rank ends with.
 
 Usage: gossip_worker.py OUT_DIR CASES_JSON, where each case is {"topology", "options", "rounds", "mixes",
-"wire_dtype"}. Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
+"wire_dtype", "chunk_bytes"}. Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
 dense reference. GOSSIP_BACKEND=nccl puts each rank's tensors on cuda:LOCAL_RANK (the GPU tests).
 """
 
@@ -36,7 +36,7 @@ def main() -> None:
     results = {}
     for index, case in enumerate(cases):
         topology = build_topology(case["topology"], world, **case.get("options", {}))
-        engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"))
+        engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"), chunk_bytes=case.get("chunk_bytes", 64 * 1024))
         tensors = [torch.from_numpy(a).to(device) for a in case_tensors(index, rank)]
         distances = []
         group_ids = [0] * len(tensors)

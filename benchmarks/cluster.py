@@ -1,0 +1,204 @@
+"""An emulated cluster on one machine: N hosts as network namespaces on a bridge, each link rate-limited both ways.
+
+Needs root and iproute2 (``ip``, ``tc``). Host ``i`` is the namespace ``<name>-h<i>`` with ``eth0`` at
+``10.77.0.<i+1>``; its veth peer sits on a bridge in a switch namespace ``<name>-sw``, so nothing touches the
+machine's own network. ``tc tbf`` limits the host's egress (on ``eth0``) and its ingress (on the switch port):
+a full-duplex link of ``rate``. This kernel has no ``netem``, so links add no delay: latency is modelled (α–β)
+next to the measurements instead. Everything is torn down on exit, on errors and on Ctrl-C/SIGTERM, and stale
+namespaces of an earlier crashed run of the same name are removed first.
+
+Workers run through the project's normal launch path: each gets a torchrun-style environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``GROUP_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` = host 0 inside the
+cluster), which torch.distributed and Lightning's ``TorchElasticEnvironment`` read as they would under torchrun.
+
+    sudo python benchmarks/cluster.py --hosts 4 --rate 200mbit -- python -m lightning_dpgan fit devices=1 num_nodes=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+SUBNET = "10.77.0"
+
+
+def parse_rate(rate: str | None) -> int | None:
+    """``"200mbit"``, ``"10gbit"``, ``"500kbit"`` -> bits per second; ``None``/``"unlimited"`` -> None."""
+    if rate is None or rate == "unlimited":
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate.lower())
+    if not match:
+        raise ValueError(f"rate must look like 100mbit, 1gbit or 'unlimited', got {rate!r}")
+    return int(float(match.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match.group(2)])
+
+
+def available() -> str | None:
+    """Why an emulated cluster cannot be built here, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and tc)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"needs iproute2's {tool!r}"
+    probe = subprocess.run(["ip", "netns", "add", f"dpgprobe{os.getpid()}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create network namespaces: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", f"dpgprobe{os.getpid()}"], capture_output=True)
+    return None
+
+
+class EmulatedCluster:
+    """``with EmulatedCluster(8, "200mbit") as cluster: cluster.run(lambda rank: [...])``."""
+
+    def __init__(self, hosts: int, rate: str | None = "200mbit", name: str | None = None, port: int = 29500) -> None:
+        if isinstance(hosts, bool) or not isinstance(hosts, int) or not 1 <= hosts <= 200:
+            raise ValueError(f"hosts must be an integer in [1, 200], got {hosts!r}")
+        self.hosts = hosts
+        self.rate = rate
+        self.bits_per_second = parse_rate(rate)
+        self.name = name or f"dpg{os.getpid()}"
+        self.port = port
+        self._built = False
+        self._previous_handlers: dict[int, object] = {}
+        self._processes: list[subprocess.Popen] = []
+
+    # ------------------------------------------------------------------ names
+    @property
+    def switch(self) -> str:
+        return f"{self.name}-sw"
+
+    def namespace(self, host: int) -> str:
+        return f"{self.name}-h{host}"
+
+    def address(self, host: int) -> str:
+        return f"{SUBNET}.{host + 1}"
+
+    # ------------------------------------------------------------------ life cycle
+    def __enter__(self) -> EmulatedCluster:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[sig] = signal.signal(sig, self._interrupted)
+        try:
+            self.teardown()  # leftovers of a crashed run with this name
+            self._build()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for proc in self._processes:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            self.teardown()
+        finally:
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, handler)  # type: ignore[arg-type]
+            self._previous_handlers.clear()
+
+    def _interrupted(self, signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def _build(self) -> None:
+        self._ip("netns", "add", self.switch)
+        self._ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        self._ip("-n", self.switch, "link", "set", "br0", "up")
+        for host in range(self.hosts):
+            ns = self.namespace(host)
+            self._ip("netns", "add", ns)
+            self._ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"p{host}", "netns", self.switch)
+            self._ip("-n", ns, "addr", "add", f"{self.address(host)}/24", "dev", "eth0")
+            for link in ("lo", "eth0"):
+                self._ip("-n", ns, "link", "set", link, "up")
+            self._ip("-n", self.switch, "link", "set", f"p{host}", "master", "br0")
+            self._ip("-n", self.switch, "link", "set", f"p{host}", "up")
+            if self.bits_per_second is not None:
+                self._limit(ns, "eth0")  # host -> switch
+                self._limit(self.switch, f"p{host}")  # switch -> host
+        self._built = True
+
+    def _limit(self, namespace: str, device: str) -> None:
+        rate = self.bits_per_second
+        assert rate is not None
+        burst = max(64 * 1024, rate // 8 // 250)  # at least one 4 ms tick of tokens (and a 64 KB GSO packet)
+        subprocess.run(
+            ["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", device, "root", "tbf",
+             "rate", f"{rate}bit", "burst", str(burst), "latency", "100ms"],
+            check=True, capture_output=True, text=True,
+        )
+
+    def teardown(self) -> None:
+        """Delete this cluster's namespaces (their veths and qdiscs go with them); safe to call twice."""
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        for ns in listed:
+            if ns == self.switch or re.fullmatch(re.escape(self.name) + r"-h\d+", ns):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._built = False
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+    # ------------------------------------------------------------------ workers
+    def env(self, host: int) -> dict[str, str]:
+        """torchrun's environment for the one worker on ``host``."""
+        env = dict(os.environ)
+        env.update(
+            RANK=str(host), WORLD_SIZE=str(self.hosts), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", GROUP_RANK=str(host),
+            NODE_RANK=str(host), MASTER_ADDR=self.address(0), MASTER_PORT=str(self.port),
+            GLOO_SOCKET_IFNAME="eth0", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+            TORCHELASTIC_RUN_ID=self.name,
+        )
+        return env
+
+    def start(self, host: int, command: Sequence[str], **popen: object) -> subprocess.Popen:
+        proc = subprocess.Popen(["ip", "netns", "exec", self.namespace(host), *command], env=self.env(host), **popen)  # type: ignore[call-overload]
+        self._processes.append(proc)
+        return proc
+
+    def run(self, command: Callable[[int], Sequence[str]], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+        """Run ``command(host)`` on every host at once; if one fails, stop the others and raise with its output."""
+        procs = [self.start(h, command(h), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for h in range(self.hosts)]
+        results = []
+        try:
+            for host, proc in enumerate(procs):
+                out, err = proc.communicate(timeout=timeout)
+                results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+                if proc.returncode != 0:
+                    raise RuntimeError(f"host {host} exited {proc.returncode}:\n{err[-4000:]}")
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hosts", type=int, default=4)
+    parser.add_argument("--rate", default="200mbit", help="per link and direction, e.g. 100mbit, 10gbit, or unlimited")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every host runs")
+    args = parser.parse_args()
+    command = [c for c in args.command if c != "--"] if args.command and args.command[0] == "--" else args.command
+    if not command:
+        parser.error("give the command to run on every host after --")
+    reason = available()
+    if reason:
+        sys.exit(f"error: an emulated cluster {reason}")
+    with EmulatedCluster(args.hosts, args.rate) as cluster:
+        for result in cluster.run(lambda host: command, timeout=24 * 3600):
+            sys.stdout.write(result.stdout)
+
+
+if __name__ == "__main__":
+    main()

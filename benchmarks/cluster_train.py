@@ -1,0 +1,132 @@
+"""End to end: DPGAN trained on the emulated cluster, the centralized baseline against gossip settings.
+
+    sudo python benchmarks/cluster_train.py --hosts 8 --rate 200mbit --steps 1000 --fid 60
+
+Every run is the real command line on every host, ``python -m lightning_dpgan fit experiment=digits ... devices=1
+num_nodes=8``, one worker per host (Lightning reads the torchrun-style environment the cluster sets). The DCGAN
+is widened to 128 channels (1.09 M parameters, 4.35 MB in fp32) so that communication matters. Per setting:
+
+* iterations per second on the limited link, and on an unlimited one (a short run of ``--probe-steps``): the
+  difference in seconds per iteration is the communication the link costs;
+* training seconds (evaluations excluded) until the consensus model first reaches FID <= ``--fid``;
+* FID and IS at the last iteration (equal iterations for every setting);
+* the α–β prediction of communication per iteration: bytes a host pushes ÷ rate, plus ``α`` per sequential hop
+  (``2(n-1)`` for DDP's ring all_reduce of the gradients, ``t`` for gossip). DDP overlaps its all_reduce with the
+  backward pass, gossip runs after the step: the prediction is the communication, not the added time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cluster import EmulatedCluster, available, parse_rate  # noqa: E402
+
+SETTINGS = {
+    "DDP, all_reduce (CPOSG)": ["strategy=ddp"],
+    "ring, t = 1": ["topology=ring", "gossip_rounds=1"],
+    "ring, t = 3": ["topology=ring", "gossip_rounds=3"],
+    "one-peer exponential, fp32": ["topology=one_peer_exponential"],
+    "one-peer exponential, bf16": ["topology=one_peer_exponential", "wire_dtype=bf16"],
+}
+MODEL = ["experiment=digits", "model.generator.width=128", "model.discriminator.width=128", "trainer.enable_progress_bar=false"]
+PARAMETER_BYTES = 1_087_874 * 4  # DCGANGenerator(8, 1, 32, 128) + DCGANDiscriminator(8, 1, 128), fp32
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def fit(cluster: EmulatedCluster, overrides: list[str], run_dir: Path, steps: int, every: int) -> list[dict[str, float]]:
+    command = [
+        sys.executable, "-m", "lightning_dpgan", "fit", *MODEL, *overrides, "devices=1", f"num_nodes={cluster.hosts}",
+        f"max_steps={steps}", f"evaluation.every_n_steps={every}", f"hydra.run.dir={run_dir}",
+    ]
+    results = cluster.run(lambda host: command, timeout=6 * 3600)
+    (run_dir / "stdout.log").write_text(results[0].stdout + "\n--- stderr\n" + results[0].stderr)
+    with open(run_dir / "evaluation.csv") as f:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
+def seconds_per_iteration(rows: list[dict[str, float]]) -> float:
+    """From the first evaluation to the last: leaves out start-up and the first iterations."""
+    first, last = rows[0], rows[-1]
+    return (last["train_s"] - first["train_s"]) / (last["step"] - first["step"])
+
+
+def predicted_comm(setting: str, hosts: int, bits_per_second: int, alpha: float) -> float:
+    overrides = SETTINGS[setting]
+    if "strategy=ddp" in overrides:
+        return 2 * (hosts - 1) / hosts * PARAMETER_BYTES * 8 / bits_per_second + alpha * 2 * (hosts - 1)
+    rounds = int(next((o.split("=")[1] for o in overrides if o.startswith("gossip_rounds=")), 1))
+    out_degree = 1 if "one_peer_exponential" in " ".join(overrides) else 2
+    wire = 0.5 if "wire_dtype=bf16" in overrides else 1.0
+    return rounds * (out_degree * PARAMETER_BYTES * wire * 8 / bits_per_second + alpha)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hosts", type=int, default=8)
+    parser.add_argument("--rate", default="200mbit")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--every", type=int, default=100, help="evaluate (FID) every this many iterations")
+    parser.add_argument("--probe-steps", type=int, default=200, help="iterations of the unlimited-link run")
+    parser.add_argument("--fid", type=float, default=60.0, help="the quality threshold: FID at most this")
+    parser.add_argument("--alpha-ms", type=float, default=1.0)
+    parser.add_argument("--settings", nargs="+", default=None, help="a subset, by slug")
+    parser.add_argument("--out", type=Path, default=Path("runs/cluster_train"))
+    args = parser.parse_args()
+    reason = available()
+    if reason:
+        sys.exit(f"error: the emulated cluster {reason}")
+    bps = parse_rate(args.rate)
+    assert bps is not None, "--rate must be a limit, the unlimited link is the probe"
+    settings = [s for s in SETTINGS if args.settings is None or slug(s) in args.settings]
+    results = {}
+    for setting in settings:
+        out = args.out / slug(setting)
+        with EmulatedCluster(args.hosts, None, port=29600) as cluster:
+            probe = fit(cluster, SETTINGS[setting], out / "unlimited", args.probe_steps, args.probe_steps // 2)
+        with EmulatedCluster(args.hosts, args.rate, port=29601) as cluster:
+            rows = fit(cluster, SETTINGS[setting], out / args.rate, args.steps, args.every)
+        reached = next((r for r in rows if r["fid"] <= args.fid), None)
+        results[setting] = {
+            "s_per_it": seconds_per_iteration(rows),
+            "s_per_it_unlimited": seconds_per_iteration(probe),
+            "to_threshold_s": reached["train_s"] if reached else None,
+            "to_threshold_step": reached["step"] if reached else None,
+            "fid": rows[-1]["fid"],
+            "inception_score": rows[-1]["inception_score"],
+            "predicted_comm_s": predicted_comm(setting, args.hosts, bps, args.alpha_ms / 1e3),
+        }
+        print(f"{setting}: {json.dumps(results[setting])}", file=sys.stderr, flush=True)
+    lines = [
+        f"**{args.hosts} hosts at {args.rate}**, {args.steps} iterations, threshold FID ≤ {args.fid:g}, α = {args.alpha_ms:g} ms",
+        "",
+        "| setting | it/s | it/s unlimited | comm ms/it (measured) | comm ms/it (α–β) | s to threshold | ÷ DDP | FID | IS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ddp = results.get("DDP, all_reduce (CPOSG)", {}).get("to_threshold_s")
+    for setting, r in results.items():
+        reach = r["to_threshold_s"]
+        speed = f"{ddp / reach:.2f}×" if reach and ddp else ""
+        reach_text = f"{reach:.0f} (it {r['to_threshold_step']:.0f})" if reach else "not reached"
+        lines.append(
+            f"| {setting} | {1 / r['s_per_it']:.2f} | {1 / r['s_per_it_unlimited']:.2f} | "
+            f"{1e3 * (r['s_per_it'] - r['s_per_it_unlimited']):.0f} | {1e3 * r['predicted_comm_s']:.0f} | {reach_text} | {speed} | "
+            f"{r['fid']:.1f} | {r['inception_score']:.2f} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cluster_train.md").write_text(text + "\n")
+    (args.out / "cluster_train.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The wire on an emulated cluster: one gossip mix per topology and wire dtype against one all_reduce, next to the
+bandwidth floor and the α–β model.
+
+    sudo python benchmarks/cluster_wire.py --hosts 4 8 --rate 200mbit unlimited --sizes 0.1 4 16 64
+
+Every host is a network namespace with a ``tc tbf`` limited link (``benchmarks/cluster.py``), one worker per
+host. Each cell is the median over ``--repeats`` of the slowest host's time for one mix (``t = 1``). The floor is
+the bytes a host must push through its link divided by the rate: ``2(n-1)/n · S`` for ring all_reduce,
+``out-degree · S_wire`` for a gossip round (a topology whose ``W`` is ``J/n``, such as the exponential graph on
+4 hosts, runs as one all_reduce and gets its floor). The α–β model adds a per-message latency ``α`` for each
+sequential hop, ``2(n-1)`` hops for ring all_reduce and one for a gossip round. This kernel has no netem, so the
+links add no delay; the table prints the model's prediction for an ``--alpha-ms`` link (default 1 ms) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cluster import EmulatedCluster, available, parse_rate  # noqa: E402
+
+TOPOLOGIES = ("ring", "torus", "exponential", "one_peer_exponential")
+WIRES = ("fp32", "bf16")
+
+
+def slowest(seconds: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    elapsed = torch.tensor(seconds, dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed)
+
+
+def timed(fn, repeats: int) -> float:
+    import torch.distributed as dist
+
+    fn()  # warm up: connections, buffers
+    samples = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        samples.append(slowest(time.perf_counter() - start))
+    return statistics.median(samples)
+
+
+def worker(sizes: list[float], repeats: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from lightning_dpgan.gossip import GossipEngine
+    from lightning_dpgan.topology import build_topology
+
+    dist.init_process_group("gloo")
+    rank, n = dist.get_rank(), dist.get_world_size()
+    rows = []
+    for mb in sizes:
+        numel = int(mb * 1e6 / 4)
+        flat = torch.randn(numel)
+        rows.append({"n": n, "mb": mb, "setting": "all_reduce", "wire": "fp32", "out_degree": None,
+                     "seconds": timed(lambda: dist.all_reduce(flat), repeats)})
+        params = [torch.randn(numel // 4) for _ in range(3)] + [torch.randn(numel - 3 * (numel // 4))]
+        for name in TOPOLOGIES:
+            topology = build_topology(name, n)
+            for wire in WIRES:
+                engine = GossipEngine(topology, rank, wire_dtype=wire)
+                out_degree = max(len(topology.neighbours(r, p).send_to) for r in range(n) for p in range(topology.period))
+                seconds = timed(lambda: engine.mix(params, 1), repeats)
+                rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree,
+                             "complete": topology.is_complete, "seconds": seconds})
+    if rank == 0:
+        print("ROWS " + json.dumps(rows), flush=True)
+    dist.destroy_process_group()
+
+
+def floor_seconds(row: dict, bits_per_second: int | None) -> float | None:
+    if bits_per_second is None:
+        return None
+    size = row["mb"] * 1e6 * (0.5 if row["wire"] == "bf16" else 1.0)
+    if row["setting"] == "all_reduce" or row.get("complete"):  # W = J/n (exponential at n = 4) is one all_reduce
+        pushed = 2 * (row["n"] - 1) / row["n"] * size
+    else:
+        pushed = row["out_degree"] * size
+    return pushed * 8 / bits_per_second
+
+
+def alpha_beta(row: dict, bits_per_second: int | None, alpha: float) -> float | None:
+    """α·hops + bytes/β: the time on a link with per-message latency α (the floor is the β part)."""
+    floor = floor_seconds(row, bits_per_second)
+    if floor is None:
+        return None
+    hops = 2 * (row["n"] - 1) if row["setting"] == "all_reduce" or row.get("complete") else 1
+    return alpha * hops + floor
+
+
+def table(rows: list[dict], rate: str, alpha: float) -> str:
+    bps = parse_rate(rate)
+    lines = [
+        f"**{rate}**, α–β model with α = {alpha * 1e3:g} ms per hop",
+        "",
+        "| hosts | MB | setting | wire | ms | floor ms | ms / floor | ÷ all_reduce | α–β ms |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        base = next(r for r in rows if r["n"] == row["n"] and r["mb"] == row["mb"] and r["setting"] == "all_reduce")
+        floor = floor_seconds(row, bps)
+        model = alpha_beta(row, bps, alpha)
+        floor_ms = "" if floor is None else f"{1e3 * floor:.1f}"
+        ratio = "" if floor is None else f"{row['seconds'] / floor:.2f}"
+        model_ms = "" if model is None else f"{1e3 * model:.1f}"
+        lines.append(
+            f"| {row['n']} | {row['mb']:g} | {row['setting']}{' (= all_reduce)' if row.get('complete') else ''} | {row['wire']} | {1e3 * row['seconds']:.1f} | "
+            f"{floor_ms} | {ratio} | {row['seconds'] / base['seconds']:.2f} | {model_ms} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows_by_rate: dict[str, list[dict]], path: Path) -> None:
+    """Time per mix against message size, one panel per host count at the limited rate, floors dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rate, rows = next((r, rs) for r, rs in rows_by_rate.items() if parse_rate(r) is not None)
+    hosts = sorted({r["n"] for r in rows})
+    fig, axes = plt.subplots(1, len(hosts), figsize=(6 * len(hosts), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], hosts):
+        for (setting, wire), color in zip(
+            dict.fromkeys((r["setting"], r["wire"]) for r in rows if r["n"] == n), plt.cm.tab10.colors
+        ):
+            mine = [r for r in rows if r["n"] == n and r["setting"] == setting and r["wire"] == wire]
+            sizes = [r["mb"] for r in mine]
+            label = f"{setting} {wire}" if setting != "all_reduce" else "all_reduce"
+            ax.plot(sizes, [1e3 * r["seconds"] for r in mine], "o-", color=color, label=label)
+            ax.plot(sizes, [1e3 * floor_seconds(r, parse_rate(rate)) for r in mine], "--", color=color, alpha=0.5)
+        ax.set(xscale="log", yscale="log", xlabel="message MB", ylabel="ms per mix (slowest host)",
+               title=f"{n} hosts at {rate} (dashed: bandwidth floor)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hosts", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--rate", nargs="+", default=["200mbit", "unlimited"])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 4, 16, 64], help="MB per message")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--alpha-ms", type=float, default=1.0, help="per-hop latency for the α–β prediction")
+    parser.add_argument("--out", type=Path, default=None, help="also write the tables and rows here")
+    parser.add_argument("--tables-from", type=Path, default=None, help="rebuild tables and plot from a saved cluster_wire.json")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.sizes, args.repeats)
+        return
+    if args.tables_from:
+        all_rows = json.loads(args.tables_from.read_text())
+        print("\n\n".join(table(rows, rate, args.alpha_ms / 1e3) for rate, rows in all_rows.items()))
+        plot(all_rows, args.tables_from.with_suffix(".png"))
+        return
+    reason = available()
+    if reason:
+        sys.exit(f"error: the emulated cluster {reason}")
+    tables, all_rows = [], {}
+    for rate in args.rate:
+        rows = []
+        for n in args.hosts:
+            with EmulatedCluster(n, rate, port=29500 + n) as cluster:
+                command = [sys.executable, __file__, "--worker", f"--repeats={args.repeats}", "--sizes", *map(str, args.sizes)]
+                results = cluster.run(lambda host: command, timeout=4 * 3600)
+            line = next(l for l in results[0].stdout.splitlines() if l.startswith("ROWS "))
+            rows += json.loads(line[5:])
+            print(f"done: {n} hosts at {rate}", file=sys.stderr, flush=True)
+        all_rows[rate] = rows
+        tables.append(table(rows, rate, args.alpha_ms / 1e3))
+    text = "\n\n".join(tables)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cluster_wire.md").write_text(text + "\n")
+        (args.out / "cluster_wire.json").write_text(json.dumps(all_rows, indent=1))
+        plot(all_rows, args.out / "cluster_wire.png")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,47 @@
+"""Smoke test of the emulated cluster (benchmarks/cluster.py): two network-namespace hosts on a rate-limited link,
+three gossip steps across it, checked against the dense reference. Skipped, with the reason, without root."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import WORKERS
+from test_gossip import reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from cluster import EmulatedCluster, available, parse_rate  # noqa: E402
+
+
+def test_three_gossip_steps_across_a_two_host_cluster(tmp_path):
+    reason = available()
+    if reason is not None:
+        pytest.skip(f"no emulated cluster here: it {reason}")
+    # W = [[3/4, 1/4], [1/4, 3/4]]: a point-to-point exchange (a 2-ring would be one all_reduce)
+    case = {"topology": "custom", "options": {"matrix": [[0.75, 0.25], [0.25, 0.75]]}, "rounds": 1, "mixes": 3, "chunk_bytes": 16}
+    name = "dpgsmoke"
+    with EmulatedCluster(2, "100mbit", name=name, port=29777) as cluster:
+        qdiscs = [
+            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev], capture_output=True, text=True).stdout
+            for ns, dev in ((cluster.namespace(0), "eth0"), (cluster.switch, "p0"))
+        ]
+        results = cluster.run(lambda host: [sys.executable, str(WORKERS / "gossip_worker.py"), str(tmp_path), json.dumps([case])], timeout=120)
+    assert all(r.returncode == 0 for r in results)
+    assert all("tbf" in q and "100Mbit" in q for q in qdiscs), qdiscs  # both directions of host 0's link
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert name not in left  # torn down
+    got = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    for k, expected in enumerate(reference(case, 0, 2)):
+        stacked = np.stack([got[r][f"0/{k}"].astype(np.float64).ravel() for r in range(2)])
+        np.testing.assert_allclose(stacked, expected, rtol=0, atol=1e-6)
+
+
+def test_rates_parse_and_bad_ones_are_named():
+    assert parse_rate("200mbit") == 200_000_000 and parse_rate("10gbit") == 10**10 and parse_rate("unlimited") is None
+    with pytest.raises(ValueError, match="rate must look like 100mbit, 1gbit or 'unlimited', got '200mb'"):
+        parse_rate("200mb")
