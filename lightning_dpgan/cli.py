@@ -111,12 +111,15 @@ def check(verb: str, overrides: Sequence[str]) -> DictConfig:
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"{key} must be an integer >= 1, got {value!r}")
-    build_topology_from(cfg)
+    if verb == "topology" or _is_decentralized(cfg):  # DDP has no topology to check
+        build_topology_from(cfg)
     if verb == "topology":
         return cfg
+    if verb in ("validate", "sample") and not cfg.ckpt_path:
+        raise UsageError(f"{verb} needs ckpt_path=<a checkpoint file>, got {cfg.ckpt_path!r}")
+    if cfg.ckpt_path and not os.path.isfile(str(cfg.ckpt_path)):
+        raise UsageError(f"ckpt_path must be a checkpoint file, got {cfg.ckpt_path!r} (not found)")
     if verb in ("validate", "sample"):
-        if not cfg.ckpt_path or not os.path.isfile(str(cfg.ckpt_path)):
-            raise UsageError(f"{verb} needs ckpt_path=<a checkpoint file>, got {cfg.ckpt_path!r}")
         cfg = with_run_config(cfg)
     for key in ("dataset", "model", "strategy", "evaluation"):
         instantiate(cfg, key)  # constructors check their arguments; none starts a process or downloads

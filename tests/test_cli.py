@@ -128,7 +128,8 @@ def test_multirun_gives_every_job_its_own_directory(tmp_path):
         (["fit", "dataset=cifar10", "dataset.root=/nonexistent"], "cifar10 not found under '/nonexistent'"),
         (["fit", "model.lr_g=-1"], "model: lr_g must be a number >= 0, got -1"),
         (["fit", "wire_dtype=int8"], "wire_dtype"),
-        (["sample", "ckpt_path=/nonexistent.ckpt"], "sample needs ckpt_path=<a checkpoint file>, got '/nonexistent.ckpt'"),
+        (["sample"], "sample needs ckpt_path=<a checkpoint file>, got None"),
+        (["fit", "ckpt_path=/nonexistent.ckpt"], "ckpt_path must be a checkpoint file, got '/nonexistent.ckpt' (not found)"),
     ],
 )
 def test_bad_input_exits_2_with_one_message_before_any_worker(args, message):
@@ -158,3 +159,18 @@ def test_configs_ship_in_a_non_editable_install(tmp_path):
     proc = subprocess.run([*CLI, "topology", "topology=torus", "devices=6"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "topology: torus" in proc.stdout and "world_size: 6" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides,expect",
+    [
+        (["logger=tensorboard"], "events.out.tfevents"),  # TensorBoard writes into the run directory
+        (["experiment=mnist5k", "evaluation.num_samples=100"], "samples_step0000002.png"),  # the DCGAN recipe, FID on mnist5k
+    ],
+)
+def test_loggers_and_experiments_run(tmp_path, overrides, expect):
+    run_dir = tmp_path / "run"
+    proc = run([*CLI, "fit", "devices=1", "max_steps=2", "evaluation.every_n_steps=0", "trainer.enable_progress_bar=false",
+                *overrides, f"hydra.run.dir={run_dir}"], timeout=240)
+    assert "fit done" in proc.stdout
+    assert any(expect in p.name for p in run_dir.rglob("*")), sorted(p.name for p in run_dir.rglob("*"))
