@@ -53,6 +53,17 @@ def available() -> str | None:
     return None
 
 
+def remove_orphans() -> list[str]:
+    """Delete the namespaces of default-named clusters (``dpg<pid>-...``) whose process is gone."""
+    removed = []
+    for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+        owner = re.fullmatch(r"dpg(\d+)-(?:sw|h\d+)", ns)
+        if owner and not os.path.exists(f"/proc/{owner.group(1)}"):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            removed.append(ns)
+    return removed
+
+
 class EmulatedCluster:
     """``with EmulatedCluster(8, "200mbit") as cluster: cluster.run(lambda rank: [...])``."""
 
@@ -85,6 +96,7 @@ class EmulatedCluster:
             self._previous_handlers[sig] = signal.signal(sig, self._interrupted)
         try:
             self.teardown()  # leftovers of a crashed run with this name
+            remove_orphans()  # and of runs killed with SIGKILL, which no handler sees
             self._build()
         except BaseException:
             self.__exit__(*sys.exc_info())

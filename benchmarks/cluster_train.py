@@ -1,6 +1,6 @@
 """End to end: DPGAN trained on the emulated cluster, the centralized baseline against gossip settings.
 
-    sudo python benchmarks/cluster_train.py --hosts 8 --rate 200mbit --steps 1000 --fid 60
+    sudo python benchmarks/cluster_train.py --hosts 8 --rate 200mbit --steps 1000 --fid 300 200
 
 Every run is the real command line on every host, ``python -m lightning_dpgan fit experiment=digits ... devices=1
 num_nodes=8``, one worker per host (Lightning reads the torchrun-style environment the cluster sets). The DCGAN
@@ -8,7 +8,7 @@ is widened to 128 channels (1.09 M parameters, 4.35 MB in fp32) so that communic
 
 * iterations per second on the limited link, and on an unlimited one (a short run of ``--probe-steps``): the
   difference in seconds per iteration is the communication the link costs;
-* training seconds (evaluations excluded) until the consensus model first reaches FID <= ``--fid``;
+* training seconds (evaluations excluded) until the consensus model first reaches FID <= each ``--fid``;
 * FID and IS at the last iteration (equal iterations for every setting);
 * the α–β prediction of communication per iteration: bytes a host pushes ÷ rate, plus ``α`` per sequential hop
   (``2(n-1)`` for DDP's ring all_reduce of the gradients, ``t`` for gossip). DDP overlaps its all_reduce with the
@@ -42,6 +42,11 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
+def read_rows(run_dir: Path) -> list[dict[str, float]]:
+    with open(run_dir / "evaluation.csv") as f:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
 def fit(cluster: EmulatedCluster, overrides: list[str], run_dir: Path, steps: int, every: int) -> list[dict[str, float]]:
     command = [
         sys.executable, "-m", "lightning_dpgan", "fit", *MODEL, *overrides, "devices=1", f"num_nodes={cluster.hosts}",
@@ -49,8 +54,7 @@ def fit(cluster: EmulatedCluster, overrides: list[str], run_dir: Path, steps: in
     ]
     results = cluster.run(lambda host: command, timeout=6 * 3600)
     (run_dir / "stdout.log").write_text(results[0].stdout + "\n--- stderr\n" + results[0].stderr)
-    with open(run_dir / "evaluation.csv") as f:
-        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
+    return read_rows(run_dir)
 
 
 def seconds_per_iteration(rows: list[dict[str, float]]) -> float:
@@ -76,12 +80,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=100, help="evaluate (FID) every this many iterations")
     parser.add_argument("--probe-steps", type=int, default=200, help="iterations of the unlimited-link run")
-    parser.add_argument("--fid", type=float, default=60.0, help="the quality threshold: FID at most this")
+    parser.add_argument("--fid", type=float, nargs="+", default=[200.0], help="quality thresholds: FID at most this")
     parser.add_argument("--alpha-ms", type=float, default=1.0)
     parser.add_argument("--settings", nargs="+", default=None, help="a subset, by slug")
     parser.add_argument("--out", type=Path, default=Path("runs/cluster_train"))
+    parser.add_argument("--collect", action="store_true", help="only rebuild the table from the runs in --out")
     args = parser.parse_args()
-    reason = available()
+    reason = None if args.collect else available()
     if reason:
         sys.exit(f"error: the emulated cluster {reason}")
     bps = parse_rate(args.rate)
@@ -90,37 +95,43 @@ def main() -> None:
     results = {}
     for setting in settings:
         out = args.out / slug(setting)
-        with EmulatedCluster(args.hosts, None, port=29600) as cluster:
-            probe = fit(cluster, SETTINGS[setting], out / "unlimited", args.probe_steps, args.probe_steps // 2)
-        with EmulatedCluster(args.hosts, args.rate, port=29601) as cluster:
-            rows = fit(cluster, SETTINGS[setting], out / args.rate, args.steps, args.every)
-        reached = next((r for r in rows if r["fid"] <= args.fid), None)
+        if args.collect:
+            if not (out / args.rate / "evaluation.csv").is_file():
+                continue
+            probe, rows = read_rows(out / "unlimited"), read_rows(out / args.rate)
+        else:
+            with EmulatedCluster(args.hosts, None, port=29600) as cluster:
+                probe = fit(cluster, SETTINGS[setting], out / "unlimited", args.probe_steps, args.probe_steps // 2)
+            with EmulatedCluster(args.hosts, args.rate, port=29601) as cluster:
+                rows = fit(cluster, SETTINGS[setting], out / args.rate, args.steps, args.every)
+        reached = {fid: next((r for r in rows if r["fid"] <= fid), None) for fid in args.fid}
         results[setting] = {
             "s_per_it": seconds_per_iteration(rows),
             "s_per_it_unlimited": seconds_per_iteration(probe),
-            "to_threshold_s": reached["train_s"] if reached else None,
-            "to_threshold_step": reached["step"] if reached else None,
+            "to_threshold": {fid: (r["train_s"], r["step"]) if r else None for fid, r in reached.items()},
+            "steps": rows[-1]["step"],
             "fid": rows[-1]["fid"],
             "inception_score": rows[-1]["inception_score"],
             "predicted_comm_s": predicted_comm(setting, args.hosts, bps, args.alpha_ms / 1e3),
         }
         print(f"{setting}: {json.dumps(results[setting])}", file=sys.stderr, flush=True)
+    thresholds = " | ".join(f"s to FID ≤ {fid:g} | ÷ DDP" for fid in args.fid)
     lines = [
-        f"**{args.hosts} hosts at {args.rate}**, {args.steps} iterations, threshold FID ≤ {args.fid:g}, α = {args.alpha_ms:g} ms",
+        f"**{args.hosts} hosts at {args.rate}**, α = {args.alpha_ms:g} ms; time to quality in training seconds (iteration)",
         "",
-        "| setting | it/s | it/s unlimited | comm ms/it (measured) | comm ms/it (α–β) | s to threshold | ÷ DDP | FID | IS |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| setting | it/s | it/s unlimited | comm ms/it (measured) | comm ms/it (α–β) | {thresholds} | FID | IS |",
+        "|---|" + "---:|" * (6 + 2 * len(args.fid)),
     ]
-    ddp = results.get("DDP, all_reduce (CPOSG)", {}).get("to_threshold_s")
+    ddp = results.get("DDP, all_reduce (CPOSG)")
     for setting, r in results.items():
-        reach = r["to_threshold_s"]
-        speed = f"{ddp / reach:.2f}×" if reach and ddp else ""
-        reach_text = f"{reach:.0f} (it {r['to_threshold_step']:.0f})" if reach else "not reached"
-        lines.append(
-            f"| {setting} | {1 / r['s_per_it']:.2f} | {1 / r['s_per_it_unlimited']:.2f} | "
-            f"{1e3 * (r['s_per_it'] - r['s_per_it_unlimited']):.0f} | {1e3 * r['predicted_comm_s']:.0f} | {reach_text} | {speed} | "
-            f"{r['fid']:.1f} | {r['inception_score']:.2f} |"
-        )
+        cells = [setting, f"{1 / r['s_per_it']:.2f}", f"{1 / r['s_per_it_unlimited']:.2f}",
+                 f"{1e3 * (r['s_per_it'] - r['s_per_it_unlimited']):.0f}", f"{1e3 * r['predicted_comm_s']:.0f}"]
+        for fid in args.fid:
+            reach, base = r["to_threshold"][fid], ddp["to_threshold"][fid] if ddp else None
+            cells.append(f"{reach[0]:.0f} ({reach[1]:.0f})" if reach else "not reached")
+            cells.append(f"{base[0] / reach[0]:.2f}×" if reach and base else "")
+        cells += [f"{r['fid']:.1f} at {r['steps']:.0f}", f"{r['inception_score']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,12 @@ the bytes a host must push through its link divided by the rate: ``2(n-1)/n · S
 4 hosts, runs as one all_reduce and gets its floor). The α–β model adds a per-message latency ``α`` for each
 sequential hop, ``2(n-1)`` hops for ring all_reduce and one for a gossip round. This kernel has no netem, so the
 links add no delay; the table prints the model's prediction for an ``--alpha-ms`` link (default 1 ms) instead.
+``cpu ms`` is the most CPU time (user + system of the worker process) one host spent in the mix: on real hosts it
+is the part that competes with training.
+
+``--chunk-kib`` sweeps the gloo chunk size (``GossipEngine(chunk_bytes=)``) for the gossip settings:
+
+    sudo python benchmarks/cluster_wire.py --hosts 8 --rate 200mbit unlimited --sizes 4.35 16 --chunk-kib 64 128 256 512
 """
 
 from __future__ import annotations
@@ -29,29 +35,32 @@ TOPOLOGIES = ("ring", "torus", "exponential", "one_peer_exponential")
 WIRES = ("fp32", "bf16")
 
 
-def slowest(seconds: float) -> float:
+def slowest(*seconds: float) -> list[float]:
     import torch
     import torch.distributed as dist
 
     elapsed = torch.tensor(seconds, dtype=torch.float64)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return float(elapsed)
+    return elapsed.tolist()
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> dict[str, float]:
+    """Medians over ``repeats`` of the slowest host's wall time and of the most CPU time a host spent."""
     import torch.distributed as dist
 
     fn()  # warm up: connections, buffers
-    samples = []
+    wall, cpu = [], []
     for _ in range(repeats):
         dist.barrier()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        samples.append(slowest(time.perf_counter() - start))
-    return statistics.median(samples)
+        w, c = slowest(time.perf_counter() - start, time.process_time() - start_cpu)
+        wall.append(w)
+        cpu.append(c)
+    return {"seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu)}
 
 
-def worker(sizes: list[float], repeats: int) -> None:
+def worker(sizes: list[float], repeats: int, chunk_kib: list[int]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -64,17 +73,17 @@ def worker(sizes: list[float], repeats: int) -> None:
     for mb in sizes:
         numel = int(mb * 1e6 / 4)
         flat = torch.randn(numel)
-        rows.append({"n": n, "mb": mb, "setting": "all_reduce", "wire": "fp32", "out_degree": None,
-                     "seconds": timed(lambda: dist.all_reduce(flat), repeats)})
+        rows.append({"n": n, "mb": mb, "setting": "all_reduce", "wire": "fp32", "out_degree": None, "chunk_kib": None,
+                     **timed(lambda: dist.all_reduce(flat), repeats)})
         params = [torch.randn(numel // 4) for _ in range(3)] + [torch.randn(numel - 3 * (numel // 4))]
         for name in TOPOLOGIES:
             topology = build_topology(name, n)
+            out_degree = max(len(topology.neighbours(r, p).send_to) for r in range(n) for p in range(topology.period))
             for wire in WIRES:
-                engine = GossipEngine(topology, rank, wire_dtype=wire)
-                out_degree = max(len(topology.neighbours(r, p).send_to) for r in range(n) for p in range(topology.period))
-                seconds = timed(lambda: engine.mix(params, 1), repeats)
-                rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree,
-                             "complete": topology.is_complete, "seconds": seconds})
+                for kib in chunk_kib:
+                    engine = GossipEngine(topology, rank, wire_dtype=wire, chunk_bytes=kib * 1024)
+                    rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree, "chunk_kib": kib,
+                                 "complete": topology.is_complete, **timed(lambda: engine.mix(params, 1), repeats)})
     if rank == 0:
         print("ROWS " + json.dumps(rows), flush=True)
     dist.destroy_process_group()
@@ -105,8 +114,8 @@ def table(rows: list[dict], rate: str, alpha: float) -> str:
     lines = [
         f"**{rate}**, α–β model with α = {alpha * 1e3:g} ms per hop",
         "",
-        "| hosts | MB | setting | wire | ms | floor ms | ms / floor | ÷ all_reduce | α–β ms |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        "| hosts | MB | setting | wire | chunk KiB | ms | floor ms | ms / floor | ÷ all_reduce | α–β ms | cpu ms |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         base = next(r for r in rows if r["n"] == row["n"] and r["mb"] == row["mb"] and r["setting"] == "all_reduce")
@@ -115,9 +124,11 @@ def table(rows: list[dict], rate: str, alpha: float) -> str:
         floor_ms = "" if floor is None else f"{1e3 * floor:.1f}"
         ratio = "" if floor is None else f"{row['seconds'] / floor:.2f}"
         model_ms = "" if model is None else f"{1e3 * model:.1f}"
+        cpu_ms = f"{1e3 * row['cpu_seconds']:.1f}" if "cpu_seconds" in row else ""
         lines.append(
-            f"| {row['n']} | {row['mb']:g} | {row['setting']}{' (= all_reduce)' if row.get('complete') else ''} | {row['wire']} | {1e3 * row['seconds']:.1f} | "
-            f"{floor_ms} | {ratio} | {row['seconds'] / base['seconds']:.2f} | {model_ms} |"
+            f"| {row['n']} | {row['mb']:g} | {row['setting']}{' (= all_reduce)' if row.get('complete') else ''} | {row['wire']} | "
+            f"{row.get('chunk_kib') or ''} | {1e3 * row['seconds']:.1f} | {floor_ms} | {ratio} | {row['seconds'] / base['seconds']:.2f} | "
+            f"{model_ms} | {cpu_ms} |"
         )
     return "\n".join(lines)
 
@@ -130,6 +141,8 @@ def plot(rows_by_rate: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rate, rows = next((r, rs) for r, rs in rows_by_rate.items() if parse_rate(r) is not None)
+    first_chunk = next((r.get("chunk_kib") for r in rows if r.get("chunk_kib")), None)
+    rows = [r for r in rows if r.get("chunk_kib") in (None, first_chunk)]  # one line per setting: the first chunk size
     hosts = sorted({r["n"] for r in rows})
     fig, axes = plt.subplots(1, len(hosts), figsize=(6 * len(hosts), 4.5), squeeze=False)
     for ax, n in zip(axes[0], hosts):
@@ -155,13 +168,14 @@ def main() -> None:
     parser.add_argument("--rate", nargs="+", default=["200mbit", "unlimited"])
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 4, 16, 64], help="MB per message")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chunk-kib", type=int, nargs="+", default=[256], help="gloo chunk sizes to time for gossip")
     parser.add_argument("--alpha-ms", type=float, default=1.0, help="per-hop latency for the α–β prediction")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables and rows here")
     parser.add_argument("--tables-from", type=Path, default=None, help="rebuild tables and plot from a saved cluster_wire.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.sizes, args.repeats)
+        worker(args.sizes, args.repeats, args.chunk_kib)
         return
     if args.tables_from:
         all_rows = json.loads(args.tables_from.read_text())
@@ -176,7 +190,8 @@ def main() -> None:
         rows = []
         for n in args.hosts:
             with EmulatedCluster(n, rate, port=29500 + n) as cluster:
-                command = [sys.executable, __file__, "--worker", f"--repeats={args.repeats}", "--sizes", *map(str, args.sizes)]
+                command = [sys.executable, __file__, "--worker", f"--repeats={args.repeats}", "--sizes", *map(str, args.sizes),
+                           "--chunk-kib", *map(str, args.chunk_kib)]
                 results = cluster.run(lambda host: command, timeout=4 * 3600)
             line = next(l for l in results[0].stdout.splitlines() if l.startswith("ROWS "))
             rows += json.loads(line[5:])

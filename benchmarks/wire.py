@@ -5,7 +5,10 @@ Run it for 4 and 8 processes on loopback:
     python benchmarks/wire.py            # launches torchrun for n = 4 and 8 and prints one table
 
 Each cell is the median over repeats of the slowest rank's time; 'ring / raw' is the strategy's overhead over
-the bare exchange (packing, weights, the addmv pass). Ratios matter, not absolute times, on a shared box.
+the bare exchange (packing, weights, the addmv pass, and the gloo chunking). 'whole' is the same mix with one
+message per peer instead of ``chunk_bytes`` chunks: on loopback, chunking buys nothing and costs a gloo operation
+per chunk; on a rate-limited link it is what keeps both directions busy (``benchmarks/cluster_wire.py``).
+Ratios matter, not absolute times, on a shared box.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def worker(repeats: int) -> None:
     dist.init_process_group("gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
     engine = GossipEngine(ring(n), rank)
+    whole = GossipEngine(ring(n), rank, chunk_bytes=2**62)  # one message per peer
     rows = []
     for mb in SIZES_MB:
         numel = int(mb * 2**20 / 4)
@@ -62,13 +66,15 @@ def worker(repeats: int) -> None:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
 
-        for fn in (raw, lambda: engine.mix(params, 1), lambda: dist.all_reduce(flat)):  # warm up
-            fn()
-        t = {
-            "raw": _timed(raw, repeats),
-            "ring": _timed(lambda: engine.mix(params, 1), repeats),
-            "all_reduce": _timed(lambda: dist.all_reduce(flat), repeats),
+        contenders = {
+            "raw": raw,
+            "ring": lambda: engine.mix(params, 1),
+            "whole": lambda: whole.mix(params, 1),
+            "all_reduce": lambda: dist.all_reduce(flat),
         }
+        for fn in contenders.values():  # warm up
+            fn()
+        t = {name: _timed(fn, repeats) for name, fn in contenders.items()}
         rows.append({"n": n, "mb": mb, **t})
     if rank == 0:
         print(json.dumps(rows))
@@ -95,11 +101,13 @@ def main() -> None:
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         rows += json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{'procs':>5} {'MB':>6} {'raw p2p ms':>11} {'ring mix ms':>12} {'all_reduce ms':>14} {'ring/raw':>9} {'ring/all_reduce':>16}")
+    print(f"{'procs':>5} {'MB':>6} {'raw p2p ms':>11} {'ring mix ms':>12} {'whole ms':>9} {'all_reduce ms':>14} "
+          f"{'ring/raw':>9} {'whole/raw':>10} {'ring/all_reduce':>16}")
     for r in rows:
         print(
-            f"{r['n']:>5} {r['mb']:>6.1f} {1e3 * r['raw']:>11.2f} {1e3 * r['ring']:>12.2f} {1e3 * r['all_reduce']:>14.2f}"
-            f" {r['ring'] / r['raw']:>9.2f} {r['ring'] / r['all_reduce']:>16.2f}"
+            f"{r['n']:>5} {r['mb']:>6.1f} {1e3 * r['raw']:>11.2f} {1e3 * r['ring']:>12.2f} {1e3 * r['whole']:>9.2f}"
+            f" {1e3 * r['all_reduce']:>14.2f} {r['ring'] / r['raw']:>9.2f} {r['whole'] / r['raw']:>10.2f}"
+            f" {r['ring'] / r['all_reduce']:>16.2f}"
         )
 
 

@@ -111,7 +111,7 @@ class GossipEngine:
         wire_dtype: str | torch.dtype | None = None,
         timeout: timedelta | None = None,
         max_cached_plans: int = 8,
-        chunk_bytes: int = 64 * 1024,
+        chunk_bytes: int = 256 * 1024,
     ) -> None:
         if not 0 <= rank < topology.world_size:
             raise ValueError(f"rank {rank} is outside the topology's world size {topology.world_size}")

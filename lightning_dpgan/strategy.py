@@ -103,7 +103,7 @@ class DecentralizedStrategy(DDPStrategy):
         mix_buffers: bool = True,
         mixing: bool = True,
         timeout: float | timedelta = 600.0,
-        chunk_bytes: int = 64 * 1024,
+        chunk_bytes: int = 256 * 1024,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,

@@ -4,6 +4,7 @@ three gossip steps across it, checked against the dense reference. Skipped, with
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from helpers import WORKERS
 from test_gossip import reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from cluster import EmulatedCluster, available, parse_rate  # noqa: E402
+from cluster import EmulatedCluster, available, parse_rate, remove_orphans  # noqa: E402
 
 
 def test_three_gossip_steps_across_a_two_host_cluster(tmp_path):
@@ -45,3 +46,23 @@ def test_rates_parse_and_bad_ones_are_named():
     assert parse_rate("200mbit") == 200_000_000 and parse_rate("10gbit") == 10**10 and parse_rate("unlimited") is None
     with pytest.raises(ValueError, match="rate must look like 100mbit, 1gbit or 'unlimited', got '200mb'"):
         parse_rate("200mb")
+
+
+def test_clusters_of_killed_runs_are_removed():
+    """SIGKILL skips every teardown: the next cluster removes namespaces whose owner process is gone."""
+    reason = available()
+    if reason is not None:
+        pytest.skip(f"no emulated cluster here: it {reason}")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan, alive = f"dpg{dead.pid}-h0", f"dpg{os.getpid()}-h9"
+    for ns in (orphan, alive):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        removed = remove_orphans()
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        assert orphan in removed and orphan not in left
+        assert alive in left  # its owner (this test) still runs
+    finally:
+        for ns in (orphan, alive):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -36,7 +36,7 @@ def main() -> None:
     results = {}
     for index, case in enumerate(cases):
         topology = build_topology(case["topology"], world, **case.get("options", {}))
-        engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"), chunk_bytes=case.get("chunk_bytes", 64 * 1024))
+        engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"), chunk_bytes=case.get("chunk_bytes", 256 * 1024))
         tensors = [torch.from_numpy(a).to(device) for a in case_tensors(index, rank)]
         distances = []
         group_ids = [0] * len(tensors)
