@@ -54,7 +54,8 @@ def available() -> str | None:
 
 
 def remove_orphans() -> list[str]:
-    """Delete the namespaces of default-named clusters (``dpg<pid>-...``) whose process is gone."""
+    """Delete the namespaces of default-named clusters (``dpg<pid>-...``) whose process is gone from this PID
+    namespace: a run killed with SIGKILL had no chance to tear its cluster down."""
     removed = []
     for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
         owner = re.fullmatch(r"dpg(\d+)-(?:sw|h\d+)", ns)

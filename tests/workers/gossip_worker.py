@@ -36,7 +36,8 @@ def main() -> None:
     results = {}
     for index, case in enumerate(cases):
         topology = build_topology(case["topology"], world, **case.get("options", {}))
-        engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"), chunk_bytes=case.get("chunk_bytes", 256 * 1024))
+        chunking = {"chunk_bytes": case["chunk_bytes"]} if "chunk_bytes" in case else {}  # else the engine's default
+        engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"), **chunking)
         tensors = [torch.from_numpy(a).to(device) for a in case_tensors(index, rank)]
         distances = []
         group_ids = [0] * len(tensors)
