@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import re
 import statistics
@@ -69,19 +70,27 @@ def slug(text: str) -> str:
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    values = [v * scale for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    """Mean ± sample standard deviation; infinite values (the reverse KL of a run with no high-quality sample)
+    are counted apart instead of swallowing the statistics."""
+    finite = [v * scale for v in values if math.isfinite(v)]
+    if not finite:
+        return "∞"
+    text = f"{finite[0]:.{digits}f}" if len(finite) == 1 else (
+        f"{statistics.mean(finite):.{digits}f} ± {statistics.stdev(finite):.{digits}f}"
+    )
+    infinite = len(values) - len(finite)
+    return f"{text} (∞ in {infinite} of {len(values)})" if infinite else text
 
 
 def table(experiment: str, results: dict[str, list[dict[str, float]]], extra: list[str]) -> str:
     if experiment in MIXTURES:
         modes = 25 if experiment == "grid25" else 8
         columns = [(f"modes (of {modes})", "modes", 1, 1), ("high-quality %", "high_quality", 100, 1), ("reverse KL", "reverse_kl", 1, 3)]
+        by_seed = ("modes by seed", "modes")  # a mean hides a bimodal outcome: all modes or none
     else:
         columns = [("FID ↓", "fid", 1, 2), ("IS ↑", "inception_score", 1, 2)]
-    header = ["setting", "seeds", *(title for title, *_ in columns), "consensus distance G", "fit s"]
+        by_seed = ("FID by seed", "fid")
+    header = ["setting", "seeds", *(title for title, *_ in columns), by_seed[0], "consensus distance G", "fit s"]
     lines = [
         f"**{experiment}** (`python -m lightning_dpgan fit experiment={experiment} seed=S <setting> {' '.join(extra)}`)",
         "",
@@ -94,10 +103,11 @@ def table(experiment: str, results: dict[str, list[dict[str, float]]], extra: li
             continue
         consensus = [r["consensus/generator"] for r in runs if "consensus/generator" in r]
         cells = [setting, str(len(runs)), *(mean_std([r[key] for r in runs], scale, digits) for _, key, scale, digits in columns)]
+        cells.append(", ".join(f"{r[by_seed[1]]:.0f}" for r in runs))
         cells += [f"{statistics.mean(consensus):.2g}" if consensus else "0 (identical)", mean_std([r["fit_s"] for r in runs], 1, 0)]
         lines.append("| " + " | ".join(cells) + " |")
     if experiment == "grid25":
-        lines += [f"| PacGAN Table 1: {name} | | {m} | {hq} | | | |" for name, (m, hq) in PACGAN_GRID.items()]
+        lines += [f"| PacGAN Table 1: {name} | | {m} | {hq} | | | | |" for name, (m, hq) in PACGAN_GRID.items()]
     return "\n".join(lines)
 
 
