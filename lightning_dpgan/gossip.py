@@ -4,6 +4,7 @@ Tensors are packed into one flat buffer per (device, dtype). Each round every wo
 out-neighbours and receives its in-neighbours' buffers with one ``batch_isend_irecv``, then forms
 ``w_ii x_i + sum_j w_ij x_j`` in a single ``addmv`` pass. A complete graph is one ``all_reduce`` instead.
 All buffers (flat, receive, wire cast) are allocated once per tensor list and reused on every step.
+``start_mix``/``finish_mix`` split a mix so that compute can run while its first round is on the wire.
 
 On CPU (gloo) the buffer goes out in chunks of ``chunk_bytes``, each chunk's sends and receives posted together.
 Gloo serves the operations posted to one peer in order, so one large send posted before its matching receive
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -97,6 +99,46 @@ class _Plan:
         self.buckets = [_Bucket(ts) for ts in groups.values()]
 
 
+@dataclass
+class _Exchange:
+    """One bucket's posted round (or all_reduce): what to wait for, and how to fold what arrives into the buffer."""
+
+    bucket: _Bucket
+    works: list[tuple[Any, int | None]]  # (work, peer rank or None for a collective)
+    what: str
+    received: Tensor  # receive rows (gossip) or the reduced wire buffer (all_reduce)
+    self_weight: float = 0.0
+    weights: Tensor | None = None  # gossip: the in-neighbours' weights, in receive order
+    divisor: int = 1  # all_reduce: the world size
+
+    def apply(self, engine: GossipEngine) -> None:
+        for work, peer in self.works:
+            engine._wait(work, self.what, peer)
+        flat = self.bucket.flat
+        received = self.received
+        if self.weights is None:
+            if received is not flat:
+                flat.copy_(received)
+            flat.div_(self.divisor)
+            return
+        if received.dtype != flat.dtype:
+            accumulate = self.bucket.scratch("recv_acc", flat.dtype, received.shape[0])
+            accumulate.copy_(received)
+            received = accumulate
+        # x_i <- w_ii x_i + sum_j w_ij x_j, one pass over the data
+        flat.addmv_(received.t(), self.weights, beta=self.self_weight)
+
+
+class PendingMix:
+    """A mix on the wire, from :meth:`GossipEngine.start_mix` until :meth:`GossipEngine.finish_mix`."""
+
+    def __init__(self, plan: _Plan, rounds: int, posted: list[_Exchange], snapshots: list[Tensor] | None) -> None:
+        self.plan = plan
+        self.rounds = rounds  # rounds still to apply, the posted one included
+        self.posted = posted
+        self.snapshots = snapshots  # the packed tensors at start; None: overwrite instead of adding the correction
+
+
 class GossipEngine:
     """Mixes tensors across the default process group with a :class:`~lightning_dpgan.topology.Topology`.
 
@@ -124,6 +166,7 @@ class GossipEngine:
         self.phase = 0
         self.messages_sent = 0
         self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()
+        self._in_flight: set[int] = set()  # ids of plans whose buffers a started mix is still sending from
         self._max_cached_plans = max_cached_plans
         self._neighbours = [topology.neighbours(rank, p) for p in range(topology.period)]
         self._weights: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
@@ -136,24 +179,23 @@ class GossipEngine:
     @torch.no_grad()
     def mix(self, tensors: Sequence[Tensor], rounds: int = 1) -> None:
         """Replace every worker's tensors by ``W^t`` times the stacked tensors, in place."""
-        _check_rounds(rounds)
-        if self.world_size == 1 or not tensors:
-            self.phase += rounds
-            return
-        plan = self._plan(tensors)
-        for bucket in plan.buckets:
-            bucket.pack()
-        if self.topology.is_complete:
-            for bucket in plan.buckets:
-                self._all_average(bucket.flat, bucket)
-            self.phase += rounds
-        else:
-            for _ in range(rounds):
-                for bucket in plan.buckets:
-                    self._round(bucket)
-                self.phase += 1
-        for bucket in plan.buckets:
-            bucket.unpack()
+        self._complete(self._post_mix(tensors, rounds, keep_snapshot=False))
+
+    @torch.no_grad()
+    def start_mix(self, tensors: Sequence[Tensor], rounds: int = 1) -> PendingMix | None:
+        """Put the first round of a mix of the tensors as they are now on the wire and return at once.
+
+        :meth:`finish_mix` completes it. The tensors may change in between (an optimizer step, BatchNorm
+        statistics updated by a forward pass): finishing adds the mix's correction ``W^t x - x``, with ``x`` as
+        it was here, instead of overwriting, so those changes are kept. Rounds after the first run in
+        ``finish_mix``. ``None`` when there is nothing to send (one worker, no tensors).
+        """
+        return self._post_mix(tensors, rounds, keep_snapshot=True)
+
+    @torch.no_grad()
+    def finish_mix(self, pending: PendingMix | None) -> None:
+        """Wait for a mix begun by :meth:`start_mix` and apply it."""
+        self._complete(pending)
 
     @torch.no_grad()
     def average(self, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -164,7 +206,7 @@ class GossipEngine:
         plan = _Plan(out)
         for bucket in plan.buckets:
             bucket.pack()
-            self._all_average(bucket.flat, bucket)
+            self._post_all_average(bucket).apply(self)
             bucket.unpack()
         return out
 
@@ -224,6 +266,8 @@ class GossipEngine:
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
+        if id(plan) in self._in_flight:
+            raise RuntimeError("these tensors have a mix in flight (start_mix): call finish_mix before using them again")
         return plan
 
     def _round_weights(self, bucket: _Bucket) -> Tensor:
@@ -234,7 +278,46 @@ class GossipEngine:
             self._weights[key] = torch.tensor(nb.receive_weights, dtype=bucket.flat.dtype, device=bucket.flat.device)
         return self._weights[key]
 
-    def _round(self, bucket: _Bucket) -> None:
+    def _post_mix(self, tensors: Sequence[Tensor], rounds: int, keep_snapshot: bool) -> PendingMix | None:
+        _check_rounds(rounds)
+        if self.world_size == 1 or not tensors:
+            self.phase += rounds
+            return None
+        plan = self._plan(tensors)
+        for bucket in plan.buckets:
+            bucket.pack()
+        if keep_snapshot:
+            self._in_flight.add(id(plan))
+        snapshots = [b.scratch("snapshot", b.flat.dtype).copy_(b.flat) for b in plan.buckets] if keep_snapshot else None
+        if self.topology.is_complete:
+            posted = [self._post_all_average(bucket) for bucket in plan.buckets]
+            self.phase += rounds  # W^t = W for the complete graph: one exact average whatever t
+            rounds = 1
+        else:
+            posted = [self._post_round(bucket) for bucket in plan.buckets]
+            self.phase += 1
+        return PendingMix(plan, rounds, posted, snapshots)
+
+    def _complete(self, pending: PendingMix | None) -> None:
+        if pending is None:
+            return
+        self._in_flight.discard(id(pending.plan))
+        for exchange in pending.posted:
+            exchange.apply(self)
+        for _ in range(pending.rounds - 1):
+            exchanges = [self._post_round(bucket) for bucket in pending.plan.buckets]
+            self.phase += 1
+            for exchange in exchanges:
+                exchange.apply(self)
+        for k, bucket in enumerate(pending.plan.buckets):
+            if pending.snapshots is None:
+                bucket.unpack()
+            else:
+                bucket.flat.sub_(pending.snapshots[k])  # the correction W^t x - x, seen through the views
+                torch._foreach_add_(bucket.tensors, bucket.views)
+
+    def _post_round(self, bucket: _Bucket) -> _Exchange:
+        """Post one round's sends and receives (interleaved chunks) for the current phase; nothing waits yet."""
         nb = self._neighbours[self.phase % self.topology.period]
         flat = bucket.flat
         wire_dtype = self.wire_dtype if flat.is_floating_point() and self.wire_dtype is not None else flat.dtype
@@ -250,16 +333,18 @@ class GossipEngine:
             ops += [dist.P2POp(dist.irecv, recv[k, start:stop], peer) for k, peer in enumerate(nb.receive_from)]
             peers += [*nb.send_to, *nb.receive_from]
         works = dist.batch_isend_irecv(ops)
-        for work, peer in zip(works, peers):
-            self._wait(work, "gossip exchange", peer)
         self.messages_sent += len(nb.send_to)
-        if wire_dtype != flat.dtype:
-            received = bucket.scratch("recv_acc", flat.dtype, len(nb.receive_from))
-            received.copy_(recv)
+        return _Exchange(bucket, list(zip(works, peers)), "gossip exchange", recv, self_weight=nb.self_weight, weights=self._round_weights(bucket))
+
+    def _post_all_average(self, bucket: _Bucket) -> _Exchange:
+        flat = bucket.flat
+        if self.wire_dtype is not None and flat.is_floating_point() and self.wire_dtype != flat.dtype:
+            wire = bucket.scratch("send", self.wire_dtype)
+            wire.copy_(flat)
         else:
-            received = recv
-        # x_i <- w_ii x_i + sum_j w_ij x_j, one pass over the data
-        flat.addmv_(received.t(), self._round_weights(bucket), beta=nb.self_weight)
+            wire = flat
+        self.messages_sent += 1
+        return _Exchange(bucket, [(dist.all_reduce(wire, async_op=True), None)], "all_reduce", wire, divisor=self.world_size)
 
     def _chunks(self, buffer: Tensor) -> list[tuple[int, int]]:
         """Element ranges to send separately: ``chunk_bytes`` each on CPU (gloo), the whole buffer elsewhere."""
@@ -268,17 +353,6 @@ class GossipEngine:
             return [(0, numel)]
         step = max(1, self.chunk_bytes // buffer.element_size())
         return [(start, min(start + step, numel)) for start in range(0, numel, step)]
-
-    def _all_average(self, flat: Tensor, bucket: _Bucket) -> None:
-        if self.wire_dtype is not None and flat.is_floating_point() and self.wire_dtype != flat.dtype:
-            wire = bucket.scratch("send", self.wire_dtype)
-            wire.copy_(flat)
-            self._wait(dist.all_reduce(wire, async_op=True), "all_reduce")
-            flat.copy_(wire)
-        else:
-            self._wait(dist.all_reduce(flat, async_op=True), "all_reduce")
-        self.messages_sent += 1
-        flat.div_(self.world_size)
 
     def _wait(self, work: Any, what: str, peer: int | None = None) -> None:
         try:

@@ -17,7 +17,7 @@ from lightning_dpgan.topology import build_topology, ring
 from helpers import torchrun
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
-from gossip_worker import case_tensors  # noqa: E402
+from gossip_worker import case_tensors, overlap_shift  # noqa: E402
 
 
 def path_metropolis(n: int) -> list[list[float]]:
@@ -61,6 +61,13 @@ def cases_for(n: int) -> list[dict]:
     cases.append({"topology": "one_peer_exponential", "rounds": 3, "chunk_bytes": 12})
     if n & (n - 1) == 0 and n > 1:
         cases.append({"topology": "one_peer_exponential", "rounds": 1, "mixes": int(math.log2(n))})
+    # a started mix applies W^t to the tensors as they were, keeping what changed while it was in flight
+    cases += [
+        {"topology": "ring", "rounds": 1, "mixes": 3, "overlap": True},
+        {"topology": "ring", "rounds": 3, "overlap": True, "chunk_bytes": 12},
+        {"topology": "one_peer_exponential", "rounds": 2, "mixes": 2, "overlap": True, "wire_dtype": "bf16"},
+        {"topology": "complete", "rounds": 2, "mixes": 2, "overlap": True},
+    ]
     if n == 8:
         cases += [{"topology": "ring", "rounds": t, "mixes": 14, "track_consensus": True} for t in (1, 2, 3)]
     return cases
@@ -77,19 +84,26 @@ def gossip_run(request, tmp_path_factory):
 
 
 def reference(case: dict, index: int, n: int) -> list[np.ndarray]:
+    """Each tensor after the case's mixes, rows = ranks: ``x <- W^t x`` per mix (plus each rank's shift when the
+    mix was in flight while the rank changed its tensors)."""
     topo = build_topology(case["topology"], n, **case.get("options", {}))
     inputs = [case_tensors(index, r) for r in range(n)]
+    mixes, t = case.get("mixes", 1), case["rounds"]
+    shift = np.array([[overlap_shift(r)] for r in range(n)]) if case.get("overlap") else 0.0
     out = []
     for k in range(len(inputs[0])):
-        stacked = np.stack([inputs[r][k].astype(np.float64).ravel() for r in range(n)])
-        mixes, t = case.get("mixes", 1), case["rounds"]
-        if topo.is_time_varying:
-            product = np.eye(n)
-            for phase in range(mixes * t):
-                product = topo.matrices[phase % topo.period] @ product
-        else:
-            product = np.linalg.matrix_power(topo.matrices[0], mixes * t)
-        out.append(product @ stacked)
+        x = np.stack([inputs[r][k].astype(np.float64).ravel() for r in range(n)])
+        phase = 0
+        for _ in range(mixes):
+            if topo.is_complete:
+                product = np.full((n, n), 1.0 / n)  # one exact average whatever t
+            else:
+                product = np.eye(n)
+                for _ in range(t):
+                    product = topo.matrices[phase % topo.period] @ product
+                    phase += 1
+            x = product @ x + shift
+        out.append(x)
     return out
 
 

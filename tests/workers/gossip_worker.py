@@ -1,7 +1,8 @@
 """Run under torchrun: mix seeded random tensors with every case given and save what each rank ends with.
 
 Usage: gossip_worker.py OUT_DIR CASES_JSON, where each case is {"topology", "options", "rounds", "mixes",
-"wire_dtype", "chunk_bytes"}. Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
+"wire_dtype", "chunk_bytes", "overlap"}; with "overlap" each mix is start_mix, then every tensor is shifted by
+``overlap_shift(rank)`` while the mix is in flight, then finish_mix. Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
 dense reference. GOSSIP_BACKEND=nccl puts each rank's tensors on cuda:LOCAL_RANK (the GPU tests).
 """
 
@@ -24,6 +25,11 @@ def case_tensors(case_index: int, rank: int) -> list[np.ndarray]:
     return [rng.standard_normal(shape).astype(dtype) for shape, dtype in SHAPES]
 
 
+def overlap_shift(rank: int) -> float:
+    """What a rank adds to its tensors while a started mix is in flight (an optimizer step, say)."""
+    return 0.25 * (rank + 1)
+
+
 def main() -> None:
     out_dir, cases = sys.argv[1], json.loads(sys.argv[2])
     backend = os.environ.get("GOSSIP_BACKEND", "gloo")
@@ -42,7 +48,13 @@ def main() -> None:
         distances = []
         group_ids = [0] * len(tensors)
         for _ in range(case.get("mixes", 1)):
-            engine.mix(tensors, case["rounds"])
+            if case.get("overlap"):
+                pending = engine.start_mix(tensors, case["rounds"])
+                for t in tensors:
+                    t.add_(overlap_shift(rank))
+                engine.finish_mix(pending)
+            else:
+                engine.mix(tensors, case["rounds"])
             if case.get("track_consensus"):
                 distances.append(float(engine.consensus_distance(tensors, group_ids, 1)[0]))
         for k, t in enumerate(tensors):
