@@ -12,7 +12,8 @@ is widened to 128 channels (1.09 M parameters, 4.35 MB in fp32) so that communic
 * FID and IS at the last iteration (equal iterations for every setting);
 * the α–β prediction of communication per iteration: bytes a host pushes ÷ rate, plus ``α`` per sequential hop
   (``2(n-1)`` for DDP's ring all_reduce of the gradients, ``t`` for gossip). DDP overlaps its all_reduce with the
-  backward pass, gossip runs after the step: the prediction is the communication, not the added time.
+  backward pass; gossip runs after the step, or (the ``overlap`` settings, ``strategy.overlap=true``) stays on
+  the wire during the next forward and backward: the prediction is the communication, not the added time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ SETTINGS = {
     "ring, t = 3": ["topology=ring", "gossip_rounds=3"],
     "one-peer exponential, fp32": ["topology=one_peer_exponential"],
     "one-peer exponential, bf16": ["topology=one_peer_exponential", "wire_dtype=bf16"],
+    "ring, t = 1, overlap": ["topology=ring", "gossip_rounds=1", "strategy.overlap=true"],
+    "one-peer exponential, bf16, overlap": ["topology=one_peer_exponential", "wire_dtype=bf16", "strategy.overlap=true"],
 }
 MODEL = ["experiment=digits", "model.generator.width=128", "model.discriminator.width=128", "trainer.enable_progress_bar=false"]
 PARAMETER_BYTES = 1_087_874 * 4  # DCGANGenerator(8, 1, 32, 128) + DCGANDiscriminator(8, 1, 128), fp32

@@ -9,6 +9,7 @@ callbacks (ModelCheckpoint, EarlyStopping) keep working. Only parameter mixing i
 * after every optimizer step the optimizer's parameters (and the floating buffers of the modules they belong
   to) are mixed with ``W^t`` (adapt-then-combine). An optimizer exposing ``anchors()`` and ``extrapolate()``
   (see :class:`AnchoredOptimizer`) has its anchors mixed instead, and then extrapolates: that is DPOSG;
+  with ``overlap=True`` each mix stays on the wire until the next step ends (communication behind compute);
 * checkpoints hold the consensus (average) model, plus one shard per rank with that replica, its optimizer
   state, RNG state and gossip phase, so ``fit(ckpt_path=...)`` resumes every replica exactly.
 """
@@ -43,7 +44,7 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_dpgan.gossip import GossipEngine, check_chunk_bytes, resolve_wire_dtype
+from lightning_dpgan.gossip import GossipEngine, PendingMix, check_chunk_bytes, resolve_wire_dtype
 from lightning_dpgan.topology import TOPOLOGIES, Topology, TopologyError, _check_rounds, build_topology
 
 CHECKPOINT_KEY = "decentralized"
@@ -89,6 +90,11 @@ class DecentralizedStrategy(DDPStrategy):
         timeout: seconds (or a timedelta) a worker waits for a peer before failing with the peer's rank.
         chunk_bytes: on CPU (gloo), messages go out in chunks of this size with sends and receives interleaved,
             which keeps both directions of a link busy (see :mod:`lightning_dpgan.gossip`).
+        overlap: leave each step's mix on the wire while the next forward and backward run, and apply it after
+            the next optimizer step (its correction ``W^t x - x`` is added to the updated state). The gradient is
+            then taken before the latest mix has arrived: a variant of DPOSG that lets communication hide behind
+            compute, as DDP hides its all-reduce behind the backward pass. Checkpoints, consensus measurements and
+            the end of training finish the mix in flight first.
     """
 
     strategy_name = "decentralized"
@@ -104,6 +110,7 @@ class DecentralizedStrategy(DDPStrategy):
         mixing: bool = True,
         timeout: float | timedelta = 600.0,
         chunk_bytes: int = 256 * 1024,
+        overlap: bool = False,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -123,6 +130,8 @@ class DecentralizedStrategy(DDPStrategy):
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
                 raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
             timeout = timedelta(seconds=float(timeout))
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -141,12 +150,14 @@ class DecentralizedStrategy(DDPStrategy):
         self.consensus_every = consensus_every
         self.mix_buffers = mix_buffers
         self.mixing = mixing
+        self.overlap = overlap
         self.topology: Topology | None = None
         self.engine: GossipEngine | None = None
         #: latest consensus distance per top-level submodule, identical on every rank
         self.consensus_distance: dict[str, float] = {}
         self._mix_sets: dict[int, _MixSet] = {}
         self._step_counts: dict[int, int] = {}
+        self._in_flight: dict[int, PendingMix | None] = {}  # optimizer id -> its mix on the wire (overlap)
         self._pending_shard: dict[str, Any] | None = None
         self._pending_consensus_restart = False
 
@@ -201,6 +212,7 @@ class DecentralizedStrategy(DDPStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
         self._mix_sets.clear()
         self._step_counts.clear()
+        self._in_flight.clear()
 
     @override
     def configure_ddp(self) -> None:
@@ -239,7 +251,9 @@ class DecentralizedStrategy(DDPStrategy):
         mix_set = self._mix_set(optimizer)
         # the same tensor objects every step, so the engine reuses its cached buffers (``p.data`` is a new object)
         state = optimizer.anchors() if mix_set.anchored else mix_set.params
-        if self.mixing:
+        if self.mixing and self.overlap:
+            self.engine.finish_mix(self._in_flight.pop(id(optimizer), None))  # the previous step's mix
+        elif self.mixing:
             self.engine.mix(state + mix_set.buffers, self.gossip_rounds)
         if mix_set.anchored:
             optimizer.extrapolate()
@@ -247,6 +261,15 @@ class DecentralizedStrategy(DDPStrategy):
         self._step_counts[id(optimizer)] = count
         if self.consensus_every and count % self.consensus_every == 0 and self.engine.world_size > 1:
             self._record_consensus(state, mix_set.param_groups)
+        if self.mixing and self.overlap:
+            self._in_flight[id(optimizer)] = self.engine.start_mix(state + mix_set.buffers, self.gossip_rounds)
+
+    def _finish_in_flight(self) -> None:
+        """Apply every mix still on the wire (overlap), leaving the live parameters as they are: a DPOSG replica
+        keeps its extrapolation until its next step, so a run that stops here and resumes follows the same path."""
+        if self.engine is not None:
+            for optimizer_id in list(self._in_flight):
+                self.engine.finish_mix(self._in_flight.pop(optimizer_id))
 
     def _mix_set(self, optimizer: Optimizer) -> _MixSet:
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -295,6 +318,7 @@ class DecentralizedStrategy(DDPStrategy):
         """Consensus distance of all parameters now, per top-level submodule (a collective: call on every rank)."""
         module = self.lightning_module
         assert module is not None and self.engine is not None
+        self._finish_in_flight()
         names = self._group_names()
         params = list(module.named_parameters())
         values = self.engine.consensus_distance(
@@ -308,6 +332,7 @@ class DecentralizedStrategy(DDPStrategy):
         """The consensus model: floating entries averaged over ranks (collective; runs on every rank)."""
         module = self.lightning_module
         assert module is not None
+        self._finish_in_flight()  # the optimizer states and per-rank shards are read after this
         state = module.state_dict()
         if self.engine is None or self.engine.world_size == 1:
             return state
@@ -427,10 +452,17 @@ class DecentralizedStrategy(DDPStrategy):
         self._pending_consensus_restart = False
 
     @override
+    def on_train_end(self) -> None:
+        self._finish_in_flight()
+        super().on_train_end()
+
+    @override
     def teardown(self) -> None:
+        self._in_flight.clear()  # after an error the peers may be gone: nothing left to wait for
         self._mix_sets.clear()
         if self.engine is not None:
             self.engine._plans.clear()
+            self.engine._in_flight.clear()
         super().teardown()
 
     @classmethod

@@ -22,29 +22,28 @@ def dposg(
     steps: int,
     lr: float | np.ndarray,
     adam: tuple[tuple[float, float], float] | None = None,
+    overlap: bool = False,
 ) -> np.ndarray:
     """Workers' ``z`` after ``steps`` gradients, rows = workers.
 
     ``z^k = W^t x^{k-1} - lr d(z^{k-1})`` and ``x^k = W^t x^{k-1} - lr d(z^k)``, with ``x^0 = z^0`` and ``d = g``
     (OSG) or Adam's direction. ``grad(z)`` maps the (workers, dim) matrix to each worker's gradient; ``lr`` may be
     a per-coordinate vector (param groups); ``mixing`` is one matrix, or one per step for time-varying graphs.
+    ``overlap``: the mix of ``x^k`` is still in flight when the next gradient is taken
+    (``DecentralizedStrategy(overlap=True)``), so ``z^{k+1} = x^k - lr d(z^k)``; the anchors are unchanged.
     """
     z = np.array(z0, dtype=np.float64)
     x = z.copy()
     mats = mixing if isinstance(mixing, list) else [mixing]
     m = np.zeros_like(z)
     v = np.zeros_like(z)
-    # iteration 1 uses only g(z^0): z^1 = W x^0 - lr d(z^0)
-    d = grad(z)
-    if adam:
-        d, m, v = adam_direction(d, m, v, 1, *adam)
-    mixed = mats[0] @ x
-    z = mixed - lr * d
-    for k in range(1, steps):
-        d = grad(z)  # g(z^k)
+    mixed = x
+    for k in range(steps):
+        d = grad(z)  # g(z^k); iteration 0 has no anchor update: z^1 = W x^0 - lr d(z^0)
         if adam:
             d, m, v = adam_direction(d, m, v, k + 1, *adam)
-        x = mixed - lr * d  # x^k
+        if k > 0:
+            x = mixed - lr * d  # x^k
         mixed = mats[k % len(mats)] @ x  # W^t x^k
-        z = mixed - lr * d  # z^{k+1}
+        z = (x if overlap else mixed) - lr * d  # z^{k+1}
     return z

@@ -47,33 +47,43 @@ def start() -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "topology,rounds,optimizer,kwargs,mixing",
+    "topology,rounds,optimizer,kwargs,mixing,overlap",
     [
-        ("complete", 1, "optimistic_adam", {"betas": [0.5, 0.9]}, lambda: complete(N).matrix()),  # exact averaging
-        ("ring", 1, "optimistic_adam", {"betas": [0.5, 0.9]}, lambda: ring(N).matrix()),
-        ("ring", 3, "optimistic_sgd", {}, lambda: np.linalg.matrix_power(ring(N).matrix(), 3)),
+        ("complete", 1, "optimistic_adam", {"betas": [0.5, 0.9]}, lambda: complete(N).matrix(), False),  # exact averaging
+        ("ring", 1, "optimistic_adam", {"betas": [0.5, 0.9]}, lambda: ring(N).matrix(), False),
+        ("ring", 3, "optimistic_sgd", {}, lambda: np.linalg.matrix_power(ring(N).matrix(), 3), False),
+        # the mix left in flight during the next gradient (overlap=True), with consensus measured on the way
+        ("ring", 1, "optimistic_adam", {"betas": [0.5, 0.9]}, lambda: ring(N).matrix(), True),
+        ("ring", 2, "optimistic_sgd", {}, lambda: np.linalg.matrix_power(ring(N).matrix(), 2), True),
     ],
 )
-def test_strategy_equals_the_dposg_equations(tmp_path, topology, rounds, optimizer, kwargs, mixing):
+def test_strategy_equals_the_dposg_equations(tmp_path, topology, rounds, optimizer, kwargs, mixing, overlap):
     lr, steps = 0.05, 6
-    z = bilinear_run(tmp_path, topology=topology, rounds=rounds, optimizer=optimizer, lr=lr, steps=steps, kwargs=json.dumps(kwargs))
+    z = bilinear_run(
+        tmp_path, topology=topology, rounds=rounds, optimizer=optimizer, lr=lr, steps=steps, kwargs=json.dumps(kwargs),
+        overlap=int(overlap), consensus_every=2 if overlap else 0,
+    )
     adam = ((tuple(kwargs["betas"]), 1e-8)) if optimizer == "optimistic_adam" else None
-    expected = dposg(bilinear_gradient, start(), mixing(), steps, lr, adam)
+    expected = dposg(bilinear_gradient, start(), mixing(), steps, lr, adam, overlap=overlap)
     np.testing.assert_allclose(z, expected, atol=1e-10, rtol=0)
     assert np.abs(z - start()).max() > 1e-2 and np.abs(z - z.mean(0)).max() > 1e-6  # moved, and replicas differ
+    if overlap:  # and the variant is a different algorithm from the synchronous one, so the test can tell them apart
+        assert np.abs(z - dposg(bilinear_gradient, start(), mixing(), steps, lr, adam)).max() > 1e-6
 
 
 def test_decentralized_bilinear_game_reaches_the_average_games_equilibrium(tmp_path):
     """Rank r only sees its rows of A: the local games have whole subspaces of equilibria, the average game only 0."""
     start_norm = np.linalg.norm(start()[0])
     results = {}
-    for name, opts in {"t1": {"rounds": 1}, "t3": {"rounds": 3}, "local": {"rounds": 1, "mixing": 0}}.items():
+    settings = {"t1": {"rounds": 1}, "t3": {"rounds": 3}, "t1_overlap": {"rounds": 1, "overlap": 1}, "local": {"rounds": 1, "mixing": 0}}
+    for name, opts in settings.items():
         z = bilinear_run(tmp_path / name, optimizer="optimistic_sgd", lr=0.1, steps=600, per_batch=10, **opts)
         mean = z.mean(0)
         results[name] = (np.linalg.norm(mean) / start_norm, float(((z - mean) ** 2).sum(1).mean()))
-    for name in ("t1", "t3"):
+    for name in ("t1", "t3", "t1_overlap"):
         distance, consensus = results[name]
-        assert distance < 1e-3, results  # measured 8.8e-5 (t=1) and 4.0e-4 (t=3) after 500 steps in numpy
+        # measured 8.8e-5 (t=1) and 4.0e-4 (t=3) after 500 steps in numpy; the overlapped variant also converges
+        assert distance < 1e-3, results
         assert consensus < 1e-6, results
     assert results["local"][0] > 0.3, results  # each worker stops on its own equilibrium subspace
 

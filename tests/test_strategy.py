@@ -67,12 +67,14 @@ def test_two_optimizer_gan_consensus_with_and_without_gossip(tmp_path):
     assert "consensus/generator" in header and "consensus/discriminator" in header
 
 
-def test_resume_reproduces_uninterrupted_run_on_every_rank(tmp_path):
+@pytest.mark.parametrize("overlap", [0, 1], ids=["synchronous", "overlap"])
+def test_resume_reproduces_uninterrupted_run_on_every_rank(tmp_path, overlap):
+    # with overlap=1 each optimizer's mix (G's with its BatchNorm buffers) is in flight when the checkpoint is taken
     full, part = tmp_path / "full", tmp_path / "part"
-    lightning_script("lightning_worker.py", "resume", str(full), "epochs=3")
-    lightning_script("lightning_worker.py", "resume", str(part), "epochs=1")
+    lightning_script("lightning_worker.py", "resume", str(full), "epochs=3", f"overlap={overlap}")
+    lightning_script("lightning_worker.py", "resume", str(part), "epochs=1", f"overlap={overlap}")
     ckpt = part / "ckpt" / "last.ckpt"
-    lightning_script("lightning_worker.py", "resume", str(part), "epochs=3", f"ckpt={ckpt}")
+    lightning_script("lightning_worker.py", "resume", str(part), "epochs=3", f"ckpt={ckpt}", f"overlap={overlap}")
     uninterrupted, resumed = replicas(full, 4), replicas(part, 4)
     for r in range(4):
         for key, value in uninterrupted[r].items():

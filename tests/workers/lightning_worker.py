@@ -271,7 +271,9 @@ def main() -> None:
     elif scenario == "resume":  # save at an epoch end, resume, compare with the uninterrupted run
         ckpt = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True, save_top_k=-1)
         callbacks = [SaveReplica(out, opts.get("save", "end")), ckpt]
-        strategy = DecentralizedStrategy(opts.get("topology", "ring"), gossip_rounds=2, consensus_every=3)
+        strategy = DecentralizedStrategy(
+            opts.get("topology", "ring"), gossip_rounds=2, consensus_every=3, overlap=opts.get("overlap", "0") == "1"
+        )
         t = trainer(out, strategy, devices, max_epochs=int(opts["epochs"]), callbacks=callbacks, enable_checkpointing=True)
         t.fit(AlternatingGAN(), datamodule=DigitsDataModule(batch_size=64), ckpt_path=opts.get("ckpt"))
 
@@ -315,7 +317,8 @@ def main() -> None:
         steps, per_batch = int(opts["steps"]), int(opts.get("per_batch", 1))
         strategy = DecentralizedStrategy(
             opts.get("topology", "ring"), gossip_rounds=int(opts.get("rounds", 1)), mixing=opts.get("mixing", "1") == "1",
-            consensus_every=0,
+            consensus_every=int(opts.get("consensus_every", 0)), overlap=opts.get("overlap", "0") == "1",
+            wire_dtype=opts.get("wire_dtype"),
         )
         kwargs = json.loads(opts.get("kwargs", "{}"))
         t = trainer(out, strategy, devices, max_steps=steps, callbacks=[SaveReplica(out)])
