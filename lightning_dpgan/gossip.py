@@ -140,7 +140,8 @@ class PendingMix:
 
 
 class GossipEngine:
-    """Mixes tensors across the default process group with a :class:`~lightning_dpgan.topology.Topology`.
+    """Mixes tensors across a process group (the default one unless ``group`` is given) with a
+    :class:`~lightning_dpgan.topology.Topology`. The group must hold every rank, in the default group's order.
 
     ``phase`` counts gossip rounds since the start (it is checkpointed) and selects the matrix of a
     time-varying topology, so every worker walks the same cycle in lockstep.
@@ -154,6 +155,7 @@ class GossipEngine:
         timeout: timedelta | None = None,
         max_cached_plans: int = 8,
         chunk_bytes: int = 256 * 1024,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         if not 0 <= rank < topology.world_size:
             raise ValueError(f"rank {rank} is outside the topology's world size {topology.world_size}")
@@ -163,6 +165,7 @@ class GossipEngine:
         self.chunk_bytes = chunk_bytes
         self.wire_dtype = resolve_wire_dtype(wire_dtype)
         self.timeout = timeout
+        self.group = group
         self.phase = 0
         self.messages_sent = 0
         self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()
@@ -218,7 +221,7 @@ class GossipEngine:
         plan = _Plan(tensors)
         for bucket in plan.buckets:
             bucket.pack()
-            self._wait(dist.broadcast(bucket.flat, src=src, async_op=True), "broadcast", src)
+            self._wait(dist.broadcast(bucket.flat, src=src, group=self.group, async_op=True), "broadcast", src)
             bucket.unpack()
 
     @torch.no_grad()
@@ -235,7 +238,7 @@ class GossipEngine:
             for bucket in plan.buckets:
                 mean = bucket.scratch("mean", bucket.flat.dtype)
                 mean.copy_(bucket.pack())
-                self._wait(dist.all_reduce(mean, async_op=True), "all_reduce")
+                self._wait(dist.all_reduce(mean, group=self.group, async_op=True), "all_reduce")
                 mean.div_(self.world_size).sub_(bucket.flat)
                 offset = 0
                 for t in bucket.tensors:
@@ -244,7 +247,7 @@ class GossipEngine:
                     offset += t.numel()
             device = plan.buckets[0].flat.device
             total = sums.to(device)
-            self._wait(dist.all_reduce(total, async_op=True), "all_reduce")
+            self._wait(dist.all_reduce(total, group=self.group, async_op=True), "all_reduce")
             sums = total.cpu() / self.world_size
         return sums
 
@@ -329,8 +332,8 @@ class GossipEngine:
         recv = bucket.scratch("recv", wire_dtype, len(nb.receive_from))
         ops, peers = [], []
         for start, stop in self._chunks(send):
-            ops += [dist.P2POp(dist.isend, send[start:stop], peer) for peer in nb.send_to]
-            ops += [dist.P2POp(dist.irecv, recv[k, start:stop], peer) for k, peer in enumerate(nb.receive_from)]
+            ops += [dist.P2POp(dist.isend, send[start:stop], peer, self.group) for peer in nb.send_to]
+            ops += [dist.P2POp(dist.irecv, recv[k, start:stop], peer, self.group) for k, peer in enumerate(nb.receive_from)]
             peers += [*nb.send_to, *nb.receive_from]
         works = dist.batch_isend_irecv(ops)
         self.messages_sent += len(nb.send_to)
@@ -344,7 +347,7 @@ class GossipEngine:
         else:
             wire = flat
         self.messages_sent += 1
-        return _Exchange(bucket, [(dist.all_reduce(wire, async_op=True), None)], "all_reduce", wire, divisor=self.world_size)
+        return _Exchange(bucket, [(dist.all_reduce(wire, group=self.group, async_op=True), None)], "all_reduce", wire, divisor=self.world_size)
 
     def _chunks(self, buffer: Tensor) -> list[tuple[int, int]]:
         """Element ranges to send separately: ``chunk_bytes`` each on CPU (gloo), the whole buffer elsewhere."""

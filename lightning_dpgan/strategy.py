@@ -160,6 +160,7 @@ class DecentralizedStrategy(DDPStrategy):
         self._in_flight: dict[int, PendingMix | None] = {}  # optimizer id -> its mix on the wire (overlap)
         self._pending_shard: dict[str, Any] | None = None
         self._pending_consensus_restart = False
+        self._gossip_group: torch.distributed.ProcessGroup | None = None
 
     # ------------------------------------------------------------------ launch and process group
     @override
@@ -180,9 +181,17 @@ class DecentralizedStrategy(DDPStrategy):
         world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if self.topology is None or self.topology.world_size != world_size:
             self.topology = self._build_topology(world_size)
+        self._gossip_group = self._new_gossip_group() if world_size > 1 else None
         self.engine = GossipEngine(
-            self.topology, self.global_rank, wire_dtype=self.wire_dtype, timeout=self._timeout, chunk_bytes=self.chunk_bytes
+            self.topology, self.global_rank, wire_dtype=self.wire_dtype, timeout=self._timeout,
+            chunk_bytes=self.chunk_bytes, group=self._gossip_group,
         )
+
+    def _new_gossip_group(self) -> torch.distributed.ProcessGroup:
+        """The gossip's own process group, over connections of its own. Lightning broadcasts a SIGTERM flag from
+        rank 0 at the start of every training step; on the default group (gloo) that message queues behind a mix
+        still on the wire to the same peer, so with ``overlap`` every step waited for the whole mix."""
+        return torch.distributed.new_group(backend=self._get_process_group_backend(), timeout=self._timeout)
 
     def _build_topology(self, world_size: int) -> Topology:
         return build_topology(self.topology_spec, world_size, **self.topology_options)
@@ -463,6 +472,10 @@ class DecentralizedStrategy(DDPStrategy):
         if self.engine is not None:
             self.engine._plans.clear()
             self.engine._in_flight.clear()
+        if self._gossip_group is not None and torch.distributed.is_initialized():
+            with contextlib.suppress(Exception):  # local for gloo; after an error the peers may be gone
+                torch.distributed.destroy_process_group(self._gossip_group)
+        self._gossip_group = None
         super().teardown()
 
     @classmethod
