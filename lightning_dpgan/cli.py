@@ -210,7 +210,6 @@ def is_multirun() -> bool:
 
 def fit(cfg: DictConfig) -> None:
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     run_dir = run_directory()
@@ -224,7 +223,7 @@ def fit(cfg: DictConfig) -> None:
     strategy = instantiate(cfg, "strategy", **({"start_method": "spawn"} if is_multirun() and world_size > 1 else {}))
     logger = make_logger(cfg, run_dir)
     evaluation = instantiate(cfg, "evaluation", output_dir=run_dir)
-    checkpoint = ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), save_last=True)
+    checkpoint = instantiate(cfg, "checkpoint", dirpath=os.path.join(run_dir, "checkpoints"))
     trainer = instantiate(cfg, "trainer", strategy=strategy, logger=logger, callbacks=[checkpoint, evaluation])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger.log_hyperparams(resolved)  # rank 0; creates the logger's files first, so it finds no others there
