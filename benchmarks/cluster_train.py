@@ -50,10 +50,10 @@ def read_rows(run_dir: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
 
 
-def fit(cluster: EmulatedCluster, overrides: list[str], run_dir: Path, steps: int, every: int) -> list[dict[str, float]]:
+def fit(cluster: EmulatedCluster, overrides: list[str], run_dir: Path, steps: int, every: int, seed: int) -> list[dict[str, float]]:
     command = [
         sys.executable, "-m", "lightning_dpgan", "fit", *MODEL, *overrides, "devices=1", f"num_nodes={cluster.hosts}",
-        f"max_steps={steps}", f"evaluation.every_n_steps={every}", f"hydra.run.dir={run_dir}",
+        f"max_steps={steps}", f"evaluation.every_n_steps={every}", f"seed={seed}", f"hydra.run.dir={run_dir}",
     ]
     results = cluster.run(lambda host: command, timeout=6 * 3600)
     (run_dir / "stdout.log").write_text(results[0].stdout + "\n--- stderr\n" + results[0].stderr)
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=200, help="iterations of the unlimited-link run")
     parser.add_argument("--fid", type=float, nargs="+", default=[200.0], help="quality thresholds: FID at most this")
     parser.add_argument("--alpha-ms", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="the CLI's seed=, the same for every setting")
     parser.add_argument("--settings", nargs="+", default=None, help="a subset, by slug")
     parser.add_argument("--out", type=Path, default=Path("runs/cluster_train"))
     parser.add_argument("--collect", action="store_true", help="only rebuild the table from the runs in --out")
@@ -104,9 +105,9 @@ def main() -> None:
             probe, rows = read_rows(out / "unlimited"), read_rows(out / args.rate)
         else:
             with EmulatedCluster(args.hosts, None, port=29600) as cluster:
-                probe = fit(cluster, SETTINGS[setting], out / "unlimited", args.probe_steps, args.probe_steps // 2)
+                probe = fit(cluster, SETTINGS[setting], out / "unlimited", args.probe_steps, args.probe_steps // 2, args.seed)
             with EmulatedCluster(args.hosts, args.rate, port=29601) as cluster:
-                rows = fit(cluster, SETTINGS[setting], out / args.rate, args.steps, args.every)
+                rows = fit(cluster, SETTINGS[setting], out / args.rate, args.steps, args.every, args.seed)
         reached = {fid: next((r for r in rows if r["fid"] <= fid), None) for fid in args.fid}
         results[setting] = {
             "s_per_it": seconds_per_iteration(rows),
@@ -118,6 +119,8 @@ def main() -> None:
             "predicted_comm_s": predicted_comm(setting, args.hosts, bps, args.alpha_ms / 1e3),
         }
         print(f"{setting}: {json.dumps(results[setting])}", file=sys.stderr, flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)  # after every setting: a run cut short keeps what it measured
+        (args.out / "cluster_train.json").write_text(json.dumps(results, indent=1))
     thresholds = " | ".join(f"s to FID ≤ {fid:g} | ÷ DDP" for fid in args.fid)
     lines = [
         f"**{args.hosts} hosts at {args.rate}**, α = {args.alpha_ms:g} ms; time to quality in training seconds (iteration)",
@@ -139,7 +142,6 @@ def main() -> None:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cluster_train.md").write_text(text + "\n")
-    (args.out / "cluster_train.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
