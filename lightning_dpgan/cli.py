@@ -13,6 +13,7 @@ import csv
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
@@ -224,6 +225,9 @@ def fit(cfg: DictConfig) -> None:
     logger = make_logger(cfg, run_dir)
     evaluation = instantiate(cfg, "evaluation", output_dir=run_dir)
     checkpoint = instantiate(cfg, "checkpoint", dirpath=os.path.join(run_dir, "checkpoints"))
+    # With manual optimization and every_n_train_steps, ModelCheckpoint warns that no "pre-optimization state" was
+    # saved; the state after the step is the one a resume needs (resuming is exact), so the warning is noise.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
     trainer = instantiate(cfg, "trainer", strategy=strategy, logger=logger, callbacks=[checkpoint, evaluation])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger.log_hyperparams(resolved)  # rank 0; creates the logger's files first, so it finds no others there
