@@ -2,7 +2,8 @@
 
 It subclasses :class:`~lightning.pytorch.strategies.DDPStrategy` because the Trainer keys the distributed
 sampler, ``sync_dist`` logging and launchers off that type; ``reduce``/``barrier``/``broadcast`` stay global so
-callbacks (ModelCheckpoint, EarlyStopping) keep working. Only parameter mixing is local:
+callbacks (ModelCheckpoint, EarlyStopping) keep working. Only parameter mixing is local, on a process group of
+its own so that Lightning's collectives never queue behind a mix on the wire:
 
 * no DDP wrapper, so gradients stay local; rank 0's weights are broadcast once when fitting starts, then every
   rank is reseeded so replicas draw different noise and batches;
