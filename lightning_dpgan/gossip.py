@@ -6,7 +6,8 @@ out-neighbours and receives its in-neighbours' buffers with one ``batch_isend_ir
 All buffers (flat, receive, wire cast) are allocated once per tensor list and reused on every step.
 ``start_mix``/``finish_mix`` split a mix so that compute can run while its first round is on the wire.
 
-On CPU (gloo) the buffer goes out in chunks of ``chunk_bytes``, each chunk's sends and receives posted together.
+On CPU (gloo) the buffer goes out in chunks of ``chunk_bytes``, each chunk's sends and receives posted together
+(and, with ``staged=True``, one neighbour at a time).
 Gloo serves the operations posted to one peer in order, so one large send posted before its matching receive
 makes a pair's two directions take turns: a naive exchange ran at 2× its bandwidth floor on a rate-limited
 link, the interleaved chunks at 1.05× (README, "The wire on an emulated cluster"). NCCL needs no chunking.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -100,27 +101,52 @@ class _Plan:
 
 
 @dataclass
-class _Exchange:
-    """One bucket's posted round (or all_reduce): what to wait for, and how to fold what arrives into the buffer."""
+class _AllAverage:
+    """One bucket's posted all_reduce (a complete graph, or :meth:`GossipEngine.average`)."""
 
     bucket: _Bucket
-    works: list[tuple[Any, int | None]]  # (work, peer rank or None for a collective)
-    what: str
-    received: Tensor  # receive rows (gossip) or the reduced wire buffer (all_reduce)
-    self_weight: float = 0.0
-    weights: Tensor | None = None  # gossip: the in-neighbours' weights, in receive order
-    divisor: int = 1  # all_reduce: the world size
+    work: Any
+    reduced: Tensor  # the buffer being reduced: the flat buffer itself or its wire-dtype copy
+    divisor: int
 
     def apply(self, engine: GossipEngine) -> None:
-        for work, peer in self.works:
-            engine._wait(work, self.what, peer)
+        engine._wait(self.work, "all_reduce")
+        flat = self.bucket.flat
+        if self.reduced is not flat:
+            flat.copy_(self.reduced)
+        flat.div_(self.divisor)
+
+
+@dataclass
+class _Round:
+    """One bucket's gossip round, stage by stage, from posting to the combined buffer.
+
+    Cast and combine are whole-buffer passes: doing them chunk by chunk as chunks go out and arrive was
+    measured and cost more CPU than it hid (docs/benchmarks.md, "Why the multi-peer settings miss 1.15×").
+    """
+
+    bucket: _Bucket
+    send: Tensor  # the flat buffer, or its wire-dtype copy
+    received: Tensor  # one row per in-neighbour, in receive order
+    self_weight: float
+    weights: Tensor  # the in-neighbours' weights, in receive order
+    stages: list[tuple[list[dist.P2POp], list[int]]]  # each stage's sends and receives (all chunks), and their peers
+    posted: list[list[tuple[Any, int]]] = field(default_factory=list)  # per posted stage: (work, peer)
+
+    def post_next_stage(self) -> None:
+        if not self.posted and self.send is not self.bucket.flat:
+            self.send.copy_(self.bucket.flat)
+        ops, peers = self.stages[len(self.posted)]
+        self.posted.append(list(zip(dist.batch_isend_irecv(ops), peers)))
+
+    def apply(self, engine: GossipEngine) -> None:
+        for stage in range(len(self.stages)):
+            if stage == len(self.posted):
+                self.post_next_stage()
+            for work, peer in self.posted[stage]:
+                engine._wait(work, "gossip exchange", peer)
         flat = self.bucket.flat
         received = self.received
-        if self.weights is None:
-            if received is not flat:
-                flat.copy_(received)
-            flat.div_(self.divisor)
-            return
         if received.dtype != flat.dtype:
             accumulate = self.bucket.scratch("recv_acc", flat.dtype, received.shape[0])
             accumulate.copy_(received)
@@ -132,7 +158,9 @@ class _Exchange:
 class PendingMix:
     """A mix on the wire, from :meth:`GossipEngine.start_mix` until :meth:`GossipEngine.finish_mix`."""
 
-    def __init__(self, plan: _Plan, rounds: int, posted: list[_Exchange], snapshots: list[Tensor] | None) -> None:
+    def __init__(
+        self, plan: _Plan, rounds: int, posted: list[_Round | _AllAverage], snapshots: list[Tensor] | None
+    ) -> None:
         self.plan = plan
         self.rounds = rounds  # rounds still to apply, the posted one included
         self.posted = posted
@@ -145,6 +173,13 @@ class GossipEngine:
 
     ``phase`` counts gossip rounds since the start (it is checkpointed) and selects the matrix of a
     time-varying topology, so every worker walks the same cycle in lockstep.
+
+    ``staged=True`` (CPU only, like the chunks) sends a round's messages in
+    :meth:`~lightning_dpgan.topology.Topology.stages`, one message out and one in per worker at a time, instead
+    of all at once. On the emulated cluster one TCP flow per link ran at 1.05× the bandwidth floor and several
+    sharing it at 1.13–1.28×, but staging the engine gained 4–6 % on fp32 ring/torus at 16 MB and lost as much
+    on bf16 and 4 MB messages (each stage boundary waits for the slowest pair), so it is off by default.
+    A started mix (``start_mix``) is never staged: its later stages would wait for ``finish_mix``.
     """
 
     def __init__(
@@ -156,6 +191,7 @@ class GossipEngine:
         max_cached_plans: int = 8,
         chunk_bytes: int = 256 * 1024,
         group: dist.ProcessGroup | None = None,
+        staged: bool = False,
     ) -> None:
         if not 0 <= rank < topology.world_size:
             raise ValueError(f"rank {rank} is outside the topology's world size {topology.world_size}")
@@ -166,6 +202,7 @@ class GossipEngine:
         self.wire_dtype = resolve_wire_dtype(wire_dtype)
         self.timeout = timeout
         self.group = group
+        self.staged = staged
         self.phase = 0
         self.messages_sent = 0
         self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()
@@ -297,7 +334,9 @@ class GossipEngine:
             self.phase += rounds  # W^t = W for the complete graph: one exact average whatever t
             rounds = 1
         else:
-            posted = [self._post_round(bucket) for bucket in plan.buckets]
+            # a started mix puts all its messages on the wire at once: staging would leave the later stages for
+            # finish_mix, outside the compute they are meant to hide behind
+            posted = [self._post_round(bucket, staged=not keep_snapshot) for bucket in plan.buckets]
             self.phase += 1
         return PendingMix(plan, rounds, posted, snapshots)
 
@@ -319,27 +358,38 @@ class GossipEngine:
                 bucket.flat.sub_(pending.snapshots[k])  # the correction W^t x - x, seen through the views
                 torch._foreach_add_(bucket.tensors, bucket.views)
 
-    def _post_round(self, bucket: _Bucket) -> _Exchange:
-        """Post one round's sends and receives (interleaved chunks) for the current phase; nothing waits yet."""
-        nb = self._neighbours[self.phase % self.topology.period]
+    def _post_round(self, bucket: _Bucket, staged: bool = True) -> _Round:
+        """Post one round's sends and receives (interleaved chunks) for the current phase; nothing waits yet.
+
+        Staged (an engine with ``staged=True`` on CPU, unless ``staged=False`` here): only the first of the round's
+        :meth:`~lightning_dpgan.topology.Topology.stages` is posted here, the others as each one finishes.
+        """
+        phase = self.phase % self.topology.period
+        nb = self._neighbours[phase]
         flat = bucket.flat
         wire_dtype = self.wire_dtype if flat.is_floating_point() and self.wire_dtype is not None else flat.dtype
-        if wire_dtype != flat.dtype:
-            send = bucket.scratch("send", wire_dtype)
-            send.copy_(flat)
-        else:
-            send = flat
+        send = bucket.scratch("send", wire_dtype) if wire_dtype != flat.dtype else flat
         recv = bucket.scratch("recv", wire_dtype, len(nb.receive_from))
-        ops, peers = [], []
-        for start, stop in self._chunks(send):
-            ops += [dist.P2POp(dist.isend, send[start:stop], peer, self.group) for peer in nb.send_to]
-            ops += [dist.P2POp(dist.irecv, recv[k, start:stop], peer, self.group) for k, peer in enumerate(nb.receive_from)]
-            peers += [*nb.send_to, *nb.receive_from]
-        works = dist.batch_isend_irecv(ops)
+        row = {peer: k for k, peer in enumerate(nb.receive_from)}
+        if staged and self.staged and flat.device.type == "cpu":
+            stages = self.topology.rank_stages(self.rank, phase)
+        else:
+            stages = [(nb.send_to, nb.receive_from)] if nb.send_to or nb.receive_from else []
+        posts = []
+        for send_to, receive_from in stages:
+            ops, peers = [], []
+            for start, stop in self._chunks(send):
+                ops += [dist.P2POp(dist.isend, send[start:stop], peer, self.group) for peer in send_to]
+                ops += [dist.P2POp(dist.irecv, recv[row[peer], start:stop], peer, self.group) for peer in receive_from]
+                peers += [*send_to, *receive_from]
+            posts.append((ops, peers))
+        gossip = _Round(bucket, send, recv, nb.self_weight, self._round_weights(bucket), posts)
+        if posts:
+            gossip.post_next_stage()
         self.messages_sent += len(nb.send_to)
-        return _Exchange(bucket, list(zip(works, peers)), "gossip exchange", recv, self_weight=nb.self_weight, weights=self._round_weights(bucket))
+        return gossip
 
-    def _post_all_average(self, bucket: _Bucket) -> _Exchange:
+    def _post_all_average(self, bucket: _Bucket) -> _AllAverage:
         flat = bucket.flat
         if self.wire_dtype is not None and flat.is_floating_point() and self.wire_dtype != flat.dtype:
             wire = bucket.scratch("send", self.wire_dtype)
@@ -347,7 +397,7 @@ class GossipEngine:
         else:
             wire = flat
         self.messages_sent += 1
-        return _Exchange(bucket, [(dist.all_reduce(wire, group=self.group, async_op=True), None)], "all_reduce", wire, divisor=self.world_size)
+        return _AllAverage(bucket, dist.all_reduce(wire, group=self.group, async_op=True), wire, self.world_size)
 
     def _chunks(self, buffer: Tensor) -> list[tuple[int, int]]:
         """Element ranges to send separately: ``chunk_bytes`` each on CPU (gloo), the whole buffer elsewhere."""

@@ -59,6 +59,13 @@ def cases_for(n: int) -> list[dict]:
     cases.append({"topology": "ring", "rounds": 2, "chunk_bytes": 12})
     cases.append({"topology": "exponential", "rounds": 1, "chunk_bytes": 12, "wire_dtype": "bf16"})
     cases.append({"topology": "one_peer_exponential", "rounds": 3, "chunk_bytes": 12})
+    # in stages, one neighbour at a time (Topology.stages), instead of every neighbour at once
+    cases += [
+        {"topology": name, "options": options, "rounds": 2, "staged": True, "chunk_bytes": 12}
+        for name, options in topologies_for(n)
+    ]
+    cases.append({"topology": "exponential", "rounds": 1, "staged": True, "wire_dtype": "bf16"})
+    cases.append({"topology": "ring", "rounds": 3, "mixes": 2, "staged": True, "overlap": True})
     if n & (n - 1) == 0 and n > 1:
         cases.append({"topology": "one_peer_exponential", "rounds": 1, "mixes": int(math.log2(n))})
     # a started mix applies W^t to the tensors as they were, keeping what changed while it was in flight
