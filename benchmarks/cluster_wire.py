@@ -13,6 +13,16 @@ links add no delay; the table prints the model's prediction for an ``--alpha-ms`
 ``cpu ms`` is the most CPU time (user + system of the worker process) one host spent in the mix: on real hosts it
 is the part that competes with training.
 
+``--raw-tcp`` adds, for each gossip setting, the same exchange (the bytes of ``S_wire`` to every out-neighbour of
+the round, received from every in-neighbour) over plain TCP sockets, one connection per pair and a thread per
+direction, without gloo or the engine: what the emulated link carries for that traffic pattern. ``÷ raw TCP``
+is then the engine's own overhead, ``raw TCP / floor`` the link's (framing, ACKs, TCP sharing a shaped link).
+
+    sudo python benchmarks/cluster_wire.py --hosts 8 --rate 200mbit --sizes 4.35 16 --raw-tcp --staged
+
+``--staged`` adds the engine with ``staged=True`` (one neighbour at a time, ``Topology.stages``) for the settings
+with several stages per round.
+
 ``--chunk-kib`` sweeps the gloo chunk size (``GossipEngine(chunk_bytes=)``) for the gossip settings:
 
     sudo python benchmarks/cluster_wire.py --hosts 8 --rate 200mbit unlimited --sizes 4.35 16 --chunk-kib 64 128 256 512
@@ -23,8 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,7 +72,60 @@ def timed(fn, repeats: int) -> dict[str, float]:
     return {"seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu)}
 
 
-def worker(sizes: list[float], repeats: int, chunk_kib: list[int]) -> None:
+class RawExchange:
+    """One gossip round's traffic over plain TCP: a connection to each out-neighbour, one from each in-neighbour.
+
+    Connections are made once (``port + rank`` listens). ``steps`` lists ``(send_to, receive_from)`` groups run
+    one after another (one group: every message at once); in a group each message has its own thread
+    (``sendall`` and ``recv_into`` release the GIL) and the group ends when all are done.
+    """
+
+    def __init__(self, rank: int, addresses: list[str], steps: list[tuple[tuple[int, ...], tuple[int, ...]]], port: int) -> None:
+        import torch.distributed as dist
+
+        send_to = sorted({p for sends, _ in steps for p in sends})
+        receive_from = sorted({p for _, receives in steps for p in receives})
+        listener = socket.create_server((addresses[rank], port + rank), backlog=len(receive_from) + 1)
+        dist.barrier()  # every listener is up before anyone connects
+        self.outgoing = {}
+        for peer in send_to:
+            conn = socket.create_connection((addresses[peer], port + peer))
+            conn.sendall(rank.to_bytes(4, "little"))
+            self.outgoing[peer] = conn
+        self.incoming = {}
+        while len(self.incoming) < len(receive_from):
+            conn, _ = listener.accept()
+            self.incoming[int.from_bytes(_receive(conn, 4), "little")] = conn
+        listener.close()
+        self.steps = steps
+        dist.barrier()
+
+    def exchange(self, payload: bytearray, sinks: dict[int, bytearray]) -> None:
+        for sends, receives in self.steps:
+            threads = [threading.Thread(target=self.outgoing[p].sendall, args=(payload,)) for p in sends]
+            threads += [threading.Thread(target=_receive, args=(self.incoming[p], len(payload), sinks[p])) for p in receives]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+    def close(self) -> None:
+        for conn in [*self.outgoing.values(), *self.incoming.values()]:
+            conn.close()
+
+
+def _receive(conn: socket.socket, nbytes: int, into: bytearray | None = None) -> bytearray:
+    buffer = into if into is not None else bytearray(nbytes)
+    view, got = memoryview(buffer), 0
+    while got < nbytes:
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("peer closed the connection mid-exchange")
+        got += n
+    return buffer
+
+
+def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: list[str] | None, with_staged: bool) -> None:
     import torch
     import torch.distributed as dist
 
@@ -81,9 +146,24 @@ def worker(sizes: list[float], repeats: int, chunk_kib: list[int]) -> None:
             out_degree = max(len(topology.neighbours(r, p).send_to) for r in range(n) for p in range(topology.period))
             for wire in WIRES:
                 for kib in chunk_kib:
-                    engine = GossipEngine(topology, rank, wire_dtype=wire, chunk_bytes=kib * 1024)
-                    rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree, "chunk_kib": kib,
-                                 "complete": topology.is_complete, **timed(lambda: engine.mix(params, 1), repeats)})
+                    multi_stage = len(topology.stages(0)) > 1 and not topology.is_complete
+                    for staged in [False, True] if with_staged and multi_stage else [False]:
+                        engine = GossipEngine(topology, rank, wire_dtype=wire, chunk_bytes=kib * 1024, staged=staged)
+                        rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree,
+                                     "chunk_kib": kib, "complete": topology.is_complete, "staged": staged,
+                                     **timed(lambda: engine.mix(params, 1), repeats)})
+                if addresses and not topology.is_complete:
+                    nb = topology.neighbours(rank, 0)
+                    schedules = {"raw TCP": [(nb.send_to, nb.receive_from)]}
+                    if len(topology.stages(0)) > 1:
+                        schedules["raw TCP, staged"] = topology.rank_stages(rank, 0)
+                    payload = bytearray(int(mb * 1e6 * (0.5 if wire == "bf16" else 1.0)))
+                    sinks = {p: bytearray(len(payload)) for p in nb.receive_from}
+                    for label, steps in schedules.items():
+                        raw = RawExchange(rank, addresses, steps, port=31000)
+                        rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree, "chunk_kib": None,
+                                     "raw_tcp": label, **timed(lambda: raw.exchange(payload, sinks), repeats)})
+                        raw.close()
     if rank == 0:
         print("ROWS " + json.dumps(rows), flush=True)
     dist.destroy_process_group()
@@ -109,13 +189,22 @@ def alpha_beta(row: dict, bits_per_second: int | None, alpha: float) -> float | 
     return alpha * hops + floor
 
 
+def raw_tcp_row(rows: list[dict], row: dict) -> dict | None:
+    """The raw-TCP baseline for an engine row: the same hosts, size, topology, wire and staging, if measured."""
+    keys = ("n", "mb", "setting", "wire")
+    label = "raw TCP, staged" if row.get("staged") else "raw TCP"
+    return next((r for r in rows if r.get("raw_tcp") == label and all(r[k] == row[k] for k in keys)), None)
+
+
 def table(rows: list[dict], rate: str, alpha: float) -> str:
     bps = parse_rate(rate)
+    with_raw = any(r.get("raw_tcp") for r in rows)
     lines = [
         f"**{rate}**, α–β model with α = {alpha * 1e3:g} ms per hop",
         "",
-        "| hosts | MB | setting | wire | chunk KiB | ms | floor ms | ms / floor | ÷ all_reduce | α–β ms | cpu ms |",
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| hosts | MB | setting | wire | chunk KiB | ms | floor ms | ms / floor | ÷ all_reduce | α–β ms | cpu ms |"
+        + (" ÷ raw TCP |" if with_raw else ""),
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_raw else ""),
     ]
     for row in rows:
         base = next(r for r in rows if r["n"] == row["n"] and r["mb"] == row["mb"] and r["setting"] == "all_reduce")
@@ -125,10 +214,13 @@ def table(rows: list[dict], rate: str, alpha: float) -> str:
         ratio = "" if floor is None else f"{row['seconds'] / floor:.2f}"
         model_ms = "" if model is None else f"{1e3 * model:.1f}"
         cpu_ms = f"{1e3 * row['cpu_seconds']:.1f}" if "cpu_seconds" in row else ""
+        raw = None if row.get("raw_tcp") else raw_tcp_row(rows, row)
+        suffix = (" (= all_reduce)" if row.get("complete") else f", {row['raw_tcp']}" if row.get("raw_tcp")
+                  else ", staged" if row.get("staged") else "")
         lines.append(
-            f"| {row['n']} | {row['mb']:g} | {row['setting']}{' (= all_reduce)' if row.get('complete') else ''} | {row['wire']} | "
+            f"| {row['n']} | {row['mb']:g} | {row['setting']}{suffix} | {row['wire']} | "
             f"{row.get('chunk_kib') or ''} | {1e3 * row['seconds']:.1f} | {floor_ms} | {ratio} | {row['seconds'] / base['seconds']:.2f} | "
-            f"{model_ms} | {cpu_ms} |"
+            f"{model_ms} | {cpu_ms} |" + ((f" {row['seconds'] / raw['seconds']:.2f} |" if raw else " |") if with_raw else "")
         )
     return "\n".join(lines)
 
@@ -142,7 +234,7 @@ def plot(rows_by_rate: dict[str, list[dict]], path: Path) -> None:
 
     rate, rows = next((r, rs) for r, rs in rows_by_rate.items() if parse_rate(r) is not None)
     first_chunk = next((r.get("chunk_kib") for r in rows if r.get("chunk_kib")), None)
-    rows = [r for r in rows if r.get("chunk_kib") in (None, first_chunk)]  # one line per setting: the first chunk size
+    rows = [r for r in rows if r.get("chunk_kib") in (None, first_chunk) and not r.get("raw_tcp")]  # one line per setting
     hosts = sorted({r["n"] for r in rows})
     fig, axes = plt.subplots(1, len(hosts), figsize=(6 * len(hosts), 4.5), squeeze=False)
     for ax, n in zip(axes[0], hosts):
@@ -169,13 +261,16 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 4, 16, 64], help="MB per message")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk-kib", type=int, nargs="+", default=[256], help="gloo chunk sizes to time for gossip")
+    parser.add_argument("--raw-tcp", action="store_true", help="also time each gossip exchange over plain TCP sockets")
+    parser.add_argument("--staged", action="store_true", help="also time each multi-stage gossip setting with staged=True")
+    parser.add_argument("--addresses", nargs="+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--alpha-ms", type=float, default=1.0, help="per-hop latency for the α–β prediction")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables and rows here")
     parser.add_argument("--tables-from", type=Path, default=None, help="rebuild tables and plot from a saved cluster_wire.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.sizes, args.repeats, args.chunk_kib)
+        worker(args.sizes, args.repeats, args.chunk_kib, args.addresses, args.staged)
         return
     if args.tables_from:
         all_rows = json.loads(args.tables_from.read_text())
@@ -192,6 +287,10 @@ def main() -> None:
             with EmulatedCluster(n, rate, port=29500 + n) as cluster:
                 command = [sys.executable, __file__, "--worker", f"--repeats={args.repeats}", "--sizes", *map(str, args.sizes),
                            "--chunk-kib", *map(str, args.chunk_kib)]
+                if args.raw_tcp:
+                    command += ["--addresses", *(cluster.address(h) for h in range(n))]
+                if args.staged:
+                    command += ["--staged"]
                 results = cluster.run(lambda host: command, timeout=4 * 3600)
             line = next(l for l in results[0].stdout.splitlines() if l.startswith("ROWS "))
             rows += json.loads(line[5:])
