@@ -177,8 +177,9 @@ class GossipEngine:
     ``staged=True`` (CPU only, like the chunks) sends a round's messages in
     :meth:`~lightning_dpgan.topology.Topology.stages`, one message out and one in per worker at a time, instead
     of all at once. On the emulated cluster one TCP flow per link ran at 1.05× the bandwidth floor and several
-    sharing it at 1.13–1.28×, but staging the engine gained 4–6 % on fp32 ring/torus at 16 MB and lost as much
-    on bf16 and 4 MB messages (each stage boundary waits for the slowest pair), so it is off by default.
+    sharing it at 1.1–1.4×, but staging the engine gained 4–6 % on fp32 ring/torus at 16 MB, moved bf16 and
+    exponential either way, and lost on most 4 MB mixes (each stage ends with its slowest pair), so it is off
+    by default.
     A started mix (``start_mix``) is never staged: its later stages would wait for ``finish_mix``.
     """
 

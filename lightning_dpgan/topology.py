@@ -111,7 +111,7 @@ class Topology:
         most one: ``stages(phase)[k][rank]`` is ``(send_to, receive_from)`` in stage ``k`` (``None``: idle).
 
         Why: on a shaped link one TCP flow ran at 1.05–1.09× its bandwidth floor and several sharing it at
-        1.13–1.28× (docs/benchmarks.md); in stages each link carries one flow at a time
+        1.1–1.4× (docs/benchmarks.md); in stages each link carries one flow at a time
         (``GossipEngine(staged=True)``). The number of stages is the most messages any worker sends or receives
         in the round (König's edge colouring of the bipartite sender/receiver graph); every worker computes the
         same schedule.
