@@ -15,7 +15,7 @@ is the part that competes with training.
 
 ``--raw-tcp`` adds, for each gossip setting, the same exchange (the bytes of ``S_wire`` to every out-neighbour of
 the round, received from every in-neighbour) over plain TCP sockets, one connection per pair and a thread per
-direction, without gloo or the engine: what the emulated link carries for that traffic pattern. ``÷ raw TCP``
+message, without gloo or the engine: what the emulated link carries for that traffic pattern. ``÷ raw TCP``
 is then the engine's own overhead, ``raw TCP / floor`` the link's (framing, ACKs, TCP sharing a shaped link).
 
     sudo python benchmarks/cluster_wire.py --hosts 8 --rate 200mbit --sizes 4.35 16 --raw-tcp --staged
@@ -234,7 +234,8 @@ def plot(rows_by_rate: dict[str, list[dict]], path: Path) -> None:
 
     rate, rows = next((r, rs) for r, rs in rows_by_rate.items() if parse_rate(r) is not None)
     first_chunk = next((r.get("chunk_kib") for r in rows if r.get("chunk_kib")), None)
-    rows = [r for r in rows if r.get("chunk_kib") in (None, first_chunk) and not r.get("raw_tcp")]  # one line per setting
+    # one line per setting: the first chunk size, the default engine (not staged), no raw-TCP baselines
+    rows = [r for r in rows if r.get("chunk_kib") in (None, first_chunk) and not r.get("raw_tcp") and not r.get("staged")]
     hosts = sorted({r["n"] for r in rows})
     fig, axes = plt.subplots(1, len(hosts), figsize=(6 * len(hosts), 4.5), squeeze=False)
     for ax, n in zip(axes[0], hosts):
