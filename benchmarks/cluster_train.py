@@ -34,6 +34,7 @@ SETTINGS = {
     "ring, t = 3": ["topology=ring", "gossip_rounds=3"],
     "one-peer exponential, fp32": ["topology=one_peer_exponential"],
     "one-peer exponential, bf16": ["topology=one_peer_exponential", "wire_dtype=bf16"],
+    "ring, t = 1, staged": ["topology=ring", "gossip_rounds=1", "strategy.staged=true"],
     "ring, t = 1, overlap": ["topology=ring", "gossip_rounds=1", "strategy.overlap=true"],
     "one-peer exponential, bf16, overlap": ["topology=one_peer_exponential", "wire_dtype=bf16", "strategy.overlap=true"],
 }
@@ -73,7 +74,8 @@ def predicted_comm(setting: str, hosts: int, bits_per_second: int, alpha: float)
     rounds = int(next((o.split("=")[1] for o in overrides if o.startswith("gossip_rounds=")), 1))
     out_degree = 1 if "one_peer_exponential" in " ".join(overrides) else 2
     wire = 0.5 if "wire_dtype=bf16" in overrides else 1.0
-    return rounds * (out_degree * PARAMETER_BYTES * wire * 8 / bits_per_second + alpha)
+    hops = out_degree if "strategy.staged=true" in overrides else 1  # a staged round sends to one peer at a time
+    return rounds * (out_degree * PARAMETER_BYTES * wire * 8 / bits_per_second + hops * alpha)
 
 
 def main() -> None:

@@ -96,6 +96,9 @@ class DecentralizedStrategy(DDPStrategy):
             then taken before the latest mix has arrived: a variant of DPOSG that lets communication hide behind
             compute, as DDP hides its all-reduce behind the backward pass. Checkpoints, consensus measurements and
             the end of training finish the mix in flight first.
+        staged: on CPU, exchange each round with one neighbour at a time (``Topology.stages``) instead of all at
+            once; measured mixed on the emulated cluster, so off by default (see
+            :class:`~lightning_dpgan.gossip.GossipEngine`).
     """
 
     strategy_name = "decentralized"
@@ -112,6 +115,7 @@ class DecentralizedStrategy(DDPStrategy):
         timeout: float | timedelta = 600.0,
         chunk_bytes: int = 256 * 1024,
         overlap: bool = False,
+        staged: bool = False,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -131,8 +135,9 @@ class DecentralizedStrategy(DDPStrategy):
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
                 raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
             timeout = timedelta(seconds=float(timeout))
-        if not isinstance(overlap, bool):
-            raise ValueError(f"overlap must be True or False, got {overlap!r}")
+        for flag, value in (("overlap", overlap), ("staged", staged)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -152,6 +157,7 @@ class DecentralizedStrategy(DDPStrategy):
         self.mix_buffers = mix_buffers
         self.mixing = mixing
         self.overlap = overlap
+        self.staged = staged
         self.topology: Topology | None = None
         self.engine: GossipEngine | None = None
         #: latest consensus distance per top-level submodule, identical on every rank
@@ -185,7 +191,7 @@ class DecentralizedStrategy(DDPStrategy):
         self._gossip_group = self._new_gossip_group() if world_size > 1 else None
         self.engine = GossipEngine(
             self.topology, self.global_rank, wire_dtype=self.wire_dtype, timeout=self._timeout,
-            chunk_bytes=self.chunk_bytes, group=self._gossip_group,
+            chunk_bytes=self.chunk_bytes, group=self._gossip_group, staged=self.staged,
         )
 
     def _new_gossip_group(self) -> torch.distributed.ProcessGroup:

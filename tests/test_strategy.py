@@ -128,8 +128,9 @@ def test_automatic_optimization_clipping_bf16_sampler_and_callbacks(tmp_path):
     assert "consensus/body" in metrics and "val_loss" in metrics
 
 
-def test_anchored_optimizer_mixes_anchors_then_extrapolates_under_spawn(tmp_path):
-    lightning_script("lightning_worker.py", "anchored", str(tmp_path), "rounds=2", "start_method=spawn")
+@pytest.mark.parametrize("staged", [0, 1], ids=["all_at_once", "staged"])
+def test_anchored_optimizer_mixes_anchors_then_extrapolates_under_spawn(tmp_path, staged):
+    lightning_script("lightning_worker.py", "anchored", str(tmp_path), "rounds=2", "start_method=spawn", f"staged={staged}")
     c = quadratic_targets(4, 6)
     expected = dposg(lambda z: z - c, np.zeros((4, 6)), np.linalg.matrix_power(ring(4).matrix(), 2), 5, 0.3)
     for r, replica in enumerate(replicas(tmp_path, 4)):
@@ -175,6 +176,7 @@ def test_two_nodes_by_torchrun(tmp_path):
         ({"wire_dtype": "int8"}, ValueError, r"unknown wire_dtype 'int8'; allowed: fp32"),
         ({"consensus_every": -1}, ValueError, r"consensus_every must be an integer >= 0"),
         ({"timeout": 0}, ValueError, r"timeout must be a positive number of seconds, got 0"),
+        ({"staged": "yes"}, ValueError, r"staged must be True or False, got 'yes'"),
     ],
 )
 def test_bad_strategy_arguments(kwargs, error, message):
