@@ -105,6 +105,9 @@ def main() -> None:
             if not (out / args.rate / "evaluation.csv").is_file():
                 continue
             probe, rows = read_rows(out / "unlimited"), read_rows(out / args.rate)
+            if rows[-1]["step"] < args.steps:  # evaluation.csv is written as a run goes: this one was stopped
+                print(f"{setting}: stopped at step {rows[-1]['step']:.0f} of {args.steps}, left out", file=sys.stderr)
+                continue
         else:
             with EmulatedCluster(args.hosts, None, port=29600) as cluster:
                 probe = fit(cluster, SETTINGS[setting], out / "unlimited", args.probe_steps, args.probe_steps // 2, args.seed)

@@ -119,8 +119,6 @@ class GANEvaluation(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step != self._last_step:
             self.evaluate(trainer, pl_module)
-        if trainer.is_global_zero and self.history:
-            self._write_history()
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
@@ -147,6 +145,7 @@ class GANEvaluation(pl.Callback):
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"eval/{k}" if not k.startswith("consensus/") else k: v for k, v in logged.items()}, step=trainer.global_step)
             self._save_picture(trainer, samples)
+            self._write_history()  # after every evaluation: a run stopped early keeps what it measured
         self._evaluating_s += time.perf_counter() - started
         return logged
 
@@ -242,10 +241,12 @@ class GANEvaluation(pl.Callback):
     def _write_history(self) -> None:
         assert self.output_dir is not None
         keys = list(dict.fromkeys(k for row in self.history for k in row))
-        with open(os.path.join(self.output_dir, "evaluation.csv"), "w", newline="") as f:
+        path = os.path.join(self.output_dir, "evaluation.csv")
+        with open(path + ".tmp", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.history)
+        os.replace(path + ".tmp", path)  # readers never see a half-written table
         curves = {k: [(row["step"], row[k]) for row in self.history if k in row] for k in keys if k.startswith("consensus/")}
         if curves:
             _plot_consensus(curves, os.path.join(self.output_dir, "consensus.png"))
@@ -274,8 +275,9 @@ def _scatter(points: Any, mixture: str, path: str, title: str) -> None:
     limit = 1.0 + abs(modes).max() * 1.15
     ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect="equal", title=title)
     ax.legend(loc="upper right", fontsize=8)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path + ".tmp", dpi=100, format="png")
     plt.close(fig)
+    os.replace(path + ".tmp", path)
 
 
 def _plot_consensus(curves: dict[str, list[tuple[float, float]]], path: str) -> None:
@@ -290,5 +292,6 @@ def _plot_consensus(curves: dict[str, list[tuple[float, float]]], path: str) -> 
         ax.plot(steps, [max(v, 1e-30) for v in values], marker="o", label=name.removeprefix("consensus/"))
     ax.set(yscale="log", xlabel="optimizer step", ylabel="mean_i ||x_i - mean(x)||²", title="consensus distance")
     ax.legend()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path + ".tmp", dpi=100, format="png")
     plt.close(fig)
+    os.replace(path + ".tmp", path)

@@ -93,3 +93,26 @@ def test_image_evaluation_gives_fid_is_and_a_grid(tmp_path):
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GANEvaluation("grid", **kwargs)
+
+
+def test_a_run_stopped_early_keeps_its_evaluations(tmp_path):
+    """evaluation.csv is rewritten (atomically) after every evaluation, not only when training ends."""
+    import lightning.pytorch as pl
+
+    from lightning_dpgan import DPGAN
+    from lightning_dpgan.data import GaussianMixtureDataModule
+    from lightning_dpgan.models import MLPDiscriminator
+
+    class StopAt5(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 5:
+                raise RuntimeError("stopped at 5")
+
+    evaluation = GANEvaluation("grid", every_n_steps=2, num_samples=200, output_dir=str(tmp_path))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=20, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[evaluation, StopAt5()])
+    gan = DPGAN(MLPGenerator(hidden=16), MLPDiscriminator(hidden=16))
+    with pytest.raises(RuntimeError, match="stopped at 5"):
+        trainer.fit(gan, datamodule=GaussianMixtureDataModule("grid", num_samples=2000, batch_size=64))
+    assert [int(row["step"]) for row in rows(tmp_path / "evaluation.csv")] == [2, 4]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
