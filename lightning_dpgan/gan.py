@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
-from lightning_dpgan.losses import GANLoss, build_loss, gradient_penalty
+from lightning_dpgan.losses import GANLoss, build_loss, gradient_penalty, r1_penalty
 from lightning_dpgan.optim import OPTIMIZERS
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -52,6 +52,8 @@ class DPGAN(pl.LightningModule):
         latent_dim: noise size, when the generator has no ``latent_dim``.
         scheduler: a callable taking the optimizer and returning an LR scheduler (e.g. a Hydra ``_partial_`` of
             ``torch.optim.lr_scheduler.LinearLR``), stepped once per iteration; ``None``: constant learning rates.
+        r1: the R1 penalty's weight γ on D (with a loss name; a built ``GANLoss`` carries its own): ``γ/2 ·
+            E_real ||∇ₓD(x)||²``, which keeps D from sharpening around narrow modes faster than G follows.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class DPGAN(pl.LightningModule):
         ema_decay: float | None = None,
         latent_dim: int | None = None,
         scheduler: SchedulerFactory | None = None,
+        r1: float = 0.0,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -86,12 +89,12 @@ class DPGAN(pl.LightningModule):
         if scheduler is not None and not callable(scheduler):
             raise ValueError(f"scheduler must be a callable taking the optimizer, or None, got {scheduler!r}")
         optimizer, optimizer_kwargs = _named_optimizer(optimizer, optimizer_kwargs)
-        built_loss = loss if isinstance(loss, GANLoss) else build_loss(loss, gradient_penalty)
+        built_loss = loss if isinstance(loss, GANLoss) else build_loss(loss, gradient_penalty, r1)
         # hyperparameters as plain values (names, numbers), so that they log as YAML and load_from_checkpoint
         # rebuilds the same module from them
-        self.save_hyperparameters(ignore=["generator", "discriminator", "scheduler", "loss", "gradient_penalty"])
+        self.save_hyperparameters(ignore=["generator", "discriminator", "scheduler", "loss", "gradient_penalty", "r1"])
         penalty = built_loss.gradient_penalty if built_loss.name == "wgan-gp" else gradient_penalty
-        self.hparams.update(loss=built_loss.name, gradient_penalty=penalty)
+        self.hparams.update(loss=built_loss.name, gradient_penalty=penalty, r1=built_loss.r1)
         self.generator = generator
         self.discriminator = discriminator
         self.loss = built_loss
@@ -141,9 +144,14 @@ class DPGAN(pl.LightningModule):
 
         noise = torch.randn(real.shape[0], self.latent_dim, device=real.device, dtype=real.dtype)
         fake = self.generator(noise)
-        loss_d = self.loss.discriminator(self.discriminator(real), self.discriminator(fake.detach()))
+        if self.loss.r1:
+            real = real.detach().requires_grad_(True)  # R1 differentiates D's scores by the real inputs
+        real_scores = self.discriminator(real)
+        loss_d = self.loss.discriminator(real_scores, self.discriminator(fake.detach()))
         if self.loss.gradient_penalty:
             loss_d = loss_d + self.loss.gradient_penalty * gradient_penalty(self.discriminator, real, fake)
+        if self.loss.r1:
+            loss_d = loss_d + self.loss.r1 / 2 * r1_penalty(real_scores, real)
         logs = {"loss/d": loss_d.detach()}
         total = loss_d
         if update_g:

@@ -14,12 +14,13 @@ from torch import Tensor, nn
 
 @dataclass
 class GANLoss:
-    """A loss family; ``gradient_penalty`` is the WGAN-GP weight (0 for none).
+    """A loss family; ``gradient_penalty`` is the WGAN-GP weight and ``r1`` the R1 weight γ (0 for none).
 
     Not frozen: Lightning's hyperparameter logging rebuilds dataclasses field by field."""
 
     name: str
     gradient_penalty: float = 0.0
+    r1: float = 0.0
 
     def discriminator(self, real_scores: Tensor, fake_scores: Tensor) -> Tensor:
         if self.name == "ns":
@@ -37,14 +38,14 @@ class GANLoss:
 LOSSES = ("ns", "hinge", "wgan-gp")
 
 
-def build_loss(name: str, gradient_penalty: float = 10.0) -> GANLoss:
+def build_loss(name: str, gradient_penalty: float = 10.0, r1: float = 0.0) -> GANLoss:
+    """``r1``: weight γ of the R1 penalty ``γ/2 · E_real ||∇ₓD(x)||²`` added to D's loss, for any loss family."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")
-    if name == "wgan-gp":
-        if isinstance(gradient_penalty, bool) or not isinstance(gradient_penalty, (int, float)) or gradient_penalty < 0:
-            raise ValueError(f"gradient_penalty must be a number >= 0, got {gradient_penalty!r}")
-        return GANLoss(name, float(gradient_penalty))
-    return GANLoss(name)
+    for key, value in (("gradient_penalty", gradient_penalty), ("r1", r1)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+    return GANLoss(name, float(gradient_penalty) if name == "wgan-gp" else 0.0, float(r1))
 
 
 def gradient_penalty(discriminator: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
@@ -54,3 +55,11 @@ def gradient_penalty(discriminator: nn.Module, real: Tensor, fake: Tensor) -> Te
     mixed = (alpha * real + (1 - alpha) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(discriminator(mixed).sum(), mixed, create_graph=True)
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def r1_penalty(real_scores: Tensor, real: Tensor) -> Tensor:
+    """R1 (Mescheder et al., 2018): ``E_real ||∇ₓD(x)||²``, from the scores of ``real`` (which must require grad).
+
+    It makes D flat on the data, so D cannot sharpen around narrow modes faster than G can follow."""
+    (grad,) = torch.autograd.grad(real_scores.sum(), real, create_graph=True)
+    return grad.flatten(1).pow(2).sum(1).mean()
