@@ -30,6 +30,7 @@ from typing_extensions import override
 
 from lightning_dpgan.losses import GANLoss, build_loss, gradient_penalty, r1_penalty
 from lightning_dpgan.optim import OPTIMIZERS
+from lightning_dpgan.seeding import seed_for_rank
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -121,6 +122,13 @@ class DPGAN(pl.LightningModule):
             out = model(torch.randn(n, self.latent_dim, device=self.device))
         model.train(was_training)
         return out
+
+    @override
+    def setup(self, stage: str) -> None:
+        # seed_everything seeds every rank alike: under DDP all ranks would draw the same noise, and the all-reduced
+        # gradient would see one fake batch world_size times over instead of world_size different ones
+        if stage == "fit" and self.trainer.world_size > 1:
+            seed_for_rank(self.trainer.global_rank)
 
     @override
     def configure_optimizers(self) -> Any:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import uuid
 from collections.abc import Callable, Mapping
@@ -28,7 +27,6 @@ from datetime import timedelta
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
@@ -46,6 +44,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_dpgan.gossip import GossipEngine, PendingMix, check_chunk_bytes, resolve_wire_dtype
+from lightning_dpgan.seeding import seed_for_rank
 from lightning_dpgan.topology import TOPOLOGIES, Topology, TopologyError, _check_rounds, build_topology
 
 CHECKPOINT_KEY = "decentralized"
@@ -240,14 +239,7 @@ class DecentralizedStrategy(DDPStrategy):
         module = self.model
         tensors = [p.data for p in _own_parameters(module)] + [b for _, b in _own_buffers(module)]
         self.engine.broadcast(tensors, src=0)
-        self._reseed_per_rank()
-
-    def _reseed_per_rank(self) -> None:
-        base = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
-        seed = (base + 1_000_003 * self.global_rank) % (2**32)
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+        seed_for_rank(self.global_rank)  # replicas start alike but draw their own noise and batches
 
     # ------------------------------------------------------------------ the step
     @override

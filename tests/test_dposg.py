@@ -108,6 +108,16 @@ def test_one_dpgan_iteration_is_one_gossip_exchange_per_round(tmp_path):
     assert any(k.startswith("generator_ema.") for k in ema)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "decentralized"])
+def test_every_rank_draws_its_own_noise(tmp_path, strategy):
+    """seed_everything seeds every rank alike; if DPGAN kept that, DDP's all-reduced gradient would see one fake
+    batch world_size times over instead of world_size different ones."""
+    lightning_script("lightning_worker.py", "grid", str(tmp_path), "steps=1", f"strategy={strategy}")
+    noise = [torch.load(tmp_path / f"noise_rank{r}.pt") for r in range(N)]
+    for r in range(1, N):
+        assert not torch.allclose(noise[0], noise[r]), r
+
+
 def test_dpgan_under_ddp_is_centralized_osg(tmp_path):
     """strategy=ddp with the same optimizer: gradients averaged, so every replica stays identical (CPOSG)."""
     lightning_script("lightning_worker.py", "grid", str(tmp_path), "steps=5", "strategy=ddp", "n_critic=2", "loss=wgan-gp")

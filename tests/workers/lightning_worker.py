@@ -229,6 +229,19 @@ class Snapshots(Callback):
             torch.save(module.state_dict(), os.path.join(self.out, f"step{trainer.global_step}.pt"))
 
 
+class NoiseAtFirstBatch(Callback):
+    """The noise this rank's DPGAN draws in its first iteration (the global RNG's next draw there)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == 0:
+            state = torch.random.get_rng_state()
+            torch.save(torch.randn(8, module.latent_dim), os.path.join(self.out, f"noise_rank{trainer.global_rank}.pt"))
+            torch.random.set_rng_state(state)
+
+
 class KillRank(Callback):
     def __init__(self, rank: int, step: int) -> None:
         self.rank, self.step = rank, step
@@ -356,7 +369,7 @@ def main() -> None:
             "ring", gossip_rounds=int(opts.get("rounds", 1)), consensus_every=int(opts.get("consensus_every", 50)),
             mixing=opts.get("mixing", "1") == "1",
         )
-        callbacks = [SaveReplica(out), Snapshots(out, int(opts.get("snapshot_every", 10**9)))]
+        callbacks = [SaveReplica(out), Snapshots(out, int(opts.get("snapshot_every", 10**9))), NoiseAtFirstBatch(out)]
         if opts.get("strategy") == "ddp":  # centralized OSG (CPOSG): gradients all-reduced, same optimizer
             strategy = DDPStrategy(find_unused_parameters=int(opts.get("n_critic", 1)) > 1)
         else:
