@@ -187,3 +187,18 @@ def test_loggers_and_experiments_run(tmp_path, overrides, expect):
                 *overrides, f"hydra.run.dir={run_dir}"], timeout=240)
     assert "fit done" in proc.stdout
     assert any(expect in p.name for p in run_dir.rglob("*")), sorted(p.name for p in run_dir.rglob("*"))
+
+
+def test_ring8_experiment_trains_with_r1_and_its_checkpoint_rebuilds_it(tmp_path):
+    """experiment=ring8 sets loss.r1=0.1 (README: without it D overpowers G in some seeds); the checkpoint's
+    hyperparameters carry it, so load_from_checkpoint rebuilds the penalised loss."""
+    from lightning_dpgan import DPGAN
+    from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
+
+    run_dir = tmp_path / "run"
+    proc = run([*CLI, "fit", "experiment=ring8", "devices=1", "max_steps=2", "evaluation.every_n_steps=0",
+                "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"], timeout=240)
+    assert "fit done" in proc.stdout
+    gan = DPGAN.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", generator=MLPGenerator(hidden=128, depth=3),
+                                     discriminator=MLPDiscriminator(hidden=128, depth=3), weights_only=False)
+    assert gan.loss.r1 == 0.1 and gan.loss.name == "ns"
