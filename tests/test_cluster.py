@@ -17,6 +17,7 @@ from test_gossip import reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from cluster import EmulatedCluster, available, parse_rate, remove_orphans  # noqa: E402
+from time_to_quality import time_to  # noqa: E402
 
 
 def test_three_gossip_steps_across_a_two_host_cluster(tmp_path):
@@ -46,6 +47,16 @@ def test_rates_parse_and_bad_ones_are_named():
     assert parse_rate("200mbit") == 200_000_000 and parse_rate("10gbit") == 10**10 and parse_rate("unlimited") is None
     with pytest.raises(ValueError, match="rate must look like 100mbit, 1gbit or 'unlimited', got '200mb'"):
         parse_rate("200mb")
+
+
+def test_time_to_quality_takes_the_clock_of_one_run_at_the_first_step_the_other_reaches():
+    clock = [{"step": 100, "train_s": 50.0, "fid": 400.0}, {"step": 200, "train_s": 110.0, "fid": 150.0}, {"step": 300, "train_s": 160.0, "fid": 90.0}]
+    scores = [{"step": 100, "train_s": 999.0, "fid": 310.0}, {"step": 200, "train_s": 999.0, "fid": 290.0}, {"step": 300, "train_s": 999.0, "fid": 190.0}]
+    assert time_to(clock, scores, 300) == (110.0, 200)  # the scores' first FID <= 300 is at 200; the clock there
+    assert time_to(clock, scores, 200) == (160.0, 300)
+    assert time_to(clock, scores, 100) is None
+    with pytest.raises(SystemExit, match=r"clock run evaluated at \[100, 200, 300\], the scores run at \[100\]"):
+        time_to(clock, scores[:1], 300)
 
 
 def test_clusters_of_killed_runs_are_removed():
