@@ -61,6 +61,11 @@ def fit(cluster: EmulatedCluster, overrides: list[str], run_dir: Path, steps: in
     return read_rows(run_dir)
 
 
+def first_reaching(rows: list[dict[str, float]], fid: float) -> dict[str, float] | None:
+    """The first evaluation with FID <= ``fid``, or None."""
+    return next((r for r in rows if r["fid"] <= fid), None)
+
+
 def seconds_per_iteration(rows: list[dict[str, float]]) -> float:
     """From the first evaluation to the last: leaves out start-up and the first iterations."""
     first, last = rows[0], rows[-1]
@@ -113,7 +118,7 @@ def main() -> None:
                 probe = fit(cluster, SETTINGS[setting], out / "unlimited", args.probe_steps, args.probe_steps // 2, args.seed)
             with EmulatedCluster(args.hosts, args.rate, port=29601) as cluster:
                 rows = fit(cluster, SETTINGS[setting], out / args.rate, args.steps, args.every, args.seed)
-        reached = {fid: next((r for r in rows if r["fid"] <= fid), None) for fid in args.fid}
+        reached = {fid: first_reaching(rows, fid) for fid in args.fid}
         results[setting] = {
             "s_per_it": seconds_per_iteration(rows),
             "s_per_it_unlimited": seconds_per_iteration(probe),

@@ -20,11 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster_train import read_rows  # noqa: E402
-
-
-def first_reaching(rows: list[dict[str, float]], fid: float) -> dict[str, float] | None:
-    return next((r for r in rows if r["fid"] <= fid), None)
+from cluster_train import first_reaching, read_rows  # noqa: E402
 
 
 def time_to(clock: list[dict[str, float]], scores: list[dict[str, float]], fid: float) -> tuple[float, int] | None:
