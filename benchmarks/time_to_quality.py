@@ -10,6 +10,8 @@ link, on a busy machine, while the clock of the run measured side by side with t
 link stands. The time to a threshold is then the clock run's ``train_s`` at the first iteration where the scores
 run reaches it. ``--clock``, ``--scores`` and ``--against`` take one run folder per seed, in the same order; every
 folder needs an ``evaluation.csv``, and the clock and scores runs must have evaluated at the same iterations.
+``--against-scores`` does the same for the other setting: its clock is then ``--against`` (for example, both
+clocks measured on hosts with their own cores, both score curves from runs elsewhere).
 """
 
 from __future__ import annotations
@@ -41,29 +43,32 @@ def main() -> None:
     parser.add_argument("--clock", type=Path, nargs="+", required=True, help="the baseline's limited-link runs")
     parser.add_argument("--scores", type=Path, nargs="+", required=True, help="the baseline's re-scored runs")
     parser.add_argument("--against", type=Path, nargs="+", required=True, help="the other setting's limited-link runs")
+    parser.add_argument("--against-scores", type=Path, nargs="+", default=None, help="the other setting's scores, if not --against's own")
     args = parser.parse_args()
-    if not len(args.clock) == len(args.scores) == len(args.against):
-        parser.error(f"--clock, --scores and --against need one folder per seed each, got {len(args.clock)}, "
-                     f"{len(args.scores)} and {len(args.against)}")
+    against_scores = args.against_scores or args.against
+    counts = [len(args.clock), len(args.scores), len(args.against), len(against_scores)]
+    if len(set(counts)) != 1:
+        parser.error(f"--clock, --scores, --against (and --against-scores) need one folder per seed each, got {counts}")
     header = ["run"]
     for fid in args.fid:
         header += [f"baseline s to FID ≤ {fid:g} (it)", "other", "baseline ÷ other"]
     header += ["FID at the end: baseline, other"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     ratios: dict[float, list[float]] = {fid: [] for fid in args.fid}
-    for clock_dir, scores_dir, against_dir in zip(args.clock, args.scores, args.against):
-        clock, scores, against = read_rows(clock_dir), read_rows(scores_dir), read_rows(against_dir)
+    for clock_dir, scores_dir, against_dir, against_scores_dir in zip(args.clock, args.scores, args.against, against_scores):
+        clock, scores = read_rows(clock_dir), read_rows(scores_dir)
+        against, against_scored = read_rows(against_dir), read_rows(against_scores_dir)
         cells = [str(scores_dir)]
         for fid in args.fid:
-            base, other = time_to(clock, scores, fid), first_reaching(against, fid)
+            base, other = time_to(clock, scores, fid), time_to(against, against_scored, fid)
             cells.append(f"{base[0]:.0f} ({base[1]})" if base else "not reached")
-            cells.append(f"{other['train_s']:.0f} ({other['step']:.0f})" if other else "not reached")
+            cells.append(f"{other[0]:.0f} ({other[1]})" if other else "not reached")
             if base and other:
-                ratios[fid].append(base[0] / other["train_s"])
+                ratios[fid].append(base[0] / other[0])
                 cells.append(f"{ratios[fid][-1]:.2f}×")
             else:
                 cells.append("")
-        cells.append(f"{scores[-1]['fid']:.1f}, {against[-1]['fid']:.1f} at {scores[-1]['step']:.0f}")
+        cells.append(f"{scores[-1]['fid']:.1f}, {against_scored[-1]['fid']:.1f} at {scores[-1]['step']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     mean = ["mean"]
     for fid in args.fid:

@@ -59,6 +59,26 @@ def test_time_to_quality_takes_the_clock_of_one_run_at_the_first_step_the_other_
         time_to(clock, scores[:1], 300)
 
 
+def test_time_to_quality_can_take_both_clocks_from_runs_other_than_the_scored_ones(tmp_path):
+    """``--against-scores``: the other setting's time is its clock run's seconds at its scores run's crossing."""
+    def run(name: str, rows: list[tuple[int, float, float]]) -> str:
+        (tmp_path / name).mkdir()
+        lines = ["step,train_s,fid", *(f"{step},{seconds},{fid}" for step, seconds, fid in rows)]
+        (tmp_path / name / "evaluation.csv").write_text("\n".join(lines) + "\n")
+        return str(tmp_path / name)
+
+    base_clock = run("base_clock", [(100, 40.0, 999.0), (200, 80.0, 999.0)])
+    base_scores = run("base_scores", [(100, 1.0, 350.0), (200, 2.0, 250.0)])  # FID <= 300 at 200: 80 s
+    other_clock = run("other_clock", [(100, 10.0, 999.0), (200, 20.0, 999.0)])
+    other_scores = run("other_scores", [(100, 1.0, 280.0), (200, 2.0, 150.0)])  # FID <= 300 at 100: 10 s
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_quality.py"
+    common = [sys.executable, str(script), "--fid", "300", "--clock", base_clock, "--scores", base_scores, "--against", other_clock]
+    both = subprocess.run([*common, "--against-scores", other_scores], capture_output=True, text=True, check=True).stdout
+    assert "| 80 (200) | 10 (100) | 8.00× |" in both
+    alone = subprocess.run(common, capture_output=True, text=True, check=True).stdout  # the clock run's own FID: never <= 300
+    assert "| 80 (200) | not reached |" in alone
+
+
 def test_clusters_of_killed_runs_are_removed():
     """SIGKILL skips every teardown: the next cluster removes namespaces whose owner process is gone."""
     reason = available()
