@@ -7,7 +7,10 @@ Every run is the real command line, ``python -m lightning_dpgan fit experiment=<
 row can be reproduced by hand; extra ``key=value`` arguments after ``--`` go to every run (``-- max_steps=2000``).
 Runs go to ``--out/<experiment>/<setting>/seed<s>/``; the table is built from their ``evaluation.csv`` (the
 consensus model's last evaluation) and printed as Markdown, and also saved as ``--out/results.md``. ``--collect``
-builds it from runs already there (for example, runs made on several machines).
+builds it from runs already there (for example, runs made on several machines). ``--settings`` also takes the
+``DIAGNOSES`` below, which a plain run leaves out:
+
+    python benchmarks/quality.py grid25 --settings dposg_complete_graph_optimisticadam --seeds 1 2 -- loss.r1=0.1
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ SETTINGS = {
     "simultaneous Adam, ring": ["optim=adam"],
 }
 IMAGE_SETTINGS = ("DPOSG, ring (OptimisticAdam)", "centralized, DDP (OptimisticAdam)")
+#: run only when named with --settings: diagnoses of a gap between DPOSG and its centralized baseline
+DIAGNOSES = {
+    # W = J/n: replicas exactly averaged after every local step, so any gap left to DDP is the local step's
+    "DPOSG, complete graph (OptimisticAdam)": ["topology=complete"],
+    # per-worker Adam normalizes a batch-128 gradient: does a larger step make up for the smaller effective one?
+    "DPOSG, ring (OptimisticAdam), lr 2e-3": ["model.lr_g=0.002", "model.lr_d=0.002"],
+}
+ALL_SETTINGS = {**SETTINGS, **DIAGNOSES}
 #: PacGAN (Lin et al., 2018), Table 1, grid of 25 Gaussians: modes, % high-quality samples
 PACGAN_GRID = {"GAN": (17.3, 94.8), "ALI": (24.1, 95.7), "PacGAN4": (24.8, 93.6)}
 MIXTURES = ("grid25", "ring8")
@@ -43,7 +54,7 @@ def run_one(experiment: str, setting: str, seed: int, out: Path, extra: list[str
         return
     cmd = [
         sys.executable, "-m", "lightning_dpgan", "fit", f"experiment={experiment}", f"seed={seed}",
-        *SETTINGS[setting], f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *extra,
+        *ALL_SETTINGS[setting], f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *extra,
     ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -116,7 +127,7 @@ def main() -> None:
     parser.add_argument("experiments", nargs="+", help="experiment configs: grid25, ring8, digits, mnist5k")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (each starts `devices` processes)")
-    parser.add_argument("--settings", nargs="+", default=None, help="a subset of the settings, by slug")
+    parser.add_argument("--settings", nargs="+", default=None, help="a subset of the settings, or diagnoses, by slug")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--collect", action="store_true", help="only build the table from the runs already in --out")
     args, extra = parser.parse_known_args()
@@ -125,7 +136,10 @@ def main() -> None:
     for experiment in args.experiments:
         settings = list(SETTINGS) if experiment in MIXTURES else list(IMAGE_SETTINGS)
         if args.settings:
-            settings = [s for s in settings if slug(s) in args.settings]
+            unknown = set(args.settings) - {slug(s) for s in ALL_SETTINGS}
+            if unknown:
+                parser.error(f"unknown --settings {sorted(unknown)}; choose from {[slug(s) for s in ALL_SETTINGS]}")
+            settings = [s for s in [*settings, *DIAGNOSES] if slug(s) in args.settings]
         jobs += [(experiment, setting, seed) for setting in settings for seed in args.seeds]
     if not args.collect:
         with ThreadPoolExecutor(args.parallel) as pool:
