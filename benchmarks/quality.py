@@ -38,8 +38,6 @@ IMAGE_SETTINGS = ("DPOSG, ring (OptimisticAdam)", "centralized, DDP (OptimisticA
 DIAGNOSES = {
     # W = J/n: replicas exactly averaged after every local step, so any gap left to DDP is the local step's
     "DPOSG, complete graph (OptimisticAdam)": ["topology=complete"],
-    # per-worker Adam normalizes a batch-128 gradient: does a larger step make up for the smaller effective one?
-    "DPOSG, ring (OptimisticAdam), lr 2e-3": ["model.lr_g=0.002", "model.lr_d=0.002"],
 }
 ALL_SETTINGS = {**SETTINGS, **DIAGNOSES}
 #: PacGAN (Lin et al., 2018), Table 1, grid of 25 Gaussians: modes, % high-quality samples
