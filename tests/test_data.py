@@ -11,6 +11,7 @@ from lightning_dpgan.data import (
     DigitsDataModule,
     GaussianMixtureDataModule,
     MNIST5kDataModule,
+    ResumableDataLoader,
     ShardSampler,
     TorchvisionDataModule,
     sample_mixture,
@@ -49,6 +50,43 @@ def test_sampler_has_equal_length_on_every_rank_and_reshuffles():
     first = list(samplers[0])
     samplers[0].set_epoch(1)
     assert list(samplers[0]) != first
+
+
+def test_sampler_resumes_part_way_through_an_epoch_then_runs_whole_epochs():
+    data = torch.utils.data.TensorDataset(torch.arange(50))
+    reference = ShardSampler(data, 2, 1, seed=3)
+    reference.set_epoch(4)
+    epoch4 = list(reference)
+    reference.set_epoch(5)
+    epoch5 = list(reference)
+    sampler = ShardSampler(data, 2, 1, seed=3)
+    sampler.resume_at(4, 10)
+    assert list(sampler) == epoch4[10:]
+    sampler.set_epoch(5)
+    assert list(sampler) == epoch5
+    with pytest.raises(ValueError, match=r"start must be in \[0, 25\), got 25"):
+        sampler.resume_at(0, 25)
+
+
+def test_loader_resumes_at_its_saved_batch_without_drawing_from_the_random_stream():
+    data = torch.utils.data.TensorDataset(torch.arange(50))
+    loader = ResumableDataLoader(data, batch_size=4, sampler=ShardSampler(data, 2, 0, seed=1), position=lambda: (3, 2))
+    assert loader.state_dict() == {"epoch": 3, "batches": 2}
+    reference = ShardSampler(data, 2, 0, seed=1)
+    reference.set_epoch(3)
+    order = list(reference)  # 25 indices: 6 batches of 4, the last index dropped
+    loader.load_state_dict({"epoch": 3, "batches": 2})
+    torch.manual_seed(0)
+    iterator = iter(loader)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))  # making the iterator drew nothing (an uninterrupted run did, earlier)
+    assert [batch[0].tolist() for batch in iterator] == [order[i : i + 4] for i in (8, 12, 16, 20)]
+    assert len(list(loader)) == 6  # the next pass is whole
+
+    with pytest.warns(UserWarning, match=r"batch 6 of epoch 3\) lies beyond this run's epoch of 6 batches"):
+        loader.load_state_dict({"epoch": 3, "batches": 6})
+    assert [batch[0].tolist() for batch in loader] == [order[i : i + 4] for i in range(0, 24, 4)]
 
 
 @pytest.mark.parametrize("shard", ["iid", "by_label"])

@@ -67,18 +67,40 @@ def test_two_optimizer_gan_consensus_with_and_without_gossip(tmp_path):
     assert "consensus/generator" in header and "consensus/discriminator" in header
 
 
-@pytest.mark.parametrize("overlap", [0, 1], ids=["synchronous", "overlap"])
-def test_resume_reproduces_uninterrupted_run_on_every_rank(tmp_path, overlap):
-    # with overlap=1 each optimizer's mix (G's with its BatchNorm buffers) is in flight when the checkpoint is taken
+def batches_seen(out: Path, rank: int) -> list[list[float]]:
+    return [json.loads(line) for line in (out / f"batches_rank{rank}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("overlap", "interruptions"),
+    [(0, ["epochs=1"]), (1, ["epochs=1"]), (1, ["every=4", "stop=20", "stop=24"])],
+    ids=["synchronous", "overlap", "overlap-twice-mid-epoch"],
+)
+def test_resume_reproduces_uninterrupted_run_on_every_rank(tmp_path, overlap, interruptions):
+    # With overlap=1 each optimizer's mix (G's with its BatchNorm buffers) is in flight when a checkpoint is taken; a
+    # checkpoint lands it early, so the uninterrupted run takes the same checkpoints. An epoch is 7 batches of 2
+    # optimizer steps (14 steps): steps 20 and 24 are batches 3 and 5 of the second epoch, where the data must go on
+    # in the second epoch's order rather than restart that epoch.
+    every = [arg for arg in interruptions if arg.startswith("every=")]
+    stops = [arg for arg in interruptions if arg not in every]
     full, part = tmp_path / "full", tmp_path / "part"
-    lightning_script("lightning_worker.py", "resume", str(full), "epochs=3", f"overlap={overlap}")
-    lightning_script("lightning_worker.py", "resume", str(part), "epochs=1", f"overlap={overlap}")
-    ckpt = part / "ckpt" / "last.ckpt"
-    lightning_script("lightning_worker.py", "resume", str(part), "epochs=3", f"ckpt={ckpt}", f"overlap={overlap}")
+    common = ["epochs=3", f"overlap={overlap}", *every]
+    lightning_script("lightning_worker.py", "resume", str(full), *common)
+    ckpt = None
+    for stop in stops:
+        resume = [f"ckpt={ckpt}"] if ckpt else []
+        lightning_script("lightning_worker.py", "resume", str(part), *common, stop, *resume)
+        step = int(stop.split("=")[1]) if stop.startswith("stop=") else 14
+        ckpt = part / "ckpt" / f"epoch={(step - 1) // 14}-step={step}.ckpt"
+    lightning_script("lightning_worker.py", "resume", str(part), *common, f"ckpt={ckpt}")
     uninterrupted, resumed = replicas(full, 4), replicas(part, 4)
     for r in range(4):
+        assert batches_seen(part, r) == batches_seen(full, r), r
         for key, value in uninterrupted[r].items():
             assert torch.equal(value, resumed[r][key]), (r, key)
+    checksums = [checksum for _, _, checksum in batches_seen(full, 0)]
+    assert len(checksums) == 21  # 3 epochs of 7, so the resumed run repeated and left out none
+    assert checksums[:7] != checksums[7:14]  # each epoch has its own order, so the resumed epoch's order was checked
     assert max_diff(uninterrupted[0], uninterrupted[1]) > 1e-4  # replicas are distinct, so shards mattered
 
     # the main file holds the consensus model: the average of the replicas in the shards

@@ -5,6 +5,7 @@ from lightning_dpgan.data.base import ShardedDataModule
 from lightning_dpgan.data.digits import DigitsDataModule
 from lightning_dpgan.data.gaussians import GaussianMixtureDataModule, mixture_modes, sample_mixture
 from lightning_dpgan.data.mnist5k import MNIST5kDataModule
+from lightning_dpgan.data.resumable import ResumableDataLoader
 from lightning_dpgan.data.sharding import SHARDS, ShardSampler, shard_indices
 from lightning_dpgan.data.torchvision_sets import DatasetNotFoundError, TorchvisionDataModule
 
@@ -14,6 +15,7 @@ __all__ = [
     "DigitsDataModule",
     "GaussianMixtureDataModule",
     "MNIST5kDataModule",
+    "ResumableDataLoader",
     "ShardSampler",
     "ShardedDataModule",
     "TorchvisionDataModule",

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_dpgan.data.resumable import ResumableDataLoader
 from lightning_dpgan.data.sharding import SHARDS, ShardSampler
 
 
@@ -18,7 +19,8 @@ class ShardedDataModule(pl.LightningDataModule):
     """Subclasses implement :meth:`load` (the dataset and its labels); this class splits and shards it.
 
     ``name`` (Lightning's ``LightningDataModule.name``) tells :class:`~lightning_dpgan.evaluation.GANEvaluation`
-    which metrics fit the data.
+    which metrics fit the data. The training loader is a :class:`ResumableDataLoader`, so a checkpoint taken
+    mid-epoch resumes with the batch that followed it.
 
     Args:
         batch_size: per rank.
@@ -39,6 +41,7 @@ class ShardedDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.train_labels: np.ndarray | None = None
+        self._train_sampler: ShardSampler | None = None
 
     def load(self) -> tuple[Dataset, np.ndarray]:
         raise NotImplementedError
@@ -59,7 +62,7 @@ class ShardedDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         assert self.train_set is not None, "call setup() first"
         world_size, rank = self._rank()
         sampler = ShardSampler(self.train_set, world_size, rank, self.shard, self.train_labels, seed=self.seed)
@@ -67,7 +70,25 @@ class ShardedDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"batch_size {self.batch_size} is larger than a rank's shard ({len(sampler)} samples over {world_size} ranks)"
             )
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers)
+        self._train_sampler = sampler
+        return ResumableDataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            position=self._training_position,
+            num_workers=self.num_workers,
+        )
+
+    def _training_position(self) -> tuple[int, int]:
+        """The epoch training is in and the batches it has trained on there; a finished epoch is the next one's start.
+
+        Read when a checkpoint is saved: after a batch (its ``processed`` count includes it), after a validation, or
+        at an epoch's end.
+        """
+        trainer, sampler = self.trainer, self._train_sampler
+        assert trainer is not None and sampler is not None, "only a fit's checkpoint asks where training stands"
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return (sampler.epoch + 1, 0) if batches >= trainer.num_training_batches else (sampler.epoch, batches)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:

@@ -53,6 +53,7 @@ class ShardSampler(DistributedSampler):
 
     A shard smaller than that repeats some of its own samples; a larger one (``by_label``) shows a different
     subset each epoch. Being a ``DistributedSampler``, Lightning keeps it instead of inserting its own.
+    :meth:`resume_at` starts the next pass part-way through its epoch, for a mid-epoch resume.
     """
 
     def __init__(
@@ -71,6 +72,14 @@ class ShardSampler(DistributedSampler):
         self.indices = shard_indices(size, num_replicas, rank, shard, labels, seed)
         self.num_samples = math.ceil(size / num_replicas)
         self.total_size = self.num_samples * num_replicas
+        self._start = 0
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        """The next pass yields epoch ``epoch``'s order from its ``start``-th index on; later passes are whole."""
+        if not 0 <= start < self.num_samples:
+            raise ValueError(f"start must be in [0, {self.num_samples}), got {start!r}")
+        self.set_epoch(epoch)
+        self._start = start
 
     def __iter__(self) -> Iterator[int]:
         order = self.indices
@@ -78,7 +87,8 @@ class ShardSampler(DistributedSampler):
             generator = torch.Generator().manual_seed(self.seed + 7919 * self.epoch + 104729 * self.rank)
             order = order[torch.randperm(len(order), generator=generator).numpy()]
         repeats = math.ceil(self.num_samples / len(order))
-        return iter(np.tile(order, repeats)[: self.num_samples].tolist())
+        start, self._start = self._start, 0
+        return iter(np.tile(order, repeats)[start : self.num_samples].tolist())
 
     def __len__(self) -> int:
         return self.num_samples

@@ -183,6 +183,17 @@ class SaveReplica(Callback):
                     json.dump(module.seen, f)
 
 
+class LogBatches(Callback):
+    """Appends each training batch's epoch, index and checksum to ``batches_rank{r}.jsonl``, across resumed runs."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        with open(os.path.join(self.out, f"batches_rank{trainer.global_rank}.jsonl"), "a") as f:
+            f.write(json.dumps([trainer.current_epoch, batch_idx, float(batch[0].double().sum())]) + "\n")
+
+
 class ConsensusHistory(Callback):
     def __init__(self, out: str) -> None:
         self.out = out
@@ -281,13 +292,18 @@ def main() -> None:
         t = trainer(out, strategy, devices, max_steps=2 * int(opts.get("batches", 60)), callbacks=[ConsensusHistory(out), SaveReplica(out)])
         t.fit(AlternatingGAN(lr=1e-3), datamodule=DigitsDataModule(batch_size=32))
 
-    elif scenario == "resume":  # save at an epoch end, resume, compare with the uninterrupted run
-        ckpt = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True, save_top_k=-1)
-        callbacks = [SaveReplica(out, opts.get("save", "end")), ckpt]
+    elif scenario == "resume":  # save at epoch ends (or every `every` steps), stop, resume, compare with the uninterrupted run
+        stop, every = int(opts.get("stop", -1)), int(opts.get("every", 0))
+        ckpt = ModelCheckpoint(
+            dirpath=os.path.join(out, "ckpt"), save_last=True, save_top_k=-1, every_n_train_steps=every or None
+        )
+        callbacks = [SaveReplica(out, opts.get("save", "end")), LogBatches(out), ckpt]
         strategy = DecentralizedStrategy(
             opts.get("topology", "ring"), gossip_rounds=2, consensus_every=3, overlap=opts.get("overlap", "0") == "1"
         )
-        t = trainer(out, strategy, devices, max_epochs=int(opts["epochs"]), callbacks=callbacks, enable_checkpointing=True)
+        t = trainer(
+            out, strategy, devices, max_epochs=int(opts["epochs"]), max_steps=stop, callbacks=callbacks, enable_checkpointing=True
+        )
         t.fit(AlternatingGAN(), datamodule=DigitsDataModule(batch_size=64), ckpt_path=opts.get("ckpt"))
 
     elif scenario == "kill":
