@@ -59,16 +59,21 @@ def test_fit_trains_on_a_ring_and_leaves_a_complete_run_directory(fitted):
     assert hparams["topology"]["name"] == "ring" and hparams["max_steps"] == 40  # the config, logged
 
 
-def test_checkpoints_follow_the_step_cadence_not_the_short_epochs(tmp_path):
-    """1400 points on 2 workers at batch 100 is an epoch of 7 steps; the checkpoint config asks for every 10."""
+def test_checkpoints_follow_the_step_cadence_not_the_short_epochs_and_last_is_the_end(tmp_path):
+    """1400 points on 2 workers at batch 100 is an epoch of 7 steps; the checkpoint config asks for every 10, and
+    the run of 35 steps ends between two of them: last.ckpt must still be the final model."""
     run_dir = tmp_path / "run"
-    proc = run([*CLI, "fit", "devices=2", "max_steps=30", "batch_size=100", "dataset.num_samples=1400",
+    proc = run([*CLI, "fit", "devices=2", "max_steps=35", "batch_size=100", "dataset.num_samples=1400",
          "evaluation.every_n_steps=1000", "evaluation.num_samples=200", "trainer.enable_progress_bar=false",
          "checkpoint.every_n_train_steps=10", "checkpoint.save_top_k=-1", f"hydra.run.dir={run_dir}"], timeout=240)
     saved = sorted(run_dir.glob("checkpoints/epoch=*-step=*.ckpt"))
     assert sorted(int(p.stem.rsplit("=", 1)[1]) for p in saved) == [10, 20, 30]
-    for path in [*saved, run_dir / "checkpoints" / "last.ckpt"]:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    for path in [*saved, last]:
         assert (path.parent / f"{path.name}.replicas" / "rank1.pt").is_file(), path
+    assert torch.load(last, weights_only=False)["global_step"] == 35
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("last")) == [
+        "last.ckpt", "last.ckpt.replicas"]  # overwritten in place, not versioned
     assert "pre-optimization state" not in proc.stderr  # Lightning's warning for manual optimization, silenced
 
 
