@@ -88,6 +88,12 @@ def test_loader_resumes_at_its_saved_batch_without_drawing_from_the_random_strea
         loader.load_state_dict({"epoch": 3, "batches": 6})
     assert [batch[0].tolist() for batch in loader] == [order[i : i + 4] for i in range(0, 24, 4)]
 
+    # worker processes take their indices when the iterator is made: the resumed position must be set by then
+    workers = ResumableDataLoader(data, batch_size=4, sampler=ShardSampler(data, 2, 0, seed=1), position=lambda: (0, 0),
+                                  num_workers=2)
+    workers.load_state_dict({"epoch": 3, "batches": 4})
+    assert [batch[0].tolist() for batch in workers] == [order[i : i + 4] for i in (16, 20)]
+
 
 @pytest.mark.parametrize("shard", ["iid", "by_label"])
 def test_ranks_train_on_their_own_shards(tmp_path, shard):
