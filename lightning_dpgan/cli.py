@@ -10,6 +10,7 @@ it ends with one message and exit status 2.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_PACKAGE = "lightning_dpgan.conf"
+LR_SCALINGS = ("none", "sqrt")  # lr_scaling: the decentralized workers' rate is model.lr_* times 1 or sqrt(n)
 VERB_VARIABLE = "LIGHTNING_DPGAN_VERB"
 VERBS = {
     "fit": "train (default: DPOSG on the grid of 25 Gaussians, 4 CPU workers gossiping on a ring)",
@@ -122,6 +124,8 @@ def check(verb: str, overrides: Sequence[str]) -> DictConfig:
         raise UsageError(f"ckpt_path must be a checkpoint file, got {cfg.ckpt_path!r} (not found)")
     if verb in ("validate", "sample"):
         cfg = with_run_config(cfg)
+    else:
+        cfg = with_scaled_learning_rates(cfg)
     for key in ("dataset", "model", "strategy", "evaluation"):
         instantiate(cfg, key)  # constructors check their arguments; none starts a process or downloads
     _check_target(cfg, "logger")  # building a logger would create its run (a wandb run, a folder)
@@ -137,6 +141,29 @@ def build_topology_from(cfg: DictConfig) -> Any:
         return build_topology(cfg.topology.name, cfg.devices * cfg.num_nodes, **options)
     except TopologyError as err:
         raise UsageError(str(err)) from None
+
+
+def with_scaled_learning_rates(cfg: DictConfig) -> DictConfig:
+    """``lr_scaling=sqrt``: under the decentralized strategy each worker steps at √(world size) × ``model.lr_*``.
+
+    ``model.lr_*`` is then the centralized recipe's rate. Each DPOSG worker's Adam normalises the gradient of its
+    own batch, which carries n× the noise variance of DDP's averaged one, so at equal rates its step is ~1/√n of
+    DDP's; measured, DPOSG at √n × DDP's rate matches DDP (README "Results"). DDP keeps the rate as given.
+    """
+    scaling = cfg.get("lr_scaling")
+    if scaling not in LR_SCALINGS:
+        raise UsageError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {scaling!r}")
+    world_size = cfg.devices * cfg.num_nodes
+    if scaling == "none" or world_size == 1 or not _is_decentralized(cfg):
+        return cfg
+    if "lr_g" not in cfg.model or "lr_d" not in cfg.model:
+        raise UsageError(f"lr_scaling={scaling} scales model.lr_g and model.lr_d; model {cfg.model.get('_target_')!r} has neither")
+    scaled = cfg.copy()
+    for key in ("lr_g", "lr_d"):
+        rate = cfg.model[key]
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool):  # anything else: DPGAN says what is wrong
+            scaled.model[key] = rate * math.sqrt(world_size)
+    return scaled
 
 
 def _is_decentralized(cfg: DictConfig) -> bool:
@@ -214,6 +241,7 @@ def fit(cfg: DictConfig) -> None:
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     run_dir = run_directory()
+    cfg = with_scaled_learning_rates(cfg)  # before config.yaml is written: it holds the rates the workers use
     world_size = cfg.devices * cfg.num_nodes
     if world_size > 1 and cfg.trainer.accelerator == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # several processes share the cores

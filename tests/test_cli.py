@@ -146,6 +146,7 @@ def test_multirun_gives_every_job_its_own_directory(tmp_path):
         (["fit", "dataset=cifar10", "dataset.root=/nonexistent"], "cifar10 not found under '/nonexistent'"),
         (["fit", "model.lr_g=-1"], "model: lr_g must be a number >= 0, got -1"),
         (["fit", "wire_dtype=int8"], "wire_dtype"),
+        (["fit", "lr_scaling=linear"], "lr_scaling must be one of none, sqrt, got 'linear'"),
         (["sample"], "sample needs ckpt_path=<a checkpoint file>, got None"),
         (["fit", "ckpt_path=/nonexistent.ckpt"], "ckpt_path must be a checkpoint file, got '/nonexistent.ckpt' (not found)"),
     ],
@@ -156,6 +157,18 @@ def test_bad_input_exits_2_with_one_message_before_any_worker(args, message):
     assert message in proc.stderr
     assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
     assert "Initializing distributed" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("strategy,factor", [("decentralized", np.sqrt(2.0)), ("ddp", 1.0)])
+def test_lr_scaling_sqrt_gives_decentralized_workers_sqrt_n_times_the_rate_and_ddp_the_rate(tmp_path, strategy, factor):
+    """The rates the optimizer stepped with (read from the checkpoint) and the ones config.yaml records."""
+    run_dir = tmp_path / "run"
+    run([*CLI, "fit", *TINY, "max_steps=3", "evaluation.every_n_steps=0", f"strategy={strategy}", "lr_scaling=sqrt",
+         "model.lr_g=0.001", "model.lr_d=0.003", f"hydra.run.dir={run_dir}"], timeout=240)
+    groups = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["optimizer_states"][0]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([0.001 * factor, 0.003 * factor], rel=1e-12)
+    model = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    assert [model["lr_g"], model["lr_d"]] == pytest.approx([0.001 * factor, 0.003 * factor], rel=1e-12)
 
 
 def test_help_lists_verbs_and_groups():
