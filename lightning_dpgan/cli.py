@@ -240,6 +240,8 @@ def fit(cfg: DictConfig) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+    from lightning_dpgan.signals import StopOnSigterm
+
     run_dir = run_directory()
     cfg = with_scaled_learning_rates(cfg)  # before config.yaml is written: it holds the rates the workers use
     world_size = cfg.devices * cfg.num_nodes
@@ -256,7 +258,8 @@ def fit(cfg: DictConfig) -> None:
     # With manual optimization and every_n_train_steps, ModelCheckpoint warns that no "pre-optimization state" was
     # saved; the state after the step is the one a resume needs (resuming is exact), so the warning is noise.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
-    trainer = instantiate(cfg, "trainer", strategy=strategy, logger=logger, callbacks=[checkpoint, evaluation])
+    callbacks = [checkpoint, evaluation, StopOnSigterm()]  # the last: a SIGTERM stops DDP runs too, not hangs them
+    trainer = instantiate(cfg, "trainer", strategy=strategy, logger=logger, callbacks=callbacks)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger.log_hyperparams(resolved)  # rank 0; creates the logger's files first, so it finds no others there
     if rank_zero_only.rank == 0:

@@ -45,6 +45,7 @@ from typing_extensions import override
 
 from lightning_dpgan.gossip import GossipEngine, PendingMix, check_chunk_bytes, resolve_wire_dtype
 from lightning_dpgan.seeding import seed_for_rank
+from lightning_dpgan.signals import stop_on_sigterm_without_collectives
 from lightning_dpgan.topology import TOPOLOGIES, Topology, TopologyError, _check_rounds, build_topology
 
 CHECKPOINT_KEY = "decentralized"
@@ -456,6 +457,7 @@ class DecentralizedStrategy(DDPStrategy):
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
+        stop_on_sigterm_without_collectives(self.lightning_module.trainer)  # or a SIGTERM hangs the gossip
         self._pending_shard = None
         self._pending_consensus_restart = False
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +19,7 @@ from lightning_dpgan import DecentralizedStrategy, TopologyError
 from lightning_dpgan.examples.alternating_gan import AlternatingGAN
 from lightning_dpgan.topology import ring
 
-from helpers import WORKERS, free_port, lightning_script, run
+from helpers import WORKERS, free_port, lightning_script, run, worker_env
 from reference import dposg
 
 sys.path.insert(0, str(WORKERS))
@@ -132,6 +135,40 @@ def test_killed_worker_stops_the_rest_naming_it(tmp_path):
     assert proc.returncode != 0
     assert time.monotonic() - start < 120
     assert "GossipPeerError" in proc.stderr and "with rank 2 failed" in proc.stderr
+
+
+@pytest.mark.parametrize("strategy", ["decentralized", "ddp"])
+def test_sigterm_to_rank_zero_stops_every_rank_at_the_same_step(tmp_path, strategy):
+    """Rank 0 is signalled at step 5 while the others wait for it in a gossip exchange (or DDP's all-reduce).
+
+    With Lightning's own handler the decentralized run hangs (its broadcast waits for ranks that cannot run
+    their handlers) and the DDP run fails on mismatched collectives; see ``lightning_dpgan/signals.py``.
+    """
+    cmd = [sys.executable, str(WORKERS / "lightning_worker.py"), "sigterm", str(tmp_path), f"strategy={strategy}",
+           "devices=3", "timeout=600"]
+    proc = subprocess.Popen(cmd, env=worker_env(), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"the run was still going 180 s after the SIGTERM at step 5\n{stderr[-3000:]}")
+    deadline = time.monotonic() + 60
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _group_alive(proc.pid), "rank 0 exited, but some of the ranks it launched are still running"
+    assert proc.returncode == 0, stderr[-3000:]  # Lightning's SIGTERMException is a SystemExit
+    stopped = [json.loads((tmp_path / f"stopped_rank{r}.json").read_text()) for r in range(3)]
+    assert stopped == [{"step": 5 + 1, "exception": "SIGTERMException"}] * 3  # every rank finished step 5, then stopped
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_automatic_optimization_clipping_bf16_sampler_and_callbacks(tmp_path):

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,6 +30,7 @@ from lightning_dpgan.gan import DPGAN
 from lightning_dpgan.evaluation import GANEvaluation
 from lightning_dpgan.models import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
 from lightning_dpgan.optim import OPTIMIZERS, OptimisticSGD
+from lightning_dpgan.signals import StopOnSigterm
 
 
 def digits(with_index: bool = False) -> TensorDataset:
@@ -262,6 +264,24 @@ class KillRank(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SigtermRankZeroWhileOthersWait(Callback):
+    """SIGTERM rank 0 at ``step`` while the others wait for it in a collective or exchange; every rank records the
+    step it stopped at."""
+
+    def __init__(self, out: str, step: int) -> None:
+        self.out, self.step = out, step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_rank == 0 and trainer.global_step == self.step:
+            time.sleep(1.0)  # the others reach this step's collective and block in it, waiting for rank 0
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs now, while they are blocked
+            time.sleep(1.0)
+
+    def on_exception(self, trainer: pl.Trainer, module: Any, exception: BaseException) -> None:
+        with open(os.path.join(self.out, f"stopped_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"step": trainer.global_step, "exception": type(exception).__name__}, f)
+
+
 def trainer(out: str, strategy: Any, devices: int = 4, **kwargs: Any) -> pl.Trainer:
     kwargs.setdefault("enable_checkpointing", False)
     return pl.Trainer(
@@ -310,6 +330,14 @@ def main() -> None:
         strategy = DecentralizedStrategy("ring", timeout=float(opts["timeout"]))
         t = trainer(out, strategy, devices, max_steps=400, callbacks=[KillRank(int(opts["rank"]), 6)])
         t.fit(AlternatingGAN(), datamodule=DigitsDataModule(batch_size=16))
+
+    elif scenario == "sigterm":  # SIGTERM to rank 0 while the others wait for it: every rank stops, none hangs
+        strategy = DDPStrategy() if opts["strategy"] == "ddp" else DecentralizedStrategy("ring", timeout=float(opts["timeout"]))
+        callbacks = [SigtermRankZeroWhileOthersWait(out, 5)]
+        if opts["strategy"] == "ddp":
+            callbacks.append(StopOnSigterm())  # what the CLI adds; DecentralizedStrategy needs nothing
+        t = trainer(out, strategy, devices, max_steps=200, callbacks=callbacks)
+        t.fit(Classifier(), DataLoader(digits(), batch_size=16, shuffle=True))
 
     elif scenario == "features":  # automatic optimization with clipping, bf16 autocast, sampler, callbacks
         strategy = DecentralizedStrategy("torus", consensus_every=4)
