@@ -157,7 +157,7 @@ def with_scaled_learning_rates(cfg: DictConfig) -> DictConfig:
     if scaling == "none" or world_size == 1 or not _is_decentralized(cfg):
         return cfg
     if "lr_g" not in cfg.model or "lr_d" not in cfg.model:
-        raise UsageError(f"lr_scaling={scaling} scales model.lr_g and model.lr_d; model {cfg.model.get('_target_')!r} has neither")
+        raise UsageError(f"lr_scaling={scaling} scales model.lr_g and model.lr_d; model {cfg.model.get('_target_')!r} has no lr_g/lr_d")
     scaled = cfg.copy()
     for key in ("lr_g", "lr_d"):
         rate = cfg.model[key]
