@@ -9,11 +9,15 @@ is widened to 128 channels (1.09 M parameters, 4.35 MB in fp32) so that communic
 * iterations per second on the limited link, and on an unlimited one (a short run of ``--probe-steps``): the
   difference in seconds per iteration is the communication the link costs;
 * training seconds (evaluations excluded) until the consensus model first reaches FID <= each ``--fid``;
-* FID and IS at the last iteration (equal iterations for every setting);
+* FID and IS at the last iteration (equal iterations for every setting), and ``cluster_train.png``: FID against
+  training seconds;
 * the α–β prediction of communication per iteration: bytes a host pushes ÷ rate, plus ``α`` per sequential hop
   (``2(n-1)`` for DDP's ring all_reduce of the gradients, ``t`` for gossip). DDP overlaps its all_reduce with the
   backward pass; gossip runs after the step, or (the ``overlap`` settings, ``strategy.overlap=true``) stays on
   the wire during the next forward and backward: the prediction is the communication, not the added time.
+
+``no_communication_ceiling`` trains with no messages at all: its iterations per second are what the hosts'
+cores allow, so DDP's seconds per iteration divided by its own bound every setting's per-iteration speed-up.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ SETTINGS = {
     "ring, t = 1, staged": ["topology=ring", "gossip_rounds=1", "strategy.staged=true"],
     "ring, t = 1, overlap": ["topology=ring", "gossip_rounds=1", "strategy.overlap=true"],
     "one-peer exponential, bf16, overlap": ["topology=one_peer_exponential", "wire_dtype=bf16", "strategy.overlap=true"],
+    # no messages at all (its replicas drift apart, so its FID means nothing): the compute-bound ceiling of every
+    # setting's iterations per second on these hosts
+    "no communication (ceiling)": ["strategy.mixing=false", "strategy.consensus_every=0"],
 }
 MODEL = ["experiment=digits", "model.generator.width=128", "model.discriminator.width=128", "trainer.enable_progress_bar=false"]
 PARAMETER_BYTES = 1_087_874 * 4  # DCGANGenerator(8, 1, 32, 128) + DCGANDiscriminator(8, 1, 128), fp32
@@ -74,6 +81,8 @@ def seconds_per_iteration(rows: list[dict[str, float]]) -> float:
 
 def predicted_comm(setting: str, hosts: int, bits_per_second: int, alpha: float) -> float:
     overrides = SETTINGS[setting]
+    if "strategy.mixing=false" in overrides:
+        return 0.0
     if "strategy=ddp" in overrides:
         return 2 * (hosts - 1) / hosts * PARAMETER_BYTES * 8 / bits_per_second + alpha * 2 * (hosts - 1)
     rounds = int(next((o.split("=")[1] for o in overrides if o.startswith("gossip_rounds=")), 1))
@@ -81,6 +90,25 @@ def predicted_comm(setting: str, hosts: int, bits_per_second: int, alpha: float)
     wire = 0.5 if "wire_dtype=bf16" in overrides else 1.0
     hops = out_degree if "strategy.staged=true" in overrides else 1  # a staged round sends to one peer at a time
     return rounds * (out_degree * PARAMETER_BYTES * wire * 8 / bits_per_second + hops * alpha)
+
+
+def plot(curves: dict[str, list[dict[str, float]]], thresholds: list[float], title: str, path: Path) -> None:
+    """The consensus model's FID against training seconds, one line per setting, the thresholds dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for setting, rows in curves.items():
+        ax.plot([r["train_s"] for r in rows], [r["fid"] for r in rows], "o-", label=setting)
+    for fid in thresholds:
+        ax.axhline(fid, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="training seconds (evaluations excluded)", ylabel="FID of the consensus model", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -103,7 +131,7 @@ def main() -> None:
     bps = parse_rate(args.rate)
     assert bps is not None, "--rate must be a limit, the unlimited link is the probe"
     settings = [s for s in SETTINGS if args.settings is None or slug(s) in args.settings]
-    results = {}
+    results, curves = {}, {}
     for setting in settings:
         out = args.out / slug(setting)
         if args.collect:
@@ -118,6 +146,8 @@ def main() -> None:
                 probe = fit(cluster, SETTINGS[setting], out / "unlimited", args.probe_steps, args.probe_steps // 2, args.seed)
             with EmulatedCluster(args.hosts, args.rate, port=29601) as cluster:
                 rows = fit(cluster, SETTINGS[setting], out / args.rate, args.steps, args.every, args.seed)
+        if "strategy.mixing=false" not in SETTINGS[setting]:  # the ceiling's FID means nothing
+            curves[setting] = rows
         reached = {fid: first_reaching(rows, fid) for fid in args.fid}
         results[setting] = {
             "s_per_it": seconds_per_iteration(rows),
@@ -152,6 +182,8 @@ def main() -> None:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cluster_train.md").write_text(text + "\n")
+    if curves:
+        plot(curves, args.fid, f"{args.hosts} hosts at {args.rate}, seed {args.seed}", args.out / "cluster_train.png")
 
 
 if __name__ == "__main__":
