@@ -6,9 +6,9 @@ blocked in a collective or a gossip exchange cannot run its own until that call 
 rank 0, which is waiting in the handler's broadcast. Seen here: with rank 0 signalled while the others waited for
 it, a ``DecentralizedStrategy`` run hung (until the gossip timeout, 600 s) and a ``DDPStrategy`` run failed on
 mismatched collectives, every time; ``kill -TERM`` of the CLI's rank 0 at a random moment hung 3 runs of 9 (both
-strategies) for over a minute, until killed. Here the handler forwards the signal and sets the flag, with no collective: every rank ends the step
-it is in (the training loop checks the flag after every step) and exits, and a rank still waiting on one that has
-exited gets a closed connection instead of a hang.
+strategies) for over a minute, until killed. Here the handler forwards the signal and sets the flag, with no
+collective: every rank ends the step it is in (the training loop checks the flag after every step) and exits, and
+a rank still waiting on one that has exited gets a closed connection instead of a hang.
 """
 
 from __future__ import annotations
