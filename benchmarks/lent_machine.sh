@@ -20,11 +20,15 @@ prepare)
         cp -r "$site/$package" "$carry/site/"
     done
     find "$carry/site" -name __pycache__ -prune -exec rm -rf {} +
-    pip wheel -q --no-deps --no-build-isolation -w "$carry/wheel" .
+    # built from a copy of the working tree's files: an old build/ could slip deleted modules into the wheel
+    tree=$(mktemp -d)
+    git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$tree"
+    pip wheel -q --no-deps --no-build-isolation -w "$carry/wheel" "$tree"
+    rm -rf "$tree"
     for tool in ip tc; do
         binary=$(command -v "$tool")
         cp -L "$binary" "$carry/iproute/$tool.bin"
-        # every library but the C library's own, which the lent machine's loader brings
+        # every library but glibc's and zlib, which the lent machine has
         ldd "$binary" | awk '$3 ~ /^\// {print $3}' | grep -vE '/lib(c|m|z|pthread|dl)\.so' |
             xargs -r -I{} cp -L {} "$carry/iproute/lib/"
         cat >"$carry/bin/$tool" <<'EOF'
