@@ -21,7 +21,7 @@ is then the engine's own overhead, ``raw TCP / floor`` the link's (framing, ACKs
     sudo python benchmarks/cluster_wire.py --hosts 8 --rate 200mbit --sizes 4.35 16 --raw-tcp --staged
 
 ``--staged`` adds the engine with ``staged=True`` (one neighbour at a time, ``Topology.stages``) for the settings
-with several stages per round.
+with several stages per round. ``--topologies`` times a subset of the gossip topologies.
 
 ``--chunk-kib`` sweeps the gloo chunk size (``GossipEngine(chunk_bytes=)``) for the gossip settings:
 
@@ -125,7 +125,8 @@ def _receive(conn: socket.socket, nbytes: int, into: bytearray | None = None) ->
     return buffer
 
 
-def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: list[str] | None, with_staged: bool) -> None:
+def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: list[str] | None, with_staged: bool,
+           topologies: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -141,7 +142,7 @@ def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: li
         rows.append({"n": n, "mb": mb, "setting": "all_reduce", "wire": "fp32", "out_degree": None, "chunk_kib": None,
                      **timed(lambda: dist.all_reduce(flat), repeats)})
         params = [torch.randn(numel // 4) for _ in range(3)] + [torch.randn(numel - 3 * (numel // 4))]
-        for name in TOPOLOGIES:
+        for name in topologies:
             topology = build_topology(name, n)
             out_degree = max(len(topology.neighbours(r, p).send_to) for r in range(n) for p in range(topology.period))
             for wire in WIRES:
@@ -264,6 +265,7 @@ def main() -> None:
     parser.add_argument("--chunk-kib", type=int, nargs="+", default=[256], help="gloo chunk sizes to time for gossip")
     parser.add_argument("--raw-tcp", action="store_true", help="also time each gossip exchange over plain TCP sockets")
     parser.add_argument("--staged", action="store_true", help="also time each multi-stage gossip setting with staged=True")
+    parser.add_argument("--topologies", nargs="+", choices=TOPOLOGIES, default=list(TOPOLOGIES))
     parser.add_argument("--addresses", nargs="+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--alpha-ms", type=float, default=1.0, help="per-hop latency for the α–β prediction")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables and rows here")
@@ -271,7 +273,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.sizes, args.repeats, args.chunk_kib, args.addresses, args.staged)
+        worker(args.sizes, args.repeats, args.chunk_kib, args.addresses, args.staged, args.topologies)
         return
     if args.tables_from:
         all_rows = json.loads(args.tables_from.read_text())
@@ -287,7 +289,7 @@ def main() -> None:
         for n in args.hosts:
             with EmulatedCluster(n, rate, port=29500 + n) as cluster:
                 command = [sys.executable, __file__, "--worker", f"--repeats={args.repeats}", "--sizes", *map(str, args.sizes),
-                           "--chunk-kib", *map(str, args.chunk_kib)]
+                           "--chunk-kib", *map(str, args.chunk_kib), "--topologies", *args.topologies]
                 if args.raw_tcp:
                     command += ["--addresses", *(cluster.address(h) for h in range(n))]
                 if args.staged:
