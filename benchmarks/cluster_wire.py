@@ -265,7 +265,8 @@ def main() -> None:
     parser.add_argument("--chunk-kib", type=int, nargs="+", default=[256], help="gloo chunk sizes to time for gossip")
     parser.add_argument("--raw-tcp", action="store_true", help="also time each gossip exchange over plain TCP sockets")
     parser.add_argument("--staged", action="store_true", help="also time each multi-stage gossip setting with staged=True")
-    parser.add_argument("--topologies", nargs="+", choices=TOPOLOGIES, default=list(TOPOLOGIES))
+    parser.add_argument("--topologies", nargs="+", choices=TOPOLOGIES, default=list(TOPOLOGIES),
+                        help="the gossip topologies to time (default: all)")
     parser.add_argument("--addresses", nargs="+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--alpha-ms", type=float, default=1.0, help="per-hop latency for the α–β prediction")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables and rows here")
