@@ -177,10 +177,10 @@ class GossipEngine:
     ``staged=True`` (CPU only, like the chunks) sends a round's messages in
     :meth:`~lightning_dpgan.topology.Topology.stages`, one message out and one in per worker at a time, instead
     of all at once. On the emulated cluster one TCP flow per link ran at 1.05× the bandwidth floor and several
-    sharing it at 1.1–1.4×. Staging pays for large messages on hosts with their own cores (16 MB: faster in 11 of
-    12 mixes, 1.11–1.30× the floor against 1.14–1.34×), not for the 4.35 MB DCGAN there, and is mixed on shared
-    cores: each stage ends with its slowest pair, and gloo sends nothing before the receiver has posted its
-    receive. So it is off by default.
+    sharing it at 1.1–1.4×. Staging pays for large messages on hosts with their own cores (16 MB: faster in 15 of
+    18 mixes on two machines, 1.11–1.30× the floor against 1.14–1.34×), not for the 4.35 MB DCGAN there, and is
+    mixed on shared cores: each stage ends with its slowest pair, and gloo sends nothing before the receiver has
+    posted its receive. So it is off by default.
     A started mix (``start_mix``) is never staged: its later stages would wait for ``finish_mix``.
     """
 
