@@ -66,6 +66,12 @@ def cases_for(n: int) -> list[dict]:
     ]
     cases.append({"topology": "exponential", "rounds": 1, "staged": True, "wire_dtype": "bf16"})
     cases.append({"topology": "ring", "rounds": 3, "mixes": 2, "staged": True, "overlap": True})
+    # staged with the next stage's first chunks' receives posted one stage early: some chunks, then every chunk
+    cases += [
+        {"topology": name, "options": options, "rounds": 2, "staged": True, "chunk_bytes": 12, "run_ahead_chunks": 2}
+        for name, options in topologies_for(n)
+    ]
+    cases.append({"topology": "exponential", "rounds": 2, "mixes": 2, "staged": True, "run_ahead_chunks": 10**6})
     if n & (n - 1) == 0 and n > 1:
         cases.append({"topology": "one_peer_exponential", "rounds": 1, "mixes": int(math.log2(n))})
     # a started mix applies W^t to the tensors as they were, keeping what changed while it was in flight
@@ -189,3 +195,9 @@ def test_dense_reference_matches_matrix_power():
 def test_bad_wire_dtype(bad):
     with pytest.raises(ValueError, match=f"unknown wire_dtype '{bad}'; allowed: fp32"):
         resolve_wire_dtype(bad)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_bad_run_ahead_chunks(bad):
+    with pytest.raises(ValueError, match=rf"run_ahead_chunks must be an integer >= 0 \(0: none\), got {bad!r}"):
+        GossipEngine(ring(2), 0, run_ahead_chunks=bad)

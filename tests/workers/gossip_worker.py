@@ -1,7 +1,8 @@
 """Run under torchrun: mix seeded random tensors with every case given and save what each rank ends with.
 
 Usage: gossip_worker.py OUT_DIR CASES_JSON, where each case is {"topology", "options", "rounds", "mixes",
-"wire_dtype", "chunk_bytes", "overlap", "staged"}; with "overlap" each mix is start_mix, then every tensor is shifted by
+"wire_dtype", "chunk_bytes", "overlap", "staged", "run_ahead_chunks"};
+with "overlap" each mix is start_mix, then every tensor is shifted by
 ``overlap_shift(rank)`` while the mix is in flight, then finish_mix. Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
 dense reference. GOSSIP_BACKEND=nccl puts each rank's tensors on cuda:LOCAL_RANK (the GPU tests).
 """
@@ -43,7 +44,8 @@ def main() -> None:
     for index, case in enumerate(cases):
         topology = build_topology(case["topology"], world, **case.get("options", {}))
         chunking = {"chunk_bytes": case["chunk_bytes"]} if "chunk_bytes" in case else {}  # else the engine's default
-        engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"), staged=case.get("staged", False), **chunking)
+        engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"), staged=case.get("staged", False),
+                              run_ahead_chunks=case.get("run_ahead_chunks", 0), **chunking)
         tensors = [torch.from_numpy(a).to(device) for a in case_tensors(index, rank)]
         distances = []
         group_ids = [0] * len(tensors)
