@@ -4,8 +4,11 @@ Needs root and iproute2 (``ip``, ``tc``). Host ``i`` is the namespace ``<name>-h
 ``10.77.0.<i+1>``; its veth peer sits on a bridge in a switch namespace ``<name>-sw``, so nothing touches the
 machine's own network. ``tc tbf`` limits the host's egress (on ``eth0``) and its ingress (on the switch port):
 a full-duplex link of ``rate``. This kernel has no ``netem``, so links add no delay: latency is modelled (α–β)
-next to the measurements instead. Everything is torn down on exit, on errors and on Ctrl-C/SIGTERM, and stale
-namespaces of an earlier crashed run of the same name are removed first.
+next to the measurements instead. TCP's congestion control is the machine's default (``bbr`` on the 2-core
+development machine) unless ``congestion_control`` names another: it decides how near their floor several flows
+sharing a link get (docs/benchmarks.md), so the benchmarks print which one ran. Everything is torn down on exit,
+on errors and on Ctrl-C/SIGTERM, and stale namespaces of an earlier crashed run of the same name are removed
+first.
 
 Workers run through the project's normal launch path: each gets a torchrun-style environment (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``GROUP_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` = host 0 inside the
@@ -39,6 +42,29 @@ def parse_rate(rate: str | None) -> int | None:
     return int(float(match.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match.group(2)])
 
 
+_IPV4 = "/proc/sys/net/ipv4"
+
+
+def _sysctl_file(name: str) -> str:
+    with open(f"{_IPV4}/{name}") as f:
+        return f.read().strip()
+
+
+def congestion_control_problem(name: str | None) -> str | None:
+    """Why hosts cannot run TCP congestion control ``name`` (None: the machine's default), or None if they can."""
+    if name is None:
+        return None
+    known = _sysctl_file("tcp_available_congestion_control").split()
+    if name not in known:
+        return f"congestion control {name!r} is not in this kernel; allowed: {', '.join(known)}"
+    allowed = _sysctl_file("tcp_allowed_congestion_control").split()
+    if name not in allowed and name != _sysctl_file("tcp_congestion_control"):
+        # a namespace may only pick the allowed ones (or the default it inherits)
+        return (f"congestion control {name!r} is not allowed in namespaces here (allowed: {', '.join(allowed)}); "
+                f"add it with: sysctl -w net.ipv4.tcp_allowed_congestion_control='{' '.join([*allowed, name])}'")
+    return None
+
+
 def available() -> str | None:
     """Why an emulated cluster cannot be built here, or None if it can."""
     if os.geteuid() != 0:
@@ -51,6 +77,17 @@ def available() -> str | None:
         return f"cannot create network namespaces: {probe.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", f"dpgprobe{os.getpid()}"], capture_output=True)
     return None
+
+
+def preflight(parser: argparse.ArgumentParser, congestion_control: str | None = None) -> None:
+    """A benchmark's checks before it builds anything: a congestion control the hosts cannot run is a usage error,
+    a machine without namespaces (no root, no iproute2) ends the run with the reason."""
+    problem = congestion_control_problem(congestion_control)
+    if problem:
+        parser.error(problem)
+    reason = available()
+    if reason:
+        sys.exit(f"error: the emulated cluster {reason}")
 
 
 def remove_orphans() -> list[str]:
@@ -68,9 +105,14 @@ def remove_orphans() -> list[str]:
 class EmulatedCluster:
     """``with EmulatedCluster(8, "200mbit") as cluster: cluster.run(lambda rank: [...])``."""
 
-    def __init__(self, hosts: int, rate: str | None = "200mbit", name: str | None = None, port: int = 29500) -> None:
+    def __init__(self, hosts: int, rate: str | None = "200mbit", name: str | None = None, port: int = 29500,
+                 congestion_control: str | None = None) -> None:
         if isinstance(hosts, bool) or not isinstance(hosts, int) or not 1 <= hosts <= 200:
             raise ValueError(f"hosts must be an integer in [1, 200], got {hosts!r}")
+        problem = congestion_control_problem(congestion_control)
+        if problem:
+            raise ValueError(problem)
+        self.congestion_control_name = congestion_control
         self.hosts = hosts
         self.rate = rate
         self.bits_per_second = parse_rate(rate)
@@ -132,6 +174,8 @@ class EmulatedCluster:
                 self._ip("-n", ns, "link", "set", link, "up")
             self._ip("-n", self.switch, "link", "set", f"p{host}", "master", "br0")
             self._ip("-n", self.switch, "link", "set", f"p{host}", "up")
+            if self.congestion_control_name is not None:
+                self._set_congestion_control(ns)
             if self.bits_per_second is not None:
                 self._limit(ns, "eth0")  # host -> switch
                 self._limit(self.switch, f"p{host}")  # switch -> host
@@ -146,6 +190,18 @@ class EmulatedCluster:
              "rate", f"{rate}bit", "burst", str(burst), "latency", "100ms"],
             check=True, capture_output=True, text=True,
         )
+
+    def _set_congestion_control(self, namespace: str) -> None:
+        # /proc/sys/net shows the reading process's namespace; plain sh, as the lent machines have no sysctl
+        write = f"echo {self.congestion_control_name} > {_IPV4}/tcp_congestion_control"
+        proc = subprocess.run(["ip", "netns", "exec", namespace, "sh", "-c", write], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"cannot set congestion control {self.congestion_control_name!r} in {namespace}: {proc.stderr.strip()}")
+
+    def congestion_control(self) -> str:
+        """The TCP congestion control the hosts run (read inside host 0)."""
+        return subprocess.run(["ip", "netns", "exec", self.namespace(0), "cat", f"{_IPV4}/tcp_congestion_control"],
+                              capture_output=True, text=True, check=True).stdout.strip()
 
     def teardown(self) -> None:
         """Delete this cluster's namespaces (their veths and qdiscs go with them); safe to call twice."""
@@ -200,15 +256,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--rate", default="200mbit", help="per link and direction, e.g. 100mbit, 10gbit, or unlimited")
+    parser.add_argument("--congestion-control", default=None, help="TCP congestion control of the hosts (default: the machine's)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every host runs")
     args = parser.parse_args()
     command = [c for c in args.command if c != "--"] if args.command and args.command[0] == "--" else args.command
     if not command:
         parser.error("give the command to run on every host after --")
-    reason = available()
-    if reason:
-        sys.exit(f"error: an emulated cluster {reason}")
-    with EmulatedCluster(args.hosts, args.rate) as cluster:
+    preflight(parser, args.congestion_control)
+    with EmulatedCluster(args.hosts, args.rate, congestion_control=args.congestion_control) as cluster:
         for result in cluster.run(lambda host: command, timeout=24 * 3600):
             sys.stdout.write(result.stdout)
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import EmulatedCluster, available  # noqa: E402
+from cluster import EmulatedCluster, preflight  # noqa: E402
 
 
 def worker(mb: float, repeats: int) -> None:
@@ -86,9 +86,7 @@ def main() -> None:
     if args.worker:
         worker(args.mb, args.repeats)
         return
-    reason = available()
-    if reason:
-        sys.exit(f"error: the emulated cluster {reason}")
+    preflight(parser)
     lines = [
         f"**ring mix of {args.mb:g} MB at {args.rate}, overlapped with compute** (slowest host, median of {args.repeats})",
         "",

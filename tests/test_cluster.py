@@ -97,3 +97,28 @@ def test_clusters_of_killed_runs_are_removed():
     finally:
         for ns in (orphan, alive):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_hosts_run_the_congestion_control_asked_for_and_unknown_ones_are_named():
+    with pytest.raises(ValueError, match=r"congestion control .nosuchcc. is not in this kernel; allowed: .*reno"):
+        EmulatedCluster(1, congestion_control="nosuchcc")
+    default, allowed = _ipv4_sysctl("tcp_congestion_control")[0], _ipv4_sysctl("tcp_allowed_congestion_control")
+    barred = [cc for cc in _ipv4_sysctl("tcp_available_congestion_control") if cc not in allowed and cc != default]
+    for cc in barred:  # in the kernel, but a namespace may not pick it: the error says how to allow it
+        with pytest.raises(ValueError, match=rf"congestion control '{cc}' is not allowed in namespaces here .*"
+                                             rf"sysctl -w net.ipv4.tcp_allowed_congestion_control='.*{cc}'"):
+            EmulatedCluster(1, congestion_control=cc)
+    reason = available()
+    if reason is not None:
+        pytest.skip(f"no emulated cluster here: it {reason}")
+    other = next((cc for cc in allowed if cc != default), None)
+    if other is None:
+        pytest.skip(f"the machine allows namespaces no congestion control but its default {default!r}")
+    with EmulatedCluster(1, "100mbit", name="dpgcc", congestion_control=other) as cluster:
+        assert cluster.congestion_control() == other
+    with EmulatedCluster(1, "100mbit", name="dpgcc") as cluster:
+        assert cluster.congestion_control() == default  # the machine's own unless asked
+
+
+def _ipv4_sysctl(name: str) -> list[str]:
+    return Path(f"/proc/sys/net/ipv4/{name}").read_text().split()
