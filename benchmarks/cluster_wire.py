@@ -21,7 +21,9 @@ is then the engine's own overhead, ``raw TCP / floor`` the link's (framing, ACKs
     sudo python benchmarks/cluster_wire.py --hosts 8 --rate 200mbit --sizes 4.35 16 --raw-tcp --staged
 
 ``--staged`` adds the engine with ``staged=True`` (one neighbour at a time, ``Topology.stages``) for the settings
-with several stages per round. ``--topologies`` times a subset of the gossip topologies.
+with several stages per round; ``--run-ahead`` sweeps its ``run_ahead_chunks`` (receives of the next stage's
+first chunks posted a stage early). ``--topologies`` times a subset of the gossip topologies.
+``--congestion-control`` picks the hosts' TCP congestion control (the tables name the one that ran).
 
 ``--chunk-kib`` sweeps the gloo chunk size (``GossipEngine(chunk_bytes=)``) for the gossip settings:
 
@@ -41,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import EmulatedCluster, available, parse_rate  # noqa: E402
+from cluster import EmulatedCluster, parse_rate, preflight  # noqa: E402
 
 TOPOLOGIES = ("ring", "torus", "exponential", "one_peer_exponential")
 WIRES = ("fp32", "bf16")
@@ -126,7 +128,7 @@ def _receive(conn: socket.socket, nbytes: int, into: bytearray | None = None) ->
 
 
 def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: list[str] | None, with_staged: bool,
-           topologies: list[str]) -> None:
+           topologies: list[str], run_ahead: list[int]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -148,11 +150,13 @@ def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: li
             for wire in WIRES:
                 for kib in chunk_kib:
                     multi_stage = len(topology.stages(0)) > 1 and not topology.is_complete
-                    for staged in [False, True] if with_staged and multi_stage else [False]:
-                        engine = GossipEngine(topology, rank, wire_dtype=wire, chunk_bytes=kib * 1024, staged=staged)
+                    variants = [(False, 0)] + ([(True, ahead) for ahead in run_ahead] if with_staged and multi_stage else [])
+                    for staged, ahead in variants:
+                        engine = GossipEngine(topology, rank, wire_dtype=wire, chunk_bytes=kib * 1024, staged=staged,
+                                              run_ahead_chunks=ahead)
                         rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree,
                                      "chunk_kib": kib, "complete": topology.is_complete, "staged": staged,
-                                     **timed(lambda: engine.mix(params, 1), repeats)})
+                                     "run_ahead": ahead, **timed(lambda: engine.mix(params, 1), repeats)})
                 if addresses and not topology.is_complete:
                     nb = topology.neighbours(rank, 0)
                     schedules = {"raw TCP": [(nb.send_to, nb.receive_from)]}
@@ -200,8 +204,10 @@ def raw_tcp_row(rows: list[dict], row: dict) -> dict | None:
 def table(rows: list[dict], rate: str, alpha: float) -> str:
     bps = parse_rate(rate)
     with_raw = any(r.get("raw_tcp") for r in rows)
+    congestion = sorted({r["congestion_control"] for r in rows if r.get("congestion_control")})
     lines = [
-        f"**{rate}**, α–β model with α = {alpha * 1e3:g} ms per hop",
+        f"**{rate}**, α–β model with α = {alpha * 1e3:g} ms per hop"
+        + (f", TCP congestion control {'/'.join(congestion)}" if congestion else ""),
         "",
         "| hosts | MB | setting | wire | chunk KiB | ms | floor ms | ms / floor | ÷ all_reduce | α–β ms | cpu ms |"
         + (" ÷ raw TCP |" if with_raw else ""),
@@ -217,6 +223,7 @@ def table(rows: list[dict], rate: str, alpha: float) -> str:
         cpu_ms = f"{1e3 * row['cpu_seconds']:.1f}" if "cpu_seconds" in row else ""
         raw = None if row.get("raw_tcp") else raw_tcp_row(rows, row)
         suffix = (" (= all_reduce)" if row.get("complete") else f", {row['raw_tcp']}" if row.get("raw_tcp")
+                  else f", staged, run-ahead {row['run_ahead']}" if row.get("run_ahead")
                   else ", staged" if row.get("staged") else "")
         lines.append(
             f"| {row['n']} | {row['mb']:g} | {row['setting']}{suffix} | {row['wire']} | "
@@ -265,39 +272,44 @@ def main() -> None:
     parser.add_argument("--chunk-kib", type=int, nargs="+", default=[256], help="gloo chunk sizes to time for gossip")
     parser.add_argument("--raw-tcp", action="store_true", help="also time each gossip exchange over plain TCP sockets")
     parser.add_argument("--staged", action="store_true", help="also time each multi-stage gossip setting with staged=True")
+    parser.add_argument("--run-ahead", type=int, nargs="+", default=[0], metavar="CHUNKS",
+                        help="with --staged: the run_ahead_chunks values to time (default: 0)")
     parser.add_argument("--topologies", nargs="+", choices=TOPOLOGIES, default=list(TOPOLOGIES),
                         help="the gossip topologies to time (default: all)")
     parser.add_argument("--addresses", nargs="+", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--congestion-control", default=None, metavar="NAME",
+                        help="TCP congestion control of the hosts, e.g. cubic or bbr (default: the machine's; printed)")
     parser.add_argument("--alpha-ms", type=float, default=1.0, help="per-hop latency for the α–β prediction")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables and rows here")
     parser.add_argument("--tables-from", type=Path, default=None, help="rebuild tables and plot from a saved cluster_wire.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.sizes, args.repeats, args.chunk_kib, args.addresses, args.staged, args.topologies)
+        worker(args.sizes, args.repeats, args.chunk_kib, args.addresses, args.staged, args.topologies, args.run_ahead)
         return
     if args.tables_from:
         all_rows = json.loads(args.tables_from.read_text())
         print("\n\n".join(table(rows, rate, args.alpha_ms / 1e3) for rate, rows in all_rows.items()))
         plot(all_rows, args.tables_from.with_suffix(".png"))
         return
-    reason = available()
-    if reason:
-        sys.exit(f"error: the emulated cluster {reason}")
+    if min(args.run_ahead) < 0:
+        parser.error(f"--run-ahead takes chunk counts >= 0, got {min(args.run_ahead)}")
+    preflight(parser, args.congestion_control)
     tables, all_rows = [], {}
     for rate in args.rate:
         rows = []
         for n in args.hosts:
-            with EmulatedCluster(n, rate, port=29500 + n) as cluster:
+            with EmulatedCluster(n, rate, port=29500 + n, congestion_control=args.congestion_control) as cluster:
+                congestion = cluster.congestion_control()
                 command = [sys.executable, __file__, "--worker", f"--repeats={args.repeats}", "--sizes", *map(str, args.sizes),
                            "--chunk-kib", *map(str, args.chunk_kib), "--topologies", *args.topologies]
                 if args.raw_tcp:
                     command += ["--addresses", *(cluster.address(h) for h in range(n))]
                 if args.staged:
-                    command += ["--staged"]
+                    command += ["--staged", "--run-ahead", *map(str, args.run_ahead)]
                 results = cluster.run(lambda host: command, timeout=4 * 3600)
             line = next(l for l in results[0].stdout.splitlines() if l.startswith("ROWS "))
-            rows += json.loads(line[5:])
+            rows += [{**row, "congestion_control": congestion} for row in json.loads(line[5:])]
             print(f"done: {n} hosts at {rate}", file=sys.stderr, flush=True)
         all_rows[rate] = rows
         tables.append(table(rows, rate, args.alpha_ms / 1e3))
