@@ -72,6 +72,10 @@ def cases_for(n: int) -> list[dict]:
         for name, options in topologies_for(n)
     ]
     cases.append({"topology": "exponential", "rounds": 2, "mixes": 2, "staged": True, "run_ahead_chunks": 10**6})
+    if n == 4:  # ranks 2 and 3 have one stage, 0 and 1 two: every rank must still tag each bucket alike
+        edges = [[1, 3], [0, 2], [0, 1]]
+        cases.append({"topology": "custom", "options": {"edges": edges}, "rounds": 2, "staged": True, "chunk_bytes": 12,
+                      "run_ahead_chunks": 2})
     if n & (n - 1) == 0 and n > 1:
         cases.append({"topology": "one_peer_exponential", "rounds": 1, "mixes": int(math.log2(n))})
     # a started mix applies W^t to the tensors as they were, keeping what changed while it was in flight
