@@ -35,13 +35,13 @@ def worker(topology_name: str, mb: float, repeats: int, run_ahead: list[int], ch
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    events: list[tuple[float, str, int, int]] = []  # (seconds, "post" | "recv", stage or posting, peer)
+    events: list[tuple[float, str, int]] = []  # (seconds, "post" | "recv", peer)
     receives: dict[int, int] = {}  # id(work) -> peer, for the receives of the current mix
     post_batch = gossip.dist.batch_isend_irecv
     wait = GossipEngine._wait
 
     def recording_batch(ops):
-        events.append((time.perf_counter(), "post", 0, -1))
+        events.append((time.perf_counter(), "post", -1))
         works = post_batch(ops)
         receives.update({id(w): op.peer for w, op in zip(works, ops) if op.op is dist.irecv})
         return works
@@ -49,7 +49,7 @@ def worker(topology_name: str, mb: float, repeats: int, run_ahead: list[int], ch
     def recording_wait(self, work, what, peer=None):
         wait(self, work, what, peer)
         if id(work) in receives:
-            events.append((time.perf_counter(), "recv", 0, receives[id(work)]))
+            events.append((time.perf_counter(), "recv", receives[id(work)]))
 
     gossip.dist.batch_isend_irecv = recording_batch
     GossipEngine._wait = recording_wait
@@ -66,9 +66,9 @@ def worker(topology_name: str, mb: float, repeats: int, run_ahead: list[int], ch
             receives.clear()
             start = time.perf_counter()
             engine.mix(params)
-            posts = [t - start for t, kind, _, _ in events if kind == "post"]
+            posts = [t - start for t, kind, _ in events if kind == "post"]
             by_peer: dict[int, list[float]] = {}
-            for t, kind, _, peer in events:
+            for t, kind, peer in events:
                 if kind == "recv":
                     by_peer.setdefault(peer, []).append(t - start)
             # stage k receives from the k-th in-neighbour to arrive (one in-neighbour per stage)
