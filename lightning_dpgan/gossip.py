@@ -136,8 +136,11 @@ class _Round:
     # per posting, in order: its operations, their peers and the stage each belongs to (a receive posted one
     # posting early belongs to the next stage and is waited for there)
     postings: list[tuple[list[dist.P2POp], list[int], list[int]]]
-    waits: list[list[tuple[Any, int]]] = field(default_factory=list)  # per stage: (work, peer)
+    waits: list[list[tuple[Any, int]]] = field(init=False)  # per stage: (work, peer)
     posted: int = 0  # postings made so far
+
+    def __post_init__(self) -> None:
+        self.waits = [[] for _ in self.postings]
 
     def post_next_stage(self) -> None:
         if not self.posted and self.send is not self.bucket.flat:
@@ -417,8 +420,7 @@ class GossipEngine:
                     ops.append(dist.P2POp(dist.irecv, recv[row[peer], start:stop], peer, self.group, tag))
                     peers.append(peer)
                     owners.append(k)
-        gossip = _Round(bucket, send, recv, nb.self_weight, self._round_weights(bucket), postings,
-                        waits=[[] for _ in stages])
+        gossip = _Round(bucket, send, recv, nb.self_weight, self._round_weights(bucket), postings)
         if postings:
             gossip.post_next_stage()
         self.messages_sent += len(nb.send_to)
