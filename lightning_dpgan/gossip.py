@@ -2,7 +2,11 @@
 
 Tensors are packed into one flat buffer per (device, dtype). Each round every worker sends its buffer to its
 out-neighbours and receives its in-neighbours' buffers with one ``batch_isend_irecv``, then forms
-``w_ii x_i + sum_j w_ij x_j`` in a single ``addmv`` pass. A complete graph is one ``all_reduce`` instead.
+``w_ii x_i + sum_j w_ij x_j`` in a single ``addmv`` pass. A one-round mix (``t = 1``, the default) skips some
+copies: with one in-neighbour (one-peer exponential) it lerps the tensors in place and casts a bf16 wire copy
+straight from them, half the passes over the data; a started mix needs no snapshot. On hosts sharing cores these
+passes are time on the wire's critical path.
+A complete graph is one ``all_reduce`` instead.
 All buffers (flat, receive, wire cast) are allocated once per tensor list and reused on every step.
 ``start_mix``/``finish_mix`` split a mix so that compute can run while its first round is on the wire.
 
@@ -69,12 +73,9 @@ class _Bucket:
         first = self.tensors[0]
         self.numel = sum(t.numel() for t in self.tensors)
         self.flat = torch.empty(self.numel, dtype=first.dtype, device=first.device)
-        self.views: list[Tensor] = []
-        offset = 0
-        for t in self.tensors:
-            self.views.append(self.flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
         self._scratch: dict[tuple[str, torch.dtype, int], Tensor] = {}
+        self._shaped: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+        self.views = self.shaped(self.flat)
 
     def pack(self) -> Tensor:
         torch._foreach_copy_(self.views, self.tensors)
@@ -91,12 +92,21 @@ class _Bucket:
             self._scratch[key] = torch.empty(shape, dtype=dtype, device=self.flat.device)
         return self._scratch[key]
 
+    def shaped(self, buffer: Tensor) -> list[Tensor]:
+        """Views of a ``numel``-long buffer (the flat one, a scratch row) shaped like the tensors, cached."""
+        key = (buffer.data_ptr(), buffer.dtype)
+        if key not in self._shaped:
+            self._shaped[key] = [view.view_as(t) for view, t in zip(buffer.split([t.numel() for t in self.tensors]), self.tensors)]
+        return self._shaped[key]
+
 
 class _Plan:
     """The buckets for one list of tensors, cached so repeated mixes of the same tensors allocate nothing."""
 
     def __init__(self, tensors: Sequence[Tensor]) -> None:
         self.tensors = list(tensors)  # strong references keep the ids in the cache key valid
+        if len({id(t) for t in self.tensors}) != len(self.tensors):
+            raise ValueError("a tensor appears more than once in the list to mix; pass each tensor once")
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for t in self.tensors:
             groups.setdefault((t.device, t.dtype), []).append(t)
@@ -122,8 +132,16 @@ class _AllAverage:
 
 @dataclass
 class _Round:
-    """One bucket's gossip round, stage by stage, from posting to the combined buffer.
+    """One bucket's gossip round, stage by stage, from posting to the combined tensors.
 
+    ``into`` says where ``w_ii x_i + sum_j w_ij x_j`` goes. ``"flat"``: into the packed flat buffer, for a later
+    round or for the caller to unpack. The last round of a one-round mix skips some of those copies:
+    ``"correction"`` (a started mix) turns the flat buffer, still ``x_i`` as it was at the start, into ``W x - x``
+    and adds that to the tensors, so it needs no snapshot; ``"tensors"`` (one in-neighbour, ``w_ii + w_ij = 1``)
+    lerps the tensors towards the neighbour's in place, with nothing to unpack, and a wire copy cast from the
+    tensors (``cast_from_tensors``), with nothing to pack. With several in-neighbours one ``addmv`` over the flat
+    buffer and an unpack beat a pass per neighbour over the tensors (and CPU loops over tensors one at a time in
+    ``_foreach`` ops, which costs with many small ones).
     Cast and combine are whole-buffer passes: doing them chunk by chunk as chunks go out and arrive was
     measured and cost more CPU than it hid (docs/benchmarks.md, "Why the multi-peer settings miss 1.15×").
     """
@@ -133,9 +151,12 @@ class _Round:
     received: Tensor  # one row per in-neighbour, in receive order
     self_weight: float
     weights: Tensor  # the in-neighbours' weights, in receive order
+    weight_values: Sequence[float]  # the same, as numbers (no device read on a GPU)
     # per posting, in order: its operations, their peers and the stage each belongs to (a receive posted one
     # posting early belongs to the next stage and is waited for there)
     postings: list[tuple[list[dist.P2POp], list[int], list[int]]]
+    into: str = "flat"
+    cast_from_tensors: bool = False
     waits: list[list[tuple[Any, int]]] = field(init=False)  # per stage: (work, peer)
     posted: int = 0  # postings made so far
 
@@ -144,7 +165,10 @@ class _Round:
 
     def post_next_stage(self) -> None:
         if not self.posted and self.send is not self.bucket.flat:
-            self.send.copy_(self.bucket.flat)
+            if self.cast_from_tensors:
+                torch._foreach_copy_(self.bucket.shaped(self.send), self.bucket.tensors)
+            else:
+                self.send.copy_(self.bucket.flat)
         ops, peers, owners = self.postings[self.posted]
         self.posted += 1
         if not ops:  # every receive of this stage went out early and it sends nothing
@@ -158,26 +182,43 @@ class _Round:
                 self.post_next_stage()
             for work, peer in self.waits[stage]:
                 engine._wait(work, "gossip exchange", peer)
-        flat = self.bucket.flat
+        bucket = self.bucket
         received = self.received
-        if received.dtype != flat.dtype:
-            accumulate = self.bucket.scratch("recv_acc", flat.dtype, received.shape[0])
+        if received.dtype != bucket.flat.dtype:
+            accumulate = bucket.scratch("recv_acc", bucket.flat.dtype, received.shape[0])
             accumulate.copy_(received)
             received = accumulate
-        # x_i <- w_ii x_i + sum_j w_ij x_j, one pass over the data
-        flat.addmv_(received.t(), self.weights, beta=self.self_weight)
+        if self.into == "tensors":
+            self._combine_into_tensors(received)
+            return
+        # x_i <- w_ii x_i + sum_j w_ij x_j (or, for a correction, minus x_i), one pass over the data
+        correction = self.into == "correction"
+        bucket.flat.addmv_(received.t(), self.weights, beta=self.self_weight - 1 if correction else self.self_weight)
+        if correction:
+            torch._foreach_add_(bucket.tensors, bucket.views)
+
+    def _combine_into_tensors(self, received: Tensor) -> None:
+        (row,) = received
+        # (1 - w) x_i + w x_j = w_ii x_i + w_ij x_j, as GossipEngine only picks this with w_ii + w_ij == 1
+        torch._foreach_lerp_(self.bucket.tensors, self.bucket.shaped(row), self.weight_values[0])
 
 
 class PendingMix:
     """A mix on the wire, from :meth:`GossipEngine.start_mix` until :meth:`GossipEngine.finish_mix`."""
 
     def __init__(
-        self, plan: _Plan, rounds: int, posted: list[_Round | _AllAverage], snapshots: list[Tensor] | None
+        self,
+        plan: _Plan,
+        rounds: int,
+        posted: list[_Round | _AllAverage],
+        snapshots: list[Tensor] | None,
+        rounds_write_tensors: bool,
     ) -> None:
         self.plan = plan
         self.rounds = rounds  # rounds still to apply, the posted one included
         self.posted = posted
         self.snapshots = snapshots  # the packed tensors at start; None: overwrite instead of adding the correction
+        self.rounds_write_tensors = rounds_write_tensors  # the round wrote the tensors (_Round.into): nothing to unpack
 
 
 class GossipEngine:
@@ -243,7 +284,7 @@ class GossipEngine:
     @torch.no_grad()
     def mix(self, tensors: Sequence[Tensor], rounds: int = 1) -> None:
         """Replace every worker's tensors by ``W^t`` times the stacked tensors, in place."""
-        self._complete(self._post_mix(tensors, rounds, keep_snapshot=False))
+        self._complete(self._post_mix(tensors, rounds, keep_changes=False))
 
     @torch.no_grad()
     def start_mix(self, tensors: Sequence[Tensor], rounds: int = 1) -> PendingMix | None:
@@ -254,7 +295,7 @@ class GossipEngine:
         it was here, instead of overwriting, so those changes are kept. Rounds after the first run in
         ``finish_mix``. ``None`` when there is nothing to send (one worker, no tensors).
         """
-        return self._post_mix(tensors, rounds, keep_snapshot=True)
+        return self._post_mix(tensors, rounds, keep_changes=True)
 
     @torch.no_grad()
     def finish_mix(self, pending: PendingMix | None) -> None:
@@ -342,27 +383,43 @@ class GossipEngine:
             self._weights[key] = torch.tensor(nb.receive_weights, dtype=bucket.flat.dtype, device=bucket.flat.device)
         return self._weights[key]
 
-    def _post_mix(self, tensors: Sequence[Tensor], rounds: int, keep_snapshot: bool) -> PendingMix | None:
+    def _post_mix(self, tensors: Sequence[Tensor], rounds: int, keep_changes: bool) -> PendingMix | None:
         _check_rounds(rounds)
         if self.world_size == 1 or not tensors:
             self.phase += rounds
             return None
         plan = self._plan(tensors)
+        into = self._last_round_into(rounds, keep_changes)
         for bucket in plan.buckets:
-            bucket.pack()
-        if keep_snapshot:
+            if not (into == "tensors" and self._wire_dtype(bucket) != bucket.flat.dtype):
+                bucket.pack()
+        if keep_changes:
             self._in_flight.add(id(plan))
-        snapshots = [b.scratch("snapshot", b.flat.dtype).copy_(b.flat) for b in plan.buckets] if keep_snapshot else None
+        snapshots = None
+        if keep_changes and into != "correction":
+            snapshots = [b.scratch("snapshot", b.flat.dtype).copy_(b.flat) for b in plan.buckets]
         if self.topology.is_complete:
-            posted = [self._post_all_average(bucket) for bucket in plan.buckets]
+            posted: list[_Round | _AllAverage] = [self._post_all_average(bucket) for bucket in plan.buckets]
             self.phase += rounds  # W^t = W for the complete graph: one exact average whatever t
             rounds = 1
         else:
             # a started mix puts all its messages on the wire at once: staging would leave the later stages for
             # finish_mix, outside the compute they are meant to hide behind
-            posted = [self._post_round(bucket, staged=not keep_snapshot) for bucket in plan.buckets]
+            posted = [self._post_round(bucket, staged=not keep_changes, into=into) for bucket in plan.buckets]
             self.phase += 1
-        return PendingMix(plan, rounds, posted, snapshots)
+        return PendingMix(plan, rounds, posted, snapshots, rounds_write_tensors=into != "flat")
+
+    def _last_round_into(self, rounds: int, keep_changes: bool) -> str:
+        """Where a mix's last round writes (:class:`_Round`): a one-round gossip mix finishes into the tensors
+        from its round, as the flat buffer keeps ``x`` until the round combines; with one in-neighbour whose
+        weight and the worker's own sum to 1 (one-peer exponential) it lerps, with nothing to pack or unpack."""
+        if rounds > 1 or self.topology.is_complete:
+            return "flat"
+        if keep_changes:
+            return "correction"
+        nb = self._neighbours[self.phase % self.topology.period]
+        lerps = len(nb.receive_weights) == 1 and nb.self_weight + nb.receive_weights[0] == 1.0
+        return "tensors" if lerps else "flat"
 
     def _complete(self, pending: PendingMix | None) -> None:
         if pending is None:
@@ -375,6 +432,8 @@ class GossipEngine:
             self.phase += 1
             for exchange in exchanges:
                 exchange.apply(self)
+        if pending.rounds_write_tensors:
+            return
         for k, bucket in enumerate(pending.plan.buckets):
             if pending.snapshots is None:
                 bucket.unpack()
@@ -382,8 +441,15 @@ class GossipEngine:
                 bucket.flat.sub_(pending.snapshots[k])  # the correction W^t x - x, seen through the views
                 torch._foreach_add_(bucket.tensors, bucket.views)
 
-    def _post_round(self, bucket: _Bucket, staged: bool = True) -> _Round:
+    def _wire_dtype(self, bucket: _Bucket) -> torch.dtype:
+        """The dtype a bucket travels in: the wire dtype for floating-point buckets, its own otherwise."""
+        if self.wire_dtype is not None and bucket.flat.is_floating_point():
+            return self.wire_dtype
+        return bucket.flat.dtype
+
+    def _post_round(self, bucket: _Bucket, staged: bool = True, into: str = "flat") -> _Round:
         """Post one round's sends and receives (interleaved chunks) for the current phase; nothing waits yet.
+        ``into``: where the round's result goes (:class:`_Round`).
 
         Staged (an engine with ``staged=True`` on CPU, unless ``staged=False`` here): only the first of the round's
         :meth:`~lightning_dpgan.topology.Topology.stages` is posted here, the others as each one finishes.
@@ -394,7 +460,7 @@ class GossipEngine:
         phase = self.phase % self.topology.period
         nb = self._neighbours[phase]
         flat = bucket.flat
-        wire_dtype = self.wire_dtype if flat.is_floating_point() and self.wire_dtype is not None else flat.dtype
+        wire_dtype = self._wire_dtype(bucket)
         send = bucket.scratch("send", wire_dtype) if wire_dtype != flat.dtype else flat
         recv = bucket.scratch("recv", wire_dtype, len(nb.receive_from))
         row = {peer: k for k, peer in enumerate(nb.receive_from)}
@@ -420,7 +486,8 @@ class GossipEngine:
                     ops.append(dist.P2POp(dist.irecv, recv[row[peer], start:stop], peer, self.group, tag))
                     peers.append(peer)
                     owners.append(k)
-        gossip = _Round(bucket, send, recv, nb.self_weight, self._round_weights(bucket), postings)
+        gossip = _Round(bucket, send, recv, nb.self_weight, self._round_weights(bucket), nb.receive_weights, postings,
+                        into=into, cast_from_tensors=into == "tensors" and send is not flat)
         if postings:
             gossip.post_next_stage()
         self.messages_sent += len(nb.send_to)
@@ -428,11 +495,8 @@ class GossipEngine:
 
     def _post_all_average(self, bucket: _Bucket) -> _AllAverage:
         flat = bucket.flat
-        if self.wire_dtype is not None and flat.is_floating_point() and self.wire_dtype != flat.dtype:
-            wire = bucket.scratch("send", self.wire_dtype)
-            wire.copy_(flat)
-        else:
-            wire = flat
+        wire_dtype = self._wire_dtype(bucket)
+        wire = flat if wire_dtype == flat.dtype else bucket.scratch("send", wire_dtype).copy_(flat)
         self.messages_sent += 1
         return _AllAverage(bucket, dist.all_reduce(wire, group=self.group, async_op=True), wire, self.world_size)
 

@@ -78,6 +78,18 @@ def cases_for(n: int) -> list[dict]:
                       "run_ahead_chunks": 2})
     if n & (n - 1) == 0 and n > 1:
         cases.append({"topology": "one_peer_exponential", "rounds": 1, "mixes": int(math.log2(n))})
+    # a one-round mix writes the tensors from its round: one in-neighbour, a bf16 wire cast from the tensors, a
+    # tensor that is not contiguous
+    cases += [
+        {"topology": "one_peer_exponential", "rounds": 1, "wire_dtype": "bf16", "strided": True},
+        {"topology": "ring", "rounds": 1, "wire_dtype": "bf16", "strided": True, "mixes": 2},
+        {"topology": "one_peer_exponential", "rounds": 1, "mixes": 2, "overlap": True, "wire_dtype": "bf16"},
+        {"topology": "exponential", "rounds": 1, "overlap": True, "strided": True},
+    ]
+    if n == 4:  # one in-neighbour with weights other than a half: pairs (0,1),(2,3), then (0,2),(1,3)
+        pairs = {"matrices": [[[0.75, 0.25, 0, 0], [0.25, 0.75, 0, 0], [0, 0, 0.75, 0.25], [0, 0, 0.25, 0.75]],
+                              [[0.6, 0, 0.4, 0], [0, 0.6, 0, 0.4], [0.4, 0, 0.6, 0], [0, 0.4, 0, 0.6]]]}
+        cases += [{"topology": "custom", "options": pairs, "rounds": 1, "mixes": 3, "wire_dtype": wire} for wire in ("fp32", "bf16")]
     # a started mix applies W^t to the tensors as they were, keeping what changed while it was in flight
     cases += [
         {"topology": "ring", "rounds": 1, "mixes": 3, "overlap": True},
@@ -205,3 +217,10 @@ def test_bad_wire_dtype(bad):
 def test_bad_run_ahead_chunks(bad):
     with pytest.raises(ValueError, match=rf"run_ahead_chunks must be an integer >= 0 \(0: none\), got {bad!r}"):
         GossipEngine(ring(2), 0, run_ahead_chunks=bad)
+
+
+def test_same_tensor_twice_is_refused():
+    # a one-round mix combines into the tensors in place: a tensor listed twice would be combined twice
+    t = torch.zeros(3)
+    with pytest.raises(ValueError, match="a tensor appears more than once in the list to mix"):
+        GossipEngine(ring(2), 0).mix([t, torch.ones(2), t])

@@ -1,9 +1,9 @@
 """Run under torchrun: mix seeded random tensors with every case given and save what each rank ends with.
 
 Usage: gossip_worker.py OUT_DIR CASES_JSON, where each case is {"topology", "options", "rounds", "mixes",
-"wire_dtype", "chunk_bytes", "overlap", "staged", "run_ahead_chunks"};
+"wire_dtype", "chunk_bytes", "overlap", "staged", "run_ahead_chunks", "strided"};
 with "overlap" each mix is start_mix, then every tensor is shifted by
-``overlap_shift(rank)`` while the mix is in flight, then finish_mix. Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
+``overlap_shift(rank)`` while the mix is in flight, then finish_mix; with "strided" the first tensor is a transposed view (not contiguous). Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
 dense reference. GOSSIP_BACKEND=nccl puts each rank's tensors on cuda:LOCAL_RANK (the GPU tests).
 """
 
@@ -47,6 +47,8 @@ def main() -> None:
         engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"), staged=case.get("staged", False),
                               run_ahead_chunks=case.get("run_ahead_chunks", 0), **chunking)
         tensors = [torch.from_numpy(a).to(device) for a in case_tensors(index, rank)]
+        if case.get("strided"):
+            tensors[0] = tensors[0].t().contiguous().t()  # the same values, stored column by column
         distances = []
         group_ids = [0] * len(tensors)
         for _ in range(case.get("mixes", 1)):
