@@ -122,3 +122,17 @@ def test_hosts_run_the_congestion_control_asked_for_and_unknown_ones_are_named()
 
 def _ipv4_sysctl(name: str) -> list[str]:
     return Path(f"/proc/sys/net/ipv4/{name}").read_text().split()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--settings", "ring:fp8"], "a setting is TOPOLOGY:WIRE with TOPOLOGY in ring, torus, exponential, one_peer_exponential and WIRE in fp32, bf16, got 'ring:fp8'"),
+        (["--against", "no-such-revision"], "--against 'no-such-revision': no lightning_dpgan/gossip.py at that revision"),
+        (["--rate", "200mb"], "rate must look like 100mbit, 1gbit or 'unlimited', got '200mb'"),
+    ],
+)
+def test_engine_ab_names_bad_input_before_building_a_cluster(args, message):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cluster_engine_ab.py"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
