@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -155,7 +155,7 @@ class _Round:
     # per posting, in order: its operations, their peers and the stage each belongs to (a receive posted one
     # posting early belongs to the next stage and is waited for there)
     postings: list[tuple[list[dist.P2POp], list[int], list[int]]]
-    into: str = "flat"
+    into: Literal["flat", "tensors", "correction"] = "flat"
     cast_from_tensors: bool = False
     waits: list[list[tuple[Any, int]]] = field(init=False)  # per stage: (work, peer)
     posted: int = 0  # postings made so far
@@ -389,6 +389,9 @@ class GossipEngine:
             self.phase += rounds
             return None
         plan = self._plan(tensors)
+        for bucket in plan.buckets:
+            if not bucket.flat.is_floating_point():
+                raise ValueError(f"gossip averages floating-point tensors only, got one of dtype {bucket.flat.dtype}")
         into = self._last_round_into(rounds, keep_changes)
         for bucket in plan.buckets:
             if not (into == "tensors" and self._wire_dtype(bucket) != bucket.flat.dtype):
@@ -409,7 +412,7 @@ class GossipEngine:
             self.phase += 1
         return PendingMix(plan, rounds, posted, snapshots, rounds_write_tensors=into != "flat")
 
-    def _last_round_into(self, rounds: int, keep_changes: bool) -> str:
+    def _last_round_into(self, rounds: int, keep_changes: bool) -> Literal["flat", "tensors", "correction"]:
         """Where a mix's last round writes (:class:`_Round`): a one-round gossip mix finishes into the tensors
         from its round, as the flat buffer keeps ``x`` until the round combines; with one in-neighbour whose
         weight and the worker's own sum to 1 (one-peer exponential) it lerps, with nothing to pack or unpack."""
@@ -447,7 +450,9 @@ class GossipEngine:
             return self.wire_dtype
         return bucket.flat.dtype
 
-    def _post_round(self, bucket: _Bucket, staged: bool = True, into: str = "flat") -> _Round:
+    def _post_round(
+        self, bucket: _Bucket, staged: bool = True, into: Literal["flat", "tensors", "correction"] = "flat"
+    ) -> _Round:
         """Post one round's sends and receives (interleaved chunks) for the current phase; nothing waits yet.
         ``into``: where the round's result goes (:class:`_Round`).
 

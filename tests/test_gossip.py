@@ -224,3 +224,8 @@ def test_same_tensor_twice_is_refused():
     t = torch.zeros(3)
     with pytest.raises(ValueError, match="a tensor appears more than once in the list to mix"):
         GossipEngine(ring(2), 0).mix([t, torch.ones(2), t])
+
+
+def test_integer_tensors_are_refused():
+    with pytest.raises(ValueError, match="gossip averages floating-point tensors only, got one of dtype torch.int64"):
+        GossipEngine(ring(2), 0).mix([torch.zeros(3), torch.zeros(2, dtype=torch.int64)])
