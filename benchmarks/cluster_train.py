@@ -198,7 +198,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cluster_train.md").write_text(text + "\n")
     if curves:
-        plot(curves, args.fid, f"{args.hosts} hosts at {args.rate}, seed {args.seed}", args.out / "cluster_train.png")
+        plot(curves, args.fid, f"{args.hosts} hosts at {args.rate}, seed {args.seed}, TCP {congestion}", args.out / "cluster_train.png")
 
 
 if __name__ == "__main__":
