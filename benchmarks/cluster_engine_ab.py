@@ -27,10 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cluster import EmulatedCluster, parse_rate, preflight  # noqa: E402
+from cluster_wire import TOPOLOGIES, WIRES, floor_seconds, slowest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TOPOLOGIES = ("ring", "torus", "exponential", "one_peer_exponential")
-WIRES = ("fp32", "bf16")
 
 
 def parse_setting(text: str) -> tuple[str, str]:
@@ -85,10 +84,9 @@ def worker(against_path: str, sizes: list[float], settings: list[tuple[str, str]
                     dist.barrier()
                     start, start_cpu = time.perf_counter(), time.thread_time()
                     one_mix(engines[key])
-                    slowest = torch.tensor([time.perf_counter() - start, time.thread_time() - start_cpu], dtype=torch.float64)
-                    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-                    wall[key].append(slowest[0].item())
-                    cpu[key].append(slowest[1].item())
+                    seconds, cpu_seconds = slowest(time.perf_counter() - start, time.thread_time() - start_cpu)
+                    wall[key].append(seconds)
+                    cpu[key].append(cpu_seconds)
             out_degree = max(len(topology.neighbours(q, p).send_to) for q in range(n) for p in range(topology.period))
             rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree,
                          "complete": topology.is_complete, "repeats": repeats,
@@ -98,14 +96,6 @@ def worker(against_path: str, sizes: list[float], settings: list[tuple[str, str]
     if rank == 0:
         print("ROWS " + json.dumps(rows), flush=True)
     dist.destroy_process_group()
-
-
-def floor_seconds(row: dict, bits_per_second: int | None) -> float | None:
-    if bits_per_second is None:
-        return None
-    size = row["mb"] * 1e6 * (0.5 if row["wire"] == "bf16" else 1.0)
-    pushed = 2 * (row["n"] - 1) / row["n"] * size if row["complete"] else row["out_degree"] * size
-    return pushed * 8 / bits_per_second
 
 
 def table(rows: list[dict], rate: str, against: str, congestion: str, overlap: bool) -> str:
