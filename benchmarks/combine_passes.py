@@ -3,12 +3,15 @@
     python benchmarks/combine_passes.py --mb 4.35 16 --tensors 4 40 400 2000 --neighbours 1 2 5
 
 Nothing goes on the wire: the received rows are random. ``packed`` is what the engine does with several
-in-neighbours (and did for every round before 2026-11-27): pack the tensors into the flat buffer, cast it to the
+in-neighbours otherwise (and did for every round before 2026-11-27): pack the tensors into the flat buffer, cast it to the
 wire dtype, upcast the received rows, one ``addmv`` for ``w_ii x + sum_j w_ij x_j``, unpack. ``in place`` is what
-it does now for a one-round mix with one in-neighbour: cast straight from the tensors (fp32: pack, the flat buffer
-being the send buffer), upcast, one ``_foreach_lerp_`` into the tensors. ``per neighbour`` is the same without
-the flat buffer for several in-neighbours (a ``_foreach_mul_`` and one ``_foreach_add_`` per neighbour), measured
-and not used. On CPU a ``_foreach`` op loops over its tensors one at a time, so many small tensors cost calls.
+it does for a one-round mix with one in-neighbour: cast straight from the tensors (fp32: pack, the flat buffer
+being the send buffer), upcast, one ``_foreach_lerp_`` into the tensors. ``per neighbour`` is what it does for a
+one-round mix with several in-neighbours, a bf16 wire and tensors of ``SCALE_ADD_MIN_MEAN_NUMEL`` elements or more
+on average: cast from the tensors, a ``_foreach_mul_`` by ``w_ii``, then one ``_foreach_add_`` per neighbour
+straight from its received row (bf16 rows upcast as they are read; no flat buffer, no upcast pass). Its fp32
+rows are for comparison (the engine packs there). On CPU a ``_foreach`` op loops over its tensors one at a time, so
+many small tensors cost calls.
 Each cell is the median of ``--repeats`` rounds, in milliseconds.
 """
 
@@ -59,11 +62,12 @@ def layouts(numel: int, tensors: int, neighbours: int, wire: str):
         to_upcast()
         torch._foreach_lerp_(params, rows[0], weight)
 
+    received_rows = [list(row.split(sizes)) for row in received]
+
     def per_neighbour() -> None:
         send_copy()
-        to_upcast()
         torch._foreach_mul_(params, weight)
-        for row in rows:
+        for row in received_rows:
             torch._foreach_add_(params, row, alpha=weight)
 
     candidates = {"packed": packed, "per neighbour": per_neighbour}

@@ -4,8 +4,9 @@ Tensors are packed into one flat buffer per (device, dtype). Each round every wo
 out-neighbours and receives its in-neighbours' buffers with one ``batch_isend_irecv``, then forms
 ``w_ii x_i + sum_j w_ij x_j`` in a single ``addmv`` pass. A one-round mix (``t = 1``, the default) skips some
 copies: with one in-neighbour (one-peer exponential) it lerps the tensors in place and casts a bf16 wire copy
-straight from them (bf16: three passes over the data instead of five); a started mix needs no snapshot. On hosts sharing cores these
-passes are time on the wire's critical path.
+straight from them (bf16: three passes over the data instead of five); with several in-neighbours, a bf16 wire
+and large tensors it scales the tensors and adds each received row to them, with nothing to pack, upcast or
+unpack; a started mix needs no snapshot. On hosts sharing cores these passes are time on the wire's critical path.
 A complete graph is one ``all_reduce`` instead.
 All buffers (flat, receive, wire cast) are allocated once per tensor list and reused on every step.
 ``start_mix``/``finish_mix`` split a mix so that compute can run while its first round is on the wire.
@@ -43,6 +44,16 @@ WIRE_DTYPES: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
+
+
+# Mean elements per tensor from which a one-round mix with several in-neighbours and a narrower wire adds each
+# received row straight into the tensors. CPU ``_foreach`` ops loop over their tensors one call at a time (a few
+# microseconds each), which a pass per neighbour pays once per neighbour: on one core, against the packed ``addmv``,
+# it broke even at about 10K elements per tensor and took 0.56-0.80x the time from 27K (benchmarks/combine_passes.py).
+SCALE_ADD_MIN_MEAN_NUMEL = 16384
+
+
+_Into = Literal["flat", "tensors", "correction"]  # where a round's result goes (_Round.into)
 
 
 class GossipPeerError(RuntimeError):
@@ -135,11 +146,12 @@ class _Round:
     ``into`` says where ``w_ii x_i + sum_j w_ij x_j`` goes. ``"flat"``: into the packed flat buffer, for a later
     round or for the caller to unpack. The last round of a one-round mix skips some of those copies:
     ``"correction"`` (a started mix) turns the flat buffer, still ``x_i`` as it was at the start, into ``W x - x``
-    and adds that to the tensors, so it needs no snapshot; ``"tensors"`` (one in-neighbour, ``w_ii + w_ij = 1``)
-    lerps the tensors towards the neighbour's in place, with nothing to unpack, and a wire copy cast from the
-    tensors (``cast_from_tensors``), with nothing to pack. With several in-neighbours one ``addmv`` over the flat
-    buffer and an unpack beat a pass per neighbour over the tensors (and CPU loops over tensors one at a time in
-    ``_foreach`` ops, which costs with many small ones).
+    and adds that to the tensors, so it needs no snapshot; ``"tensors"`` combines straight into the tensors,
+    with nothing to unpack, from a wire copy cast from them (``cast_from_tensors``), with nothing to pack: with one
+    in-neighbour and ``w_ii + w_ij = 1`` it lerps them towards the neighbour's; with several it scales them by
+    ``w_ii`` and adds each received row, wire dtype and all (the add upcasts as it reads, so there is no upcast
+    pass either). A pass per neighbour pays CPU ``_foreach`` ops' call per tensor each time, so the engine takes
+    it for large tensors only (``SCALE_ADD_MIN_MEAN_NUMEL``); otherwise one ``addmv`` over the flat buffer.
     Cast and combine are whole-buffer passes: doing them chunk by chunk as chunks go out and arrive was
     measured and cost more CPU than it hid (docs/benchmarks.md, "Why the multi-peer settings miss 1.15×").
     """
@@ -153,7 +165,7 @@ class _Round:
     # per posting, in order: its operations, their peers and the stage each belongs to (a receive posted one
     # posting early belongs to the next stage and is waited for there)
     postings: list[tuple[list[dist.P2POp], list[int], list[int]]]
-    into: Literal["flat", "tensors", "correction"] = "flat"
+    into: _Into = "flat"
     cast_from_tensors: bool = False
     waits: list[list[tuple[Any, int]]] = field(init=False)  # per stage: (work, peer)
     posted: int = 0  # postings made so far
@@ -180,25 +192,39 @@ class _Round:
                 self.post_next_stage()
             for work, peer in self.waits[stage]:
                 engine._wait(work, "gossip exchange", peer)
-        bucket = self.bucket
-        received = self.received
-        if received.dtype != bucket.flat.dtype:
-            accumulate = bucket.scratch("recv_acc", bucket.flat.dtype, received.shape[0])
-            accumulate.copy_(received)
-            received = accumulate
         if self.into == "tensors":
-            self._combine_into_tensors(received)
+            self._combine_into_tensors()
             return
         # x_i <- w_ii x_i + sum_j w_ij x_j (or, for a correction, minus x_i), one pass over the data
+        bucket = self.bucket
         correction = self.into == "correction"
-        bucket.flat.addmv_(received.t(), self.weights, beta=self.self_weight - 1 if correction else self.self_weight)
+        beta = self.self_weight - 1 if correction else self.self_weight
+        bucket.flat.addmv_(self._upcast().t(), self.weights, beta=beta)
         if correction:
             torch._foreach_add_(bucket.tensors, bucket.views)
 
-    def _combine_into_tensors(self, received: Tensor) -> None:
-        (row,) = received
-        # (1 - w) x_i + w x_j = w_ii x_i + w_ij x_j, as GossipEngine only picks this with w_ii + w_ij == 1
-        torch._foreach_lerp_(self.bucket.tensors, self.bucket.shaped(row), self.weight_values[0])
+    def _upcast(self) -> Tensor:
+        """The received rows in the tensors' dtype (``addmv`` and ``lerp`` take one dtype)."""
+        bucket = self.bucket
+        if self.received.dtype == bucket.flat.dtype:
+            return self.received
+        return bucket.scratch("recv_acc", bucket.flat.dtype, self.received.shape[0]).copy_(self.received)
+
+    def _combine_into_tensors(self) -> None:
+        tensors = self.bucket.tensors
+        if lerps(self.self_weight, self.weight_values):
+            (row,) = self._upcast()
+            # (1 - w) x_i + w x_j = w_ii x_i + w_ij x_j, as w_ii + w_ij == 1
+            torch._foreach_lerp_(tensors, self.bucket.shaped(row), self.weight_values[0])
+            return
+        torch._foreach_mul_(tensors, self.self_weight)
+        for row, weight in zip(self.received, self.weight_values):
+            torch._foreach_add_(tensors, self.bucket.shaped(row), alpha=weight)
+
+
+def lerps(self_weight: float, receive_weights: Sequence[float]) -> bool:
+    """Whether ``w_ii x_i + sum_j w_ij x_j`` is one lerp: one in-neighbour, the two weights summing to exactly 1."""
+    return len(receive_weights) == 1 and self_weight + receive_weights[0] == 1.0
 
 
 class PendingMix:
@@ -210,13 +236,13 @@ class PendingMix:
         rounds: int,
         posted: list[_Round | _AllAverage],
         snapshots: list[Tensor] | None,
-        rounds_write_tensors: bool,
+        written: list[bool],
     ) -> None:
         self.plan = plan
         self.rounds = rounds  # rounds still to apply, the posted one included
         self.posted = posted
         self.snapshots = snapshots  # the packed tensors at start; None: overwrite instead of adding the correction
-        self.rounds_write_tensors = rounds_write_tensors  # the round wrote the tensors (_Round.into): nothing to unpack
+        self.written = written  # per bucket: its round wrote the tensors (_Round.into), nothing to unpack
 
 
 class GossipEngine:
@@ -392,14 +418,14 @@ class GossipEngine:
         for bucket in plan.buckets:
             if not bucket.flat.is_floating_point():
                 raise ValueError(f"gossip averages floating-point tensors only, got one of dtype {bucket.flat.dtype}")
-        into = self._last_round_into(rounds, keep_changes)
-        for bucket in plan.buckets:
-            if not (into == "tensors" and self._wire_dtype(bucket) != bucket.flat.dtype):
+        into = [self._last_round_into(bucket, rounds, keep_changes) for bucket in plan.buckets]
+        for bucket, where in zip(plan.buckets, into):
+            if not (where == "tensors" and self._wire_dtype(bucket) != bucket.flat.dtype):
                 bucket.pack()
         if keep_changes:
             self._in_flight.add(id(plan))
         snapshots = None
-        if keep_changes and into != "correction":
+        if keep_changes and "correction" not in into:
             snapshots = [b.scratch("snapshot", b.flat.dtype).copy_(b.flat) for b in plan.buckets]
         if self.topology.is_complete:
             posted: list[_Round | _AllAverage] = [self._post_all_average(bucket) for bucket in plan.buckets]
@@ -408,21 +434,26 @@ class GossipEngine:
         else:
             # a started mix puts all its messages on the wire at once: staging would leave the later stages for
             # finish_mix, outside the compute they are meant to hide behind
-            posted = [self._post_round(bucket, staged=not keep_changes, into=into) for bucket in plan.buckets]
+            posted = [self._post_round(b, staged=not keep_changes, into=where) for b, where in zip(plan.buckets, into)]
             self.phase += 1
-        return PendingMix(plan, rounds, posted, snapshots, rounds_write_tensors=into != "flat")
+        return PendingMix(plan, rounds, posted, snapshots, written=[where != "flat" for where in into])
 
-    def _last_round_into(self, rounds: int, keep_changes: bool) -> Literal["flat", "tensors", "correction"]:
-        """Where a mix's last round writes (:class:`_Round`): a one-round gossip mix finishes into the tensors
-        from its round, as the flat buffer keeps ``x`` until the round combines; with one in-neighbour whose
-        weight and the worker's own sum to 1 (one-peer exponential) it lerps, with nothing to pack or unpack."""
+    def _last_round_into(self, bucket: _Bucket, rounds: int, keep_changes: bool) -> _Into:
+        """Where a bucket's last round writes (:class:`_Round`): a one-round gossip mix finishes into the tensors
+        from its round, as the flat buffer keeps ``x`` until the round combines. Straight into the tensors, with
+        nothing to pack or unpack: with one in-neighbour whose weight and the worker's own sum to 1 (one-peer
+        exponential, a lerp), or with a narrower wire and tensors large enough that a pass per neighbour beats the
+        packed ``addmv``."""
         if rounds > 1 or self.topology.is_complete:
             return "flat"
         if keep_changes:
             return "correction"
         nb = self._neighbours[self.phase % self.topology.period]
-        lerps = len(nb.receive_weights) == 1 and nb.self_weight + nb.receive_weights[0] == 1.0
-        return "tensors" if lerps else "flat"
+        if lerps(nb.self_weight, nb.receive_weights):
+            return "tensors"
+        narrow_wire = self._wire_dtype(bucket) != bucket.flat.dtype
+        large = bucket.numel >= SCALE_ADD_MIN_MEAN_NUMEL * len(bucket.tensors)
+        return "tensors" if narrow_wire and large else "flat"
 
     def _complete(self, pending: PendingMix | None) -> None:
         if pending is None:
@@ -435,9 +466,9 @@ class GossipEngine:
             self.phase += 1
             for exchange in exchanges:
                 exchange.apply(self)
-        if pending.rounds_write_tensors:
-            return
         for k, bucket in enumerate(pending.plan.buckets):
+            if pending.written[k]:
+                continue
             if pending.snapshots is None:
                 bucket.unpack()
             else:
@@ -451,7 +482,7 @@ class GossipEngine:
         return bucket.flat.dtype
 
     def _post_round(
-        self, bucket: _Bucket, staged: bool = True, into: Literal["flat", "tensors", "correction"] = "flat"
+        self, bucket: _Bucket, staged: bool = True, into: _Into = "flat"
     ) -> _Round:
         """Post one round's sends and receives (interleaved chunks) for the current phase; nothing waits yet.
         ``into``: where the round's result goes (:class:`_Round`).

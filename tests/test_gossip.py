@@ -86,6 +86,18 @@ def cases_for(n: int) -> list[dict]:
         {"topology": "one_peer_exponential", "rounds": 1, "mixes": 2, "overlap": True, "wire_dtype": "bf16"},
         {"topology": "exponential", "rounds": 1, "overlap": True, "strided": True},
     ]
+    # several in-neighbours, a bf16 wire and large tensors: each received row added straight into the tensors
+    # (not on complete graphs, whose all_reduce sums in bf16 and rounds more than the tolerance allows for such tensors)
+    large = [
+        {"topology": "ring", "rounds": 1, "wire_dtype": "bf16", "strided": True, "large": True, "mixes": 2},
+        {"topology": "exponential", "rounds": 1, "wire_dtype": "bf16", "large": True},
+        {"topology": "ring", "rounds": 2, "wire_dtype": "bf16", "large": True},  # the packed path, for contrast
+    ]
+    cases += [case for case in large if not build_topology(case["topology"], n).is_complete]
+    if n == 4:  # two in-neighbours each, with weights that differ: each row must get its own
+        uneven = [[0.5, 0.3, 0, 0.2], [0.3, 0.4, 0.3, 0], [0, 0.3, 0.5, 0.2], [0.2, 0, 0.2, 0.6]]
+        cases.append({"topology": "custom", "options": {"matrix": uneven}, "rounds": 1, "wire_dtype": "bf16",
+                      "large": True, "mixes": 2})
     if n == 4:  # one in-neighbour with weights other than a half: pairs (0,1),(2,3), then (0,2),(1,3)
         pairs = {"matrices": [[[0.75, 0.25, 0, 0], [0.25, 0.75, 0, 0], [0, 0, 0.75, 0.25], [0, 0, 0.25, 0.75]],
                               [[0.6, 0, 0.4, 0], [0, 0.6, 0, 0.4], [0.4, 0, 0.6, 0], [0, 0.4, 0, 0.6]]]}
@@ -116,7 +128,7 @@ def reference(case: dict, index: int, n: int) -> list[np.ndarray]:
     """Each tensor after the case's mixes, rows = ranks: ``x <- W^t x`` per mix (plus each rank's shift when the
     mix was in flight while the rank changed its tensors)."""
     topo = build_topology(case["topology"], n, **case.get("options", {}))
-    inputs = [case_tensors(index, r) for r in range(n)]
+    inputs = [case_tensors(index, r, case) for r in range(n)]
     mixes, t = case.get("mixes", 1), case["rounds"]
     shift = np.array([[overlap_shift(r)] for r in range(n)]) if case.get("overlap") else 0.0
     out = []
@@ -152,7 +164,7 @@ def test_one_peer_exponential_exact_average(gossip_run):
     if n & (n - 1) or n == 1:
         pytest.skip("exact averaging needs a power-of-two world size")
     index = next(i for i, c in enumerate(cases) if c["topology"] == "one_peer_exponential" and c.get("mixes"))
-    inputs = [case_tensors(index, r) for r in range(n)]
+    inputs = [case_tensors(index, r, cases[index]) for r in range(n)]
     for k in range(len(inputs[0])):
         mean = np.mean([inputs[r][k].astype(np.float64) for r in range(n)], axis=0)
         for r in range(n):
