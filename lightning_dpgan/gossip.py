@@ -212,7 +212,7 @@ class _Round:
 
     def _combine_into_tensors(self) -> None:
         tensors = self.bucket.tensors
-        if lerps(self.self_weight, self.weight_values):
+        if _lerps(self.self_weight, self.weight_values):
             (row,) = self._upcast()
             # (1 - w) x_i + w x_j = w_ii x_i + w_ij x_j, as w_ii + w_ij == 1
             torch._foreach_lerp_(tensors, self.bucket.shaped(row), self.weight_values[0])
@@ -222,7 +222,7 @@ class _Round:
             torch._foreach_add_(tensors, self.bucket.shaped(row), alpha=weight)
 
 
-def lerps(self_weight: float, receive_weights: Sequence[float]) -> bool:
+def _lerps(self_weight: float, receive_weights: Sequence[float]) -> bool:
     """Whether ``w_ii x_i + sum_j w_ij x_j`` is one lerp: one in-neighbour, the two weights summing to exactly 1."""
     return len(receive_weights) == 1 and self_weight + receive_weights[0] == 1.0
 
@@ -449,7 +449,7 @@ class GossipEngine:
         if keep_changes:
             return "correction"
         nb = self._neighbours[self.phase % self.topology.period]
-        if lerps(nb.self_weight, nb.receive_weights):
+        if _lerps(nb.self_weight, nb.receive_weights):
             return "tensors"
         narrow_wire = self._wire_dtype(bucket) != bucket.flat.dtype
         large = bucket.numel >= SCALE_ADD_MIN_MEAN_NUMEL * len(bucket.tensors)
