@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_dpgan.gossip import GossipEngine, dense_mix, resolve_wire_dtype
+from lightning_dpgan.gossip import GossipEngine, _Plan, dense_mix, resolve_wire_dtype
 from lightning_dpgan.topology import build_topology, ring
 
 from helpers import torchrun
@@ -211,6 +211,18 @@ def test_world_size_one_is_noop():
     engine.mix([x], rounds=3)
     assert torch.equal(x, before)
     assert engine.messages_sent == 0
+
+
+@pytest.mark.parametrize(
+    ("large", "wire", "expected"), [(True, "bf16", "tensors"), (True, "fp32", "flat"), (False, "bf16", "flat")]
+)
+def test_large_cases_take_the_per_neighbour_combine(large, wire, expected):
+    """The "large" bf16 cases above cover adding each row straight into the tensors only while their buckets
+    pass ``SCALE_ADD_MIN_MEAN_NUMEL``; the small ones and fp32 wires keep the packed ``addmv``."""
+    engine = GossipEngine(ring(4), 0, wire_dtype=wire)
+    tensors = [torch.from_numpy(a) for a in case_tensors(0, 0, {"large": large})]
+    for bucket in _Plan(tensors).buckets:
+        assert engine._last_round_into(bucket, rounds=1, keep_changes=False) == expected, bucket.flat.dtype
 
 
 def test_dense_reference_matches_matrix_power():
