@@ -58,10 +58,13 @@ def test_dpgan_trains_on_cuda_through_the_strategy(tmp_path):
 def test_nccl_gossip_equals_dense_reference(tmp_path, monkeypatch):
     n = min(torch.cuda.device_count(), 4)
     cases = [{"topology": name, "rounds": t} for name in ("ring", "one_peer_exponential", "complete") for t in (1, 3)]
+    if n >= 4:  # a bf16 wire with large tensors: each received row added straight into the CUDA tensors
+        cases.append({"topology": "ring", "rounds": 1, "wire_dtype": "bf16", "large": True})
     monkeypatch.setenv("GOSSIP_BACKEND", "nccl")
     torchrun("gossip_worker.py", n, str(tmp_path), json.dumps(cases), timeout=300)
     results = [np.load(tmp_path / f"rank{r}.npz") for r in range(n)]
     for index, case in enumerate(cases):
         for k, expected in enumerate(reference(case, index, n)):
             got = np.stack([results[r][f"{index}/{k}"].astype(np.float64).ravel() for r in range(n)])
-            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=f"{case} tensor {k}")
+            tol = 2e-2 if case.get("wire_dtype") else 1e-5  # as in test_gossip: bf16 rounds each received row
+            np.testing.assert_allclose(got, expected, rtol=0, atol=tol, err_msg=f"{case} tensor {k}")
