@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_dpgan.gossip import GossipEngine, _Plan, dense_mix, resolve_wire_dtype
+from lightning_dpgan.gossip import GossipEngine, _Plan, _schedule, dense_mix, resolve_wire_dtype
 from lightning_dpgan.topology import build_topology, ring
 
 from helpers import torchrun
@@ -223,6 +223,21 @@ def test_large_cases_take_the_per_neighbour_combine(large, wire, expected):
     tensors = [torch.from_numpy(a) for a in case_tensors(0, 0, {"large": large})]
     for bucket in _Plan(tensors).buckets:
         assert engine._last_round_into(bucket, rounds=1, keep_changes=False) == expected, bucket.flat.dtype
+
+
+def test_schedule_posts_each_postings_receives_before_its_sends():
+    """Receives first, so that their ready notices do not queue behind this worker's data to the same peer; the
+    expected order is written out by hand."""
+    # one stage, both neighbours of a ring of 4 (rank 0), two chunks
+    assert _schedule([((1, 3), (1, 3))], num_chunks=2, head=0) == [[
+        ("recv", 1, 0, 0), ("recv", 3, 0, 0), ("recv", 1, 1, 0), ("recv", 3, 1, 0),
+        ("send", 1, 0, 0), ("send", 3, 0, 0), ("send", 1, 1, 0), ("send", 3, 1, 0),
+    ]]
+    # staged: right neighbour first, then left; with run-ahead, stage 1's first chunk is received with stage 0
+    assert _schedule([((1,), (3,)), ((3,), (1,))], num_chunks=2, head=1) == [
+        [("recv", 3, 0, 0), ("recv", 3, 1, 0), ("recv", 1, 0, 1), ("send", 1, 0, 0), ("send", 1, 1, 0)],
+        [("recv", 1, 1, 1), ("send", 3, 0, 1), ("send", 3, 1, 1)],
+    ]
 
 
 def test_dense_reference_matches_matrix_power():
