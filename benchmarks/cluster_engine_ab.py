@@ -9,7 +9,8 @@ next to the working tree's (both use the working tree's topology module), and ea
 each engine, in alternating order, after a barrier. Printed per setting: the median of the slowest host's time
 for each engine against the bandwidth floor (out-degree x wire bytes ÷ link rate), how many repeats the working
 tree won, and the most main-thread CPU a host spent in a mix (the engine's own passes over the data; gloo's
-threads not included). ``--overlap`` times ``start_mix`` then ``finish_mix`` instead of ``mix``.
+threads not included). ``--overlap`` times ``start_mix`` then ``finish_mix`` instead of ``mix``; ``--staged`` builds
+both engines with ``staged=True``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def load_engine_module(path: str):
 
 
 def worker(against_path: str, sizes: list[float], settings: list[tuple[str, str]], repeats: int, rounds: int,
-           overlap: bool) -> None:
+           overlap: bool, staged: bool) -> None:
     import torch
     import torch.distributed as dist
 
@@ -66,8 +67,8 @@ def worker(against_path: str, sizes: list[float], settings: list[tuple[str, str]
         params = [torch.randn(numel // 4) for _ in range(3)] + [torch.randn(numel - 3 * (numel // 4))]
         for name, wire in settings:
             topology = build_topology(name, n)
-            engines = {"against": against.GossipEngine(topology, rank, wire_dtype=wire),
-                       "tree": gossip.GossipEngine(topology, rank, wire_dtype=wire)}
+            engines = {"against": against.GossipEngine(topology, rank, wire_dtype=wire, staged=staged),
+                       "tree": gossip.GossipEngine(topology, rank, wire_dtype=wire, staged=staged)}
 
             def one_mix(engine) -> None:
                 if overlap:
@@ -98,10 +99,11 @@ def worker(against_path: str, sizes: list[float], settings: list[tuple[str, str]
     dist.destroy_process_group()
 
 
-def table(rows: list[dict], rate: str, against: str, congestion: str, overlap: bool) -> str:
+def table(rows: list[dict], rate: str, against: str, congestion: str, overlap: bool, staged: bool = False) -> str:
     bps = parse_rate(rate)
     lines = [
-        f"**{rate}**, TCP congestion control {congestion}, {'start_mix + finish_mix' if overlap else 'mix'}; "
+        f"**{rate}**, TCP congestion control {congestion}, {'start_mix + finish_mix' if overlap else 'mix'}"
+        f"{', staged' if staged else ''}; "
         f"`{against}` against the working tree",
         "",
         f"| hosts | MB | setting | wire | floor ms | {against} ms | tree ms | {against} ÷ floor | tree ÷ floor | "
@@ -132,13 +134,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=1, help="gossip rounds t per mix")
     parser.add_argument("--overlap", action="store_true", help="time start_mix + finish_mix instead of mix")
+    parser.add_argument("--staged", action="store_true", help="build both engines with staged=True")
     parser.add_argument("--congestion-control", default=None, metavar="NAME",
                         help="TCP congestion control of the hosts, e.g. cubic or bbr (default: the machine's; printed)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table and rows here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.sizes, args.settings, args.repeats, args.rounds, args.overlap)
+        worker(args.worker, args.sizes, args.settings, args.repeats, args.rounds, args.overlap, args.staged)
         return
     if args.repeats < 1 or args.rounds < 1:
         parser.error(f"--repeats and --rounds must be >= 1, got {args.repeats} and {args.rounds}")
@@ -158,17 +161,18 @@ def main() -> None:
             congestion = cluster.congestion_control()
             command = [sys.executable, __file__, "--worker", str(against_path), "--sizes", *map(str, args.sizes),
                        "--settings", *(f"{n}:{w}" for n, w in args.settings), f"--repeats={args.repeats}",
-                       f"--rounds={args.rounds}"] + (["--overlap"] if args.overlap else [])
+                       f"--rounds={args.rounds}"] + (["--overlap"] if args.overlap else []) + (["--staged"] if args.staged else [])
             results = cluster.run(lambda host: command, timeout=4 * 3600)
     line = next(l for l in results[0].stdout.splitlines() if l.startswith("ROWS "))
     rows = json.loads(line[5:])
-    text = table(rows, args.rate, args.against, congestion, args.overlap)
+    text = table(rows, args.rate, args.against, congestion, args.overlap, args.staged)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cluster_engine_ab.md").write_text(text + "\n")
         (args.out / "cluster_engine_ab.json").write_text(json.dumps({"against": args.against, "rate": args.rate,
-                                                                       "congestion_control": congestion, "rows": rows}, indent=1))
+                                                                       "congestion_control": congestion, "staged": args.staged,
+                                                                       "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
