@@ -16,7 +16,7 @@ each posting's receives before its sends.
 Gloo serves the operations posted to one peer in order, so one large send posted before its matching receive
 makes a pair's two directions take turns: a naive exchange ran at 2× its bandwidth floor on a rate-limited
 link, the interleaved chunks at 1.05× (README, "The wire on an emulated cluster"). Receives go first
-(``_schedule`` says why): posted after each chunk's sends, 4.35 MB mixes ran 3-10 % slower there. NCCL needs no
+(``_schedule`` says why): posted after each chunk's sends, 4.35 MB mixes ran 2-11 % slower there. NCCL needs no
 chunking.
 
 An optional wire dtype (bf16/fp16) is used for the bytes on the wire only; the local copy and the
