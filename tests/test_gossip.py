@@ -92,12 +92,16 @@ def cases_for(n: int) -> list[dict]:
         {"topology": "ring", "rounds": 1, "wire_dtype": "bf16", "strided": True, "large": True, "mixes": 2},
         {"topology": "exponential", "rounds": 1, "wire_dtype": "bf16", "large": True},
         {"topology": "ring", "rounds": 2, "wire_dtype": "bf16", "large": True},  # the packed path, for contrast
+        # the same in stages, also with the next stage's first receives posted early (run_ahead_chunks)
+        {"topology": "exponential", "rounds": 1, "wire_dtype": "bf16", "large": True, "staged": True, "mixes": 2},
+        {"topology": "torus" if n in (4, 8) else "ring", "rounds": 1, "wire_dtype": "bf16", "large": True,
+         "staged": True, "run_ahead_chunks": 2},
     ]
     cases += [case for case in large if not build_topology(case["topology"], n).is_complete]
     if n == 4:  # two in-neighbours each, with weights that differ: each row must get its own
         uneven = [[0.5, 0.3, 0, 0.2], [0.3, 0.4, 0.3, 0], [0, 0.3, 0.5, 0.2], [0.2, 0, 0.2, 0.6]]
-        cases.append({"topology": "custom", "options": {"matrix": uneven}, "rounds": 1, "wire_dtype": "bf16",
-                      "large": True, "mixes": 2})
+        cases += [{"topology": "custom", "options": {"matrix": uneven}, "rounds": 1, "wire_dtype": "bf16",
+                   "large": True, "mixes": 2, "staged": staged} for staged in (False, True)]
     if n == 4:  # one in-neighbour with weights other than a half: pairs (0,1),(2,3), then (0,2),(1,3)
         pairs = {"matrices": [[[0.75, 0.25, 0, 0], [0.25, 0.75, 0, 0], [0, 0, 0.75, 0.25], [0, 0, 0.25, 0.75]],
                               [[0.6, 0, 0.4, 0], [0, 0.6, 0, 0.4], [0.4, 0, 0.6, 0], [0, 0.4, 0, 0.6]]]}
