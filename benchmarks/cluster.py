@@ -6,9 +6,11 @@ machine's own network. ``tc tbf`` limits the host's egress (on ``eth0``) and its
 a full-duplex link of ``rate``. This kernel has no ``netem``, so links add no delay: latency is modelled (α–β)
 next to the measurements instead. TCP's congestion control is the machine's default (``bbr`` on the 2-core
 development machine) unless ``congestion_control`` names another: it decides how near their floor several flows
-sharing a link get (docs/benchmarks.md), so the benchmarks print which one ran. Everything is torn down on exit,
-on errors and on Ctrl-C/SIGTERM, and stale namespaces of an earlier crashed run of the same name are removed
-first.
+sharing a link get (docs/benchmarks.md), so the benchmarks print which one ran. ``mtu`` sets the links' MTU
+(default 1500, Ethernet's; 9000 is a jumbo-frame cluster's): ``tbf`` counts whole frames, so a TCP payload takes
+``(mtu + 14) / (mtu - 52)`` of its floor (1.046 at 1500, 1.007 at 9000) before the ACKs of the traffic coming the
+other way share the link. Everything is torn down on exit, on errors and on Ctrl-C/SIGTERM, and stale namespaces
+of an earlier crashed run of the same name are removed first.
 
 Workers run through the project's normal launch path: each gets a torchrun-style environment (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``GROUP_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` = host 0 inside the
@@ -30,6 +32,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 SUBNET = "10.77.0"
+MTU_RANGE = (576, 65535)  # IPv4's smallest datagram every host must take .. veth's largest frame
 
 
 def parse_rate(rate: str | None) -> int | None:
@@ -65,6 +68,14 @@ def congestion_control_problem(name: str | None) -> str | None:
     return None
 
 
+def mtu_problem(mtu: object) -> str | None:
+    """Why ``mtu`` cannot be the links' MTU, or None if it can."""
+    low, high = MTU_RANGE
+    if isinstance(mtu, bool) or not isinstance(mtu, int) or not low <= mtu <= high:
+        return f"mtu must be an integer in [{low}, {high}] bytes (1500 is Ethernet's, 9000 jumbo frames), got {mtu!r}"
+    return None
+
+
 def available() -> str | None:
     """Why an emulated cluster cannot be built here, or None if it can."""
     if os.geteuid() != 0:
@@ -79,10 +90,22 @@ def available() -> str | None:
     return None
 
 
-def preflight(parser: argparse.ArgumentParser, congestion_control: str | None = None) -> None:
-    """A benchmark's checks before it builds anything: a congestion control the hosts cannot run is a usage error,
-    a machine without namespaces (no root, no iproute2) ends the run with the reason."""
-    problem = congestion_control_problem(congestion_control)
+def add_link_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hosts' link options every cluster benchmark takes; ``link_options(args)`` hands them to the cluster."""
+    parser.add_argument("--congestion-control", default=None, metavar="NAME",
+                        help="TCP congestion control of the hosts, e.g. cubic or bbr (default: the machine's; printed)")
+    parser.add_argument("--mtu", type=int, default=1500, help="the links' MTU in bytes (default Ethernet's 1500; 9000: jumbo frames)")
+
+
+def link_options(args: argparse.Namespace) -> dict[str, object]:
+    """``preflight(parser, **link_options(args))``, ``EmulatedCluster(..., **link_options(args))``."""
+    return {"congestion_control": args.congestion_control, "mtu": args.mtu}
+
+
+def preflight(parser: argparse.ArgumentParser, congestion_control: str | None = None, mtu: int = 1500) -> None:
+    """A benchmark's checks before it builds anything: a congestion control the hosts cannot run or a bad MTU is a
+    usage error, a machine without namespaces (no root, no iproute2) ends the run with the reason."""
+    problem = congestion_control_problem(congestion_control) or mtu_problem(mtu)
     if problem:
         parser.error(problem)
     reason = available()
@@ -106,9 +129,13 @@ class EmulatedCluster:
     """``with EmulatedCluster(8, "200mbit") as cluster: cluster.run(lambda rank: [...])``."""
 
     def __init__(self, hosts: int, rate: str | None = "200mbit", name: str | None = None, port: int = 29500,
-                 congestion_control: str | None = None) -> None:
+                 congestion_control: str | None = None, mtu: int = 1500) -> None:
         if isinstance(hosts, bool) or not isinstance(hosts, int) or not 1 <= hosts <= 200:
             raise ValueError(f"hosts must be an integer in [1, 200], got {hosts!r}")
+        problem = mtu_problem(mtu)
+        if problem:
+            raise ValueError(problem)
+        self.mtu = mtu
         problem = congestion_control_problem(congestion_control)
         if problem:
             raise ValueError(problem)
@@ -170,6 +197,8 @@ class EmulatedCluster:
             self._ip("netns", "add", ns)
             self._ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"p{host}", "netns", self.switch)
             self._ip("-n", ns, "addr", "add", f"{self.address(host)}/24", "dev", "eth0")
+            self._ip("-n", ns, "link", "set", "eth0", "mtu", str(self.mtu))
+            self._ip("-n", self.switch, "link", "set", f"p{host}", "mtu", str(self.mtu))  # the bridge takes its ports' MTU
             for link in ("lo", "eth0"):
                 self._ip("-n", ns, "link", "set", link, "up")
             self._ip("-n", self.switch, "link", "set", f"p{host}", "master", "br0")
@@ -256,14 +285,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--rate", default="200mbit", help="per link and direction, e.g. 100mbit, 10gbit, or unlimited")
-    parser.add_argument("--congestion-control", default=None, help="TCP congestion control of the hosts (default: the machine's)")
+    add_link_arguments(parser)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command every host runs")
     args = parser.parse_args()
     command = [c for c in args.command if c != "--"] if args.command and args.command[0] == "--" else args.command
     if not command:
         parser.error("give the command to run on every host after --")
-    preflight(parser, args.congestion_control)
-    with EmulatedCluster(args.hosts, args.rate, congestion_control=args.congestion_control) as cluster:
+    preflight(parser, **link_options(args))
+    with EmulatedCluster(args.hosts, args.rate, **link_options(args)) as cluster:
         for result in cluster.run(lambda host: command, timeout=24 * 3600):
             sys.stdout.write(result.stdout)
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import EmulatedCluster, parse_rate, preflight  # noqa: E402
+from cluster import EmulatedCluster, add_link_arguments, link_options, parse_rate, preflight  # noqa: E402
 from cluster_wire import TOPOLOGIES, WIRES, floor_seconds, slowest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,10 +99,10 @@ def worker(against_path: str, sizes: list[float], settings: list[tuple[str, str]
     dist.destroy_process_group()
 
 
-def table(rows: list[dict], rate: str, against: str, congestion: str, overlap: bool, staged: bool = False) -> str:
+def table(rows: list[dict], rate: str, against: str, congestion: str, overlap: bool, staged: bool = False, mtu: int = 1500) -> str:
     bps = parse_rate(rate)
     lines = [
-        f"**{rate}**, TCP congestion control {congestion}, {'start_mix + finish_mix' if overlap else 'mix'}"
+        f"**{rate}**, TCP congestion control {congestion}, MTU {mtu}, {'start_mix + finish_mix' if overlap else 'mix'}"
         f"{', staged' if staged else ''}; "
         f"`{against}` against the working tree",
         "",
@@ -135,8 +135,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="gossip rounds t per mix")
     parser.add_argument("--overlap", action="store_true", help="time start_mix + finish_mix instead of mix")
     parser.add_argument("--staged", action="store_true", help="build both engines with staged=True")
-    parser.add_argument("--congestion-control", default=None, metavar="NAME",
-                        help="TCP congestion control of the hosts, e.g. cubic or bbr (default: the machine's; printed)")
+    add_link_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="also write the table and rows here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,11 +152,11 @@ def main() -> None:
                            capture_output=True, text=True)
     if shown.returncode != 0:
         parser.error(f"--against {args.against!r}: no lightning_dpgan/gossip.py at that revision ({shown.stderr.strip()})")
-    preflight(parser, args.congestion_control)
+    preflight(parser, **link_options(args))
     with tempfile.TemporaryDirectory(prefix="engine_ab_") as tmp:
         against_path = Path(tmp) / "gossip_against.py"
         against_path.write_text(shown.stdout)
-        with EmulatedCluster(args.hosts, args.rate, congestion_control=args.congestion_control) as cluster:
+        with EmulatedCluster(args.hosts, args.rate, **link_options(args)) as cluster:
             congestion = cluster.congestion_control()
             command = [sys.executable, __file__, "--worker", str(against_path), "--sizes", *map(str, args.sizes),
                        "--settings", *(f"{n}:{w}" for n, w in args.settings), f"--repeats={args.repeats}",
@@ -165,13 +164,13 @@ def main() -> None:
             results = cluster.run(lambda host: command, timeout=4 * 3600)
     line = next(l for l in results[0].stdout.splitlines() if l.startswith("ROWS "))
     rows = json.loads(line[5:])
-    text = table(rows, args.rate, args.against, congestion, args.overlap, args.staged)
+    text = table(rows, args.rate, args.against, congestion, args.overlap, args.staged, args.mtu)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cluster_engine_ab.md").write_text(text + "\n")
         (args.out / "cluster_engine_ab.json").write_text(json.dumps({"against": args.against, "rate": args.rate,
-                                                                       "congestion_control": congestion, "staged": args.staged,
+                                                                       "congestion_control": congestion, "mtu": args.mtu, "staged": args.staged,
                                                                        "rows": rows}, indent=1))
 
 

@@ -22,7 +22,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import EmulatedCluster, parse_rate, preflight  # noqa: E402
+from cluster import EmulatedCluster, add_link_arguments, link_options, parse_rate, preflight  # noqa: E402
+
+
+def _no_stages(topology_name: str, hosts: int) -> str | None:
+    """Why ``topology_name`` on ``hosts`` hosts has no staged timeline to draw, or None if it has one."""
+    from lightning_dpgan.topology import build_topology
+
+    try:
+        topology = build_topology(topology_name, hosts)
+    except ValueError as err:
+        return str(err)
+    if topology.is_complete or len(topology.stages(0)) < 2:
+        kind = "is one all_reduce (W = J/n)" if topology.is_complete else "has a single stage per round"
+        return (f"--topology {topology_name} on {hosts} hosts {kind}: a staged timeline needs several stages per "
+                "round, e.g. exponential, torus or ring on 8 hosts")
+    return None
 
 
 def worker(topology_name: str, mb: float, repeats: int, run_ahead: list[int], chunk_kib: int) -> None:
@@ -119,7 +134,7 @@ def main() -> None:
                         help="run_ahead_chunks values to time, one after another")
     parser.add_argument("--chunk-kib", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--congestion-control", default=None, metavar="NAME", help="TCP congestion control of the hosts (default: the machine's)")
+    add_link_arguments(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -127,12 +142,15 @@ def main() -> None:
         return
     if min(args.run_ahead) < 0:
         parser.error(f"--run-ahead takes chunk counts >= 0, got {min(args.run_ahead)}")
-    preflight(parser, args.congestion_control)
+    problem = _no_stages(args.topology, args.hosts)
+    if problem:
+        parser.error(problem)
+    preflight(parser, **link_options(args))
     command = [sys.executable, __file__, "--worker", "--topology", args.topology, "--mb", str(args.mb),
                "--repeats", str(args.repeats), "--chunk-kib", str(args.chunk_kib),
                "--run-ahead", *map(str, args.run_ahead)]
-    with EmulatedCluster(args.hosts, args.rate, port=29700, congestion_control=args.congestion_control) as cluster:
-        print(f"{args.hosts} hosts at {args.rate} ({cluster.congestion_control()}), {args.topology}, {args.mb:g} MB, staged")
+    with EmulatedCluster(args.hosts, args.rate, port=29700, **link_options(args)) as cluster:
+        print(f"{args.hosts} hosts at {args.rate} ({cluster.congestion_control()}, MTU {args.mtu}), {args.topology}, {args.mb:g} MB, staged")
         results = cluster.run(lambda host: command, timeout=3600)
     line = next(l for l in results[0].stdout.splitlines() if l.startswith("TIMELINES "))
     hosts = json.loads(line[len("TIMELINES "):])

@@ -16,8 +16,8 @@ is widened to 128 channels (1.09 M parameters, 4.35 MB in fp32) so that communic
   backward pass; gossip runs after the step, or (the ``overlap`` settings, ``strategy.overlap=true``) stays on
   the wire during the next forward and backward: the prediction is the communication, not the added time.
 
-``--congestion-control`` picks the hosts' TCP congestion control (the table names the one that ran; it decides
-how near their floor several flows sharing a link get, docs/benchmarks.md).
+``--congestion-control`` picks the hosts' TCP congestion control (it decides how near their floor several flows
+sharing a link get, docs/benchmarks.md) and ``--mtu`` the links' MTU; the table names both.
 ``no_communication_ceiling`` trains with no messages at all: its iterations per second are what the hosts'
 cores allow, so DDP's seconds per iteration divided by its own bound every setting's per-iteration speed-up.
 """
@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import EmulatedCluster, parse_rate, preflight  # noqa: E402
+from cluster import EmulatedCluster, add_link_arguments, link_options, parse_rate, preflight  # noqa: E402
 
 SETTINGS = {
     "DDP, all_reduce (CPOSG)": ["strategy=ddp"],
@@ -71,10 +71,10 @@ def fit(cluster: EmulatedCluster, overrides: list[str], run_dir: Path, steps: in
     return read_rows(run_dir)
 
 
-def _recorded_congestion_control(run_dir: Path) -> str:
-    """What the hosts of a limited-link run ran (runs from before it was recorded: "not recorded")."""
-    path = run_dir / "congestion_control.txt"
-    return path.read_text().strip() if path.is_file() else "not recorded"
+def _recorded(run_dir: Path, what: str, before_it_was_recorded: str) -> str:
+    """The hosts' ``what`` (congestion_control, mtu) in a limited-link run, as the run wrote it down."""
+    path = run_dir / f"{what}.txt"
+    return path.read_text().strip() if path.is_file() else before_it_was_recorded
 
 
 def first_reaching(rows: list[dict[str, float]], fid: float) -> dict[str, float] | None:
@@ -133,11 +133,10 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=None, help="a subset, by slug")
     parser.add_argument("--out", type=Path, default=Path("runs/cluster_train"))
     parser.add_argument("--collect", action="store_true", help="only rebuild the table from the runs in --out")
-    parser.add_argument("--congestion-control", default=None, metavar="NAME",
-                        help="TCP congestion control of the hosts, e.g. cubic or bbr (default: the machine's; printed)")
+    add_link_arguments(parser)
     args = parser.parse_args()
     if not args.collect:
-        preflight(parser, args.congestion_control)
+        preflight(parser, **link_options(args))
     bps = parse_rate(args.rate)
     assert bps is not None, "--rate must be a limit, the unlimited link is the probe"
     settings = [s for s in SETTINGS if args.settings is None or slug(s) in args.settings]
@@ -152,12 +151,13 @@ def main() -> None:
                 print(f"{setting}: stopped at step {rows[-1]['step']:.0f} of {args.steps}, left out", file=sys.stderr)
                 continue
         else:
-            with EmulatedCluster(args.hosts, None, port=29600, congestion_control=args.congestion_control) as cluster:
+            with EmulatedCluster(args.hosts, None, port=29600, **link_options(args)) as cluster:
                 probe = fit(cluster, SETTINGS[setting], out / "unlimited", args.probe_steps, args.probe_steps // 2, args.seed)
-            with EmulatedCluster(args.hosts, args.rate, port=29601, congestion_control=args.congestion_control) as cluster:
+            with EmulatedCluster(args.hosts, args.rate, port=29601, **link_options(args)) as cluster:
                 congestion = cluster.congestion_control()
                 rows = fit(cluster, SETTINGS[setting], out / args.rate, args.steps, args.every, args.seed)
             (out / args.rate / "congestion_control.txt").write_text(congestion + "\n")
+            (out / args.rate / "mtu.txt").write_text(f"{args.mtu}\n")
         if setting != CEILING:  # its FID means nothing
             curves[setting] = rows
         reached = {fid: first_reaching(rows, fid) for fid in args.fid}
@@ -169,15 +169,17 @@ def main() -> None:
             "fid": rows[-1]["fid"],
             "inception_score": rows[-1]["inception_score"],
             "predicted_comm_s": predicted_comm(setting, args.hosts, bps, args.alpha_ms / 1e3),
-            "congestion_control": _recorded_congestion_control(out / args.rate),
+            "congestion_control": _recorded(out / args.rate, "congestion_control", "not recorded"),
+            "mtu": _recorded(out / args.rate, "mtu", "1500"),  # every run before --mtu had Linux's default
         }
         print(f"{setting}: {json.dumps(results[setting])}", file=sys.stderr, flush=True)
         args.out.mkdir(parents=True, exist_ok=True)  # after every setting: a run cut short keeps what it measured
         (args.out / "cluster_train.json").write_text(json.dumps(results, indent=1))
     thresholds = " | ".join(f"s to FID ≤ {fid:g} | ÷ DDP" for fid in args.fid)
     congestion = "/".join(sorted({r["congestion_control"] for r in results.values()}))
+    mtus = "/".join(sorted({r["mtu"] for r in results.values()}))
     lines = [
-        f"**{args.hosts} hosts at {args.rate}**, TCP congestion control {congestion}, α = {args.alpha_ms:g} ms; "
+        f"**{args.hosts} hosts at {args.rate}**, TCP congestion control {congestion}, MTU {mtus}, α = {args.alpha_ms:g} ms; "
         "time to quality in training seconds (iteration)",
         "",
         f"| setting | it/s | it/s unlimited | comm ms/it (measured) | comm ms/it (α–β) | {thresholds} | FID | IS |",

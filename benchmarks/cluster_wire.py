@@ -23,7 +23,8 @@ is then the engine's own overhead, ``raw TCP / floor`` the link's (framing, ACKs
 ``--staged`` adds the engine with ``staged=True`` (one neighbour at a time, ``Topology.stages``) for the settings
 with several stages per round; ``--run-ahead`` sweeps its ``run_ahead_chunks`` (receives of the next stage's
 first chunks posted a stage early). ``--topologies`` times a subset of the gossip topologies.
-``--congestion-control`` picks the hosts' TCP congestion control (the tables name the one that ran).
+``--congestion-control`` picks the hosts' TCP congestion control and ``--mtu`` the links' MTU (the tables name
+both).
 
 ``--chunk-kib`` sweeps the gloo chunk size (``GossipEngine(chunk_bytes=)``) for the gossip settings:
 
@@ -43,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import EmulatedCluster, parse_rate, preflight  # noqa: E402
+from cluster import EmulatedCluster, add_link_arguments, link_options, parse_rate, preflight  # noqa: E402
 
 TOPOLOGIES = ("ring", "torus", "exponential", "one_peer_exponential")
 WIRES = ("fp32", "bf16")
@@ -205,9 +206,11 @@ def table(rows: list[dict], rate: str, alpha: float) -> str:
     bps = parse_rate(rate)
     with_raw = any(r.get("raw_tcp") for r in rows)
     congestion = sorted({r["congestion_control"] for r in rows if r.get("congestion_control")})
+    mtus = sorted({r.get("mtu", 1500) for r in rows})  # rows saved before --mtu ran at the default
     lines = [
         f"**{rate}**, α–β model with α = {alpha * 1e3:g} ms per hop"
-        + (f", TCP congestion control {'/'.join(congestion)}" if congestion else ""),
+        + (f", TCP congestion control {'/'.join(congestion)}" if congestion else "")
+        + f", MTU {'/'.join(map(str, mtus))}",
         "",
         "| hosts | MB | setting | wire | chunk KiB | ms | floor ms | ms / floor | ÷ all_reduce | α–β ms | cpu ms |"
         + (" ÷ raw TCP |" if with_raw else ""),
@@ -277,8 +280,7 @@ def main() -> None:
     parser.add_argument("--topologies", nargs="+", choices=TOPOLOGIES, default=list(TOPOLOGIES),
                         help="the gossip topologies to time (default: all)")
     parser.add_argument("--addresses", nargs="+", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--congestion-control", default=None, metavar="NAME",
-                        help="TCP congestion control of the hosts, e.g. cubic or bbr (default: the machine's; printed)")
+    add_link_arguments(parser)
     parser.add_argument("--alpha-ms", type=float, default=1.0, help="per-hop latency for the α–β prediction")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables and rows here")
     parser.add_argument("--tables-from", type=Path, default=None, help="rebuild tables and plot from a saved cluster_wire.json")
@@ -294,12 +296,12 @@ def main() -> None:
         return
     if min(args.run_ahead) < 0:
         parser.error(f"--run-ahead takes chunk counts >= 0, got {min(args.run_ahead)}")
-    preflight(parser, args.congestion_control)
+    preflight(parser, **link_options(args))
     tables, all_rows = [], {}
     for rate in args.rate:
         rows = []
         for n in args.hosts:
-            with EmulatedCluster(n, rate, port=29500 + n, congestion_control=args.congestion_control) as cluster:
+            with EmulatedCluster(n, rate, port=29500 + n, **link_options(args)) as cluster:
                 congestion = cluster.congestion_control()
                 command = [sys.executable, __file__, "--worker", f"--repeats={args.repeats}", "--sizes", *map(str, args.sizes),
                            "--chunk-kib", *map(str, args.chunk_kib), "--topologies", *args.topologies]
@@ -309,7 +311,7 @@ def main() -> None:
                     command += ["--staged", "--run-ahead", *map(str, args.run_ahead)]
                 results = cluster.run(lambda host: command, timeout=4 * 3600)
             line = next(l for l in results[0].stdout.splitlines() if l.startswith("ROWS "))
-            rows += [{**row, "congestion_control": congestion} for row in json.loads(line[5:])]
+            rows += [{**row, "congestion_control": congestion, "mtu": args.mtu} for row in json.loads(line[5:])]
             print(f"done: {n} hosts at {rate}", file=sys.stderr, flush=True)
         all_rows[rate] = rows
         tables.append(table(rows, rate, args.alpha_ms / 1e3))

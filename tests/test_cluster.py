@@ -120,6 +120,43 @@ def test_hosts_run_the_congestion_control_asked_for_and_unknown_ones_are_named()
         assert cluster.congestion_control() == default  # the machine's own unless asked
 
 
+_MSS_PROBE = """
+import socket, sys, time
+peer, port = sys.argv[1], 29790
+if sys.argv[2] == "listen":
+    server = socket.create_server(("", port))
+    server.accept()[0].recv(1)
+else:
+    for _ in range(200):
+        try:
+            conn = socket.create_connection((peer, port))
+            break
+        except OSError:
+            time.sleep(0.05)
+    print(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG), open("/proc/sys/net/ipv4/tcp_timestamps").read().strip())
+    conn.sendall(b"x")
+"""
+
+
+@pytest.mark.parametrize("mtu", [1500, 9000])
+def test_tcp_between_hosts_segments_at_the_mtu_asked_for(mtu):
+    reason = available()
+    if reason is not None:
+        pytest.skip(f"no emulated cluster here: it {reason}")
+    with EmulatedCluster(2, "100mbit", name="dpgmtu", port=29788, mtu=mtu) as cluster:
+        peer = cluster.address(1)
+        results = cluster.run(lambda host: [sys.executable, "-c", _MSS_PROBE, peer, "connect" if host == 0 else "listen"], timeout=60)
+    mss, timestamps = map(int, results[0].stdout.split())
+    # IPv4 and TCP headers take 40 bytes of each frame's MTU, the timestamp option (on unless disabled) 12 more
+    assert mss == mtu - 40 - (12 if timestamps else 0)
+
+
+@pytest.mark.parametrize("mtu", [100, 70000, 9000.0, True])
+def test_bad_mtus_are_named_before_anything_is_built(mtu):
+    with pytest.raises(ValueError, match=rf"mtu must be an integer in \[576, 65535\] bytes .*, got {mtu!r}"):
+        EmulatedCluster(2, mtu=mtu)
+
+
 def _ipv4_sysctl(name: str) -> list[str]:
     return Path(f"/proc/sys/net/ipv4/{name}").read_text().split()
 
@@ -135,4 +172,18 @@ def _ipv4_sysctl(name: str) -> list[str]:
 def test_engine_ab_names_bad_input_before_building_a_cluster(args, message):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "cluster_engine_ab.py"
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hosts", "4", "--topology", "exponential"], "--topology exponential on 4 hosts is one all_reduce (W = J/n)"),
+        (["--hosts", "8", "--topology", "one_peer_exponential"], "--topology one_peer_exponential on 8 hosts has a single stage per round"),
+        (["--mtu", "100"], "mtu must be an integer in [576, 65535] bytes (1500 is Ethernet's, 9000 jumbo frames), got 100"),
+    ],
+)
+def test_stage_timelines_name_bad_input_before_building_a_cluster(args, message):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cluster_stages.py"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr
