@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 SUBNET = "10.77.0"
-MTU_RANGE = (576, 65535)  # IPv4's smallest datagram every host must take .. veth's largest frame
+MTU_RANGE = (576, 65535)  # the datagram every IPv4 host must accept (RFC 791) .. the largest a veth carries
 
 
 def parse_rate(rate: str | None) -> int | None:
