@@ -162,28 +162,17 @@ def _ipv4_sysctl(name: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("tool", "args", "message"),
     [
-        (["--settings", "ring:fp8"], "a setting is TOPOLOGY:WIRE with TOPOLOGY in ring, torus, exponential, one_peer_exponential and WIRE in fp32, bf16, got 'ring:fp8'"),
-        (["--against", "no-such-revision"], "--against 'no-such-revision': no lightning_dpgan/gossip.py at that revision"),
-        (["--rate", "200mb"], "rate must look like 100mbit, 1gbit or 'unlimited', got '200mb'"),
+        ("cluster_engine_ab", ["--settings", "ring:fp8"], "a setting is TOPOLOGY:WIRE with TOPOLOGY in ring, torus, exponential, one_peer_exponential and WIRE in fp32, bf16, got 'ring:fp8'"),
+        ("cluster_engine_ab", ["--against", "no-such-revision"], "--against 'no-such-revision': no lightning_dpgan/gossip.py at that revision"),
+        ("cluster_engine_ab", ["--rate", "200mb"], "rate must look like 100mbit, 1gbit or 'unlimited', got '200mb'"),
+        ("cluster_stages", ["--hosts", "4", "--topology", "exponential"], "--topology exponential on 4 hosts is one all_reduce (W = J/n)"),
+        ("cluster_stages", ["--hosts", "8", "--topology", "one_peer_exponential"], "--topology one_peer_exponential on 8 hosts has a single stage per round"),
+        ("cluster_stages", ["--mtu", "100"], "mtu must be an integer in [576, 65535] bytes (1500 is Ethernet's, 9000 jumbo frames), got 100"),
     ],
 )
-def test_engine_ab_names_bad_input_before_building_a_cluster(args, message):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cluster_engine_ab.py"
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--hosts", "4", "--topology", "exponential"], "--topology exponential on 4 hosts is one all_reduce (W = J/n)"),
-        (["--hosts", "8", "--topology", "one_peer_exponential"], "--topology one_peer_exponential on 8 hosts has a single stage per round"),
-        (["--mtu", "100"], "mtu must be an integer in [576, 65535] bytes (1500 is Ethernet's, 9000 jumbo frames), got 100"),
-    ],
-)
-def test_stage_timelines_name_bad_input_before_building_a_cluster(args, message):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cluster_stages.py"
+def test_cluster_tools_name_bad_input_before_building_a_cluster(tool, args, message):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{tool}.py"
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr
