@@ -6,7 +6,7 @@ machine's own network. ``tc tbf`` limits the host's egress (on ``eth0``) and its
 a full-duplex link of ``rate``. This kernel has no ``netem``, so links add no delay: latency is modelled (α–β)
 next to the measurements instead. TCP's congestion control is the machine's default (``bbr`` on the 2-core
 development machine) unless ``congestion_control`` names another: it decides how near their floor several flows
-sharing a link get (docs/benchmarks.md), so the benchmarks print which one ran. ``mtu`` sets the links' MTU
+sharing a link get (docs/log.md), so the benchmarks print which one ran. ``mtu`` sets the links' MTU
 (default 1500, Ethernet's; 9000 is a jumbo-frame cluster's): ``tbf`` counts whole frames, so a TCP payload takes
 ``(mtu + 14) / (mtu - 52)`` of its floor (1.046 at 1500, 1.007 at 9000) before the ACKs of the traffic coming the
 other way share the link. Everything is torn down on exit, on errors and on Ctrl-C/SIGTERM, and stale namespaces
@@ -33,6 +33,24 @@ from types import FrameType
 
 SUBNET = "10.77.0"
 MTU_RANGE = (576, 65535)  # the datagram every IPv4 host must accept (RFC 791) .. the largest a veth carries
+
+
+def new_figure(**subplots: object) -> tuple[object, object]:
+    """A matplotlib figure and its axes, drawn without a display (hosts and CI have none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(**subplots)
+
+
+def save_figure(fig: object, path: object) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def parse_rate(rate: str | None) -> int | None:

@@ -17,7 +17,7 @@ is widened to 128 channels (1.09 M parameters, 4.35 MB in fp32) so that communic
   the wire during the next forward and backward: the prediction is the communication, not the added time.
 
 ``--congestion-control`` picks the hosts' TCP congestion control (it decides how near their floor several flows
-sharing a link get, docs/benchmarks.md) and ``--mtu`` the links' MTU; the table names both.
+sharing a link get, docs/log.md) and ``--mtu`` the links' MTU; the table names both.
 ``no_communication_ceiling`` trains with no messages at all: its iterations per second are what the hosts'
 cores allow, so DDP's seconds per iteration divided by its own bound every setting's per-iteration speed-up.
 """
@@ -32,7 +32,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import EmulatedCluster, add_link_arguments, link_options, parse_rate, preflight  # noqa: E402
+from cluster import (  # noqa: E402
+    EmulatedCluster, add_link_arguments, link_options, new_figure, parse_rate, preflight, save_figure,
+)
 
 SETTINGS = {
     "DDP, all_reduce (CPOSG)": ["strategy=ddp"],
@@ -40,7 +42,6 @@ SETTINGS = {
     "ring, t = 3": ["topology=ring", "gossip_rounds=3"],
     "one-peer exponential, fp32": ["topology=one_peer_exponential"],
     "one-peer exponential, bf16": ["topology=one_peer_exponential", "wire_dtype=bf16"],
-    "ring, t = 1, staged": ["topology=ring", "gossip_rounds=1", "strategy.staged=true"],
     "ring, t = 1, overlap": ["topology=ring", "gossip_rounds=1", "strategy.overlap=true"],
     "one-peer exponential, bf16, overlap": ["topology=one_peer_exponential", "wire_dtype=bf16", "strategy.overlap=true"],
     # no messages at all (its replicas drift apart, so its FID means nothing): the compute-bound ceiling of every
@@ -97,27 +98,19 @@ def predicted_comm(setting: str, hosts: int, bits_per_second: int, alpha: float)
     rounds = int(next((o.split("=")[1] for o in overrides if o.startswith("gossip_rounds=")), 1))
     out_degree = 1 if "one_peer_exponential" in " ".join(overrides) else 2
     wire = 0.5 if "wire_dtype=bf16" in overrides else 1.0
-    hops = out_degree if "strategy.staged=true" in overrides else 1  # a staged round sends to one peer at a time
-    return rounds * (out_degree * PARAMETER_BYTES * wire * 8 / bits_per_second + hops * alpha)
+    return rounds * (out_degree * PARAMETER_BYTES * wire * 8 / bits_per_second + alpha)
 
 
 def plot(curves: dict[str, list[dict[str, float]]], thresholds: list[float], title: str, path: Path) -> None:
     """The consensus model's FID against training seconds, one line per setting, the thresholds dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = new_figure(figsize=(6.5, 4.5))
     for setting, rows in curves.items():
         ax.plot([r["train_s"] for r in rows], [r["fid"] for r in rows], "o-", label=setting)
     for fid in thresholds:
         ax.axhline(fid, color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="training seconds (evaluations excluded)", ylabel="FID of the consensus model", title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -18,11 +18,9 @@ the round, received from every in-neighbour) over plain TCP sockets, one connect
 message, without gloo or the engine: what the emulated link carries for that traffic pattern. ``÷ raw TCP``
 is then the engine's own overhead, ``raw TCP / floor`` the link's (framing, ACKs, TCP sharing a shaped link).
 
-    sudo python benchmarks/cluster_wire.py --hosts 8 --rate 200mbit --sizes 4.35 16 --raw-tcp --staged
+    sudo python benchmarks/cluster_wire.py --hosts 8 --rate 200mbit --sizes 4.35 16 --raw-tcp
 
-``--staged`` adds the engine with ``staged=True`` (one neighbour at a time, ``Topology.stages``) for the settings
-with several stages per round; ``--run-ahead`` sweeps its ``run_ahead_chunks`` (receives of the next stage's
-first chunks posted a stage early). ``--topologies`` times a subset of the gossip topologies.
+``--topologies`` times a subset of the gossip topologies.
 ``--congestion-control`` picks the hosts' TCP congestion control and ``--mtu`` the links' MTU (the tables name
 both).
 
@@ -44,7 +42,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import EmulatedCluster, add_link_arguments, link_options, parse_rate, preflight  # noqa: E402
+from cluster import (  # noqa: E402
+    EmulatedCluster, add_link_arguments, link_options, new_figure, parse_rate, preflight, save_figure,
+)
 
 TOPOLOGIES = ("ring", "torus", "exponential", "one_peer_exponential")
 WIRES = ("fp32", "bf16")
@@ -128,8 +128,7 @@ def _receive(conn: socket.socket, nbytes: int, into: bytearray | None = None) ->
     return buffer
 
 
-def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: list[str] | None, with_staged: bool,
-           topologies: list[str], run_ahead: list[int]) -> None:
+def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: list[str] | None, topologies: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -150,26 +149,18 @@ def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: li
             out_degree = max(len(topology.neighbours(r, p).send_to) for r in range(n) for p in range(topology.period))
             for wire in WIRES:
                 for kib in chunk_kib:
-                    multi_stage = len(topology.stages(0)) > 1 and not topology.is_complete
-                    variants = [(False, 0)] + ([(True, ahead) for ahead in run_ahead] if with_staged and multi_stage else [])
-                    for staged, ahead in variants:
-                        engine = GossipEngine(topology, rank, wire_dtype=wire, chunk_bytes=kib * 1024, staged=staged,
-                                              run_ahead_chunks=ahead)
-                        rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree,
-                                     "chunk_kib": kib, "complete": topology.is_complete, "staged": staged,
-                                     "run_ahead": ahead, **timed(lambda: engine.mix(params, 1), repeats)})
+                    engine = GossipEngine(topology, rank, wire_dtype=wire, chunk_bytes=kib * 1024)
+                    rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree,
+                                 "chunk_kib": kib, "complete": topology.is_complete,
+                                 **timed(lambda: engine.mix(params, 1), repeats)})
                 if addresses and not topology.is_complete:
                     nb = topology.neighbours(rank, 0)
-                    schedules = {"raw TCP": [(nb.send_to, nb.receive_from)]}
-                    if len(topology.stages(0)) > 1:
-                        schedules["raw TCP, staged"] = topology.rank_stages(rank, 0)
                     payload = bytearray(int(mb * 1e6 * (0.5 if wire == "bf16" else 1.0)))
                     sinks = {p: bytearray(len(payload)) for p in nb.receive_from}
-                    for label, steps in schedules.items():
-                        raw = RawExchange(rank, addresses, steps, port=31000)
-                        rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree, "chunk_kib": None,
-                                     "raw_tcp": label, **timed(lambda: raw.exchange(payload, sinks), repeats)})
-                        raw.close()
+                    raw = RawExchange(rank, addresses, [(nb.send_to, nb.receive_from)], port=31000)
+                    rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree, "chunk_kib": None,
+                                 "raw_tcp": "raw TCP", **timed(lambda: raw.exchange(payload, sinks), repeats)})
+                    raw.close()
     if rank == 0:
         print("ROWS " + json.dumps(rows), flush=True)
     dist.destroy_process_group()
@@ -196,10 +187,9 @@ def alpha_beta(row: dict, bits_per_second: int | None, alpha: float) -> float | 
 
 
 def raw_tcp_row(rows: list[dict], row: dict) -> dict | None:
-    """The raw-TCP baseline for an engine row: the same hosts, size, topology, wire and staging, if measured."""
+    """The raw-TCP baseline for an engine row: the same hosts, size, topology and wire, if measured."""
     keys = ("n", "mb", "setting", "wire")
-    label = "raw TCP, staged" if row.get("staged") else "raw TCP"
-    return next((r for r in rows if r.get("raw_tcp") == label and all(r[k] == row[k] for k in keys)), None)
+    return next((r for r in rows if r.get("raw_tcp") and all(r[k] == row[k] for k in keys)), None)
 
 
 def table(rows: list[dict], rate: str, alpha: float) -> str:
@@ -225,9 +215,7 @@ def table(rows: list[dict], rate: str, alpha: float) -> str:
         model_ms = "" if model is None else f"{1e3 * model:.1f}"
         cpu_ms = f"{1e3 * row['cpu_seconds']:.1f}" if "cpu_seconds" in row else ""
         raw = None if row.get("raw_tcp") else raw_tcp_row(rows, row)
-        suffix = (" (= all_reduce)" if row.get("complete") else f", {row['raw_tcp']}" if row.get("raw_tcp")
-                  else f", staged, run-ahead {row['run_ahead']}" if row.get("run_ahead")
-                  else ", staged" if row.get("staged") else "")
+        suffix = " (= all_reduce)" if row.get("complete") else f", {row['raw_tcp']}" if row.get("raw_tcp") else ""
         lines.append(
             f"| {row['n']} | {row['mb']:g} | {row['setting']}{suffix} | {row['wire']} | "
             f"{row.get('chunk_kib') or ''} | {1e3 * row['seconds']:.1f} | {floor_ms} | {ratio} | {row['seconds'] / base['seconds']:.2f} | "
@@ -240,18 +228,15 @@ def plot(rows_by_rate: dict[str, list[dict]], path: Path) -> None:
     """Time per mix against message size, one panel per host count at the limited rate, floors dashed."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rate, rows = next((r, rs) for r, rs in rows_by_rate.items() if parse_rate(r) is not None)
     first_chunk = next((r.get("chunk_kib") for r in rows if r.get("chunk_kib")), None)
-    # one line per setting: the first chunk size, the default engine (not staged), no raw-TCP baselines
-    rows = [r for r in rows if r.get("chunk_kib") in (None, first_chunk) and not r.get("raw_tcp") and not r.get("staged")]
+    # one line per setting: the first chunk size, no raw-TCP baselines
+    rows = [r for r in rows if r.get("chunk_kib") in (None, first_chunk) and not r.get("raw_tcp")]
     hosts = sorted({r["n"] for r in rows})
-    fig, axes = plt.subplots(1, len(hosts), figsize=(6 * len(hosts), 4.5), squeeze=False)
+    fig, axes = new_figure(nrows=1, ncols=len(hosts), figsize=(6 * len(hosts), 4.5), squeeze=False)
     for ax, n in zip(axes[0], hosts):
         for (setting, wire), color in zip(
-            dict.fromkeys((r["setting"], r["wire"]) for r in rows if r["n"] == n), plt.cm.tab10.colors
+            dict.fromkeys((r["setting"], r["wire"]) for r in rows if r["n"] == n), matplotlib.colormaps["tab10"].colors
         ):
             mine = [r for r in rows if r["n"] == n and r["setting"] == setting and r["wire"] == wire]
             sizes = [r["mb"] for r in mine]
@@ -261,9 +246,7 @@ def plot(rows_by_rate: dict[str, list[dict]], path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="message MB", ylabel="ms per mix (slowest host)",
                title=f"{n} hosts at {rate} (dashed: bandwidth floor)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -274,9 +257,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk-kib", type=int, nargs="+", default=[256], help="gloo chunk sizes to time for gossip")
     parser.add_argument("--raw-tcp", action="store_true", help="also time each gossip exchange over plain TCP sockets")
-    parser.add_argument("--staged", action="store_true", help="also time each multi-stage gossip setting with staged=True")
-    parser.add_argument("--run-ahead", type=int, nargs="+", default=[0], metavar="CHUNKS",
-                        help="with --staged: the run_ahead_chunks values to time (default: 0)")
     parser.add_argument("--topologies", nargs="+", choices=TOPOLOGIES, default=list(TOPOLOGIES),
                         help="the gossip topologies to time (default: all)")
     parser.add_argument("--addresses", nargs="+", default=None, help=argparse.SUPPRESS)
@@ -287,15 +267,13 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.sizes, args.repeats, args.chunk_kib, args.addresses, args.staged, args.topologies, args.run_ahead)
+        worker(args.sizes, args.repeats, args.chunk_kib, args.addresses, args.topologies)
         return
     if args.tables_from:
         all_rows = json.loads(args.tables_from.read_text())
         print("\n\n".join(table(rows, rate, args.alpha_ms / 1e3) for rate, rows in all_rows.items()))
         plot(all_rows, args.tables_from.with_suffix(".png"))
         return
-    if min(args.run_ahead) < 0:
-        parser.error(f"--run-ahead takes chunk counts >= 0, got {min(args.run_ahead)}")
     preflight(parser, **link_options(args))
     tables, all_rows = [], {}
     for rate in args.rate:
@@ -307,8 +285,6 @@ def main() -> None:
                            "--chunk-kib", *map(str, args.chunk_kib), "--topologies", *args.topologies]
                 if args.raw_tcp:
                     command += ["--addresses", *(cluster.address(h) for h in range(n))]
-                if args.staged:
-                    command += ["--staged", "--run-ahead", *map(str, args.run_ahead)]
                 results = cluster.run(lambda host: command, timeout=4 * 3600)
             line = next(l for l in results[0].stdout.splitlines() if l.startswith("ROWS "))
             rows += [{**row, "congestion_control": congestion, "mtu": args.mtu} for row in json.loads(line[5:])]

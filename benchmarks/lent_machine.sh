@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Carry the cluster benchmarks to a lent machine and run them there (docs/benchmarks.md, "On a lent machine").
+# Carry the cluster benchmarks to a lent machine and run them there (docs/cluster.md, "On a lent machine").
 #
 #   bash benchmarks/lent_machine.sh prepare   # here, in the repo root, README's venv active: writes .devcarry/
 #   . benchmarks/lent_machine.sh env          # there, in the repo root: then run the benchmarks from /tmp

@@ -50,7 +50,7 @@ def worker(repeats: int) -> None:
     dist.init_process_group("gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
     engine = GossipEngine(ring(n), rank)
-    whole = GossipEngine(ring(n), rank, chunk_bytes=2**62)  # one message per peer
+    whole = GossipEngine(ring(n), rank, chunk_bytes=None)  # one message per peer
     rows = []
     for mb in SIZES_MB:
         numel = int(mb * 2**20 / 4)

@@ -133,10 +133,10 @@ def check(verb: str, overrides: Sequence[str]) -> DictConfig:
 
 
 def build_topology_from(cfg: DictConfig) -> Any:
-    from lightning_dpgan.topology import TopologyError, _check_rounds, build_topology
+    from lightning_dpgan.topology import TopologyError, check_rounds, build_topology
 
     try:
-        _check_rounds(cfg.gossip_rounds)
+        check_rounds(cfg.gossip_rounds)
         options = OmegaConf.to_container(cfg.topology.options, resolve=True) or {}
         return build_topology(cfg.topology.name, cfg.devices * cfg.num_nodes, **options)
     except TopologyError as err:
@@ -148,7 +148,7 @@ def with_scaled_learning_rates(cfg: DictConfig) -> DictConfig:
 
     ``model.lr_*`` is then the centralized recipe's rate. Each DPOSG worker's Adam normalises the gradient of its
     own batch, which carries n× the noise variance of DDP's averaged one, so at equal rates its step is ~1/√n of
-    DDP's; measured, DPOSG at √n × DDP's rate matches DDP (README "Results"). DDP keeps the rate as given.
+    DDP's, and DPOSG at √n × DDP's rate matches DDP (docs/quality.md). DDP keeps the rate as given.
     """
     scaling = cfg.get("lr_scaling")
     if scaling not in LR_SCALINGS:

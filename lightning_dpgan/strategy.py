@@ -11,26 +11,24 @@ its own so that Lightning's collectives never queue behind a mix on the wire:
   to) are mixed with ``W^t`` (adapt-then-combine). An optimizer exposing ``anchors()`` and ``extrapolate()``
   (see :class:`AnchoredOptimizer`) has its anchors mixed instead, and then extrapolates: that is DPOSG;
   with ``overlap=True`` each mix stays on the wire until the next step ends (communication behind compute);
-* checkpoints hold the consensus (average) model, plus one shard per rank with that replica, its optimizer
-  state, RNG state and gossip phase, so ``fit(ckpt_path=...)`` resumes every replica exactly.
+* checkpoints hold the consensus (average) model, plus one file per rank with that replica, its optimizer
+  state, RNG state and gossip phase (:mod:`lightning_dpgan.replicas`), so ``fit(ckpt_path=...)`` resumes every
+  replica exactly.
+
+What each step mixes is decided in :mod:`lightning_dpgan.mix_sets`; how it travels, in :mod:`lightning_dpgan.gossip`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.fabric.utilities.types import _PATH
@@ -40,40 +38,30 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_dpgan.gossip import GossipEngine, PendingMix, check_chunk_bytes, resolve_wire_dtype
+from lightning_dpgan.gossip import DEFAULT_CHUNK_BYTES, GossipEngine, PendingMix, check_chunk_bytes, resolve_wire_dtype
+from lightning_dpgan.mix_sets import (
+    AnchoredOptimizer,
+    MixSet,
+    build_mix_set,
+    metric_prefixes,
+    own_buffers,
+    own_parameters,
+    submodule_names,
+)
+from lightning_dpgan.replicas import (
+    CHECKPOINT_KEY,
+    consensus_restart_reason,
+    read_replica,
+    remove_replica,
+    replica_file,
+    replica_path,
+    replicas_meta,
+)
 from lightning_dpgan.seeding import seed_for_rank
 from lightning_dpgan.signals import stop_on_sigterm_without_collectives
-from lightning_dpgan.topology import TOPOLOGIES, Topology, TopologyError, _check_rounds, build_topology
-
-CHECKPOINT_KEY = "decentralized"
-
-
-@runtime_checkable
-class AnchoredOptimizer(Protocol):
-    """An optimizer whose gossiped state differs from its live parameters (DPOSG's anchors ``x``).
-
-    ``anchors()`` returns one tensor per parameter, in ``param_groups`` order, that the strategy mixes in place
-    after ``step()``; ``extrapolate()`` then rewrites the live parameters from the mixed anchors. ``step()`` may
-    extrapolate too (so the optimizer is complete without this strategy): ``extrapolate()`` must be idempotent.
-    :class:`~lightning_dpgan.optim.OptimisticAdam` and :class:`~lightning_dpgan.optim.OptimisticSGD` implement it.
-    """
-
-    def anchors(self) -> list[Tensor]: ...
-
-    def extrapolate(self) -> None: ...
-
-
-@dataclass
-class _MixSet:
-    """What one optimizer's step mixes, and which top-level submodule each parameter belongs to."""
-
-    params: list[Tensor]
-    buffers: list[Tensor]
-    param_groups: list[int]
-    anchored: bool
+from lightning_dpgan.topology import TOPOLOGIES, Topology, TopologyError, build_topology, check_rounds
 
 
 class DecentralizedStrategy(DDPStrategy):
@@ -89,16 +77,14 @@ class DecentralizedStrategy(DDPStrategy):
         mix_buffers: also mix floating-point buffers such as BatchNorm running statistics.
         mixing: ``False`` turns communication off (local training, for ablations); consensus is still measured.
         timeout: seconds (or a timedelta) a worker waits for a peer before failing with the peer's rank.
-        chunk_bytes: on CPU (gloo), messages go out in chunks of this size with sends and receives interleaved,
-            which keeps both directions of a link busy (see :mod:`lightning_dpgan.gossip`).
+        chunk_bytes: on CPU (gloo), messages go out in chunks of this size, receives posted before sends, which
+            keeps both directions of a link busy (:mod:`lightning_dpgan.gossip.transport`); ``None`` sends each
+            message whole.
         overlap: leave each step's mix on the wire while the next forward and backward run, and apply it after
             the next optimizer step (its correction ``W^t x - x`` is added to the updated state). The gradient is
             then taken before the latest mix has arrived: a variant of DPOSG that lets communication hide behind
             compute, as DDP hides its all-reduce behind the backward pass. Checkpoints, consensus measurements and
             the end of training finish the mix in flight first.
-        staged: on CPU, exchange each round with one neighbour at a time (``Topology.stages``) instead of all at
-            once; measured mixed on the emulated cluster, so off by default (see
-            :class:`~lightning_dpgan.gossip.GossipEngine`).
     """
 
     strategy_name = "decentralized"
@@ -113,9 +99,8 @@ class DecentralizedStrategy(DDPStrategy):
         mix_buffers: bool = True,
         mixing: bool = True,
         timeout: float | timedelta = 600.0,
-        chunk_bytes: int = 256 * 1024,
+        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
         overlap: bool = False,
-        staged: bool = False,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -126,7 +111,7 @@ class DecentralizedStrategy(DDPStrategy):
     ) -> None:
         if not isinstance(topology, Topology) and topology not in TOPOLOGIES:
             raise TopologyError(f"unknown topology {topology!r}; allowed: {', '.join(TOPOLOGIES)}")
-        _check_rounds(gossip_rounds)
+        check_rounds(gossip_rounds)
         resolve_wire_dtype(wire_dtype)
         check_chunk_bytes(chunk_bytes)
         if isinstance(consensus_every, bool) or not isinstance(consensus_every, int) or consensus_every < 0:
@@ -135,7 +120,7 @@ class DecentralizedStrategy(DDPStrategy):
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
                 raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
             timeout = timedelta(seconds=float(timeout))
-        for flag, value in (("overlap", overlap), ("staged", staged)):
+        for flag, value in (("mix_buffers", mix_buffers), ("mixing", mixing), ("overlap", overlap)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be True or False, got {value!r}")
         super().__init__(
@@ -157,15 +142,14 @@ class DecentralizedStrategy(DDPStrategy):
         self.mix_buffers = mix_buffers
         self.mixing = mixing
         self.overlap = overlap
-        self.staged = staged
         self.topology: Topology | None = None
         self.engine: GossipEngine | None = None
         #: latest consensus distance per top-level submodule, identical on every rank
         self.consensus_distance: dict[str, float] = {}
-        self._mix_sets: dict[int, _MixSet] = {}
+        self._mix_sets: dict[int, MixSet] = {}
         self._step_counts: dict[int, int] = {}
         self._in_flight: dict[int, PendingMix | None] = {}  # optimizer id -> its mix on the wire (overlap)
-        self._pending_shard: dict[str, Any] | None = None
+        self._pending_replica: dict[str, Any] | None = None
         self._pending_consensus_restart = False
         self._gossip_group: torch.distributed.ProcessGroup | None = None
 
@@ -191,7 +175,7 @@ class DecentralizedStrategy(DDPStrategy):
         self._gossip_group = self._new_gossip_group() if world_size > 1 else None
         self.engine = GossipEngine(
             self.topology, self.global_rank, wire_dtype=self.wire_dtype, timeout=self._timeout,
-            chunk_bytes=self.chunk_bytes, group=self._gossip_group, staged=self.staged,
+            chunk_bytes=self.chunk_bytes, group=self._gossip_group,
         )
 
     def _new_gossip_group(self) -> torch.distributed.ProcessGroup:
@@ -238,7 +222,7 @@ class DecentralizedStrategy(DDPStrategy):
         if self.engine.world_size == 1:
             return  # one replica: nothing to align, and the random stream is left as a plain Trainer leaves it
         module = self.model
-        tensors = [p.data for p in _own_parameters(module)] + [b for _, b in _own_buffers(module)]
+        tensors = [p.data for p in own_parameters(module)] + own_buffers(module)
         self.engine.broadcast(tensors, src=0)
         seed_for_rank(self.global_rank)  # replicas start alike but draw their own noise and batches
 
@@ -258,8 +242,7 @@ class DecentralizedStrategy(DDPStrategy):
     def _gossip(self, optimizer: Optimizer) -> None:
         assert self.engine is not None
         mix_set = self._mix_set(optimizer)
-        # the same tensor objects every step, so the engine reuses its cached buffers (``p.data`` is a new object)
-        state = optimizer.anchors() if mix_set.anchored else mix_set.params
+        state = mix_set.state(optimizer)
         if self.mixing and self.overlap:
             self.engine.finish_mix(self._in_flight.pop(id(optimizer), None))  # the previous step's mix
         elif self.mixing:
@@ -269,7 +252,7 @@ class DecentralizedStrategy(DDPStrategy):
         count = self._step_counts.get(id(optimizer), 0) + 1
         self._step_counts[id(optimizer)] = count
         if self.consensus_every and count % self.consensus_every == 0 and self.engine.world_size > 1:
-            self._record_consensus(state, mix_set.param_groups)
+            self._record_consensus(state, mix_set.group_ids)
         if self.mixing and self.overlap:
             self._in_flight[id(optimizer)] = self.engine.start_mix(state + mix_set.buffers, self.gossip_rounds)
 
@@ -280,47 +263,27 @@ class DecentralizedStrategy(DDPStrategy):
             for optimizer_id in list(self._in_flight):
                 self.engine.finish_mix(self._in_flight.pop(optimizer_id))
 
-    def _mix_set(self, optimizer: Optimizer) -> _MixSet:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+    def _mix_set(self, optimizer: Optimizer) -> MixSet:
         cached = self._mix_sets.get(id(optimizer))
-        if cached is not None and len(cached.params) == len(params):
+        if cached is not None and len(cached.params) == sum(len(g["params"]) for g in optimizer.param_groups):
             return cached
         module = self.lightning_module
         assert module is not None
-        names = self._group_names()
-        owner = {id(p): name.split(".", 1)[0] for name, p in module.named_parameters()}
-        group_ids = [names.index(owner.get(id(p), "_unregistered")) for p in params]
-        buffers = _buffers_owned_by(module, {id(p) for p in params}, self._other_params(optimizer))
-        anchored = isinstance(optimizer, AnchoredOptimizer)
-        mix_set = _MixSet(params, buffers if self.mix_buffers else [], group_ids, anchored)
+        mix_set = build_mix_set(module, optimizer, self.optimizers, self.mix_buffers)
         self._mix_sets[id(optimizer)] = mix_set
         return mix_set
 
-    def _other_params(self, optimizer: Optimizer) -> set[int]:
-        """Parameters of the optimizers listed before this one: a shared buffer goes with the first optimizer."""
-        earlier: set[int] = set()
-        for opt in self.optimizers:
-            if opt is optimizer:
-                break
-            earlier.update(id(p) for g in opt.param_groups for p in g["params"])
-        return earlier
-
-    def _group_names(self) -> list[str]:
-        module = self.lightning_module
-        assert module is not None
-        names = list(dict.fromkeys(n.split(".", 1)[0] for n, _ in module.named_parameters()))
-        return names + ["_unregistered"]
-
     def _record_consensus(self, tensors: list[Tensor], group_ids: list[int]) -> None:
         assert self.engine is not None
-        names = self._group_names()
-        values = self.engine.consensus_distance(tensors, group_ids, len(names))
         module = self.lightning_module
+        assert module is not None
+        names = submodule_names(module)
+        values = self.engine.consensus_distance(tensors, group_ids, len(names))
         for gid in sorted(set(group_ids)):
             name = names[gid]
             value = float(values[gid])
             self.consensus_distance[name] = value
-            if module is not None and module._current_fx_name is not None and module._trainer is not None:
+            if module._current_fx_name is not None and module._trainer is not None:
                 module.log(f"consensus/{name}", value, on_step=True, on_epoch=False, sync_dist=False)
 
     def measure_consensus(self) -> dict[str, float]:
@@ -328,7 +291,7 @@ class DecentralizedStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None and self.engine is not None
         self._finish_in_flight()
-        names = self._group_names()
+        names = submodule_names(module)
         params = list(module.named_parameters())
         values = self.engine.consensus_distance(
             [p for _, p in params], [names.index(n.split(".", 1)[0]) for n, _ in params], len(names)
@@ -341,15 +304,13 @@ class DecentralizedStrategy(DDPStrategy):
         """The consensus model: floating entries averaged over ranks (collective; runs on every rank)."""
         module = self.lightning_module
         assert module is not None
-        self._finish_in_flight()  # the optimizer states and per-rank shards are read after this
+        self._finish_in_flight()  # the optimizer states and replica files are read after this
         state = module.state_dict()
         if self.engine is None or self.engine.world_size == 1:
             return state
-        metric_prefixes = _metric_prefixes(module)
+        metrics = metric_prefixes(module)
         keys = [
-            k
-            for k, v in state.items()
-            if isinstance(v, Tensor) and v.is_floating_point() and not k.startswith(metric_prefixes)
+            k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and not k.startswith(metrics)
         ]
         averaged = self.engine.average([state[k] for k in keys])
         return {**state, **dict(zip(keys, averaged))}
@@ -359,74 +320,38 @@ class DecentralizedStrategy(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
         if self.engine is not None and self.engine.world_size > 1 and "optimizer_states" in checkpoint:
+            assert self.topology is not None
             token = self.broadcast(uuid.uuid4().hex if self.is_global_zero else None)
-            meta = self._checkpoint_meta(token)
+            meta = replicas_meta(token, self.engine.world_size, self.topology.name, self.gossip_rounds, self.engine.state_dict())
             checkpoint[CHECKPOINT_KEY] = meta
             module = self.lightning_module
             assert module is not None
-            shard = {
-                **meta,
-                "rank": self.global_rank,
-                "state_dict": module.state_dict(),
-                "optimizer_states": checkpoint["optimizer_states"],
-                "rng_states": _collect_rng_states(include_cuda=self.root_device.type == "cuda"),
-            }
-            self.checkpoint_io.save_checkpoint(shard, shard_path(filepath, self.global_rank), storage_options)
+            rng_states = _collect_rng_states(include_cuda=self.root_device.type == "cuda")
+            replica = replica_file(meta, self.global_rank, module.state_dict(), checkpoint["optimizer_states"], rng_states)
+            self.checkpoint_io.save_checkpoint(replica, replica_path(filepath, self.global_rank), storage_options)
         super().save_checkpoint(checkpoint, filepath, storage_options)
-
-    def _checkpoint_meta(self, token: str) -> dict[str, Any]:
-        assert self.engine is not None and self.topology is not None
-        return {
-            "token": token,
-            "world_size": self.engine.world_size,
-            "topology": self.topology.name,
-            "gossip_rounds": self.gossip_rounds,
-            "gossip": self.engine.state_dict(),
-        }
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
-        # Every rank removes its own shard (node-local disks); rank 0 also removes the folder, tolerating the
-        # other ranks deleting their files at the same moment.
         super().remove_checkpoint(filepath)
-        shard = shard_path(filepath, self.global_rank)
-        fs = get_filesystem(shard)
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm(shard)
-        if self.is_global_zero:
-            folder = os.path.dirname(shard)
-            if isinstance(fs, LocalFileSystem):
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm(folder, recursive=True)
+        remove_replica(filepath, self.global_rank, self.is_global_zero)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        self._pending_shard = None
+        self._pending_replica = None
         self._pending_consensus_restart = False
         meta = checkpoint.get(CHECKPOINT_KEY)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if meta is None or trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return checkpoint
         assert self.engine is not None
-        shard = None
-        if meta["world_size"] == self.engine.world_size:
-            path = shard_path(checkpoint_path, self.global_rank)
-            if get_filesystem(path).exists(path):
-                loaded = self.checkpoint_io.load_checkpoint(path, weights_only=False)
-                if loaded.get("token") == meta["token"] and loaded.get("rank") == self.global_rank:
-                    shard = loaded
-        have_all = self.reduce(torch.tensor(float(shard is not None), device=self.root_device), reduce_op="min")
+        replica = read_replica(self.checkpoint_io, checkpoint_path, meta, self.global_rank, self.engine.world_size)
+        have_all = self.reduce(torch.tensor(float(replica is not None), device=self.root_device), reduce_op="min")
         if bool(have_all.item() == 1.0):
-            self._pending_shard = shard
+            self._pending_replica = replica
         else:
-            reason = (
-                f"it was written by {meta['world_size']} workers and this run has {self.engine.world_size}"
-                if meta["world_size"] != self.engine.world_size
-                else "some ranks' replica shards are missing or do not match it"
-            )
+            reason = consensus_restart_reason(meta, self.engine.world_size)
             rank_zero_warn(f"Resuming from {checkpoint_path}: {reason}; every replica restarts from the consensus model.")
             self._pending_consensus_restart = True
         self.engine.load_state_dict(meta["gossip"])
@@ -434,17 +359,17 @@ class DecentralizedStrategy(DDPStrategy):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        source = self._pending_shard if self._pending_shard is not None else checkpoint
+        source = self._pending_replica if self._pending_replica is not None else checkpoint
         super().load_model_state_dict(source, strict=strict)
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         # The last restore step before the fit loop draws from the RNG (its dataloader iterator does), so
         # the random streams are put back here, as they were when the checkpoint was written.
-        source = self._pending_shard if self._pending_shard is not None else checkpoint
+        source = self._pending_replica if self._pending_replica is not None else checkpoint
         super().load_optimizer_state_dict(source)
-        if self._pending_shard is not None:
-            _set_rng_states(self._pending_shard["rng_states"])
+        if self._pending_replica is not None:
+            _set_rng_states(self._pending_replica["rng_states"])
         if self._pending_consensus_restart:
             # rank 0's optimizer state came with the main file: point its anchors at the consensus model
             for optimizer in self.optimizers:
@@ -458,7 +383,7 @@ class DecentralizedStrategy(DDPStrategy):
     def on_train_start(self) -> None:
         super().on_train_start()
         stop_on_sigterm_without_collectives(self.lightning_module.trainer)  # or a SIGTERM hangs the gossip
-        self._pending_shard = None
+        self._pending_replica = None
         self._pending_consensus_restart = False
 
     @override
@@ -471,8 +396,7 @@ class DecentralizedStrategy(DDPStrategy):
         self._in_flight.clear()  # after an error the peers may be gone: nothing left to wait for
         self._mix_sets.clear()
         if self.engine is not None:
-            self.engine._plans.clear()
-            self.engine._in_flight.clear()
+            self.engine.forget()
         if self._gossip_group is not None and torch.distributed.is_initialized():
             with contextlib.suppress(Exception):  # local for gloo; after an error the peers may be gone
                 torch.distributed.destroy_process_group(self._gossip_group)
@@ -489,49 +413,6 @@ class DecentralizedStrategy(DDPStrategy):
                 description=f"Decentralized gossip strategy with start_method '{start_method}'",
                 start_method=start_method,
             )
-
-
-def shard_path(checkpoint_path: _PATH, rank: int) -> str:
-    """Where rank ``rank`` keeps its replica for the checkpoint at ``checkpoint_path``."""
-    return os.path.join(f"{checkpoint_path}.replicas", f"rank{rank}.pt")
-
-
-def _metric_prefixes(module: nn.Module) -> tuple[str, ...]:
-    return tuple(f"{name}." for name, m in module.named_modules() if isinstance(m, Metric) and name)
-
-
-def _own_parameters(module: nn.Module) -> list[nn.Parameter]:
-    prefixes = _metric_prefixes(module)
-    return [p for name, p in module.named_parameters() if not name.startswith(prefixes)]
-
-
-def _own_buffers(module: nn.Module) -> list[tuple[str, Tensor]]:
-    prefixes = _metric_prefixes(module)
-    return [(name, b) for name, b in module.named_buffers() if not name.startswith(prefixes)]
-
-
-def _buffers_owned_by(module: nn.Module, params: set[int], claimed_earlier: set[int]) -> list[Tensor]:
-    """Floating buffers that go with an optimizer holding ``params``.
-
-    A buffer belongs to the nearest enclosing module that has parameters; it goes with the first optimizer
-    holding any of that module's parameters (``claimed_earlier`` are those of the optimizers before this one).
-    Buffers of metric modules, or of modules no optimizer trains, are never mixed.
-    """
-    owned: list[Tensor] = []
-    prefixes = _metric_prefixes(module)
-    modules = dict(module.named_modules())
-    for name, buf in module.named_buffers():
-        if not buf.is_floating_point() or name.startswith(prefixes):
-            continue
-        path = name.rsplit(".", 1)[0] if "." in name else ""
-        while True:
-            subtree = {id(p) for p in modules[path].parameters()}
-            if subtree or not path:
-                break
-            path = path.rsplit(".", 1)[0] if "." in path else ""
-        if subtree & params and not subtree & claimed_earlier:
-            owned.append(buf)
-    return owned
 
 
 if "decentralized" not in StrategyRegistry:

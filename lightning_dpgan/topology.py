@@ -47,9 +47,6 @@ class Topology:
     matrices: tuple[np.ndarray, ...]
     directed: bool = False
     _rho_cache: dict[int, float] = field(default_factory=dict, repr=False, compare=False)
-    _stage_cache: dict[int, tuple[tuple[tuple[int | None, int | None], ...], ...]] = field(
-        default_factory=dict, repr=False, compare=False
-    )
 
     def __post_init__(self) -> None:
         if not self.matrices:
@@ -106,30 +103,6 @@ class Topology:
             send_to=send_to,
         )
 
-    def stages(self, phase: int = 0) -> tuple[tuple[tuple[int | None, int | None], ...], ...]:
-        """One round's messages split into stages in which every worker sends at most one message and receives at
-        most one: ``stages(phase)[k][rank]`` is ``(send_to, receive_from)`` in stage ``k`` (``None``: idle).
-
-        Why: on a shaped link one TCP flow ran at 1.05–1.09× its bandwidth floor and several sharing it at
-        1.1–1.4× (docs/benchmarks.md); in stages each link carries one flow at a time
-        (``GossipEngine(staged=True)``). The number of stages is the most messages any worker sends or receives
-        in the round (König's edge colouring of the bipartite sender/receiver graph); every worker computes the
-        same schedule.
-        """
-        key = phase % self.period
-        if key not in self._stage_cache:
-            self._stage_cache[key] = _edge_colouring(self.matrices[key])
-        return self._stage_cache[key]
-
-    def rank_stages(self, rank: int, phase: int = 0) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        """``rank``'s part of :meth:`stages`, its idle stages left out: ``(send_to, receive_from)`` per stage, each a
-        tuple of at most one rank (the shape of :class:`Neighbours`' fields)."""
-        return [
-            (() if send is None else (send,), () if receive is None else (receive,))
-            for send, receive in (stage[rank] for stage in self.stages(phase))
-            if send is not None or receive is not None
-        ]
-
     @property
     def degree(self) -> int:
         """Most messages any worker receives in one round (its in-degree in the worst round)."""
@@ -142,7 +115,7 @@ class Topology:
         Consensus error ``||X - X_bar||`` shrinks by at least this factor per mix; the consensus *distance*
         (squared) by its square. For symmetric ``W`` this is ``max(|lambda_2|, |lambda_n|)^t``.
         """
-        _check_rounds(rounds)
+        check_rounds(rounds)
         if rounds not in self._rho_cache:
             n = self.world_size
             centred = np.eye(n) - 1.0 / n
@@ -202,42 +175,8 @@ class Topology:
 
 
 # ---------------------------------------------------------------------- stages
-def _edge_colouring(w: np.ndarray) -> tuple[tuple[tuple[int | None, int | None], ...], ...]:
-    """Colour the messages ``j -> i`` (``W[i, j] > 0``, ``i != j``) so that no worker sends or receives two of one
-    colour, with as many colours as the largest in- or out-degree (König): an uncoloured message takes a colour
-    free at its receiver; if that colour is taken at the sender, the path alternating it with a colour free at
-    the sender is flipped first. Messages are taken in a fixed order, so every worker gets the same stages."""
-    n = w.shape[0]
-    sends: list[dict[int, int]] = [{} for _ in range(n)]  # sender -> {colour: receiver}
-    receives: list[dict[int, int]] = [{} for _ in range(n)]  # receiver -> {colour: sender}
-
-    def free(used: dict[int, int]) -> int:
-        return next(c for c in range(len(used) + 1) if c not in used)
-
-    for receiver in range(n):
-        for sender in map(int, np.flatnonzero(w[receiver] > 0)):
-            if sender == receiver:
-                continue
-            a, b = free(receives[receiver]), free(sends[sender])
-            if a in sends[sender]:
-                # flip the a/b path that starts at the sender's colour-a message; a is then free at both ends
-                path, node, colour, at_sender = [], sender, a, True
-                while colour in (sends[node] if at_sender else receives[node]):
-                    other = (sends[node] if at_sender else receives[node])[colour]
-                    path.append((node, other, colour) if at_sender else (other, node, colour))
-                    node, colour, at_sender = other, (b if colour == a else a), not at_sender
-                for s, r, c in path:
-                    del sends[s][c], receives[r][c]
-                for s, r, c in path:
-                    flipped = b if c == a else a
-                    sends[s][flipped], receives[r][flipped] = r, s
-            sends[sender][a], receives[receiver][a] = receiver, sender
-    count = max([len(d) for d in sends + receives] + [0])
-    return tuple(tuple((sends[r].get(c), receives[r].get(c)) for r in range(n)) for c in range(count))
-
-
-# ---------------------------------------------------------------------- validation
-def _check_rounds(rounds: Any) -> None:
+def check_rounds(rounds: Any) -> None:
+    """``gossip_rounds`` (``t``) must be a positive integer."""
     if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
         raise TopologyError(f"gossip_rounds must be an integer >= 1, got {rounds!r}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_dpgan.gossip import GossipEngine, _Plan, _schedule, dense_mix, resolve_wire_dtype
+from lightning_dpgan.gossip import GossipEngine, dense_mix, resolve_wire_dtype
+from lightning_dpgan.gossip.transport import schedule
 from lightning_dpgan.topology import build_topology, ring
 
 from helpers import torchrun
@@ -59,23 +61,7 @@ def cases_for(n: int) -> list[dict]:
     cases.append({"topology": "ring", "rounds": 2, "chunk_bytes": 12})
     cases.append({"topology": "exponential", "rounds": 1, "chunk_bytes": 12, "wire_dtype": "bf16"})
     cases.append({"topology": "one_peer_exponential", "rounds": 3, "chunk_bytes": 12})
-    # in stages, one neighbour at a time (Topology.stages), instead of every neighbour at once
-    cases += [
-        {"topology": name, "options": options, "rounds": 2, "staged": True, "chunk_bytes": 12}
-        for name, options in topologies_for(n)
-    ]
-    cases.append({"topology": "exponential", "rounds": 1, "staged": True, "wire_dtype": "bf16"})
-    cases.append({"topology": "ring", "rounds": 3, "mixes": 2, "staged": True, "overlap": True})
-    # staged with the next stage's first chunks' receives posted one stage early: some chunks, then every chunk
-    cases += [
-        {"topology": name, "options": options, "rounds": 2, "staged": True, "chunk_bytes": 12, "run_ahead_chunks": 2}
-        for name, options in topologies_for(n)
-    ]
-    cases.append({"topology": "exponential", "rounds": 2, "mixes": 2, "staged": True, "run_ahead_chunks": 10**6})
-    if n == 4:  # ranks 2 and 3 have one stage, 0 and 1 two: every rank must still tag each bucket alike
-        edges = [[1, 3], [0, 2], [0, 1]]
-        cases.append({"topology": "custom", "options": {"edges": edges}, "rounds": 2, "staged": True, "chunk_bytes": 12,
-                      "run_ahead_chunks": 2})
+    cases.append({"topology": "exponential", "rounds": 2, "chunk_bytes": None})  # each message whole
     if n & (n - 1) == 0 and n > 1:
         cases.append({"topology": "one_peer_exponential", "rounds": 1, "mixes": int(math.log2(n))})
     # a one-round mix writes the tensors from its round: one in-neighbour, a bf16 wire cast from the tensors, a
@@ -86,22 +72,10 @@ def cases_for(n: int) -> list[dict]:
         {"topology": "one_peer_exponential", "rounds": 1, "mixes": 2, "overlap": True, "wire_dtype": "bf16"},
         {"topology": "exponential", "rounds": 1, "overlap": True, "strided": True},
     ]
-    # several in-neighbours, a bf16 wire and large tensors: each received row added straight into the tensors
-    # (not on complete graphs, whose all_reduce sums in bf16 and rounds more than the tolerance allows for such tensors)
-    large = [
-        {"topology": "ring", "rounds": 1, "wire_dtype": "bf16", "strided": True, "large": True, "mixes": 2},
-        {"topology": "exponential", "rounds": 1, "wire_dtype": "bf16", "large": True},
-        {"topology": "ring", "rounds": 2, "wire_dtype": "bf16", "large": True},  # the packed path, for contrast
-        # the same in stages, also with the next stage's first receives posted early (run_ahead_chunks)
-        {"topology": "exponential", "rounds": 1, "wire_dtype": "bf16", "large": True, "staged": True, "mixes": 2},
-        {"topology": "torus" if n in (4, 8) else "ring", "rounds": 1, "wire_dtype": "bf16", "large": True,
-         "staged": True, "run_ahead_chunks": 2},
-    ]
-    cases += [case for case in large if not build_topology(case["topology"], n).is_complete]
     if n == 4:  # two in-neighbours each, with weights that differ: each row must get its own
         uneven = [[0.5, 0.3, 0, 0.2], [0.3, 0.4, 0.3, 0], [0, 0.3, 0.5, 0.2], [0.2, 0, 0.2, 0.6]]
-        cases += [{"topology": "custom", "options": {"matrix": uneven}, "rounds": 1, "wire_dtype": "bf16",
-                   "large": True, "mixes": 2, "staged": staged} for staged in (False, True)]
+        cases += [{"topology": "custom", "options": {"matrix": uneven}, "rounds": 1, "mixes": 2, "wire_dtype": wire}
+                  for wire in ("fp32", "bf16")]
     if n == 4:  # one in-neighbour with weights other than a half: pairs (0,1),(2,3), then (0,2),(1,3)
         pairs = {"matrices": [[[0.75, 0.25, 0, 0], [0.25, 0.75, 0, 0], [0, 0, 0.75, 0.25], [0, 0, 0.25, 0.75]],
                               [[0.6, 0, 0.4, 0], [0, 0.6, 0, 0.4], [0.4, 0, 0.6, 0], [0, 0.4, 0, 0.6]]]}
@@ -217,30 +191,20 @@ def test_world_size_one_is_noop():
     assert engine.messages_sent == 0
 
 
-@pytest.mark.parametrize(
-    ("large", "wire", "expected"), [(True, "bf16", "tensors"), (True, "fp32", "flat"), (False, "bf16", "flat")]
-)
-def test_large_cases_take_the_per_neighbour_combine(large, wire, expected):
-    """The "large" bf16 cases above cover adding each row straight into the tensors only while their buckets
-    pass ``SCALE_ADD_MIN_MEAN_NUMEL``; the small ones and fp32 wires keep the packed ``addmv``."""
-    engine = GossipEngine(ring(4), 0, wire_dtype=wire)
-    tensors = [torch.from_numpy(a) for a in case_tensors(0, 0, {"large": large})]
-    for bucket in _Plan(tensors).buckets:
-        assert engine._last_round_into(bucket, rounds=1, keep_changes=False) == expected, bucket.flat.dtype
+@pytest.mark.parametrize(("name", "expected"), [("one_peer_exponential", "tensors"), ("ring", "flat")])
+def test_one_round_mix_lerps_into_the_tensors_only_with_one_in_neighbour(name, expected):
+    """The one-peer cases above cover the lerp straight into the tensors only while this holds."""
+    engine = GossipEngine(build_topology(name, 4), 0)
+    assert engine._last_round_into(rounds=1, keep_changes=False) == expected
+    assert engine._last_round_into(rounds=2, keep_changes=False) == "flat"
 
 
-def test_schedule_posts_each_postings_receives_before_its_sends():
+def test_schedule_posts_every_receive_before_any_send():
     """Receives first, so that their ready notices do not queue behind this worker's data to the same peer; the
-    expected order is written out by hand."""
-    # one stage, both neighbours of a ring of 4 (rank 0), two chunks
-    assert _schedule([((1, 3), (1, 3))], num_chunks=2, head=0) == [[
-        ("recv", 1, 0, 0), ("recv", 3, 0, 0), ("recv", 1, 1, 0), ("recv", 3, 1, 0),
-        ("send", 1, 0, 0), ("send", 3, 0, 0), ("send", 1, 1, 0), ("send", 3, 1, 0),
-    ]]
-    # staged: right neighbour first, then left; with run-ahead, stage 1's first chunk is received with stage 0
-    assert _schedule([((1,), (3,)), ((3,), (1,))], num_chunks=2, head=1) == [
-        [("recv", 3, 0, 0), ("recv", 3, 1, 0), ("recv", 1, 0, 1), ("send", 1, 0, 0), ("send", 1, 1, 0)],
-        [("recv", 1, 1, 1), ("send", 3, 0, 1), ("send", 3, 1, 1)],
+    expected order is written out by hand (rank 0 of a ring of 4, two chunks)."""
+    assert schedule((1, 3), (1, 3), num_chunks=2) == [
+        ("recv", 1, 0), ("recv", 3, 0), ("recv", 1, 1), ("recv", 3, 1),
+        ("send", 1, 0), ("send", 3, 0), ("send", 1, 1), ("send", 3, 1),
     ]
 
 
@@ -256,10 +220,10 @@ def test_bad_wire_dtype(bad):
         resolve_wire_dtype(bad)
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
-def test_bad_run_ahead_chunks(bad):
-    with pytest.raises(ValueError, match=rf"run_ahead_chunks must be an integer >= 0 \(0: none\), got {bad!r}"):
-        GossipEngine(ring(2), 0, run_ahead_chunks=bad)
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_bad_chunk_bytes(bad):
+    with pytest.raises(ValueError, match=rf"chunk_bytes must be a positive integer .* or None \(unchunked\), got {re.escape(repr(bad))}"):
+        GossipEngine(ring(2), 0, chunk_bytes=bad)
 
 
 def test_same_tensor_twice_is_refused():

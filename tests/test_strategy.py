@@ -20,7 +20,7 @@ from lightning_dpgan.examples.alternating_gan import AlternatingGAN
 from lightning_dpgan.topology import ring
 
 from helpers import WORKERS, free_port, lightning_script, run, worker_env
-from reference import dposg
+from reference import bf16, dposg, narrow_wire_mix
 
 sys.path.insert(0, str(WORKERS))
 from lightning_worker import quadratic_targets  # noqa: E402
@@ -187,13 +187,19 @@ def test_automatic_optimization_clipping_bf16_sampler_and_callbacks(tmp_path):
     assert "consensus/body" in metrics and "val_loss" in metrics
 
 
-@pytest.mark.parametrize("staged", [0, 1], ids=["all_at_once", "staged"])
-def test_anchored_optimizer_mixes_anchors_then_extrapolates_under_spawn(tmp_path, staged):
-    lightning_script("lightning_worker.py", "anchored", str(tmp_path), "rounds=2", "start_method=spawn", f"staged={staged}")
+@pytest.mark.parametrize("wire", ["fp32", "bf16"])
+def test_anchored_optimizer_mixes_anchors_then_extrapolates_under_spawn(tmp_path, wire):
+    """DPOSG through the strategy against numpy; with a bf16 wire every message is rounded to bf16 (the
+    reference rounds by hand) while each worker keeps its own term in full precision."""
+    lightning_script("lightning_worker.py", "anchored", str(tmp_path), "rounds=2", "start_method=spawn", f"wire_dtype={wire}")
     c = quadratic_targets(4, 6)
-    expected = dposg(lambda z: z - c, np.zeros((4, 6)), np.linalg.matrix_power(ring(4).matrix(), 2), 5, 0.3)
-    for r, replica in enumerate(replicas(tmp_path, 4)):
-        np.testing.assert_allclose(replica["z"].numpy(), expected[r], atol=1e-12)
+    w = ring(4).matrix()
+    exact = dposg(lambda z: z - c, np.zeros((4, 6)), np.linalg.matrix_power(w, 2), 5, 0.3)
+    expected = exact if wire == "fp32" else dposg(lambda z: z - c, np.zeros((4, 6)), narrow_wire_mix([w, w], bf16), 5, 0.3)
+    got = np.stack([replica["z"].numpy() for replica in replicas(tmp_path, 4)])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    if wire == "bf16":
+        assert np.abs(got - exact).max() > 1e-4  # the wire's rounding is visible: the test tells the wires apart
 
 
 def test_two_nodes_by_torchrun(tmp_path):
@@ -235,7 +241,8 @@ def test_two_nodes_by_torchrun(tmp_path):
         ({"wire_dtype": "int8"}, ValueError, r"unknown wire_dtype 'int8'; allowed: fp32"),
         ({"consensus_every": -1}, ValueError, r"consensus_every must be an integer >= 0"),
         ({"timeout": 0}, ValueError, r"timeout must be a positive number of seconds, got 0"),
-        ({"staged": "yes"}, ValueError, r"staged must be True or False, got 'yes'"),
+        ({"overlap": "yes"}, ValueError, r"overlap must be True or False, got 'yes'"),
+        ({"chunk_bytes": 0}, ValueError, r"chunk_bytes must be a positive integer .* or None \(unchunked\), got 0"),
     ],
 )
 def test_bad_strategy_arguments(kwargs, error, message):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -85,41 +87,10 @@ def test_rounds_to_shrink_is_smallest_sufficient(name, n, options):
             assert shrink(t - 1) > 1 / factor
 
 
-STAGED = STATIC + [
-    ("one_peer_exponential", 8, {}),
-    ("one_peer_exponential", 6, {}),
-    ("custom", 5, {"edges": [(0, 1), (0, 2), (0, 3), (0, 4), (1, 2)]}),
-    ("torus", 16, {}),
-    ("exponential", 16, {}),
-    ("random_regular", 12, {"degree": 5, "seed": 1}),
-]
-
-
-@pytest.mark.parametrize("name,n,options", STAGED)
-def test_stages_send_every_message_once_one_per_worker_at_a_time(name, n, options):
-    topo = build_topology(name, n, **options)
-    for phase in range(topo.period):
-        w = topo.matrix(phase)
-        messages = {(j, i) for i in range(n) for j in range(n) if i != j and w[i, j] > 0}  # j sends to i
-        stages = topo.stages(phase)
-        scheduled = []
-        for stage in stages:
-            assert len(stage) == n
-            for rank, (send_to, receive_from) in enumerate(stage):
-                if send_to is not None:
-                    scheduled.append((rank, send_to))
-                    assert stage[send_to][1] == rank  # the receiver expects this sender in the same stage
-                if receive_from is not None:
-                    assert stage[receive_from][0] == rank
-        assert sorted(scheduled) == sorted(messages)  # each message exactly once
-        in_degree = (w > 0).sum(axis=1) - 1
-        out_degree = (w > 0).sum(axis=0) - 1
-        assert len(stages) == max(in_degree.max(), out_degree.max())  # König: no more stages than the busiest worker
-        for rank in range(n):  # each worker's share, idle stages left out, covers exactly its neighbours
-            mine = topo.rank_stages(rank, phase)
-            assert all(send_to or receive_from for send_to, receive_from in mine)
-            assert sorted(p for send_to, _ in mine for p in send_to) == sorted(topo.neighbours(rank, phase).send_to)
-            assert sorted(p for _, recv in mine for p in recv) == sorted(topo.neighbours(rank, phase).receive_from)
+def test_topology_imports_without_torch():
+    """``python -m lightning_dpgan topology`` and the CLI's checks answer before any torch process exists."""
+    code = "import sys, lightning_dpgan.topology; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 @pytest.mark.parametrize("n", [2, 4, 8, 16])

@@ -1,10 +1,9 @@
 """Run under torchrun: mix seeded random tensors with every case given and save what each rank ends with.
 
 Usage: gossip_worker.py OUT_DIR CASES_JSON, where each case is {"topology", "options", "rounds", "mixes",
-"wire_dtype", "chunk_bytes", "overlap", "staged", "run_ahead_chunks", "strided", "large"};
+"wire_dtype", "chunk_bytes", "overlap", "strided"};
 with "overlap" each mix is start_mix, then every tensor is shifted by
-``overlap_shift(rank)`` while the mix is in flight, then finish_mix; with "strided" the first tensor is a transposed view (not contiguous); with "large" the tensors are
-``LARGE_SHAPES``, whose buckets hold ``SCALE_ADD_MIN_MEAN_NUMEL`` or more elements per tensor. Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
+``overlap_shift(rank)`` while the mix is in flight, then finish_mix; with "strided" the first tensor is a transposed view (not contiguous). Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
 dense reference. GOSSIP_BACKEND=nccl puts each rank's tensors on cuda:LOCAL_RANK (the GPU tests).
 """
 
@@ -20,13 +19,11 @@ from lightning_dpgan.gossip import GossipEngine
 from lightning_dpgan.topology import build_topology
 
 SHAPES = [((3, 5), "float64"), ((7,), "float64"), ((2, 2, 2), "float32"), ((11,), "float32")]
-LARGE_SHAPES = [((200, 180), "float32"), ((36000,), "float32"), ((33000,), "float64")]
 
 
 def case_tensors(case_index: int, rank: int, case: dict) -> list[np.ndarray]:
     rng = np.random.default_rng([case_index, rank])
-    shapes = LARGE_SHAPES if case.get("large") else SHAPES
-    return [rng.standard_normal(shape).astype(dtype) for shape, dtype in shapes]
+    return [rng.standard_normal(shape).astype(dtype) for shape, dtype in SHAPES]
 
 
 def overlap_shift(rank: int) -> float:
@@ -47,8 +44,7 @@ def main() -> None:
     for index, case in enumerate(cases):
         topology = build_topology(case["topology"], world, **case.get("options", {}))
         chunking = {"chunk_bytes": case["chunk_bytes"]} if "chunk_bytes" in case else {}  # else the engine's default
-        engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"), staged=case.get("staged", False),
-                              run_ahead_chunks=case.get("run_ahead_chunks", 0), **chunking)
+        engine = GossipEngine(topology, rank, wire_dtype=case.get("wire_dtype"), **chunking)
         tensors = [torch.from_numpy(a).to(device) for a in case_tensors(index, rank, case)]
         if case.get("strided"):
             tensors[0] = tensors[0].t().contiguous().t()  # the same values, stored column by column

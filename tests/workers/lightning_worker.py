@@ -364,7 +364,7 @@ def main() -> None:
         dim, lr, steps = 6, 0.3, int(opts.get("steps", 5))
         strategy = DecentralizedStrategy(
             opts.get("topology", "ring"), gossip_rounds=int(opts.get("rounds", 1)),
-            start_method=opts.get("start_method", "popen"), consensus_every=0, staged=opts.get("staged", "0") == "1",
+            start_method=opts.get("start_method", "popen"), consensus_every=0, wire_dtype=opts.get("wire_dtype"),
         )
         nodes = int(opts.get("nodes", 1))
         t = trainer(out, strategy, devices, num_nodes=nodes, max_steps=steps, callbacks=[SaveReplica(out)])
