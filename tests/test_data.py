@@ -126,6 +126,22 @@ def test_shipped_datasets_are_scaled_to_minus_one_one():
     assert DigitsDataModule(flatten=True).load()[0][0][0].shape == (64,)
 
 
+@pytest.mark.parametrize("make", [lambda: GaussianMixtureDataModule("grid", num_samples=3000, batch_size=64),
+                                  lambda: DigitsDataModule(batch_size=32, val_size=100)])
+def test_training_batches_are_the_samples_the_sampler_picks(make):
+    """The batched fetch (``InMemoryDataset.__getitems__``) gives what indexing sample by sample and collating gives."""
+    from torch.utils.data import default_collate
+
+    module = make()
+    module.setup()
+    loader = module.train_dataloader()
+    indices = list(loader.sampler)
+    for k, batch in zip(range(3), loader):
+        chosen = indices[k * loader.batch_size : (k + 1) * loader.batch_size]
+        expected = default_collate([module.train_set[i] for i in chosen])
+        assert len(batch) == 2 and all(torch.equal(b, e) for b, e in zip(batch, expected))
+
+
 @pytest.mark.parametrize(
     "make,message",
     [

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import DataLoader, Dataset, Subset
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_dpgan.data.resumable import ResumableDataLoader
 from lightning_dpgan.data.sharding import SHARDS, ShardSampler
@@ -13,6 +15,19 @@ from lightning_dpgan.data.sharding import SHARDS, ShardSampler
 def check_positive_int(name: str, value: object, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class InMemoryDataset(TensorDataset):
+    """A ``TensorDataset`` that gives the DataLoader a batch's samples with one indexing per tensor.
+
+    The DataLoader's default fetch indexes the dataset once per sample; for small samples (2-D points, 8×8
+    digits) that costs as much as a small model's whole step. It calls ``__getitems__`` instead when a dataset
+    has one (through ``Subset`` too); the samples and the batch are the same.
+    """
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, ...]]:
+        index = torch.as_tensor(indices)
+        return list(zip(*(t[index] for t in self.tensors)))
 
 
 class ShardedDataModule(pl.LightningDataModule):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
-from lightning_dpgan.data.base import ShardedDataModule
+from lightning_dpgan.data.base import InMemoryDataset, ShardedDataModule
 
 
 class DigitsDataModule(ShardedDataModule):
@@ -18,11 +17,11 @@ class DigitsDataModule(ShardedDataModule):
         super().__init__(batch_size=batch_size, shard=shard, val_size=val_size, **kwargs)
         self.flatten = flatten
 
-    def load(self) -> tuple[TensorDataset, np.ndarray]:
+    def load(self) -> tuple[InMemoryDataset, np.ndarray]:
         from sklearn.datasets import load_digits
 
         images, labels = load_digits(return_X_y=True)
         x = torch.as_tensor(images, dtype=torch.float32) / 8.0 - 1.0  # pixel values are 0..16
         if not self.flatten:
             x = x.view(-1, 1, 8, 8)
-        return TensorDataset(x, torch.as_tensor(labels)), labels
+        return InMemoryDataset(x, torch.as_tensor(labels)), labels

