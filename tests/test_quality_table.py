@@ -30,3 +30,11 @@ def test_an_unknown_setting_is_named_with_the_choices(tmp_path):
     bad = collect(tmp_path, "dposg_ring", "dposg_ring_optimisticadam")
     assert bad.returncode == 2
     assert "unknown --settings ['dposg_ring']; choose from ['dposg_ring_optimisticadam'," in bad.stderr
+
+
+def test_the_default_job_is_run_without_an_experiment(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "default", "--collect", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "**default** (`python -m lightning_dpgan fit seed=S <setting>`)" in done.stdout
+    assert "modes (of 25)" in done.stdout and "PacGAN Table 1: PacGAN4" in done.stdout
