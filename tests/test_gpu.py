@@ -58,8 +58,8 @@ def test_dpgan_trains_on_cuda_through_the_strategy(tmp_path):
 def test_nccl_gossip_equals_dense_reference(tmp_path, monkeypatch):
     n = min(torch.cuda.device_count(), 4)
     cases = [{"topology": name, "rounds": t} for name in ("ring", "one_peer_exponential", "complete") for t in (1, 3)]
-    if n >= 4:  # a bf16 wire with large tensors: each received row added straight into the CUDA tensors
-        cases.append({"topology": "ring", "rounds": 1, "wire_dtype": "bf16", "large": True})
+    # a bf16 wire: packed and combined by addmv (ring), or cast from the tensors and lerped into them (one-peer)
+    cases += [{"topology": name, "rounds": 1, "wire_dtype": "bf16"} for name in ("ring", "one_peer_exponential")]
     monkeypatch.setenv("GOSSIP_BACKEND", "nccl")
     torchrun("gossip_worker.py", n, str(tmp_path), json.dumps(cases), timeout=300)
     results = [np.load(tmp_path / f"rank{r}.npz") for r in range(n)]
