@@ -245,8 +245,9 @@ def fit(cfg: DictConfig) -> None:
     run_dir = run_directory()
     cfg = with_scaled_learning_rates(cfg)  # before config.yaml is written: it holds the rates the workers use
     world_size = cfg.devices * cfg.num_nodes
-    if world_size > 1 and cfg.trainer.accelerator == "cpu":
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # several processes share the cores
+    # Threads per process: left to Lightning's launcher, which divides the cores among the processes with
+    # torch.set_num_threads in this one too; setting OMP_NUM_THREADS here, after torch is loaded, would keep this
+    # process at one thread per core, and every rank waits for the slowest.
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg, "dataset")
     model = instantiate(cfg, "model")
