@@ -42,27 +42,37 @@ class _Optimistic(Optimizer):
             state["direction"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _set_direction(self, group: dict[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
+    def _set_directions(self, group: dict[str, Any], step: int, grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+        """Write each parameter's direction ``d`` into ``state["direction"]``; ``step`` counts from 1."""
         raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        # Every update is a ``_foreach`` op over a param group's tensors: one call per group instead of one per
+        # tensor, which on a CPU costs more than a small model's arithmetic.
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue  # e.g. G in a discriminator-only iteration: its anchor and direction stay
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            # a parameter without a gradient (G in a discriminator-only iteration) keeps its anchor and direction
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            grads = [p.grad for p in params]
+            if group["weight_decay"] and params:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            by_step: dict[int, tuple[list[Tensor], list[dict[str, Any]]]] = {}
+            for p, grad in zip(params, grads):
                 state = self._state(p)
                 state["step"] += 1
-                grad = p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
-                self._set_direction(group, p, grad, state)
-                if state["step"] > 1:
-                    state["anchor"].add_(state["direction"], alpha=-group["lr"])
+                same = by_step.setdefault(state["step"], ([], []))
+                same[0].append(grad)
+                same[1].append(state)
+            for step, (step_grads, states) in by_step.items():  # bias corrections depend on the step
+                self._set_directions(group, step, step_grads, states)
+                if step > 1:
+                    torch._foreach_add_([s["anchor"] for s in states], [s["direction"] for s in states], alpha=-group["lr"])
         self.extrapolate()
         return loss
 
@@ -74,9 +84,12 @@ class _Optimistic(Optimizer):
     def extrapolate(self) -> None:
         """Write ``z = x - lr * d`` into the live parameters, in place, from the current (possibly mixed) anchors."""
         for group in self.param_groups:
-            for p in group["params"]:
-                state = self._state(p)
-                torch.add(state["anchor"], state["direction"], alpha=-group["lr"], out=p)
+            params = list(group["params"])
+            if not params:
+                continue
+            states = [self._state(p) for p in params]
+            torch._foreach_copy_(params, [s["anchor"] for s in states])
+            torch._foreach_add_(params, [s["direction"] for s in states], alpha=-group["lr"])
 
 
 def _check(name: str, value: float, low: float = 0.0, high: float | None = None) -> None:
@@ -93,8 +106,8 @@ class OptimisticSGD(_Optimistic):
         _check("weight_decay", weight_decay)
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
-    def _set_direction(self, group: dict[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
-        state["direction"].copy_(grad)
+    def _set_directions(self, group: dict[str, Any], step: int, grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+        torch._foreach_copy_([s["direction"] for s in states], grads)
 
 
 class OptimisticAdam(_Optimistic):
@@ -115,16 +128,22 @@ class OptimisticAdam(_Optimistic):
         _check("weight_decay", weight_decay)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
-    def _set_direction(self, group: dict[str, Any], p: Tensor, grad: Tensor, state: dict[str, Any]) -> None:
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _set_directions(self, group: dict[str, Any], step: int, grads: list[Tensor], states: list[dict[str, Any]]) -> None:
+        for state, grad in zip(states, grads):
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
-        step = state["step"]
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denominator = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
-        torch.div(state["exp_avg"], denominator, out=state["direction"]).div_(1 - beta1**step)
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        directions = [s["direction"] for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denominators = torch._foreach_div(exp_avg_sqs, 1 - beta2**step)
+        torch._foreach_sqrt_(denominators)
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_copy_(directions, torch._foreach_div(exp_avgs, denominators))
+        torch._foreach_div_(directions, 1 - beta1**step)
 
 
 #: Optimizers by name, for DPGAN and the configs. ``adam`` and ``sgd`` are the non-optimistic baselines: with

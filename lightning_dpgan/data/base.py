@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from lightning_dpgan.data.resumable import ResumableDataLoader
 from lightning_dpgan.data.sharding import SHARDS, ShardSampler
@@ -17,17 +18,27 @@ def check_positive_int(name: str, value: object, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-class InMemoryDataset(TensorDataset):
-    """A ``TensorDataset`` that gives the DataLoader a batch's samples with one indexing per tensor.
+class Batch(tuple):
+    """A batch already formed: one tensor per field, stacked along the first dimension."""
 
-    The DataLoader's default fetch indexes the dataset once per sample; for small samples (2-D points, 8×8
-    digits) that costs as much as a small model's whole step. It calls ``__getitems__`` instead when a dataset
-    has one (through ``Subset`` too); the samples and the batch are the same.
+
+class InMemoryDataset(TensorDataset):
+    """A ``TensorDataset`` that hands the DataLoader a whole batch with one indexing per tensor.
+
+    The DataLoader's default fetch indexes the dataset once per sample and stacks the samples; for small samples
+    (2-D points, 8×8 digits) that costs as much as a small model's whole step. It calls ``__getitems__`` instead
+    when a dataset has one (through ``Subset`` too), and :func:`collate` passes the formed batch through: the
+    same batch as sample by sample.
     """
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, ...]]:
+    def __getitems__(self, indices: list[int]) -> Batch:
         index = torch.as_tensor(indices)
-        return list(zip(*(t[index] for t in self.tensors)))
+        return Batch(t[index] for t in self.tensors)
+
+
+def collate(samples: Batch | list[Any]) -> Any:
+    """A batch an :class:`InMemoryDataset` formed, as a list of tensors; anything else as ``default_collate``."""
+    return list(samples) if isinstance(samples, Batch) else default_collate(samples)
 
 
 class ShardedDataModule(pl.LightningDataModule):
@@ -92,6 +103,7 @@ class ShardedDataModule(pl.LightningDataModule):
             sampler=sampler,
             position=self._training_position,
             num_workers=self.num_workers,
+            collate_fn=collate,
         )
 
     def _training_position(self) -> tuple[int, int]:
@@ -108,4 +120,4 @@ class ShardedDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=collate)
