@@ -31,10 +31,12 @@ def modes_and_quality(points: np.ndarray) -> tuple[int, float]:
 
 
 def generator_from(ckpt: Path, prefix: str) -> torch.nn.Module:
-    from lightning_dpgan.models import MLPGenerator
+    """The generator the run's config.yaml describes, with the checkpoint's weights."""
+    from hydra.utils import instantiate
 
+    config = yaml.safe_load((ckpt.parent.parent / "config.yaml").read_text())
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    generator = MLPGenerator()
+    generator = instantiate(config["model"]["generator"])
     generator.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
     return generator.eval()
 
@@ -86,7 +88,8 @@ def test_validate_scores_the_checkpoint_as_recomputed_by_hand(fitted, tmp_path):
     # the run's own config was used: the EMA generator, noise from the evaluation's seed (1234, rank 0, step 0)
     generator = generator_from(ckpt, "generator_ema.")
     with torch.no_grad():
-        points = generator(torch.randn(1000, 2, generator=torch.Generator().manual_seed(1234))).numpy()
+        noise = torch.randn(1000, generator.latent_dim, generator=torch.Generator().manual_seed(1234))
+        points = generator(noise).numpy()
     modes, quality = modes_and_quality(points)
     assert result["modes"] == modes and result["high_quality"] == pytest.approx(quality)
     assert f"modes: {modes}" in proc.stdout and (out / "samples.png").stat().st_size > 1000
@@ -101,7 +104,7 @@ def test_sample_writes_the_generators_output(fitted, tmp_path):
     generator = generator_from(ckpt, "generator_ema.")  # built first: its initialisation draws random numbers
     torch.manual_seed(7)
     with torch.no_grad():
-        expected = generator(torch.randn(300, 2)).numpy()
+        expected = generator(torch.randn(300, generator.latent_dim)).numpy()
     np.testing.assert_allclose(samples, expected, rtol=0, atol=1e-6)
     assert (out / "samples.png").stat().st_size > 1000
 
@@ -208,7 +211,7 @@ def test_loggers_and_experiments_run(tmp_path, overrides, expect):
 
 
 def test_ring8_experiment_trains_with_r1_and_its_checkpoint_rebuilds_it(tmp_path):
-    """experiment=ring8 sets loss.r1=0.1 (README: without it D overpowers G in some seeds); the checkpoint's
+    """experiment=ring8 sets loss.r1=0.1 (docs/quality.md: without it D overpowers G in some seeds); the checkpoint's
     hyperparameters carry it, so load_from_checkpoint rebuilds the penalised loss."""
     from lightning_dpgan import DPGAN
     from lightning_dpgan.models import MLPDiscriminator, MLPGenerator

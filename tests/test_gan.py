@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -63,3 +64,14 @@ def test_every_row_the_logger_writes_has_the_losses(tmp_path):
     assert [int(r["step"]) for r in rows] == [9, 19, 29, 39]
     for key in ("loss/d", "loss/g", "grad_norm/generator", "grad_norm/discriminator"):
         assert all(r[key] for r in rows), key
+
+
+def test_mlp_generator_output_scale_multiplies_the_last_layer():
+    torch.manual_seed(0)
+    plain, scaled = MLPGenerator(latent_dim=5), MLPGenerator(latent_dim=5, output_scale=4.0)
+    scaled.load_state_dict(plain.state_dict())
+    noise = torch.randn(7, 5)
+    torch.testing.assert_close(scaled(noise), 4.0 * plain(noise))
+    for bad in (0, -1.0, "4", True):
+        with pytest.raises(ValueError, match=rf"output_scale must be a number > 0, got {bad!r}"):
+            MLPGenerator(output_scale=bad)

@@ -18,15 +18,23 @@ def _mlp(n_in: int, hidden: int, depth: int, n_out: int, activation: Callable[[]
 
 
 class MLPGenerator(nn.Module):
-    """``latent_dim`` noise to ``data_dim`` values, unbounded (the mixtures live on [-4, 4]², not [-1, 1])."""
+    """``latent_dim`` noise to ``data_dim`` values, unbounded.
 
-    def __init__(self, latent_dim: int = 2, data_dim: int = 2, hidden: int = 128, depth: int = 3) -> None:
+    ``output_scale`` multiplies the last layer's output: data that live on [-4, 4]² (the grid) start from samples
+    near the origin otherwise, and the generator spends its first steps growing its weights.
+    """
+
+    def __init__(self, latent_dim: int = 2, data_dim: int = 2, hidden: int = 128, depth: int = 3, output_scale: float = 1.0) -> None:
         super().__init__()
+        if isinstance(output_scale, bool) or not isinstance(output_scale, (int, float)) or not output_scale > 0:
+            raise ValueError(f"output_scale must be a number > 0, got {output_scale!r}")
         self.latent_dim = latent_dim
+        self.output_scale = float(output_scale)
         self.net = _mlp(latent_dim, hidden, depth, data_dim, nn.ReLU)
 
     def forward(self, noise: Tensor) -> Tensor:
-        return self.net(noise)
+        out = self.net(noise)
+        return out * self.output_scale if self.output_scale != 1.0 else out
 
 
 class MLPDiscriminator(nn.Module):
