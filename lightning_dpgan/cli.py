@@ -150,6 +150,8 @@ def with_scaled_learning_rates(cfg: DictConfig) -> DictConfig:
     own batch, which carries n× the noise variance of DDP's averaged one, so at equal rates its step is ~1/√n of
     DDP's, and DPOSG at √n × DDP's rate matches DDP (docs/quality.md). DDP keeps the rate as given.
     """
+    from lightning_dpgan.gan import check_learning_rate
+
     scaling = cfg.get("lr_scaling")
     if scaling not in LR_SCALINGS:
         raise UsageError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {scaling!r}")
@@ -161,8 +163,11 @@ def with_scaled_learning_rates(cfg: DictConfig) -> DictConfig:
     scaled = cfg.copy()
     for key in ("lr_g", "lr_d"):
         rate = cfg.model[key]
-        if isinstance(rate, (int, float)) and not isinstance(rate, bool):  # anything else: DPGAN says what is wrong
-            scaled.model[key] = rate * math.sqrt(world_size)
+        try:
+            check_learning_rate(key, rate)  # name the value given, not the scaled one
+        except ValueError as err:
+            raise UsageError(f"model: {err}") from None
+        scaled.model[key] = rate * math.sqrt(world_size)
     return scaled
 
 

@@ -32,6 +32,12 @@ from lightning_dpgan.losses import GANLoss, build_loss, gradient_penalty, r1_pen
 from lightning_dpgan.optim import OPTIMIZERS
 from lightning_dpgan.seeding import seed_for_rank
 
+def check_learning_rate(name: str, lr: Any) -> None:
+    """One rule for a player's rate, shared with the CLI, which checks it before ``lr_scaling`` changes it."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {lr!r}")
+
+
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
@@ -78,8 +84,7 @@ class DPGAN(pl.LightningModule):
         if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}, or a callable")
         for name, lr in (("lr_g", lr_g), ("lr_d", lr_d)):
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {lr!r}")
+            check_learning_rate(name, lr)
         if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic < 1:
             raise ValueError(f"n_critic must be an integer >= 1, got {n_critic!r}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
