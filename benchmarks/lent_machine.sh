@@ -22,7 +22,7 @@ prepare)
     find "$carry/site" -name __pycache__ -prune -exec rm -rf {} +
     # built from a copy of the working tree's files: an old build/ could slip deleted modules into the wheel
     tree=$(mktemp -d)
-    git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C "$tree"
+    git ls-files -co --exclude-standard | while read -r f; do [ -e "$f" ] && echo "$f"; done | tar -cf - -T - | tar -xf - -C "$tree"
     pip wheel -q --no-deps --no-build-isolation -w "$carry/wheel" "$tree"
     rm -rf "$tree"
     for tool in ip tc; do

@@ -3,12 +3,10 @@
 Lightning (2.6) answers SIGTERM with a handler that forwards the signal to the launcher's child processes and then
 broadcasts a flag from rank 0 *inside the handler*. Python runs a handler only between bytecodes, so a rank that is
 blocked in a collective or a gossip exchange cannot run its own until that call returns, and the call waits for
-rank 0, which is waiting in the handler's broadcast. Seen here: with rank 0 signalled while the others waited for
-it, a ``DecentralizedStrategy`` run hung (until the gossip timeout, 600 s) and a ``DDPStrategy`` run failed on
-mismatched collectives, every time; ``kill -TERM`` of the CLI's rank 0 at a random moment hung 3 runs of 9 (both
-strategies) for over a minute, until killed. Here the handler forwards the signal and sets the flag, with no
-collective: every rank ends the step it is in (the training loop checks the flag after every step) and exits, and
-a rank still waiting on one that has exited gets a closed connection instead of a hang.
+rank 0, which is waiting in the handler's broadcast: a ``DecentralizedStrategy`` run hangs until the gossip
+timeout, and a ``DDPStrategy`` run fails on mismatched collectives. Here the handler forwards the signal and sets
+the flag, with no collective: every rank ends the step it is in (the training loop checks the flag after every
+step) and exits, and a rank still waiting on one that has exited gets a closed connection instead of a hang.
 """
 
 from __future__ import annotations
