@@ -1,4 +1,4 @@
-"""Does a mix in flight progress while the host computes? ``GossipEngine.start_mix`` against compute.
+"""Does a mix in flight progress while the host computes? ``start_mix`` of the gossip engine against compute.
 
     sudo python benchmarks/cluster_overlap.py --hosts 2 8 --rate 200mbit --mb 4.35
 
@@ -28,12 +28,12 @@ def worker(mb: float, repeats: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from lightning_dpgan.gossip import GossipEngine
+    from lightning_dpgan.gossip import build_engine
     from lightning_dpgan.topology import build_topology
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    engine = GossipEngine(build_topology("ring", world), rank)
+    engine = build_engine(build_topology("ring", world), rank)
     tensors = [torch.randn(int(mb * 1e6 / 4))]
     a = torch.randn(256, 256)
 

@@ -13,7 +13,7 @@ is widened to 128 channels (1.09 M parameters, 4.35 MB in fp32) so that communic
   training seconds;
 * the α–β prediction of communication per iteration: bytes a host pushes ÷ rate, plus ``α`` per sequential hop
   (``2(n-1)`` for DDP's ring all_reduce of the gradients, ``t`` for gossip). DDP overlaps its all_reduce with the
-  backward pass; gossip runs after the step, or (the ``overlap`` settings, ``strategy.overlap=true``) stays on
+  backward pass; gossip runs after the step, or (the ``overlap`` settings, ``strategy.gossip.overlap=true``) stays on
   the wire during the next forward and backward: the prediction is the communication, not the added time.
 
 ``--congestion-control`` picks the hosts' TCP congestion control (it decides how near their floor several flows
@@ -42,11 +42,11 @@ SETTINGS = {
     "ring, t = 3": ["topology=ring", "gossip_rounds=3"],
     "one-peer exponential, fp32": ["topology=one_peer_exponential"],
     "one-peer exponential, bf16": ["topology=one_peer_exponential", "wire_dtype=bf16"],
-    "ring, t = 1, overlap": ["topology=ring", "gossip_rounds=1", "strategy.overlap=true"],
-    "one-peer exponential, bf16, overlap": ["topology=one_peer_exponential", "wire_dtype=bf16", "strategy.overlap=true"],
+    "ring, t = 1, overlap": ["topology=ring", "gossip_rounds=1", "strategy.gossip.overlap=true"],
+    "one-peer exponential, bf16, overlap": ["topology=one_peer_exponential", "wire_dtype=bf16", "strategy.gossip.overlap=true"],
     # no messages at all (its replicas drift apart, so its FID means nothing): the compute-bound ceiling of every
     # setting's iterations per second on these hosts
-    "no communication (ceiling)": ["strategy.mixing=false", "strategy.consensus_every=0"],
+    "no communication (ceiling)": ["strategy.gossip.mixing=false", "strategy.consensus_every=0"],
 }
 CEILING = "no communication (ceiling)"
 MODEL = ["experiment=digits", "model.generator.width=128", "model.discriminator.width=128", "trainer.enable_progress_bar=false"]

@@ -24,7 +24,7 @@ is then the engine's own overhead, ``raw TCP / floor`` the link's (framing, ACKs
 ``--congestion-control`` picks the hosts' TCP congestion control and ``--mtu`` the links' MTU (the tables name
 both).
 
-``--chunk-kib`` sweeps the gloo chunk size (``GossipEngine(chunk_bytes=)``) for the gossip settings:
+``--chunk-kib`` sweeps the gloo chunk size (``GossipOptions(chunk_bytes=)``) for the gossip settings:
 
     sudo python benchmarks/cluster_wire.py --hosts 8 --rate 200mbit unlimited --sizes 4.35 16 --chunk-kib 64 128 256 512
 """
@@ -132,7 +132,7 @@ def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: li
     import torch
     import torch.distributed as dist
 
-    from lightning_dpgan.gossip import GossipEngine
+    from lightning_dpgan.gossip import GossipOptions, build_engine
     from lightning_dpgan.topology import build_topology
 
     dist.init_process_group("gloo")
@@ -149,7 +149,7 @@ def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: li
             out_degree = max(len(topology.neighbours(r, p).send_to) for r in range(n) for p in range(topology.period))
             for wire in WIRES:
                 for kib in chunk_kib:
-                    engine = GossipEngine(topology, rank, wire_dtype=wire, chunk_bytes=kib * 1024)
+                    engine = build_engine(topology, rank, GossipOptions(wire_dtype=wire, chunk_bytes=kib * 1024))
                     rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree,
                                  "chunk_kib": kib, "complete": topology.is_complete,
                                  **timed(lambda: engine.mix(params, 1), repeats)})

@@ -44,13 +44,13 @@ def worker(repeats: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from lightning_dpgan.gossip import GossipEngine
+    from lightning_dpgan.gossip import GossipOptions, build_engine
     from lightning_dpgan.topology import ring
 
     dist.init_process_group("gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
-    engine = GossipEngine(ring(n), rank)
-    whole = GossipEngine(ring(n), rank, chunk_bytes=None)  # one message per peer
+    engine = build_engine(ring(n), rank)
+    whole = build_engine(ring(n), rank, GossipOptions(chunk_bytes=None))  # one message per peer
     rows = []
     for mb in SIZES_MB:
         numel = int(mb * 2**20 / 4)

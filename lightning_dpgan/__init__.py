@@ -1,38 +1,35 @@
 """Decentralized parallel optimistic GAN training (DPOSG) as a PyTorch Lightning strategy.
 
-The public names are imported on first use, so that ``lightning_dpgan.topology`` (numpy only) and the command
-line's input checks load without torch.
+Importing the package registers the strategy names with Lightning: ``Trainer(strategy="decentralized")`` (and
+``"decentralized_spawn"``) work after ``import lightning_dpgan``.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightning_dpgan._version import __version__
+from lightning_dpgan.gan import DPGAN
+from lightning_dpgan.gossip import GossipEngine, GossipOptions, GossipPeerError
+from lightning_dpgan.guard import NonFiniteError, NonFiniteGuard
+from lightning_dpgan.mix_sets import AnchoredOptimizer
+from lightning_dpgan.optim import OptimisticAdam, OptimisticSGD
+from lightning_dpgan.replicas import CheckpointError
+from lightning_dpgan.strategy import DecentralizedStrategy
+from lightning_dpgan.topology import Topology, TopologyError, build_topology
 
-__version__ = "0.1.0"
-
-_EXPORTS = {
-    "AnchoredOptimizer": "lightning_dpgan.mix_sets",
-    "DPGAN": "lightning_dpgan.gan",
-    "DecentralizedStrategy": "lightning_dpgan.strategy",
-    "GossipEngine": "lightning_dpgan.gossip",
-    "GossipPeerError": "lightning_dpgan.gossip",
-    "OptimisticAdam": "lightning_dpgan.optim",
-    "OptimisticSGD": "lightning_dpgan.optim",
-    "Topology": "lightning_dpgan.topology",
-    "TopologyError": "lightning_dpgan.topology",
-    "build_topology": "lightning_dpgan.topology",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lightning_dpgan' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__all__ = [
+    "AnchoredOptimizer",
+    "CheckpointError",
+    "DPGAN",
+    "DecentralizedStrategy",
+    "GossipEngine",
+    "GossipOptions",
+    "GossipPeerError",
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "OptimisticAdam",
+    "OptimisticSGD",
+    "Topology",
+    "TopologyError",
+    "__version__",
+    "build_topology",
+]

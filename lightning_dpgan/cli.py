@@ -1,10 +1,14 @@
 """``python -m lightning_dpgan <verb> [Hydra overrides]``: ``fit``, ``validate``, ``sample`` and ``topology``.
 
-The verb is not a Hydra override, so it is taken off the command line before Hydra parses the rest, and put
-back before training starts: Lightning's popen launcher re-runs ``sys.argv`` in every worker, and each worker
-must read the same verb. Everything that can reject bad input (unknown group options, bad values, a world size
-the topology cannot take, a missing data path) runs first, in the launching process, before any worker starts;
-it ends with one message and exit status 2.
+The launching process composes the configuration once, checks it (every cheap object is built, checkpoints are
+read as data, the run directory is made), writes the resolved ``config.yaml`` into the run directory, and only
+then starts workers. Lightning's popen launcher starts each worker by re-running the command line; the command
+line a worker gets is ``<verb> --run-config <run directory>/config.yaml``, so it builds its objects from the same
+resolved configuration without composing or checking again. Bad input ends with one ``error:`` line and exit
+status 2, before any worker starts.
+
+Hydra's own flags (``-m``, ``--cfg``, ``--info``, ``-sc``) go through ``hydra.main``: each multirun job is checked
+and run like a single run, its workers started with ``spawn`` (popen would start the whole sweep in each).
 """
 
 from __future__ import annotations
@@ -14,54 +18,109 @@ import math
 import os
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_PACKAGE = "lightning_dpgan.conf"
+RUN_CONFIG_FLAG = "--run-config"  # how a launched worker is handed the resolved configuration
 LR_SCALINGS = ("none", "sqrt")  # lr_scaling: the decentralized workers' rate is model.lr_* times 1 or sqrt(n)
-VERB_VARIABLE = "LIGHTNING_DPGAN_VERB"
 VERBS = {
     "fit": "train (default: DPOSG on the grid of 25 Gaussians, 4 CPU workers gossiping on a ring)",
     "validate": "evaluate the consensus model of a checkpoint: ckpt_path=...",
     "sample": "write num_samples samples of a checkpoint as samples.npy and samples.png: ckpt_path=...",
     "topology": "print W, degree, spectral gap and rho(W^t) for topology, devices x num_nodes, gossip_rounds",
 }
+HYDRA_FLAGS = ("-m", "--multirun", "-c", "--cfg", "-p", "--package", "--info", "-i", "--resolve", "-sc", "--shell-completion", "--hydra-help")
 EXAMPLES = """examples:
   python -m lightning_dpgan fit topology=ring gossip_rounds=3 devices=8
   python -m lightning_dpgan fit experiment=digits strategy=ddp logger=wandb
   python -m lightning_dpgan fit -m topology=ring,torus,exponential
   python -m lightning_dpgan topology topology=exponential devices=16 gossip_rounds=2
-  python -m lightning_dpgan sample ckpt_path=runs/fit/<date>/checkpoints/last.ckpt num_samples=1000
-Hydra's own flags (--cfg job, --info, -m) go after the verb."""
+  python -m lightning_dpgan sample ckpt_path=runs/fit/<run>/checkpoints/last.ckpt num_samples=1000
+Hydra's flags (-m, --cfg job, --info, -sc install=bash) go after the verb."""
+_RUN_ID = uuid.uuid4().hex[:6]  # one per launching process: two runs started in the same second get two folders
 
 
 class UsageError(Exception):
     """Bad input, reported as one line and exit status 2."""
 
 
+@dataclass
+class Command:
+    verb: str = "fit"
+    overrides: list[str] = field(default_factory=list)
+    hydra_flags: bool = False
+    run_config: str | None = None
+    help: bool = False
+    version: bool = False
+
+
 # ---------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
-        return
-    verb, overrides = argv[0], argv[1:]
     try:
-        if verb not in VERBS:
-            raise UsageError(f"unknown verb {verb!r}; allowed: {', '.join(VERBS)}")
-        hydra_flags = any(arg.startswith("-") for arg in overrides)  # -m, --cfg, --info: Hydra's to handle
-        cfg = None if hydra_flags else check(verb, overrides)
+        command = parse_command(argv)
+        if command.help:
+            print(usage())
+            return
+        if command.version:
+            from lightning_dpgan._version import __version__
+
+            print(f"lightning-dpgan {__version__}")
+            return
+        if command.run_config is not None:
+            run_worker(command)
+            return
+        if command.hydra_flags:
+            run_hydra(command)
+            return
+        cfg, run_dir = compose_run(command.verb, command.overrides)
+        cfg = prepare(command.verb, cfg)
+        if command.verb == "topology":
+            print_topology(cfg)  # reads the configuration only: no run directory, no process
+            return
+        run_dir = make_run_directory(cfg, run_dir)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    if verb == "topology" and cfg is not None:
-        print_topology(cfg)  # reads the configuration only: no run directory, no process
-        return
-    run_hydra(verb, overrides)
+        fail(str(err), 2)
+    TASKS[command.verb](cfg, run_dir)
+
+
+def fail(message: str, status: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def parse_command(argv: list[str]) -> Command:
+    """The verb (first word that is not a flag), ``--help``/``--version`` before or after it, Hydra's flags."""
+    command = Command()
+    rest: list[str] = []
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            command.help = True
+        elif arg in ("-V", "--version"):
+            command.version = True
+        else:
+            rest.append(arg)
+    if command.help or command.version:
+        return command
+    if not rest:
+        command.help = True
+        return command
+    command.verb, args = rest[0], rest[1:]
+    if command.verb not in VERBS:
+        raise UsageError(f"unknown verb {command.verb!r}; allowed: {', '.join(VERBS)}")
+    if args[:1] == [RUN_CONFIG_FLAG] and len(args) == 2:
+        command.run_config = args[1]
+        return command
+    command.hydra_flags = any(arg.split("=", 1)[0] in HYDRA_FLAGS for arg in args)
+    command.overrides = args
+    return command
 
 
 def usage() -> str:
@@ -73,6 +132,7 @@ def usage() -> str:
     defaults = compose_config("fit", [])
     shortcuts = [k for k, v in defaults.items() if not isinstance(v, DictConfig) and k != "verb"]
     lines += ["", "shortcuts (key=value): " + ", ".join(f"{k}={defaults[k]}" for k in shortcuts), "", EXAMPLES]
+    lines += ["", "-h/--help: this text; -V/--version: the version"]
     return "\n".join(lines)
 
 
@@ -85,20 +145,40 @@ def config_groups() -> dict[str, list[str]]:
     }
 
 
-# ---------------------------------------------------------------------- checks before any process starts
-def compose_config(verb: str, overrides: Sequence[str]) -> DictConfig:
-    """The configuration Hydra will run with (minus ``hydra.*``), or a :class:`UsageError` saying what is wrong."""
+# ---------------------------------------------------------------------- compose and check, in the launching process
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID)
+
+
+def compose_config(verb: str, overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
+    """The configuration for ``verb`` (with the ``hydra`` node only if asked), or a :class:`UsageError`."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    os.environ[VERB_VARIABLE] = verb
-    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    _register_resolvers()
+    user = [o for o in overrides if with_hydra or not o.lstrip("+~").startswith("hydra.")]
     try:
         with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
-            return compose("config", overrides=user)
+            return compose("config", overrides=[*user, f"verb={verb}"], return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as err:
         raise UsageError(_hydra_message(err)) from None
+
+
+def compose_run(verb: str, overrides: Sequence[str]) -> tuple[DictConfig, str]:
+    """The configuration (composed once) and its ``hydra.run.dir`` (by default ``runs/<verb>/<date>_<time>_<id>``)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = compose_config(verb, overrides, with_hydra=True)
+    try:
+        run_dir = str(cfg.hydra.run.dir)
+    except OmegaConfBaseException as err:
+        raise UsageError(f"hydra.run.dir: {err}") from None
+    OmegaConf.set_struct(cfg, False)
+    cfg.pop("hydra")
+    OmegaConf.set_struct(cfg, True)
+    return cfg, run_dir
 
 
 def _hydra_message(err: BaseException) -> str:
@@ -107,33 +187,49 @@ def _hydra_message(err: BaseException) -> str:
     return f"{message}: {cause}" if cause is not None and str(cause) not in message else message
 
 
-def check(verb: str, overrides: Sequence[str]) -> DictConfig:
-    """Compose the configuration and build every cheap object that validates its own arguments."""
-    cfg = compose_config(verb, overrides)
+def prepare(verb: str, cfg: DictConfig) -> DictConfig:
+    """Check the configuration by building every cheap object; returns it as the workers will use it (for ``fit``,
+    with the scaled learning rates; for ``validate``/``sample``, with the run's own dataset and model)."""
     for key in ("devices", "num_nodes", "max_steps", "batch_size", "num_samples"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{key} must be an integer >= 1, got {value!r}")
+        _check(key, lambda: _check_int(key, cfg[key]))
     if verb == "topology" or _is_decentralized(cfg):  # DDP has no topology to check
         build_topology_from(cfg)
     if verb == "topology":
         return cfg
     if verb in ("validate", "sample") and not cfg.ckpt_path:
         raise UsageError(f"{verb} needs ckpt_path=<a checkpoint file>, got {cfg.ckpt_path!r}")
-    if cfg.ckpt_path and not os.path.isfile(str(cfg.ckpt_path)):
-        raise UsageError(f"ckpt_path must be a checkpoint file, got {cfg.ckpt_path!r} (not found)")
-    if verb in ("validate", "sample"):
-        cfg = with_run_config(cfg)
-    else:
-        cfg = with_scaled_learning_rates(cfg)
-    for key in ("dataset", "model", "strategy", "evaluation"):
+    cfg = with_run_config(cfg) if verb in ("validate", "sample") else with_scaled_learning_rates(cfg)
+    for key in ("dataset", "strategy", "evaluation"):
         instantiate(cfg, key)  # constructors check their arguments; none starts a process or downloads
+    model = instantiate(cfg, "model")
     _check_target(cfg, "logger")  # building a logger would create its run (a wandb run, a folder)
+    if cfg.ckpt_path:
+        check_checkpoint(verb, cfg, model)
+    if verb == "fit" and cfg.devices > 1 and cfg.num_nodes == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        from lightning_dpgan.strategy import check_master_port_free
+
+        try:
+            check_master_port_free()  # Lightning's launcher is about to start workers on this machine
+        except RuntimeError as err:
+            raise UsageError(str(err)) from None
     return cfg
 
 
+def _check(key: str, check: Callable[[], Any]) -> None:
+    try:
+        check()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _check_int(key: str, value: Any) -> None:
+    from lightning_dpgan.checks import check_int
+
+    check_int(key, value, 1)
+
+
 def build_topology_from(cfg: DictConfig) -> Any:
-    from lightning_dpgan.topology import TopologyError, check_rounds, build_topology
+    from lightning_dpgan.topology import TopologyError, build_topology, check_rounds
 
     try:
         check_rounds(cfg.gossip_rounds)
@@ -141,6 +237,28 @@ def build_topology_from(cfg: DictConfig) -> Any:
         return build_topology(cfg.topology.name, cfg.devices * cfg.num_nodes, **options)
     except TopologyError as err:
         raise UsageError(str(err)) from None
+
+
+def check_checkpoint(verb: str, cfg: DictConfig, model: Any) -> None:
+    """The checkpoint is read as data (never unpickled), is a Lightning checkpoint of this model, and for ``fit``
+    its replica files are all there and belong to it; else one :class:`UsageError` naming the file and why."""
+    from lightning_dpgan.replicas import CheckpointError, check_set, read_main
+
+    path = str(cfg.ckpt_path)
+    try:
+        checkpoint = read_main(path, mmap=True)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        resized = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        if missing or unexpected or resized:
+            details = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                       for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", resized)) if keys]
+            raise CheckpointError(f"checkpoint {path!r} is not of this model ({'; '.join(details)})")
+        if verb == "fit" and _is_decentralized(cfg):
+            check_set(path, cfg.devices * cfg.num_nodes)
+    except CheckpointError as err:
+        raise UsageError(f"ckpt_path: {err}") from None
 
 
 def with_scaled_learning_rates(cfg: DictConfig) -> DictConfig:
@@ -155,6 +273,9 @@ def with_scaled_learning_rates(cfg: DictConfig) -> DictConfig:
     scaling = cfg.get("lr_scaling")
     if scaling not in LR_SCALINGS:
         raise UsageError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {scaling!r}")
+    for key in ("lr_g", "lr_d"):
+        if key in cfg.model:
+            _check(key, lambda: check_learning_rate(key, cfg.model[key]))  # name the value given, not the scaled one
     world_size = cfg.devices * cfg.num_nodes
     if scaling == "none" or world_size == 1 or not _is_decentralized(cfg):
         return cfg
@@ -162,12 +283,7 @@ def with_scaled_learning_rates(cfg: DictConfig) -> DictConfig:
         raise UsageError(f"lr_scaling={scaling} scales model.lr_g and model.lr_d; model {cfg.model.get('_target_')!r} has no lr_g/lr_d")
     scaled = cfg.copy()
     for key in ("lr_g", "lr_d"):
-        rate = cfg.model[key]
-        try:
-            check_learning_rate(key, rate)  # name the value given, not the scaled one
-        except ValueError as err:
-            raise UsageError(f"model: {err}") from None
-        scaled.model[key] = rate * math.sqrt(world_size)
+        scaled.model[key] = cfg.model[key] * math.sqrt(world_size)
     return scaled
 
 
@@ -212,44 +328,88 @@ def with_run_config(cfg: DictConfig) -> DictConfig:
     return merged
 
 
-# ---------------------------------------------------------------------- running under Hydra
-def run_hydra(verb: str, overrides: Sequence[str]) -> None:
+def make_run_directory(cfg: DictConfig, run_dir: str) -> str:
+    """Create the run directory, refusing one that already holds a run unless resuming from a checkpoint in it.
+
+    Under torchrun every process runs the command: only global rank 0 creates and checks it (the others find it
+    made, or never write into it: checkpoints go where rank 0's ModelCheckpoint says).
+    """
+    run_dir = os.path.abspath(run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return run_dir
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        ckpt = os.path.abspath(str(cfg.ckpt_path)) if cfg.ckpt_path else None
+        if ckpt is None or not ckpt.startswith(run_dir + os.sep):
+            raise UsageError(
+                f"run directory {run_dir!r} already holds a run; choose another (hydra.run.dir=...), leave the default "
+                f"(a new folder per run), or resume from a checkpoint in it (ckpt_path={run_dir}/checkpoints/last.ckpt)"
+            )
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test-{_RUN_ID}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise UsageError(f"run directory {run_dir!r} cannot be written ({err.strerror}); set output_dir=<a writable folder>") from None
+    return run_dir
+
+
+# ---------------------------------------------------------------------- running
+def run_worker(command: Command) -> None:
+    """A worker started by Lightning's popen launcher: the launching process's resolved configuration, no checks."""
+    path = str(command.run_config)
+    cfg = OmegaConf.load(path)
+    assert isinstance(cfg, DictConfig) and command.verb == "fit"
+    fit(cfg, os.path.dirname(os.path.abspath(path)), worker=True)
+
+
+def run_hydra(command: Command) -> None:
+    """Hydra's flags (multirun, --cfg, --info, shell completion) through ``hydra.main``."""
     import hydra
 
-    task = TASKS[verb]
-    restored = [sys.argv[0], verb, *overrides]
+    _register_resolvers()
 
     def hydra_task(cfg: DictConfig) -> None:
-        sys.argv[:] = restored  # what Lightning's popen launcher re-runs in each worker, verb included
-        task(cfg)
+        from hydra.core.hydra_config import HydraConfig
 
-    os.environ[VERB_VARIABLE] = verb  # the config's ${verb}; not an argument, so Hydra's flags parse as usual
-    sys.argv[:] = [sys.argv[0], *overrides]
+        try:
+            cfg = prepare(command.verb, cfg)
+        except UsageError as err:
+            fail(str(err), 2)
+        run_dir = HydraConfig.get().runtime.output_dir
+        if command.verb == "topology":
+            print_topology(cfg)
+        else:
+            TASKS[command.verb](cfg, run_dir)
+
+    sys.argv[:] = [sys.argv[0], *command.overrides, f"verb={command.verb}"]  # hydra.main parses sys.argv
     hydra.main(config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config", version_base="1.3")(hydra_task)()
-
-
-def run_directory() -> str:
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get().runtime.output_dir
 
 
 def is_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    return HydraConfig.get().mode == RunMode.MULTIRUN
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def fit(cfg: DictConfig) -> None:
+def fit(cfg: DictConfig, run_dir: str, worker: bool = False) -> None:
+    """Train. ``worker``: started by the popen launcher of the process that wrote ``config.yaml``."""
     import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+    from lightning_dpgan.gossip import GossipPeerError
+    from lightning_dpgan.guard import NonFiniteError, NonFiniteGuard
+    from lightning_dpgan.replicas import CheckpointError
     from lightning_dpgan.signals import StopOnSigterm
 
-    run_dir = run_directory()
-    cfg = with_scaled_learning_rates(cfg)  # before config.yaml is written: it holds the rates the workers use
+    quiet = worker or int(os.environ.get("RANK", "0")) != 0  # rank 0 reports; under torchrun every rank runs this
     world_size = cfg.devices * cfg.num_nodes
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not quiet:
+        OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), config_path)
     # Threads per process: left to Lightning's launcher, which divides the cores among the processes with
     # torch.set_num_threads in this one too; setting OMP_NUM_THREADS here, after torch is loaded, would keep this
     # process at one thread per core, and every rank waits for the slowest.
@@ -264,18 +424,27 @@ def fit(cfg: DictConfig) -> None:
     # With manual optimization and every_n_train_steps, ModelCheckpoint warns that no "pre-optimization state" was
     # saved; the state after the step is the one a resume needs (resuming is exact), so the warning is noise.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
-    callbacks = [checkpoint, evaluation, StopOnSigterm()]  # the last: a SIGTERM stops DDP runs too, not hangs them
+    callbacks: list[pl.Callback] = [checkpoint, evaluation]
+    if not _is_decentralized(cfg):  # the strategy does both itself, through its gossip
+        callbacks += [NonFiniteGuard(), StopOnSigterm()]
     trainer = instantiate(cfg, "trainer", strategy=strategy, logger=logger, callbacks=callbacks)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger.log_hyperparams(resolved)  # rank 0; creates the logger's files first, so it finds no others there
-    if rank_zero_only.rank == 0:
-        OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    sys.argv[1:] = ["fit", RUN_CONFIG_FLAG, config_path]  # what the popen launcher re-runs in each worker
     start = time.perf_counter()
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException:
+        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+        if not quiet and os.path.isfile(last):
+            print(f"resume: python -m lightning_dpgan fit ckpt_path={last}", flush=True)
+        raise  # Lightning's SIGTERM exit
+    except (NonFiniteError, GossipPeerError, CheckpointError) as err:
+        if quiet:
+            sys.exit(1)  # rank 0 says it once
+        fail(f"{type(err).__name__}: {err}" if isinstance(err, GossipPeerError) else str(err), 2 if isinstance(err, CheckpointError) else 1)
     finally:
         finish_wandb(cfg)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and rank_zero_only.rank == 0:
         print(fit_summary(cfg, run_dir, time.perf_counter() - start, world_size))
 
 
@@ -315,12 +484,19 @@ def fit_summary(cfg: DictConfig, run_dir: str, seconds: float, world_size: int) 
     communication = (
         f"{cfg.topology.name}, gossip_rounds={cfg.gossip_rounds}" if _is_decentralized(cfg) else cfg.strategy._target_.rsplit(".", 1)[-1]
     )
+    files = sorted(
+        name for name in os.listdir(run_dir) if not name.startswith(".") and not name.endswith(".tmp")
+    )
+    samples = [name for name in files if name.startswith("samples_step")]
+    shown = [name for name in files if not name.startswith("samples_step")] + ([f"samples_step*.png ({len(samples)})"] if samples else [])
+    last_ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    resume = f"\n  resume: python -m lightning_dpgan fit ckpt_path={last_ckpt}" if os.path.isfile(last_ckpt) else ""
     return (
         f"\nfit done in {seconds:.1f} s on {world_size} processes ({communication}, {cfg.optim._target_.rsplit('.', 1)[-1]})\n"
         f"  {'consensus' if cfg.evaluation.model == 'consensus' else 'local'} model, {cfg.evaluation.num_samples} samples: {quality}\n"
         f"  consensus distance: {consensus or 'not measured (one process, or DDP: identical replicas)'}\n"
         f"  run directory: {run_dir}\n"
-        f"    config.yaml, metrics.csv, evaluation.csv, samples_step*.png, consensus.png, checkpoints/last.ckpt"
+        f"    {', '.join(shown)}{resume}"
     )
 
 
@@ -333,20 +509,16 @@ def read_csv(path: str) -> list[dict[str, str]]:
 
 def load_model(cfg: DictConfig) -> Any:
     """The checkpoint's consensus model (the file holds the average of the replicas), on the CPU, in eval mode."""
-    import torch
+    from lightning_dpgan.replicas import read_main
 
     model = instantiate(cfg, "model")
-    state = torch.load(str(cfg.ckpt_path), map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict(state)
+    model.load_state_dict(read_main(str(cfg.ckpt_path))["state_dict"])  # checked by check_checkpoint already
     return model.eval()
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, run_dir: str) -> None:
     import json
 
-    cfg = with_run_config(cfg)
-    run_dir = run_directory()
-    os.makedirs(run_dir, exist_ok=True)
     model = load_model(cfg)
     datamodule = instantiate(cfg, "dataset")
     datamodule.setup("validate")
@@ -361,15 +533,12 @@ def validate(cfg: DictConfig) -> None:
     print(f"  written to {run_dir}/validate.json and samples.png")
 
 
-def sample(cfg: DictConfig) -> None:
+def sample(cfg: DictConfig, run_dir: str) -> None:
     import numpy as np
     import torch
 
     from lightning_dpgan.evaluation import save_samples_picture
 
-    cfg = with_run_config(cfg)
-    run_dir = run_directory()
-    os.makedirs(run_dir, exist_ok=True)
     model = load_model(cfg)
     torch.manual_seed(cfg.seed)
     samples = model.sample(cfg.num_samples, ema=cfg.evaluation.use_ema)
@@ -379,7 +548,7 @@ def sample(cfg: DictConfig) -> None:
     print(f"sample: {tuple(samples.shape)} from {cfg.ckpt_path}\n  written to {run_dir}/samples.npy and samples.png")
 
 
-def print_topology(cfg: DictConfig) -> None:
+def print_topology(cfg: DictConfig, run_dir: str | None = None) -> None:
     import numpy as np
 
     topology = build_topology_from(cfg)
@@ -392,4 +561,4 @@ def print_topology(cfg: DictConfig) -> None:
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
 
 
-TASKS: dict[str, Callable[[DictConfig], None]] = {"fit": fit, "validate": validate, "sample": sample, "topology": print_topology}
+TASKS: dict[str, Callable[[DictConfig, str], None]] = {"fit": fit, "validate": validate, "sample": sample, "topology": print_topology}

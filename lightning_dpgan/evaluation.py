@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
+from lightning_dpgan.checks import check_int
 from lightning_dpgan.data.gaussians import MIXTURES, mixture_modes
 from lightning_dpgan.metrics.image_quality import fid_metric, inception_score_metric, to_unit_range, uses_embedded_extractor
 from lightning_dpgan.metrics.mode_coverage import ModeCoverage
@@ -68,8 +69,7 @@ class GANEvaluation(pl.Callback):
         if model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
         for name, value, low in (("every_n_steps", every_n_steps, 0), ("num_samples", num_samples, 1), ("num_real", num_real, 2)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, value, low)
         self.dataset, self.every_n_steps, self.num_samples, self.model = dataset, every_n_steps, num_samples, model
         self.use_ema, self.num_real, self.output_dir, self.seed = use_ema, num_real, output_dir, seed
         self.metrics: dict[str, Metric] = {}

@@ -28,14 +28,15 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
+from lightning_dpgan.checks import check_int, check_number
 from lightning_dpgan.losses import GANLoss, build_loss, gradient_penalty, r1_penalty
 from lightning_dpgan.optim import OPTIMIZERS
 from lightning_dpgan.seeding import seed_for_rank
 
+
 def check_learning_rate(name: str, lr: Any) -> None:
     """One rule for a player's rate, shared with the CLI, which checks it before ``lr_scaling`` changes it."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
-        raise ValueError(f"{name} must be a number >= 0, got {lr!r}")
+    check_number(name, lr, 0)
 
 
 OptimizerFactory = Callable[..., Optimizer]
@@ -85,10 +86,9 @@ class DPGAN(pl.LightningModule):
             raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}, or a callable")
         for name, lr in (("lr_g", lr_g), ("lr_d", lr_d)):
             check_learning_rate(name, lr)
-        if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic < 1:
-            raise ValueError(f"n_critic must be an integer >= 1, got {n_critic!r}")
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay!r}")
+        check_int("n_critic", n_critic, 1)
+        if ema_decay is not None:
+            check_number("ema_decay (or None)", ema_decay, 0, 1)
         latent_dim = latent_dim if latent_dim is not None else getattr(generator, "latent_dim", None)
         if not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive integer (or the generator's latent_dim), got {latent_dim!r}")
@@ -131,8 +131,10 @@ class DPGAN(pl.LightningModule):
     @override
     def setup(self, stage: str) -> None:
         # seed_everything seeds every rank alike: under DDP all ranks would draw the same noise, and the all-reduced
-        # gradient would see one fake batch world_size times over instead of world_size different ones
-        if stage == "fit" and self.trainer.world_size > 1:
+        # gradient would see one fake batch world_size times over instead of world_size different ones. A strategy
+        # that seeds each rank itself (DecentralizedStrategy, after its initial broadcast) is left to do it.
+        strategy = self.trainer.strategy
+        if stage == "fit" and self.trainer.world_size > 1 and not getattr(strategy, "seeds_per_rank", False):
             seed_for_rank(self.trainer.global_rank)
 
     @override

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_dpgan.checks import check_number
+
 
 @dataclass
 class GANLoss:
@@ -42,9 +44,8 @@ def build_loss(name: str, gradient_penalty: float = 10.0, r1: float = 0.0) -> GA
     """``r1``: weight γ of the R1 penalty ``γ/2 · E_real ||∇ₓD(x)||²`` added to D's loss, for any loss family."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")
-    for key, value in (("gradient_penalty", gradient_penalty), ("r1", r1)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+    check_number("gradient_penalty", gradient_penalty, 0)
+    check_number("r1", r1, 0)
     return GANLoss(name, float(gradient_penalty) if name == "wgan-gp" else 0.0, float(r1))
 
 

@@ -1,9 +1,9 @@
 """What one optimizer step mixes: its parameters or its anchors, and the buffers of the modules it trains.
 
-The rules, which :class:`~lightning_dpgan.DecentralizedStrategy` applies after every ``optimizer.step()``:
+The rules, which :class:`~lightning_dpgan.DecentralizedStrategy` applies in every ``optimizer.step()``:
 
-* an optimizer with ``anchors()`` and ``extrapolate()`` (:class:`AnchoredOptimizer`) has its anchors mixed, then
-  rewrites its live parameters from them (DPOSG); any other optimizer has its parameters mixed (adapt, then
+* an optimizer with anchors (:class:`AnchoredOptimizer`) has them mixed by its anchor hook, between its anchor
+  update and its extrapolation (DPOSG); any other optimizer has its parameters mixed after its step (adapt, then
   combine);
 * a floating buffer (BatchNorm running statistics) goes with the nearest enclosing module that has parameters,
   and is mixed by the first optimizer that trains any of them, so two optimizers never mix it twice;
@@ -12,11 +12,13 @@ The rules, which :class:`~lightning_dpgan.DecentralizedStrategy` applies after e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 from torchmetrics import Metric
 
 UNREGISTERED = "_unregistered"  # the group of a parameter that is no submodule's
@@ -26,15 +28,15 @@ UNREGISTERED = "_unregistered"  # the group of a parameter that is no submodule'
 class AnchoredOptimizer(Protocol):
     """An optimizer whose gossiped state differs from its live parameters (DPOSG's anchors ``x``).
 
-    ``anchors()`` returns one tensor per parameter, in ``param_groups`` order, that the strategy mixes in place
-    after ``step()``; ``extrapolate()`` then rewrites the live parameters from the mixed anchors. ``step()`` may
-    extrapolate too (so the optimizer is complete without this strategy): ``extrapolate()`` must be idempotent.
+    ``anchors()`` returns one tensor per parameter, in ``param_groups`` order (the same objects every call).
+    ``register_anchor_hook(hook)`` has ``step()`` call ``hook(optimizer, anchors)`` after updating the anchors and
+    before writing the live parameters from them; the strategy mixes the anchors there.
     :class:`~lightning_dpgan.optim.OptimisticAdam` and :class:`~lightning_dpgan.optim.OptimisticSGD` implement it.
     """
 
     def anchors(self) -> list[Tensor]: ...
 
-    def extrapolate(self) -> None: ...
+    def register_anchor_hook(self, hook: Callable[[Optimizer, list[Tensor]], None]) -> RemovableHandle: ...
 
 
 @dataclass
@@ -49,6 +51,10 @@ class MixSet:
     def state(self, optimizer: Optimizer) -> list[Tensor]:
         """The tensors a step mixes, the same objects every step (so the engine reuses its buffers)."""
         return optimizer.anchors() if self.anchored else self.params  # type: ignore[attr-defined]
+
+    def names(self, module_names: list[str]) -> list[str]:
+        """The top-level submodule each mixed tensor belongs to (buffers: ``"buffers"``)."""
+        return [module_names[g] for g in self.group_ids] + ["buffers"] * len(self.buffers)
 
 
 def build_mix_set(module: nn.Module, optimizer: Optimizer, optimizers: list[Optimizer], mix_buffers: bool) -> MixSet:

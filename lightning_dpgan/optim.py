@@ -9,22 +9,28 @@ with ``d = g`` (OSG) or an Adam-preconditioned ``g`` (optimistic Adam). Only one
 at the live parameters ``z``. An optimizer ``step()`` here receives the gradient at ``z^k`` and therefore performs
 the anchor update of iteration ``k`` followed by the extrapolation of iteration ``k+1``; the anchors ``x`` and the
 last direction ``d`` live in the optimizer state. Mixing (the ``W^t`` sums) is not done here: ``optim`` knows
-nothing of torch.distributed. :class:`~lightning_dpgan.strategy.DecentralizedStrategy` mixes :meth:`anchors`
-after ``step()`` and calls :meth:`extrapolate` again. Without it (one process, or ``strategy="ddp"`` averaging
-gradients) ``step()`` alone is centralized OSG/OAdam (CPOSG): on one worker it is
+nothing of torch.distributed. Between the anchor update and the extrapolation ``step()`` calls its *anchor hooks*
+with the updated anchors; :class:`~lightning_dpgan.strategy.DecentralizedStrategy` registers one that mixes them
+in place, so the extrapolation starts from the mixed anchors. Without a hook (one process, or ``strategy="ddp"``
+averaging gradients) ``step()`` is centralized OSG/OAdam (CPOSG): on one worker it is
 ``z^{k+1} = z^k - 2 lr d_k + lr d_{k-1}`` (Daskalakis et al., 2018).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_dpgan.checks import check_number
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+AnchorHook = Callable[[Optimizer, list[Tensor]], None]
 
 
 class _Optimistic(Optimizer):
@@ -33,6 +39,21 @@ class _Optimistic(Optimizer):
     The first step a parameter takes has no anchor update: at ``k = 0`` there is only ``z^0 = x^0`` and its
     gradient, which the algorithm uses for the extrapolation ``z^1 = x̃^0 - lr d(z^0)`` alone.
     """
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self._anchor_hooks: OrderedDict[int, AnchorHook] = OrderedDict()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_anchor_hooks", OrderedDict())  # hooks are not pickled with the optimizer
+
+    def register_anchor_hook(self, hook: AnchorHook) -> RemovableHandle:
+        """Call ``hook(optimizer, anchors)`` in every ``step()``, after the anchor update and before the
+        extrapolation; it may change the anchors in place (a mix). ``handle.remove()`` takes it away."""
+        handle = RemovableHandle(self._anchor_hooks)
+        self._anchor_hooks[handle.id] = hook
+        return handle
 
     def _state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -73,6 +94,8 @@ class _Optimistic(Optimizer):
                 self._set_directions(group, step, step_grads, states)
                 if step > 1:
                     torch._foreach_add_([s["anchor"] for s in states], [s["direction"] for s in states], alpha=-group["lr"])
+        for hook in list(self._anchor_hooks.values()):
+            hook(self, self.anchors())
         self.extrapolate()
         return loss
 
@@ -82,7 +105,7 @@ class _Optimistic(Optimizer):
 
     @torch.no_grad()
     def extrapolate(self) -> None:
-        """Write ``z = x - lr * d`` into the live parameters, in place, from the current (possibly mixed) anchors."""
+        """Write ``z = x - lr * d`` into the live parameters, in place, from the current (mixed) anchors."""
         for group in self.param_groups:
             params = list(group["params"])
             if not params:
@@ -92,18 +115,12 @@ class _Optimistic(Optimizer):
             torch._foreach_add_(params, [s["direction"] for s in states], alpha=-group["lr"])
 
 
-def _check(name: str, value: float, low: float = 0.0, high: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low or (high is not None and not value < high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
-
-
 class OptimisticSGD(_Optimistic):
     """Optimistic stochastic gradient (OSG): direction ``d = g`` (plus ``weight_decay * z``)."""
 
     def __init__(self, params: ParamsT, lr: float = 1e-2, weight_decay: float = 0.0) -> None:
-        _check("lr", lr)
-        _check("weight_decay", weight_decay)
+        check_number("lr", lr, 0)
+        check_number("weight_decay", weight_decay, 0)
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
     def _set_directions(self, group: dict[str, Any], step: int, grads: list[Tensor], states: list[dict[str, Any]]) -> None:
@@ -121,11 +138,11 @@ class OptimisticAdam(_Optimistic):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ) -> None:
-        _check("lr", lr)
-        _check("betas[0]", betas[0], 0.0, 1.0)
-        _check("betas[1]", betas[1], 0.0, 1.0)
-        _check("eps", eps)
-        _check("weight_decay", weight_decay)
+        check_number("lr", lr, 0)
+        check_number("betas[0]", betas[0], 0, 1)
+        check_number("betas[1]", betas[1], 0, 1)
+        check_number("eps", eps, 0)
+        check_number("weight_decay", weight_decay, 0)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     def _set_directions(self, group: dict[str, Any], step: int, grads: list[Tensor], states: list[dict[str, Any]]) -> None:

@@ -1,76 +1,215 @@
-"""The per-replica checkpoint format: one file per rank beside Lightning's checkpoint.
+"""Checkpoint sets: Lightning's main file (the consensus model) plus one replica file per rank, committed as one unit.
 
 Lightning writes one file, from global rank 0, which here holds the *consensus* model, so that
-``load_from_checkpoint`` gives a usable model. Each replica differs, so resuming every replica exactly needs
-each rank's own model, optimizer state (anchors, moments), random streams and gossip phase:
-``<checkpoint>.replicas/rank{r}.pt``. Both carry the same random token, so a replica file left over from an
-older checkpoint at the same path is never mistaken for the current one.
+``load_from_checkpoint`` gives a usable model. Each replica differs, so resuming every replica exactly needs each
+rank's own model, optimizer state (anchors, moments), random streams and gossip state. A set is written so that a
+crash at any moment leaves either the previous set or the new one, never a mix:
+
+1. every rank writes its replica into a folder of its own for this set,
+   ``<checkpoint>.replicas/step<N>-<token>/rank<r>.pt`` (temporary file, ``fsync``, ``os.replace``);
+2. after a barrier, rank 0 writes the main file the same way: replacing it is the commit;
+3. only then are the folders of earlier sets of the same path removed.
+
+The main file records the set's run id, step, token and world size; each replica records the same, so resuming
+refuses a replica from another set instead of silently taking the consensus model. Everything is read with
+``torch.load(weights_only=True)``: a checkpoint is data, and loading one never runs code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from fsspec.implementations.local import LocalFileSystem
-from lightning.fabric.plugins import CheckpointIO
+import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
-CHECKPOINT_KEY = "decentralized"  # the main checkpoint's entry describing its replicas
+CHECKPOINT_KEY = "decentralized"  # the main checkpoint's entry describing its replica set
 
 
-def replica_path(checkpoint_path: _PATH, rank: int) -> str:
-    """Where rank ``rank`` keeps its replica for the checkpoint at ``checkpoint_path``."""
-    return os.path.join(f"{checkpoint_path}.replicas", f"rank{rank}.pt")
+class CheckpointError(ValueError):
+    """A checkpoint or replica file that cannot be used; the message names the file and why."""
 
 
-def replicas_meta(token: str, world_size: int, topology: str, gossip_rounds: int, gossip_state: dict[str, Any]) -> dict[str, Any]:
-    """What the main checkpoint records of its replicas (``checkpoint[CHECKPOINT_KEY]``)."""
-    return {
-        "token": token,
-        "world_size": world_size,
-        "topology": topology,
-        "gossip_rounds": gossip_rounds,
-        "gossip": gossip_state,
-    }
+@dataclass(frozen=True)
+class ReplicaSet:
+    """What the main file records of its replicas, and what every replica file must repeat."""
+
+    run_id: str
+    step: int
+    token: str
+    world_size: int
+    topology: str
+
+    @property
+    def folder_name(self) -> str:
+        return f"step{self.step:09d}-{self.token}"
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ReplicaSet:
+        return cls(**{k: meta[k] for k in ("run_id", "step", "token", "world_size", "topology")})
 
 
-def replica_file(meta: dict[str, Any], rank: int, state_dict: dict[str, Any], optimizer_states: Any, rng_states: dict[str, Any]) -> dict[str, Any]:
-    return {**meta, "rank": rank, "state_dict": state_dict, "optimizer_states": optimizer_states, "rng_states": rng_states}
+def set_folder(checkpoint_path: _PATH, replica_set: ReplicaSet) -> str:
+    return os.path.join(f"{checkpoint_path}.replicas", replica_set.folder_name)
 
 
-def read_replica(checkpoint_io: CheckpointIO, checkpoint_path: _PATH, meta: dict[str, Any], rank: int, world_size: int) -> dict[str, Any] | None:
-    """This rank's replica of the checkpoint, or ``None`` if it is missing, stale, or from another world size."""
-    if meta["world_size"] != world_size:
-        return None
-    path = replica_path(checkpoint_path, rank)
-    if not get_filesystem(path).exists(path):
-        return None
-    loaded = checkpoint_io.load_checkpoint(path, weights_only=False)
-    return loaded if loaded.get("token") == meta["token"] and loaded.get("rank") == rank else None
+def replica_path(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int) -> str:
+    """Where rank ``rank`` keeps its replica of the set that the checkpoint at ``checkpoint_path`` commits."""
+    return os.path.join(set_folder(checkpoint_path, replica_set), f"rank{rank}.pt")
 
 
-def consensus_restart_reason(meta: dict[str, Any], world_size: int) -> str:
-    """Why the replicas cannot be resumed one by one (some rank had no matching replica file)."""
-    if meta["world_size"] != world_size:
-        return f"it was written by {meta['world_size']} workers and this run has {world_size}"
-    return "some ranks' replica files are missing or do not match it"
+def main_meta(replica_set: ReplicaSet, gossip_state: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint[CHECKPOINT_KEY]`` of the main file."""
+    return {**asdict(replica_set), "gossip": gossip_state}
 
 
-def remove_replica(checkpoint_path: _PATH, rank: int, is_global_zero: bool) -> None:
-    """Every rank removes its own file (disks may be node-local); rank 0 also removes the folder, tolerating the
-    other ranks deleting their files at the same moment."""
-    path = replica_path(checkpoint_path, rank)
+# ---------------------------------------------------------------------- writing
+def atomic_save(obj: Any, path: _PATH) -> None:
+    """``torch.save`` to a temporary file beside ``path``, ``fsync``, then ``os.replace``: readers see the old file
+    or the whole new one, also after a power cut. Remote (fsspec) paths go through a filesystem transaction."""
+    path = os.fspath(path)
     fs = get_filesystem(path)
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(path)
-    if is_global_zero:
-        folder = os.path.dirname(path)
-        if isinstance(fs, LocalFileSystem):
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
+    if not _is_local(path):
+        with fs.transaction, fs.open(path, "wb") as f:
+            torch.save(obj, f)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(f"{glob.escape(path)}.tmp*"):  # left by a writer killed mid-write
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+    _fsync_folder(folder)
+
+
+def write_replica(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, contents: dict[str, Any]) -> None:
+    atomic_save({**asdict(replica_set), "rank": rank, **contents}, replica_path(checkpoint_path, replica_set, rank))
+
+
+def remove_other_sets(checkpoint_path: _PATH, keep: ReplicaSet | None, rank: int, is_global_zero: bool) -> None:
+    """Remove the replica folders of ``checkpoint_path`` other than ``keep``'s (all of them for ``None``).
+
+    Every rank removes its own files (disks may be node-local); rank 0 also removes the folders, tolerating the
+    other ranks deleting their files at the same moment.
+    """
+    root = f"{checkpoint_path}.replicas"
+    if not _is_local(root):
+        fs = get_filesystem(root)
+        if is_global_zero and keep is None:
             with contextlib.suppress(FileNotFoundError):
-                fs.rm(folder, recursive=True)
+                fs.rm(root, recursive=True)
+        return
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if keep is not None and name == keep.folder_name:
+            continue
+        folder = os.path.join(root, name)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.remove(os.path.join(folder, f"rank{rank}.pt"))
+        if is_global_zero:
+            shutil.rmtree(folder, ignore_errors=True)
+    if is_global_zero and keep is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- reading
+def safe_load(path: _PATH, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one :class:`CheckpointError` for every way a file can
+    be unusable: missing, unreadable, truncated, not a torch file, or holding objects other than data."""
+    path = os.fspath(path)
+    fs = get_filesystem(path)
+    try:
+        if _is_local(path) and mmap:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with fs.open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path!r} not found") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{what} {path!r} is a directory, not a checkpoint file") from None
+    except PermissionError:
+        raise CheckpointError(f"{what} {path!r} cannot be read (permission denied)") from None
+    except Exception as err:  # UnpicklingError (code, or not data), RuntimeError (truncated, not a zip), EOFError
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" in first or "weights_only" in first:
+            raise CheckpointError(
+                f"{what} {path!r} holds objects other than tensors and plain data, which are never loaded (they could "
+                f"run code); only checkpoints written by Lightning and this package can be used"
+            ) from None
+        raise CheckpointError(f"{what} {path!r} is not a readable checkpoint ({type(err).__name__}: {first})") from None
+
+
+def read_replica(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, mmap: bool = False) -> dict[str, Any]:
+    """Rank ``rank``'s replica of the set, checked against it; :class:`CheckpointError` if missing or from another set."""
+    path = replica_path(checkpoint_path, replica_set, rank)
+    replica = safe_load(path, f"replica file of rank {rank}", mmap=mmap)
+    expected = {**asdict(replica_set), "rank": rank}
+    if not isinstance(replica, dict):
+        raise CheckpointError(f"replica file {path!r} is not a replica (a {type(replica).__name__}, not a dict)")
+    wrong = {k: replica.get(k) for k, v in expected.items() if replica.get(k) != v}
+    if wrong:
+        raise CheckpointError(
+            f"replica file {path!r} belongs to another checkpoint ({', '.join(f'{k}={v!r}' for k, v in wrong.items())};"
+            f" the main file expects {', '.join(f'{k}={expected[k]!r}' for k in wrong)})"
+        )
+    return replica
+
+
+def read_main(checkpoint_path: _PATH, mmap: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint file, checked to be one (a dict with ``state_dict`` and ``global_step``)."""
+    checkpoint = safe_load(checkpoint_path, "checkpoint", mmap=mmap)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
+        raise CheckpointError(f"checkpoint {os.fspath(checkpoint_path)!r} is not a Lightning checkpoint (no state_dict/global_step)")
+    return checkpoint
+
+
+def replica_set_of(checkpoint: dict[str, Any]) -> ReplicaSet | None:
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    return ReplicaSet.from_meta(meta) if isinstance(meta, dict) and "token" in meta and "run_id" in meta else None
+
+
+def check_set(checkpoint_path: _PATH, world_size: int) -> str | None:
+    """In the launching process, before any worker starts: the main file and, at the same world size, every replica
+    file load safely and belong to it. Returns why the replicas will not be resumed one by one (another world size),
+    or ``None``; raises :class:`CheckpointError` otherwise."""
+    checkpoint = read_main(checkpoint_path, mmap=True)
+    replica_set = replica_set_of(checkpoint)
+    if replica_set is None:
+        return None
+    if replica_set.world_size != world_size:
+        return consensus_restart_reason(replica_set, world_size)
+    for rank in range(world_size):
+        read_replica(checkpoint_path, replica_set, rank, mmap=True)
+    return None
+
+
+def consensus_restart_reason(replica_set: ReplicaSet, world_size: int) -> str:
+    return f"it was written by {replica_set.world_size} workers and this run has {world_size}"
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _fsync_folder(folder: str) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened for fsync
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_dpgan.checks import check_int
+
 _TOL = 1e-8
 
 
@@ -160,6 +162,22 @@ class Topology:
                 return t
         raise TopologyError(f"topology {self.name!r} does not shrink by {factor} within {max_rounds} rounds")
 
+    def flood_rounds(self) -> int:
+        """Rounds until news from any worker has reached every worker, passed on in every message (worst over
+        sources and starting phases): how far ahead a stop must be announced for all workers to hear of it."""
+        n = self.world_size
+        supports = [(w > _TOL) for w in self.matrices]  # support[i, j]: i receives from j
+        worst = 0
+        for phase in range(self.period):
+            reached = np.eye(n, dtype=bool)  # reached[i, o]: worker i has heard from origin o
+            rounds = 0
+            while not reached.all():
+                support = supports[(phase + rounds) % self.period]
+                reached = (support.astype(np.int64) @ reached.astype(np.int64)) > 0
+                rounds += 1
+            worst = max(worst, rounds)
+        return worst
+
     def summary(self, rounds: int = 1) -> dict[str, Any]:
         return {
             "topology": self.name,
@@ -177,8 +195,7 @@ class Topology:
 # ---------------------------------------------------------------------- stages
 def check_rounds(rounds: Any) -> None:
     """``gossip_rounds`` (``t``) must be a positive integer."""
-    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
-        raise TopologyError(f"gossip_rounds must be an integer >= 1, got {rounds!r}")
+    check_int("gossip_rounds", rounds, 1, error=TopologyError)
 
 
 def _validate_matrix(name: str, w: np.ndarray, n: int, phase: int, require_symmetric: bool) -> None:
@@ -265,9 +282,7 @@ def _weights_from_neighbours(name: str, nbrs: Sequence[set[int]], weights: str) 
 
 
 def _check_world_size(name: str, n: Any, minimum: int = 1) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < minimum:
-        raise TopologyError(f"topology {name!r}: world size must be an integer >= {minimum}, got {n!r}")
-    return int(n)
+    return check_int(f"topology {name!r}: world size", n, minimum, error=TopologyError)
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -364,8 +379,7 @@ def random_regular(world_size: int, degree: int | None = None, seed: int = 0, we
     n = _check_world_size("random_regular", world_size)
     if degree is None:
         degree = next((d for d in (3, 2, 1, 0) if d < n and (n * d) % 2 == 0), 0)
-    if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or not 0 <= degree < n:
-        raise TopologyError(f"topology 'random_regular': degree must be an integer in [0, {n - 1}], got {degree!r}")
+    degree = check_int("topology 'random_regular': degree", degree, 0, n - 1, error=TopologyError)
     if (n * degree) % 2:
         raise TopologyError(f"topology 'random_regular': world size x degree must be even, got {n} x {degree}")
     if n > 1 and degree == 0:

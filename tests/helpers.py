@@ -49,3 +49,30 @@ def lightning_script(script: str, *args: str, timeout: float = 240, check: bool 
 
 def as_json(obj: Any) -> str:
     return json.dumps(obj)
+
+
+def call_cli(*args: str) -> tuple[int, str, str]:
+    """``python -m lightning_dpgan *args`` in this process: (exit status, stdout, stderr). For input that is
+    refused before any worker starts: nothing else needs a process of its own."""
+    import contextlib
+    import io
+
+    from lightning_dpgan import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main(list(args))
+            status = 0
+        except SystemExit as exit_:
+            status = int(exit_.code or 0)
+    return status, out.getvalue(), err.getvalue()
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` is still there."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

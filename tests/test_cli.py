@@ -1,4 +1,5 @@
-"""The command line, run as users run it (``python -m lightning_dpgan <verb> ...`` in a subprocess).
+"""The command line, run as users run it (``python -m lightning_dpgan <verb> ...`` in a subprocess), and its input
+checks called in this process (they end before any worker would start, so no process is needed to test them).
 
 Numbers it prints or writes are recomputed here independently: mode coverage in numpy from the checkpoint's
 weights, W and rho(W^t) from a hand-built matrix.
@@ -16,10 +17,10 @@ import pytest
 import torch
 import yaml
 
-from helpers import run, worker_env
+from conftest import TINY
+from helpers import call_cli, run, worker_env
 
 CLI = [sys.executable, "-m", "lightning_dpgan"]
-TINY = ["devices=2", "max_steps=40", "evaluation.every_n_steps=20", "evaluation.num_samples=400", "trainer.enable_progress_bar=false"]
 GRID = np.array([(a, b) for a in range(-4, 5, 2) for b in range(-4, 5, 2)], dtype=float)
 
 
@@ -35,17 +36,15 @@ def generator_from(ckpt: Path, prefix: str) -> torch.nn.Module:
     from hydra.utils import instantiate
 
     config = yaml.safe_load((ckpt.parent.parent / "config.yaml").read_text())
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     generator = instantiate(config["model"]["generator"])
     generator.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
     return generator.eval()
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    run_dir = tmp_path_factory.mktemp("fit") / "run"
-    proc = run([*CLI, "fit", *TINY, f"hydra.run.dir={run_dir}"], timeout=240)
-    return run_dir, proc
+def replica_files(ckpt: Path) -> list[Path]:
+    (folder,) = Path(f"{ckpt}.replicas").iterdir()
+    return sorted(folder.glob("rank*.pt"))
 
 
 def test_fit_trains_on_a_ring_and_leaves_a_complete_run_directory(fitted):
@@ -53,8 +52,9 @@ def test_fit_trains_on_a_ring_and_leaves_a_complete_run_directory(fitted):
     assert "fit done in" in proc.stdout and "on 2 processes (ring, gossip_rounds=1, OptimisticAdam)" in proc.stdout
     assert "modes" in proc.stdout and "consensus distance: generator" in proc.stdout and str(run_dir) in proc.stdout
     for name in ("config.yaml", "metrics.csv", "evaluation.csv", "samples_step0000020.png", "samples_step0000040.png",
-                 "consensus.png", "checkpoints/last.ckpt", "checkpoints/last.ckpt.replicas/rank1.pt"):
+                 "consensus.png", "checkpoints/last.ckpt"):
         assert (run_dir / name).is_file(), name
+    assert [p.name for p in replica_files(run_dir / "checkpoints" / "last.ckpt")] == ["rank0.pt", "rank1.pt"]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["strategy"]["topology"] == "ring" and config["trainer"]["devices"] == 2  # resolved
     hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
@@ -72,8 +72,8 @@ def test_checkpoints_follow_the_step_cadence_not_the_short_epochs_and_last_is_th
     assert sorted(int(p.stem.rsplit("=", 1)[1]) for p in saved) == [10, 20, 30]
     last = run_dir / "checkpoints" / "last.ckpt"
     for path in [*saved, last]:
-        assert (path.parent / f"{path.name}.replicas" / "rank1.pt").is_file(), path
-    assert torch.load(last, weights_only=False)["global_step"] == 35
+        assert len(replica_files(path)) == 2, path
+    assert torch.load(last, weights_only=True)["global_step"] == 35
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("last")) == [
         "last.ckpt", "last.ckpt.replicas"]  # overwritten in place, not versioned
     assert "pre-optimization state" not in proc.stderr  # Lightning's warning for manual optimization, silenced
@@ -127,6 +127,8 @@ def test_multirun_gives_every_job_its_own_directory(tmp_path):
     proc = run([*CLI, "fit", "-m", "topology=ring,exponential", *TINY, "max_steps=20", f"output_dir={tmp_path}"], timeout=300)
     jobs = sorted((tmp_path / "multirun").glob("*/*/config.yaml"))
     assert len(jobs) == 2, proc.stdout[-2000:]
+    names = [p.parent.name for p in jobs]  # named by their overrides
+    assert names[0].startswith("0_") and "topology=ring" in names[0] and "topology=exponential" in names[1], names
     topologies = [yaml.safe_load(p.read_text())["strategy"]["topology"] for p in jobs]
     assert topologies == ["ring", "exponential"]
     for path in jobs:
@@ -147,19 +149,31 @@ def test_multirun_gives_every_job_its_own_directory(tmp_path):
         (["fit", "topology=torus", "devices=7"], "'torus' needs world size = rows x cols"),
         (["fit", "topology=hypercube", "devices=3"], "'hypercube' needs a power-of-two world size"),
         (["fit", "dataset=cifar10", "dataset.root=/nonexistent"], "cifar10 not found under '/nonexistent'"),
-        (["fit", "model.lr_g=-1"], "model: lr_g must be a number >= 0, got -1"),
-        (["fit", "wire_dtype=int8"], "wire_dtype"),
+        (["fit", "model.lr_g=-1"], "lr_g must be a finite number >= 0, got -1"),
+        (["fit", "model.lr_d=inf"], "lr_d must be a finite number >= 0, got inf"),
+        (["fit", "wire_dtype=int8"], "unknown wire_dtype 'int8'"),
+        (["fit", "strategy.gossip.peer_timeout=0"], "peer_timeout (seconds; None follows the run) must be a finite number > 0"),
         (["fit", "lr_scaling=linear"], "lr_scaling must be one of none, sqrt, got 'linear'"),
         (["sample"], "sample needs ckpt_path=<a checkpoint file>, got None"),
-        (["fit", "ckpt_path=/nonexistent.ckpt"], "ckpt_path must be a checkpoint file, got '/nonexistent.ckpt' (not found)"),
+        (["fit", "ckpt_path=/nonexistent.ckpt"], "ckpt_path: checkpoint '/nonexistent.ckpt' not found"),
+        (["fit", "ckpt_path=/tmp"], "ckpt_path: checkpoint '/tmp' is a directory, not a checkpoint file"),
+        (["fit", "hydra.run.dir=/proc/none"], "run directory '/proc/none' cannot be written"),
     ],
 )
 def test_bad_input_exits_2_with_one_message_before_any_worker(args, message):
-    proc = run([*CLI, *args], timeout=180, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
-    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
-    assert "Initializing distributed" not in proc.stdout + proc.stderr
+    status, out, err = call_cli(*args)
+    assert status == 2, err[-2000:]
+    assert message in err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert "Initializing distributed" not in out + err
+
+
+def test_bad_input_in_a_real_launch_starts_no_worker():
+    """The same path in a real process: one line, status 2, and no worker started."""
+    proc = run([*CLI, "fit", "gossip_rounds=0", "devices=4"], timeout=180, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1, proc.stderr[-2000:]
+    assert "gossip_rounds must be an integer >= 1, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Initializing distributed" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("strategy,factor", [("decentralized", np.sqrt(2.0)), ("ddp", 1.0)])
@@ -168,16 +182,18 @@ def test_lr_scaling_sqrt_gives_decentralized_workers_sqrt_n_times_the_rate_and_d
     run_dir = tmp_path / "run"
     run([*CLI, "fit", *TINY, "max_steps=3", "evaluation.every_n_steps=0", f"strategy={strategy}", "lr_scaling=sqrt",
          "model.lr_g=0.001", "model.lr_d=0.003", f"hydra.run.dir={run_dir}"], timeout=240)
-    groups = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["optimizer_states"][0]["param_groups"]
+    groups = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["optimizer_states"][0]["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([0.001 * factor, 0.003 * factor], rel=1e-12)
     model = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
     assert [model["lr_g"], model["lr_d"]] == pytest.approx([0.001 * factor, 0.003 * factor], rel=1e-12)
 
 
-def test_help_lists_verbs_and_groups():
-    proc = run([*CLI, "--help"], timeout=180)
+@pytest.mark.parametrize("args", [["--help"], ["fit", "--help"], ["-h", "fit", "topology=ring"]])
+def test_help_lists_verbs_and_groups_before_or_after_the_verb(args):
+    status, out, _ = call_cli(*args)
+    assert status == 0
     for word in ("fit", "validate", "sample", "topology", "dataset", "one_peer_exponential", "optimistic_adam", "wandb"):
-        assert word in proc.stdout
+        assert word in out
 
 
 def test_configs_ship_in_a_non_editable_install(tmp_path):
@@ -221,5 +237,5 @@ def test_ring8_experiment_trains_with_r1_and_its_checkpoint_rebuilds_it(tmp_path
                 "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"], timeout=240)
     assert "fit done" in proc.stdout
     gan = DPGAN.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", generator=MLPGenerator(hidden=128, depth=3),
-                                     discriminator=MLPDiscriminator(hidden=128, depth=3), weights_only=False)
+                                     discriminator=MLPDiscriminator(hidden=128, depth=3), weights_only=True)
     assert gan.loss.r1 == 0.1 and gan.loss.name == "ns"

@@ -31,12 +31,12 @@ def test_three_gossip_steps_across_a_two_host_cluster(tmp_path):
             subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev], capture_output=True, text=True).stdout
             for ns, dev in ((cluster.namespace(0), "eth0"), (cluster.switch, "p0"))
         ]
-        results = cluster.run(lambda host: [sys.executable, str(WORKERS / "gossip_worker.py"), str(tmp_path), json.dumps([case])], timeout=120)
+        results = cluster.run(lambda host: [sys.executable, str(WORKERS / "gossip_worker.py"), str(tmp_path), json.dumps({2: [case]})], timeout=120)
     assert all(r.returncode == 0 for r in results)
     assert all("tbf" in q and "100Mbit" in q for q in qdiscs), qdiscs  # both directions of host 0's link
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert name not in left  # torn down
-    got = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    got = [np.load(tmp_path / f"n2_rank{r}.npz") for r in range(2)]
     for k, expected in enumerate(reference(case, 0, 2)):
         stacked = np.stack([got[r][f"0/{k}"].astype(np.float64).ravel() for r in range(2)])
         np.testing.assert_allclose(stacked, expected, rtol=0, atol=1e-6)

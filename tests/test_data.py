@@ -18,7 +18,6 @@ from lightning_dpgan.data import (
     shard_indices,
 )
 
-from helpers import lightning_script
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
@@ -96,10 +95,9 @@ def test_loader_resumes_at_its_saved_batch_without_drawing_from_the_random_strea
 
 
 @pytest.mark.parametrize("shard", ["iid", "by_label"])
-def test_ranks_train_on_their_own_shards(tmp_path, shard):
+def test_ranks_train_on_their_own_shards(suite4, shard):
     """4 real processes, one epoch of grid-25 points: disjoint; iid shards together are the whole training set."""
-    lightning_script("lightning_worker.py", "shards", str(tmp_path), f"shard={shard}", "n=2000", "val=200")
-    seen = [np.load(tmp_path / f"seen_rank{r}.npy") for r in range(4)]
+    seen = [np.load(suite4 / f"shards_{shard}" / f"seen_rank{r}.npy") for r in range(4)]
     points, labels = sample_mixture("grid", 2000, 0)
     held_out = np.random.default_rng(0).permutation(2000)[:200]  # the seeded split, redrawn here
     train = np.delete(np.arange(2000), held_out)

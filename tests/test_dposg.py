@@ -1,4 +1,5 @@
-"""DPOSG end to end on real gloo processes launched by Lightning: exactness, convergence, the fused step, a GAN."""
+"""DPOSG end to end on real gloo processes (the shared torchrun launches of conftest.py): exactness, convergence,
+the fused step, a GAN."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from lightning_dpgan.metrics import ModeCoverage
 from lightning_dpgan.models import MLPGenerator
 from lightning_dpgan.topology import complete, ring
 
-from helpers import WORKERS, lightning_script
+from conftest import BILINEAR_CONVERGENCE, BILINEAR_EQUATIONS
+from helpers import WORKERS
 from reference import dposg
 
 sys.path.insert(0, str(WORKERS))
@@ -24,13 +26,12 @@ from lightning_worker import BILINEAR_DIM, BilinearGame, bilinear_matrices  # no
 N = 4
 
 
-def replicas(out: Path) -> list[dict[str, torch.Tensor]]:
-    return [torch.load(out / f"end_rank{r}.pt", weights_only=False) for r in range(N)]
+def replicas(out: Path, n: int = N) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(out / f"end_rank{r}.pt", weights_only=True) for r in range(n)]
 
 
-def bilinear_run(out: Path, **opts: object) -> np.ndarray:
+def bilinear_result(out: Path) -> np.ndarray:
     """The workers' final (x, y), one row per rank."""
-    lightning_script("lightning_worker.py", "bilinear", str(out), *(f"{k}={v}" for k, v in opts.items()))
     return np.stack([np.concatenate([r["x"].numpy(), r["y"].numpy()]) for r in replicas(out)])
 
 
@@ -46,38 +47,36 @@ def start() -> np.ndarray:
     return np.tile(np.concatenate([game.x.detach().numpy(), game.y.detach().numpy()]), (N, 1))
 
 
-@pytest.mark.parametrize(
-    "topology,rounds,optimizer,kwargs,mixing,overlap",
-    [
-        ("complete", 1, "optimistic_adam", {"betas": [0.5, 0.9]}, lambda: complete(N).matrix(), False),  # exact averaging
-        ("ring", 1, "optimistic_adam", {"betas": [0.5, 0.9]}, lambda: ring(N).matrix(), False),
-        ("ring", 3, "optimistic_sgd", {}, lambda: np.linalg.matrix_power(ring(N).matrix(), 3), False),
-        # the mix left in flight during the next gradient (overlap=True), with consensus measured on the way
-        ("ring", 1, "optimistic_adam", {"betas": [0.5, 0.9]}, lambda: ring(N).matrix(), True),
-        ("ring", 2, "optimistic_sgd", {}, lambda: np.linalg.matrix_power(ring(N).matrix(), 2), True),
-    ],
-)
-def test_strategy_equals_the_dposg_equations(tmp_path, topology, rounds, optimizer, kwargs, mixing, overlap):
+MIXING = {
+    "complete": lambda rounds: complete(N).matrix(),  # exact averaging, whatever t
+    "ring": lambda rounds: np.linalg.matrix_power(ring(N).matrix(), rounds),
+}
+
+
+@pytest.mark.parametrize("index", range(len(BILINEAR_EQUATIONS)), ids=[
+    f"{c['topology']}-t{c['rounds']}-{c['optimizer']}{'-overlap' if c['overlap'] else ''}" for c in BILINEAR_EQUATIONS
+])
+def test_strategy_equals_the_dposg_equations(suite4, index):
+    """Six steps of the bilinear game through the strategy against DPOSG written out in numpy; the overlapped variant
+    (the mix left in flight during the next gradient) with consensus measured on the way."""
+    case = BILINEAR_EQUATIONS[index]
     lr, steps = 0.05, 6
-    z = bilinear_run(
-        tmp_path, topology=topology, rounds=rounds, optimizer=optimizer, lr=lr, steps=steps, kwargs=json.dumps(kwargs),
-        overlap=int(overlap), consensus_every=2 if overlap else 0,
-    )
-    adam = ((tuple(kwargs["betas"]), 1e-8)) if optimizer == "optimistic_adam" else None
-    expected = dposg(bilinear_gradient, start(), mixing(), steps, lr, adam, overlap=overlap)
+    z = bilinear_result(suite4 / f"bilinear_equations{index}")
+    adam = (tuple(case["kwargs"]["betas"]), 1e-8) if case["optimizer"] == "optimistic_adam" else None
+    mixing = MIXING[case["topology"]](case["rounds"])
+    expected = dposg(bilinear_gradient, start(), mixing, steps, lr, adam, overlap=bool(case["overlap"]))
     np.testing.assert_allclose(z, expected, atol=1e-10, rtol=0)
     assert np.abs(z - start()).max() > 1e-2 and np.abs(z - z.mean(0)).max() > 1e-6  # moved, and replicas differ
-    if overlap:  # and the variant is a different algorithm from the synchronous one, so the test can tell them apart
-        assert np.abs(z - dposg(bilinear_gradient, start(), mixing(), steps, lr, adam)).max() > 1e-6
+    if case["overlap"]:  # and the variant is a different algorithm from the synchronous one, so the test can tell them apart
+        assert np.abs(z - dposg(bilinear_gradient, start(), mixing, steps, lr, adam)).max() > 1e-6
 
 
-def test_decentralized_bilinear_game_reaches_the_average_games_equilibrium(tmp_path):
+def test_decentralized_bilinear_game_reaches_the_average_games_equilibrium(suite4):
     """Rank r only sees its rows of A: the local games have whole subspaces of equilibria, the average game only 0."""
     start_norm = np.linalg.norm(start()[0])
     results = {}
-    settings = {"t1": {"rounds": 1}, "t3": {"rounds": 3}, "t1_overlap": {"rounds": 1, "overlap": 1}, "local": {"rounds": 1, "mixing": 0}}
-    for name, opts in settings.items():
-        z = bilinear_run(tmp_path / name, optimizer="optimistic_sgd", lr=0.1, steps=600, per_batch=10, **opts)
+    for name in BILINEAR_CONVERGENCE:
+        z = bilinear_result(suite4 / f"bilinear_{name}")
         mean = z.mean(0)
         results[name] = (np.linalg.norm(mean) / start_norm, float(((z - mean) ** 2).sum(1).mean()))
     for name in ("t1", "t3", "t1_overlap"):
@@ -88,52 +87,47 @@ def test_decentralized_bilinear_game_reaches_the_average_games_equilibrium(tmp_p
     assert results["local"][0] > 0.3, results  # each worker stops on its own equilibrium subspace
 
 
-def test_one_dpgan_iteration_is_one_gossip_exchange_per_round(tmp_path):
+def test_one_dpgan_iteration_is_one_gossip_exchange_per_round(suite4):
     """G and D in one optimizer: per batch, t rounds × 2 ring neighbours messages, also in D-only iterations."""
-    lightning_script(
-        "lightning_worker.py", "grid", str(tmp_path), "steps=6", "rounds=3", "n_critic=2", "loss=wgan-gp", "ema=0.99",
-        "consensus_every=2",
-    )
+    out = suite4 / "messages"
     for r in range(N):
-        record = json.loads((tmp_path / f"messages_rank{r}.json").read_text())
+        record = json.loads((out / f"messages_rank{r}.json").read_text())
         assert record["per_batch"] == [3 * 2] * 6
-    with open(tmp_path / "log" / "version_0" / "metrics.csv") as f:
+    with open(out / "log" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"loss/d", "loss/g", "grad_norm/generator", "grad_norm/discriminator", "consensus/generator"} <= logged
     # n_critic=2: G is updated every other iteration (Lightning repeats the last value in the rows between)
     assert len({row["loss/g"] for row in rows if row["loss/g"]}) == 3
     assert len({row["loss/d"] for row in rows}) == 6
-    ema = replicas(tmp_path)[0]
+    ema = replicas(out)[0]
     assert any(k.startswith("generator_ema.") for k in ema)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "decentralized"])
-def test_every_rank_draws_its_own_noise(tmp_path, strategy):
+def test_every_rank_draws_its_own_noise(suite4, strategy):
     """seed_everything seeds every rank alike; if DPGAN kept that, DDP's all-reduced gradient would see one fake
     batch world_size times over instead of world_size different ones."""
-    lightning_script("lightning_worker.py", "grid", str(tmp_path), "steps=1", f"strategy={strategy}")
-    noise = [torch.load(tmp_path / f"noise_rank{r}.pt") for r in range(N)]
+    noise = [torch.load(suite4 / f"noise_{strategy}" / f"noise_rank{r}.pt", weights_only=True) for r in range(N)]
     for r in range(1, N):
         assert not torch.allclose(noise[0], noise[r]), r
 
 
-def test_dpgan_under_ddp_is_centralized_osg(tmp_path):
+def test_dpgan_under_ddp_is_centralized_osg(suite4):
     """strategy=ddp with the same optimizer: gradients averaged, so every replica stays identical (CPOSG)."""
-    lightning_script("lightning_worker.py", "grid", str(tmp_path), "steps=5", "strategy=ddp", "n_critic=2", "loss=wgan-gp")
-    states = replicas(tmp_path)
+    states = replicas(suite4 / "cposg")
     for r in range(1, N):
         for key, value in states[0].items():
             if value.is_floating_point():
                 torch.testing.assert_close(states[r][key], value, rtol=0, atol=1e-6)
 
 
-def test_grid25_smoke_run_covers_most_modes(tmp_path):
-    # Evaluated on the EMA generator (decay 0.99, a 100-step window): at 2500 iterations the live generator still
-    # swings between 17 and 25 modes from one evaluation to the next; its short average does not.
-    lightning_script("lightning_worker.py", "grid", str(tmp_path), "steps=2500", "batch_size=256", "ema=0.99", timeout=280)
-    states = replicas(tmp_path)
-    consensus = {k: sum(s[k] for s in states) / N for k in states[0] if k.startswith("generator_ema.")}
+def test_grid25_smoke_run_covers_most_modes(suite2):
+    """2000 DPOSG iterations on 2 workers. Evaluated on the EMA generator (decay 0.99, a 100-step window): the live
+    generator still swings from one evaluation to the next; its short average does not. With a 2-D latent the
+    untrained generator's samples sit near the origin, on one or two modes."""
+    states = replicas(suite2 / "smoke", 2)
+    consensus = {k: sum(s[k] for s in states) / 2 for k in states[0] if k.startswith("generator_ema.")}
     generator = MLPGenerator()
     generator.load_state_dict({k.removeprefix("generator_ema."): v for k, v in consensus.items()})
     torch.manual_seed(0)

@@ -12,14 +12,13 @@ import torch
 from lightning_dpgan.evaluation import GANEvaluation
 from lightning_dpgan.models import MLPGenerator
 
-from helpers import lightning_script
+from conftest import EVALUATE
 
-N, STEPS, SAMPLES, SEED = 4, 30, 400, 1234
+N, STEPS, SAMPLES, SEED = 4, EVALUATE["steps"], EVALUATE["samples"], 1234
 
 
-def run(out: Path, *opts: str) -> list[dict[str, torch.Tensor]]:
-    lightning_script("lightning_worker.py", "evaluate", str(out), f"steps={STEPS}", f"samples={SAMPLES}", *opts)
-    return [torch.load(out / f"end_rank{r}.pt", weights_only=False) for r in range(N)]
+def ends(out: Path, n: int = N) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(out / f"end_rank{r}.pt", weights_only=True) for r in range(n)]
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -47,30 +46,31 @@ def modes_and_quality(points: np.ndarray) -> tuple[int, float]:
     return len(set(distance.argmin(1)[near].tolist())), float(near.mean())
 
 
-def test_consensus_evaluation_scores_the_average_model_and_leaves_training_alone(tmp_path):
-    evaluated = run(tmp_path / "eval")
-    plain = run(tmp_path / "plain", "eval=0")
+def test_consensus_evaluation_scores_the_average_model_and_leaves_training_alone(suite4):
+    tmp_path = suite4
+    evaluated = ends(suite4 / "eval_consensus")
+    plain = ends(suite4 / "eval_plain")
     for r in range(N):  # parameters restored, training noise untouched: bit-identical replicas
         for key, value in plain[r].items():
             assert torch.equal(value, evaluated[r][key]), (r, key)
     average = {k: sum(s[k] for s in evaluated) / N for k in evaluated[0] if k.startswith("generator.")}
     g = generator_from(average)
     points = np.concatenate([samples(g, SAMPLES // N, r, STEPS) for r in range(N)])
-    table = rows(tmp_path / "eval" / "eval" / "evaluation.csv")
+    table = rows(tmp_path / "eval_consensus" / "eval" / "evaluation.csv")
     assert [int(row["step"]) for row in table] == [10, 20, 30]
     modes, quality = modes_and_quality(points)
     assert int(float(table[-1]["modes"])) == modes and float(table[-1]["high_quality"]) == pytest.approx(quality)
     assert float(table[-1]["consensus/generator"]) > 0
     for picture in ("samples_step0000010.png", "samples_step0000030.png", "consensus.png"):
-        assert (tmp_path / "eval" / "eval" / picture).stat().st_size > 1000
-    logged = rows(tmp_path / "eval" / "log" / "version_0" / "metrics.csv")
+        assert (tmp_path / "eval_consensus" / "eval" / picture).stat().st_size > 1000
+    logged = rows(tmp_path / "eval_consensus" / "log" / "version_0" / "metrics.csv")
     assert any(row.get("eval/modes") for row in logged)
 
 
-def test_local_evaluation_reports_mean_and_worst_replica(tmp_path):
-    replicas = run(tmp_path, "model=local", "mixing=0")
+def test_local_evaluation_reports_mean_and_worst_replica(suite4):
+    replicas = ends(suite4 / "eval_local")
     per_replica = [modes_and_quality(samples(generator_from(replicas[r]), SAMPLES, r, STEPS)) for r in range(N)]
-    last = rows(tmp_path / "eval" / "evaluation.csv")[-1]
+    last = rows(suite4 / "eval_local" / "eval" / "evaluation.csv")[-1]
     quality = [q for _, q in per_replica]
     assert float(last["high_quality_mean"]) == pytest.approx(np.mean(quality))
     assert float(last["high_quality_worst"]) == pytest.approx(min(quality))
@@ -92,16 +92,16 @@ def digit_features(images: torch.Tensor) -> np.ndarray:
         return load_classifier("digits").features(images).double().numpy()
 
 
-def test_image_evaluation_reports_the_fid_of_the_average_model(tmp_path):
+def test_image_evaluation_reports_the_fid_of_the_average_model(suite2):
     """2 ranks, DCGAN on digits: the logged FID at the end is the consensus EMA generator's, recomputed here from
     the replicas' weights, the evaluation's noise and the shipped extractor's features."""
     from lightning_dpgan.data import DigitsDataModule
     from lightning_dpgan.models import DCGANGenerator
 
-    lightning_script("lightning_worker.py", "evaluate", str(tmp_path), "dataset=digits", "devices=2", "steps=20", "samples=200")
-    table = rows(tmp_path / "eval" / "evaluation.csv")
+    out = suite2 / "eval_digits"
+    table = rows(out / "eval" / "evaluation.csv")
     assert [int(r["step"]) for r in table] == [10, 20]
-    replicas = [torch.load(tmp_path / f"end_rank{r}.pt", weights_only=False) for r in range(2)]
+    replicas = ends(out, 2)
     g = DCGANGenerator(8, channels=1, latent_dim=16, width=16)
     state = {k.removeprefix("generator_ema."): v for k, v in replicas[0].items() if k.startswith("generator_ema.")}
     for k, v in state.items():
@@ -118,7 +118,7 @@ def test_image_evaluation_reports_the_fid_of_the_average_model(tmp_path):
     expected = frechet_distance(digit_features(real), digit_features(fake))
     assert float(table[-1]["fid"]) == pytest.approx(expected, rel=1e-3)
     assert float(table[-1]["inception_score"]) >= 1.0  # exp of a KL divergence
-    assert (tmp_path / "eval" / "samples_step0000020.png").stat().st_size > 500
+    assert (out / "eval" / "samples_step0000020.png").stat().st_size > 500
 
 
 class RealDigits(torch.nn.Module):

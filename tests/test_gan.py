@@ -73,5 +73,5 @@ def test_mlp_generator_output_scale_multiplies_the_last_layer():
     noise = torch.randn(7, 5)
     torch.testing.assert_close(scaled(noise), 4.0 * plain(noise))
     for bad in (0, -1.0, "4", True):
-        with pytest.raises(ValueError, match=rf"output_scale must be a number > 0, got {bad!r}"):
+        with pytest.raises(ValueError, match=rf"output_scale must be a finite number > 0, got {bad!r}"):
             MLPGenerator(output_scale=bad)

@@ -1,4 +1,5 @@
-"""The gossip engine on real gloo process groups (torchrun), against a dense numpy W^t X reference."""
+"""The gossip engine against a dense numpy W^t X reference: on real gloo process groups (torchrun), and in one
+process with an in-process transport (the variants, stop agreement, step tags, timeouts)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_dpgan.gossip import GossipEngine, dense_mix, resolve_wire_dtype
+from lightning_dpgan.gossip import GossipOptions, GossipPeerError, StopReason, build_engine, dense_mix
+from lightning_dpgan.gossip.engine import PeerTimeout
+from lightning_dpgan.gossip.options import PEER_TIMEOUT_FLOOR_S, PEER_TIMEOUT_STEPS
 from lightning_dpgan.gossip.transport import schedule
 from lightning_dpgan.topology import build_topology, ring
 
+from fake_transport import run_ranks
 from helpers import torchrun
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
@@ -92,14 +96,21 @@ def cases_for(n: int) -> list[dict]:
     return cases
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4, 8])
-def gossip_run(request, tmp_path_factory):
+SIZES = (2, 3, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def gossip_runs(tmp_path_factory) -> Path:
+    """One launch of 8 processes; the cases of each world size n run on the first n ranks."""
+    out = tmp_path_factory.mktemp("gossip")
+    torchrun("gossip_worker.py", max(SIZES), str(out), json.dumps({n: cases_for(n) for n in SIZES}), timeout=300)
+    return out
+
+
+@pytest.fixture(params=SIZES)
+def gossip_run(request, gossip_runs):
     n = request.param
-    out = tmp_path_factory.mktemp(f"gossip{n}")
-    cases = cases_for(n)
-    torchrun("gossip_worker.py", n, str(out), json.dumps(cases), timeout=300)
-    results = [np.load(out / f"rank{r}.npz") for r in range(n)]
-    return n, cases, results
+    return n, cases_for(n), [np.load(gossip_runs / f"n{n}_rank{r}.npz") for r in range(n)]
 
 
 def reference(case: dict, index: int, n: int) -> list[np.ndarray]:
@@ -182,21 +193,25 @@ def test_ring8_contraction_matches_rho_squared(gossip_run):
         assert all(np.diff(distances) < 0)
 
 
+def engine(name: str, n: int = 4, rank: int = 0, **options) -> object:
+    return build_engine(build_topology(name, n), rank, GossipOptions(**options), transport=object())
+
+
 def test_world_size_one_is_noop():
-    engine = GossipEngine(ring(1), 0)
+    one = engine("ring", 1, rounds=3)
     x = torch.randn(5)
     before = x.clone()
-    engine.mix([x], rounds=3)
+    one.step([x])
     assert torch.equal(x, before)
-    assert engine.messages_sent == 0
+    assert one.messages_sent == 0
 
 
 @pytest.mark.parametrize(("name", "expected"), [("one_peer_exponential", "tensors"), ("ring", "flat")])
 def test_one_round_mix_lerps_into_the_tensors_only_with_one_in_neighbour(name, expected):
     """The one-peer cases above cover the lerp straight into the tensors only while this holds."""
-    engine = GossipEngine(build_topology(name, 4), 0)
-    assert engine._last_round_into(rounds=1, keep_changes=False) == expected
-    assert engine._last_round_into(rounds=2, keep_changes=False) == "flat"
+    e = engine(name)
+    assert e._last_round_into(rounds=1, keep_changes=False) == expected
+    assert e._last_round_into(rounds=2, keep_changes=False) == "flat"
 
 
 def test_schedule_posts_every_receive_before_any_send():
@@ -214,25 +229,157 @@ def test_dense_reference_matches_matrix_power():
     np.testing.assert_allclose(dense_mix(x, topo, 3), np.linalg.matrix_power(topo.matrix(), 3) @ x)
 
 
-@pytest.mark.parametrize("bad", ["int8", "fp8", "half-ish"])
-def test_bad_wire_dtype(bad):
-    with pytest.raises(ValueError, match=f"unknown wire_dtype '{bad}'; allowed: fp32"):
-        resolve_wire_dtype(bad)
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"rounds": 0}, r"gossip rounds \(t\) must be an integer >= 1, got 0"),
+        ({"rounds": 1.5}, r"gossip rounds \(t\) must be an integer >= 1, got 1.5"),
+        ({"wire_dtype": "int8"}, r"unknown wire_dtype 'int8'; allowed: fp32"),
+        ({"chunk_bytes": 0}, r"chunk_bytes \(bytes per gossip message chunk; None sends whole messages\) must be an integer >= 1, got 0"),
+        ({"chunk_bytes": True}, r"chunk_bytes .* must be an integer >= 1, got True"),
+        ({"overlap": "yes"}, r"overlap must be True or False, got 'yes'"),
+        ({"peer_timeout": 0}, r"peer_timeout \(seconds; None follows the run\) must be a finite number > 0, got 0"),
+        ({"startup_timeout": float("inf")}, r"startup_timeout \(seconds\) must be a finite number > 0, got inf"),
+    ],
+)
+def test_bad_gossip_options_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GossipOptions(**kwargs)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
-def test_bad_chunk_bytes(bad):
-    with pytest.raises(ValueError, match=rf"chunk_bytes must be a positive integer .* or None \(unchunked\), got {re.escape(repr(bad))}"):
-        GossipEngine(ring(2), 0, chunk_bytes=bad)
+def test_gossip_options_from_a_mapping_refuse_unknown_keys():
+    assert GossipOptions.build({"rounds": 3}) == GossipOptions(rounds=3)
+    with pytest.raises(ValueError, match="unknown gossip option.s. round; allowed: chunk_bytes"):
+        GossipOptions.build({"round": 3})
 
 
 def test_same_tensor_twice_is_refused():
     # a one-round mix combines into the tensors in place: a tensor listed twice would be combined twice
     t = torch.zeros(3)
     with pytest.raises(ValueError, match="a tensor appears more than once in the list to mix"):
-        GossipEngine(ring(2), 0).mix([t, torch.ones(2), t])
+        engine("ring", 2).mix([t, torch.ones(2), t])
 
 
 def test_integer_tensors_are_refused():
     with pytest.raises(ValueError, match="gossip averages floating-point tensors only, got one of dtype torch.int64"):
-        GossipEngine(ring(2), 0).mix([torch.zeros(3), torch.zeros(2, dtype=torch.int64)])
+        engine("ring", 2).mix([torch.zeros(3), torch.zeros(2, dtype=torch.int64)])
+
+
+# ---------------------------------------------------------------------- one process, an in-process transport
+@pytest.mark.parametrize(
+    "name,n,rounds,wire,overlap",
+    [
+        ("ring", 4, 1, None, False), ("ring", 5, 3, None, False), ("one_peer_exponential", 8, 1, None, False),
+        ("complete", 4, 2, None, False), ("torus", 6, 2, None, False), ("exponential", 6, 1, "bf16", False),
+        ("ring", 5, 1, None, True), ("one_peer_exponential", 4, 2, None, True),
+    ],
+)
+def test_engine_variants_in_one_process_equal_the_dense_reference(name, n, rounds, wire, overlap):
+    """Three steps of each variant (synchronous, or overlapped and then flushed) against ``(W^t)^3 X``; the bf16 wire
+    against the same product with every message rounded to bf16 (the worker's own term kept in full)."""
+    from reference import bf16, narrow_wire_mix
+
+    topo = build_topology(name, n)
+    x0 = np.random.default_rng(3).standard_normal((n, 9))
+
+    def body(rank, transport):
+        e = build_engine(topo, rank, GossipOptions(rounds=rounds, wire_dtype=wire, overlap=overlap), transport)
+        x = torch.tensor(x0[rank])
+        for _ in range(3):
+            e.step([x])
+        e.flush()
+        return x.numpy()
+
+    got = np.stack(run_ranks(n, body))
+    mats = [topo.matrix(p) for p in range(3 * rounds)]
+    if wire == "bf16":
+        expected = narrow_wire_mix(mats, bf16)(x0.astype(np.float32).astype(np.float64))
+    else:
+        expected = x0
+        for k in range(3):
+            expected = dense_mix(expected, topo, rounds, phase=k * rounds)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 if wire is None else 1e-6)
+    assert np.abs(got - x0).max() > 1e-3  # something was mixed
+
+
+@pytest.mark.parametrize(
+    "name,n,options",
+    [
+        ("ring", 8, {}), ("ring", 8, {"rounds": 3}), ("one_peer_exponential", 8, {}), ("star", 7, {"overlap": True}),
+        ("complete", 4, {}), ("ring", 8, {"overlap": True}), ("ring", 8, {"mixing": False}),
+    ],
+)
+def test_a_stop_announced_anywhere_is_taken_by_every_rank_after_the_same_step(name, n, options):
+    """Ranks 3 and 6 announce stops after 5 and 7 steps; news travels only with the gossip messages, yet every rank
+    stops after the same step: the earlier announcement's, which is its step plus the engine's horizon."""
+    topo = build_topology(name, n)
+    announcers = {3: 5, 6 % n: 7}
+
+    def body(rank, transport):
+        e = build_engine(topo, rank, GossipOptions(**options), transport)
+        x = torch.zeros(4)
+        while e.due_stop() is None:
+            if announcers.get(rank) == e.steps:
+                e.announce_stop(StopReason.SIGNAL)
+            e.step([x])
+            assert e.steps < 100
+        return e.steps, e.due_stop(), e.stop_horizon
+
+    results = run_ranks(n, body)
+    steps, stops, horizons = zip(*results)
+    assert len(set(steps)) == 1 and len(set(stops)) == 1, results
+    # announced after 5 steps, so during the 6th; taken the horizon later
+    assert stops[0].origin_rank == 3 and stops[0].origin_step == 6 and steps[0] == 5 + horizons[0]
+
+
+def test_a_message_of_another_step_is_refused_naming_its_sender():
+    """Rank 2 has counted one step more than the others: its neighbours refuse its message instead of mixing it."""
+    topo = ring(4)
+
+    def body(rank, transport):
+        e = build_engine(topo, rank, GossipOptions(peer_timeout=5), transport)
+        if rank == 2:
+            e.steps += 1
+        try:
+            e.step([torch.zeros(3)])
+        except GossipPeerError as err:
+            return str(err)
+        return None
+
+    errors = run_ranks(4, body)
+    for rank in (1, 3):
+        assert f"rank {rank}: rank 2 sent the message of its gossip step 2 while this rank mixes step 1" in errors[rank]
+
+
+def test_a_silent_neighbour_is_named_after_the_peer_timeout():
+    import time
+
+    topo = ring(4)
+
+    def body(rank, transport):
+        if rank == 1:
+            return None  # never sends
+        e = build_engine(topo, rank, GossipOptions(peer_timeout=0.5), transport)
+        start = time.monotonic()
+        try:
+            e.step([torch.zeros(3)])
+        except GossipPeerError as err:
+            return str(err), time.monotonic() - start
+        return None
+
+    results = run_ranks(4, body)
+    for rank in (0, 2):  # rank 1's neighbours; rank 3 hears from its own (0 and 2) and finishes
+        message, waited = results[rank]
+        assert "with rank 1 failed" in message and 0.4 < waited < 5, results[rank]
+    assert results[3] is None
+
+
+def test_the_automatic_peer_timeout_follows_the_step_time():
+    fixed = PeerTimeout(fixed=7.0, startup=900.0)
+    assert fixed.seconds() == 7.0
+    auto = PeerTimeout(fixed=None, startup=900.0)
+    assert auto.seconds() == 900.0  # no steps measured yet: the start-up timeout
+    auto._durations.extend([0.01] * 10)
+    assert auto.seconds() == PEER_TIMEOUT_FLOOR_S  # fast steps: the floor
+    auto._durations.extend([2.0] * 30)
+    assert auto.seconds() == PEER_TIMEOUT_STEPS * 2.0  # slow steps: a multiple of the median

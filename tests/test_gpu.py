@@ -61,8 +61,8 @@ def test_nccl_gossip_equals_dense_reference(tmp_path, monkeypatch):
     # a bf16 wire: packed and combined by addmv (ring), or cast from the tensors and lerped into them (one-peer)
     cases += [{"topology": name, "rounds": 1, "wire_dtype": "bf16"} for name in ("ring", "one_peer_exponential")]
     monkeypatch.setenv("GOSSIP_BACKEND", "nccl")
-    torchrun("gossip_worker.py", n, str(tmp_path), json.dumps(cases), timeout=300)
-    results = [np.load(tmp_path / f"rank{r}.npz") for r in range(n)]
+    torchrun("gossip_worker.py", n, str(tmp_path), json.dumps({n: cases}), timeout=300)
+    results = [np.load(tmp_path / f"n{n}_rank{r}.npz") for r in range(n)]
     for index, case in enumerate(cases):
         for k, expected in enumerate(reference(case, index, n)):
             got = np.stack([results[r][f"{index}/{k}"].astype(np.float64).ravel() for r in range(n)])

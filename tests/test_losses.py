@@ -89,5 +89,5 @@ def test_r1_adds_gamma_w_to_a_linear_discriminators_step(tmp_path):
 
 @pytest.mark.parametrize("value", [-1.0, "1", True])
 def test_bad_r1_is_named(value):
-    with pytest.raises(ValueError, match=r"r1 must be a number >= 0, got "):
+    with pytest.raises(ValueError, match=r"r1 must be a finite number >= 0, got "):
         build_loss("ns", r1=value)

@@ -145,9 +145,10 @@ def test_bilinear_game_gda_diverges_optimism_converges():
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda p: OptimisticSGD(p, lr=-1), r"lr must be a number >= 0.0, got -1"),
-        (lambda p: OptimisticAdam(p, betas=(1.0, 0.9)), r"betas\[0\] must be a number in \[0.0, 1.0\), got 1.0"),
-        (lambda p: OptimisticAdam(p, eps="x"), r"eps must be a number >= 0.0, got 'x'"),
+        (lambda p: OptimisticSGD(p, lr=-1), r"lr must be a finite number >= 0, got -1"),
+        (lambda p: OptimisticSGD(p, lr=float("nan")), r"lr must be a finite number >= 0, got nan"),
+        (lambda p: OptimisticAdam(p, betas=(1.0, 0.9)), r"betas\[0\] must be a finite number in \[0, 1\), got 1.0"),
+        (lambda p: OptimisticAdam(p, eps="x"), r"eps must be a finite number >= 0, got 'x'"),
     ],
 )
 def test_bad_hyperparameters_are_named(make, message):

@@ -62,6 +62,7 @@ def test_two_nodes_by_torchrun_through_the_recipe(tmp_path):
     for agent, (out, err) in zip(agents, outputs):
         assert agent.returncode == 0, err[-3000:]
     assert "fit done" in outputs[0][0] and "on 4 processes (one_peer_exponential" in outputs[0][0]
-    assert sorted(p.name for p in (run_dir / "checkpoints" / "last.ckpt.replicas").iterdir()) == [f"rank{r}.pt" for r in range(4)]
+    (replica_set,) = (run_dir / "checkpoints" / "last.ckpt.replicas").iterdir()
+    assert sorted(p.name for p in replica_set.iterdir()) == [f"rank{r}.pt" for r in range(4)]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["trainer"]["num_nodes"] == 2 and config["trainer"]["devices"] == 2

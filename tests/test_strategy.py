@@ -15,19 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_dpgan import DecentralizedStrategy, TopologyError
+from lightning_dpgan import DecentralizedStrategy, GossipOptions, TopologyError
 from lightning_dpgan.examples.alternating_gan import AlternatingGAN
 from lightning_dpgan.topology import ring
 
-from helpers import WORKERS, free_port, lightning_script, run, worker_env
+from helpers import WORKERS, free_port, group_alive, lightning_script, run, worker_env
 from reference import bf16, dposg, narrow_wire_mix
 
 sys.path.insert(0, str(WORKERS))
 from lightning_worker import quadratic_targets  # noqa: E402
 
 
-def load(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=False)
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
 
 
 def replicas(out: Path, n: int, when: str = "end") -> list[dict[str, torch.Tensor]]:
@@ -38,10 +38,14 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
 
 
-def test_complete_topology_with_sgd_equals_ddp(tmp_path):
-    lightning_script("lightning_worker.py", "sgd", str(tmp_path / "gossip"), "strategy=complete")
-    lightning_script("lightning_worker.py", "sgd", str(tmp_path / "ddp"), "strategy=ddp")
-    gossip, ddp = replicas(tmp_path / "gossip", 4), replicas(tmp_path / "ddp", 4)
+def replica_files(ckpt: Path) -> list[Path]:
+    """The replica files of the set a main checkpoint file commits."""
+    (folder,) = Path(f"{ckpt}.replicas").iterdir()
+    return sorted(folder.glob("rank*.pt"))
+
+
+def test_complete_topology_with_sgd_equals_ddp(suite4):
+    gossip, ddp = replicas(suite4 / "sgd_complete", 4), replicas(suite4 / "sgd_ddp", 4)
     for r in range(4):
         assert max_diff(gossip[r], ddp[r]) < 1e-5
     from lightning_worker import Classifier
@@ -51,11 +55,9 @@ def test_complete_topology_with_sgd_equals_ddp(tmp_path):
     assert max_diff(initial, ddp[0]) > 1e-2  # 20 steps did move the weights, so equality is not trivial
 
 
-def test_two_optimizer_gan_consensus_with_and_without_gossip(tmp_path):
-    lightning_script("lightning_worker.py", "gan", str(tmp_path / "mix"), "mixing=1")
-    lightning_script("lightning_worker.py", "gan", str(tmp_path / "local"), "mixing=0")
-    mixed = json.loads((tmp_path / "mix" / "consensus.json").read_text())
-    local = json.loads((tmp_path / "local" / "consensus.json").read_text())
+def test_two_optimizer_gan_consensus_with_and_without_gossip(suite4):
+    mixed = json.loads((suite4 / "gan_mix" / "consensus.json").read_text())
+    local = json.loads((suite4 / "gan_local" / "consensus.json").read_text())
     assert len(mixed) == len(local) == 12  # 60 batches, every 5 steps of each optimizer
     for entry in mixed:
         assert set(entry) == {"generator", "discriminator"}
@@ -63,10 +65,10 @@ def test_two_optimizer_gan_consensus_with_and_without_gossip(tmp_path):
     for name in ("generator", "discriminator"):
         assert local[-1][name] > 10 * local[0][name]  # replicas drift apart without mixing
         assert local[-1][name] > 100 * mixed[-1][name]
-    # buffers are allocated once and reused: per optimizer at most one plan to mix and one to measure consensus
-    # (G's differ because G's mix includes its BatchNorm buffers). Fresh plans per step would fill the cache (8).
-    assert json.loads((tmp_path / "mix" / "buffers.json").read_text())["plans"] == 3
-    header = (tmp_path / "mix" / "log" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    # buffers are allocated once and reused: per optimizer one plan to mix and one to measure consensus. Fresh
+    # plans per step would fill the cache (8).
+    assert json.loads((suite4 / "gan_mix" / "buffers.json").read_text())["plans"] == 4
+    header = (suite4 / "gan_mix" / "log" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "consensus/generator" in header and "consensus/discriminator" in header
 
 
@@ -75,27 +77,20 @@ def batches_seen(out: Path, rank: int) -> list[list[float]]:
 
 
 @pytest.mark.parametrize(
-    ("overlap", "interruptions"),
-    [(0, ["epochs=1"]), (1, ["epochs=1"]), (1, ["every=4", "stop=20", "stop=24"])],
-    ids=["synchronous", "overlap", "overlap-twice-mid-epoch"],
+    ("full", "part", "last"),
+    [
+        ("resume_sync/full", "resume_sync/part", "epoch=0-step=14.ckpt"),
+        ("resume_overlap/full", "resume_overlap/end", "epoch=1-step=28.ckpt"),
+        ("resume_overlap/full", "resume_overlap/mid", "epoch=1-step=24.ckpt"),
+    ],
+    ids=["synchronous-at-an-epoch-end", "overlap-at-an-epoch-end", "overlap-twice-mid-epoch"],
 )
-def test_resume_reproduces_uninterrupted_run_on_every_rank(tmp_path, overlap, interruptions):
-    # With overlap=1 each optimizer's mix (G's with its BatchNorm buffers) is in flight when a checkpoint is taken; a
-    # checkpoint lands it early, so the uninterrupted run takes the same checkpoints. An epoch is 7 batches of 2
-    # optimizer steps (14 steps): steps 20 and 24 are batches 3 and 5 of the second epoch, where the data must go on
-    # in the second epoch's order rather than restart that epoch.
-    every = [arg for arg in interruptions if arg.startswith("every=")]
-    stops = [arg for arg in interruptions if arg not in every]
-    full, part = tmp_path / "full", tmp_path / "part"
-    common = ["epochs=3", f"overlap={overlap}", *every]
-    lightning_script("lightning_worker.py", "resume", str(full), *common)
-    ckpt = None
-    for stop in stops:
-        resume = [f"ckpt={ckpt}"] if ckpt else []
-        lightning_script("lightning_worker.py", "resume", str(part), *common, stop, *resume)
-        step = int(stop.split("=")[1]) if stop.startswith("stop=") else 14
-        ckpt = part / "ckpt" / f"epoch={(step - 1) // 14}-step={step}.ckpt"
-    lightning_script("lightning_worker.py", "resume", str(part), *common, f"ckpt={ckpt}")
+def test_resume_reproduces_uninterrupted_run_on_every_rank(suite4, full, part, last):
+    """An epoch is 7 batches of 2 optimizer steps (14 steps). With overlap each optimizer's mix (G's with its
+    BatchNorm buffers) is in flight when a checkpoint is taken; a checkpoint lands it early, so the uninterrupted
+    run takes the same checkpoints (every 4 steps). Steps 20 and 24 are batches 3 and 5 of the second epoch, where
+    the data must go on in the second epoch's order rather than restart that epoch."""
+    full, part = suite4 / full, suite4 / part
     uninterrupted, resumed = replicas(full, 4), replicas(part, 4)
     for r in range(4):
         assert batches_seen(part, r) == batches_seen(full, r), r
@@ -106,9 +101,11 @@ def test_resume_reproduces_uninterrupted_run_on_every_rank(tmp_path, overlap, in
     assert checksums[:7] != checksums[7:14]  # each epoch has its own order, so the resumed epoch's order was checked
     assert max_diff(uninterrupted[0], uninterrupted[1]) > 1e-4  # replicas are distinct, so shards mattered
 
-    # the main file holds the consensus model: the average of the replicas in the shards
+    # the main file holds the consensus model: the average of the replicas of its set
+    ckpt = part / "ckpt" / last
     main = load(ckpt)
-    shards = [load(Path(f"{ckpt}.replicas") / f"rank{r}.pt") for r in range(4)]
+    shards = [load(path) for path in replica_files(ckpt)]
+    assert [s["rank"] for s in shards] == [0, 1, 2, 3] and {s["token"] for s in shards} == {main["decentralized"]["token"]}
     for key, value in main["state_dict"].items():
         if value.is_floating_point():
             mean = sum(s["state_dict"][key].double() for s in shards) / 4
@@ -117,14 +114,10 @@ def test_resume_reproduces_uninterrupted_run_on_every_rank(tmp_path, overlap, in
     assert torch.equal(model.generator.net[0].weight, main["state_dict"]["generator.net.0.weight"])
 
 
-def test_resume_at_another_world_size_starts_from_consensus(tmp_path):
-    first = tmp_path / "four"
-    lightning_script("lightning_worker.py", "resume", str(first), "epochs=1")
-    ckpt = first / "ckpt" / "last.ckpt"
-    out = tmp_path / "two"
-    proc = lightning_script("lightning_worker.py", "resume", str(out), "epochs=2", "devices=2", f"ckpt={ckpt}", "save=start")
-    assert "written by 4 workers and this run has 2" in proc.stderr + proc.stdout
-    consensus = load(ckpt)["state_dict"]
+def test_resume_at_another_world_size_starts_from_consensus(suite4, suite2):
+    out = suite2 / "resume_two"
+    assert "written by 4 workers and this run has 2" in (out / "warnings_rank0.txt").read_text()
+    consensus = load(suite4 / "resume_sync" / "full" / "ckpt" / "last.ckpt")["state_dict"]
     for replica in replicas(out, 2, "start"):
         assert max_diff(replica, consensus) == 0.0
 
@@ -142,7 +135,8 @@ def test_sigterm_to_rank_zero_stops_every_rank_at_the_same_step(tmp_path, strate
     """Rank 0 is signalled at step 5 while the others wait for it in a gossip exchange (or DDP's all-reduce).
 
     With Lightning's own handler the decentralized run hangs (its broadcast waits for ranks that cannot run
-    their handlers) and the DDP run fails on mismatched collectives; see ``lightning_dpgan/signals.py``.
+    their handlers) and the DDP run fails on mismatched collectives; see ``lightning_dpgan/signals.py``. The
+    decentralized ranks agree on a stop step through their gossip, a few steps on; DDP's stop after step 5.
     """
     cmd = [sys.executable, str(WORKERS / "lightning_worker.py"), "sigterm", str(tmp_path), f"strategy={strategy}",
            "devices=3", "timeout=600"]
@@ -155,51 +149,56 @@ def test_sigterm_to_rank_zero_stops_every_rank_at_the_same_step(tmp_path, strate
         _, stderr = proc.communicate()
         pytest.fail(f"the run was still going 180 s after the SIGTERM at step 5\n{stderr[-3000:]}")
     deadline = time.monotonic() + 60
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _group_alive(proc.pid), "rank 0 exited, but some of the ranks it launched are still running"
+    assert not group_alive(proc.pid), "rank 0 exited, but some of the ranks it launched are still running"
     assert proc.returncode == 0, stderr[-3000:]  # Lightning's SIGTERMException is a SystemExit
     stopped = [json.loads((tmp_path / f"stopped_rank{r}.json").read_text()) for r in range(3)]
-    assert stopped == [{"step": 5 + 1, "exception": "SIGTERMException"}] * 3  # every rank finished step 5, then stopped
+    assert all(s["exception"] == "SIGTERMException" for s in stopped)
+    steps = {s["step"] for s in stopped}
+    assert len(steps) == 1, stopped  # every rank finished the same step, then stopped
+    assert steps == {5 + 1} if strategy == "ddp" else 5 < steps.pop() <= 5 + 4, stopped
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def test_automatic_optimization_clipping_bf16_sampler_and_callbacks(tmp_path):
-    lightning_script("lightning_worker.py", "features", str(tmp_path))
-    seen = [set(json.loads((tmp_path / f"seen_rank{r}.json").read_text())) for r in range(4)]
+def test_automatic_optimization_clipping_bf16_sampler_and_callbacks(suite4):
+    out = suite4 / "features"
+    seen = [set(json.loads((out / f"seen_rank{r}.json").read_text())) for r in range(4)]
     assert set.union(*seen) == set(range(1797))  # DistributedSampler: every sample, each rank its shard
     overlap = sum(len(a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
     assert overlap <= 3  # only the padding that makes 1797 divisible by 4
-    best = Path(json.loads((tmp_path / "best.json").read_text())["best"])
-    ckpts = sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt"))
-    assert best.name in ckpts and len(ckpts) == 2  # save_top_k=2 removed the others, with their shards
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.replicas")) == [c + ".replicas" for c in ckpts]
-    ends = replicas(tmp_path, 4)
+    best = Path(json.loads((out / "best.json").read_text())["best"])
+    ckpts = sorted(p.name for p in (out / "ckpt").glob("*.ckpt"))
+    assert best.name in ckpts and len(ckpts) == 2  # save_top_k=2 removed the others, with their replicas
+    assert sorted(p.name for p in (out / "ckpt").glob("*.replicas")) == [c + ".replicas" for c in ckpts]
+    for ckpt in ckpts:
+        assert len(replica_files(out / "ckpt" / ckpt)) == 4  # one set each: older sets of a file are gone
+    ends = replicas(out, 4)
     assert max_diff(ends[0], ends[3]) > 0  # replicas stay distinct: no DDP all-reduce
-    metrics = (tmp_path / "log" / "version_0" / "metrics.csv").read_text()
+    metrics = (out / "log" / "version_0" / "metrics.csv").read_text()
     assert "consensus/body" in metrics and "val_loss" in metrics
 
 
-@pytest.mark.parametrize("wire", ["fp32", "bf16"])
-def test_anchored_optimizer_mixes_anchors_then_extrapolates_under_spawn(tmp_path, wire):
-    """DPOSG through the strategy against numpy; with a bf16 wire every message is rounded to bf16 (the
-    reference rounds by hand) while each worker keeps its own term in full precision."""
-    lightning_script("lightning_worker.py", "anchored", str(tmp_path), "rounds=2", "start_method=spawn", f"wire_dtype={wire}")
+def anchored_reference(wire: str) -> np.ndarray:
     c = quadratic_targets(4, 6)
     w = ring(4).matrix()
-    exact = dposg(lambda z: z - c, np.zeros((4, 6)), np.linalg.matrix_power(w, 2), 5, 0.3)
-    expected = exact if wire == "fp32" else dposg(lambda z: z - c, np.zeros((4, 6)), narrow_wire_mix([w, w], bf16), 5, 0.3)
-    got = np.stack([replica["z"].numpy() for replica in replicas(tmp_path, 4)])
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
     if wire == "bf16":
-        assert np.abs(got - exact).max() > 1e-4  # the wire's rounding is visible: the test tells the wires apart
+        return dposg(lambda z: z - c, np.zeros((4, 6)), narrow_wire_mix([w, w], bf16), 5, 0.3)
+    return dposg(lambda z: z - c, np.zeros((4, 6)), np.linalg.matrix_power(w, 2), 5, 0.3)
+
+
+def test_anchored_optimizer_mixes_anchors_then_extrapolates_under_spawn(tmp_path):
+    """DPOSG through the strategy's anchor hook against numpy, workers started by Lightning's spawn launcher."""
+    lightning_script("lightning_worker.py", "anchored", str(tmp_path), "rounds=2", "start_method=spawn")
+    got = np.stack([replica["z"].numpy() for replica in replicas(tmp_path, 4)])
+    np.testing.assert_allclose(got, anchored_reference("fp32"), rtol=0, atol=1e-12)
+
+
+def test_a_bf16_wire_rounds_every_message_and_keeps_the_own_term(suite4):
+    """The same with a bf16 wire: every message is rounded to bf16 (the reference rounds by hand) while each worker
+    keeps its own term in full precision."""
+    got = np.stack([replica["z"].numpy() for replica in replicas(suite4 / "anchored_bf16", 4)])
+    np.testing.assert_allclose(got, anchored_reference("bf16"), rtol=0, atol=1e-12)
+    assert np.abs(got - anchored_reference("fp32")).max() > 1e-4  # the wire's rounding is visible: the wires differ
 
 
 def test_two_nodes_by_torchrun(tmp_path):
@@ -236,13 +235,12 @@ def test_two_nodes_by_torchrun(tmp_path):
     "kwargs,error,message",
     [
         ({"topology": "ringg"}, TopologyError, r"unknown topology 'ringg'; allowed: ring, torus"),
-        ({"gossip_rounds": 0}, TopologyError, r"gossip_rounds must be an integer >= 1, got 0"),
-        ({"gossip_rounds": 1.5}, TopologyError, r"gossip_rounds must be an integer >= 1, got 1.5"),
-        ({"wire_dtype": "int8"}, ValueError, r"unknown wire_dtype 'int8'; allowed: fp32"),
-        ({"consensus_every": -1}, ValueError, r"consensus_every must be an integer >= 0"),
-        ({"timeout": 0}, ValueError, r"timeout must be a positive number of seconds, got 0"),
-        ({"overlap": "yes"}, ValueError, r"overlap must be True or False, got 'yes'"),
-        ({"chunk_bytes": 0}, ValueError, r"chunk_bytes must be a positive integer .* or None \(unchunked\), got 0"),
+        ({"gossip": {"rounds": 0}}, ValueError, r"gossip rounds \(t\) must be an integer >= 1, got 0"),
+        ({"gossip": {"wire_dtype": "int8"}}, ValueError, r"unknown wire_dtype 'int8'; allowed: fp32"),
+        ({"gossip": {"round": 3}}, ValueError, r"unknown gossip option\(s\) round; allowed: chunk_bytes"),
+        ({"gossip": 3}, ValueError, r"gossip must be a GossipOptions, a dict of its fields, or None, got 3"),
+        ({"consensus_every": -1}, ValueError, r"consensus_every must be an integer >= 0, got -1"),
+        ({"mix_buffers": "yes"}, ValueError, r"mix_buffers must be True or False, got 'yes'"),
     ],
 )
 def test_bad_strategy_arguments(kwargs, error, message):
@@ -286,6 +284,6 @@ def test_one_process_fit_equals_plain_trainer(tmp_path):
         trainer.fit(model, DataLoader(digits(), batch_size=32, shuffle=True))
         return model.state_dict()
 
-    plain, decentralized = fit("auto"), fit(DecentralizedStrategy("ring", gossip_rounds=3))
+    plain, decentralized = fit("auto"), fit(DecentralizedStrategy("ring", gossip=GossipOptions(rounds=3)))
     for key, value in plain.items():
         assert torch.equal(value, decentralized[key]), key

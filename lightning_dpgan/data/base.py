@@ -9,13 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
+from lightning_dpgan.checks import check_int
 from lightning_dpgan.data.resumable import ResumableDataLoader
 from lightning_dpgan.data.sharding import SHARDS, ShardSampler
-
-
-def check_positive_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 class Batch(tuple):
@@ -58,9 +54,9 @@ class ShardedDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 64, shard: str = "iid", val_size: int = 0, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("val_size", val_size, 0)
-        check_positive_int("num_workers", num_workers, 0)
+        check_int("batch_size", batch_size, 1)
+        check_int("val_size", val_size, 0)
+        check_int("num_workers", num_workers, 0)
         if shard not in SHARDS:
             raise ValueError(f"unknown shard {shard!r}; allowed: {', '.join(SHARDS)}")
         self.batch_size, self.shard, self.val_size, self.num_workers, self.seed = batch_size, shard, val_size, num_workers, seed

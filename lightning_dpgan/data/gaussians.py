@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lightning_dpgan.data.base import InMemoryDataset, ShardedDataModule, check_positive_int
+from lightning_dpgan.checks import check_int
+from lightning_dpgan.data.base import InMemoryDataset, ShardedDataModule
 
 MIXTURES = ("ring", "grid")
 
@@ -44,7 +45,7 @@ class GaussianMixtureDataModule(ShardedDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, shard=shard, seed=seed, **kwargs)
         self.modes, self.sigma = mixture_modes(mixture)  # validates the name
-        check_positive_int("num_samples", num_samples)
+        check_int("num_samples", num_samples, 1)
         self.mixture, self.num_samples = mixture, num_samples
         self.name = mixture
 

@@ -1,27 +1,45 @@
 """The gossip wire: mix tensors across workers with ``W^t``.
 
-``buffers`` packs tensors into reusable flat buffers, ``transport`` moves them to and from the neighbours,
-``combine`` forms each round's weighted sum, ``engine`` puts the three together as :class:`GossipEngine`, and
-``reference`` is the dense numpy product the tests compare with.
+``options`` holds every setting (:class:`GossipOptions`), ``buffers`` packs tensors into reusable messages,
+``control`` is the header each message carries (its step, and the stop its sender knows of), ``transport`` moves
+messages to and from the neighbours, ``combine`` forms each round's weighted sum, ``engine`` puts them together as
+the engine variants, and ``reference`` is the dense numpy product the tests compare with.
 """
 
-from lightning_dpgan.gossip.engine import GossipEngine, PendingMix
+from lightning_dpgan.gossip.control import Stop, StopReason
+from lightning_dpgan.gossip.engine import (
+    GossipEngine,
+    NoGossip,
+    OverlappedGossip,
+    PendingMix,
+    SynchronousGossip,
+    build_engine,
+)
+from lightning_dpgan.gossip.options import DEFAULT_CHUNK_BYTES, GossipOptions
 from lightning_dpgan.gossip.reference import dense_mix
 from lightning_dpgan.gossip.transport import (
-    DEFAULT_CHUNK_BYTES,
     WIRE_DTYPES,
+    DistributedTransport,
     GossipPeerError,
-    check_chunk_bytes,
+    Transport,
     resolve_wire_dtype,
 )
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "WIRE_DTYPES",
+    "DistributedTransport",
     "GossipEngine",
+    "GossipOptions",
     "GossipPeerError",
+    "NoGossip",
+    "OverlappedGossip",
     "PendingMix",
-    "check_chunk_bytes",
+    "Stop",
+    "StopReason",
+    "SynchronousGossip",
+    "Transport",
+    "build_engine",
     "dense_mix",
     "resolve_wire_dtype",
 ]

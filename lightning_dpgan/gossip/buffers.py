@@ -1,8 +1,10 @@
-"""Flat buffers for the tensors a mix moves, allocated once per list of tensors and reused on every step.
+"""Flat buffers and messages for the tensors a mix moves, allocated once per list of tensors and reused every step.
 
 A mix sends one message per neighbour for a whole model, not one per tensor: the tensors are packed into one flat
-buffer per (device, dtype), a *bucket*. The buffers (flat, received rows, wire-dtype copy, snapshot) are kept with
-the bucket, so repeated mixes of the same tensors (parameters, optimizer anchors) allocate nothing.
+buffer per (device, dtype), a *bucket*. A message is bytes, a header (:mod:`.control`) then the payload; when the
+wire carries the tensors' own dtype the flat buffer *is* the payload of the bucket's message, so packing is the
+only copy before sending. Buffers are kept with the bucket, so repeated mixes of the same tensors (parameters,
+optimizer anchors) allocate nothing.
 """
 
 from __future__ import annotations
@@ -13,18 +15,34 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_dpgan.gossip.control import HEADER_BYTES
+
 # Distinct tensor lists mixed in turn (one per optimizer, plus consensus measurements) stay well under this.
 _MAX_CACHED_PLANS = 8
 
 
+def message_bytes(numel: int, dtype: torch.dtype) -> int:
+    """A message's size: the header, then ``numel`` elements padded to 8 bytes (so rows of messages stay aligned)."""
+    payload = numel * torch.empty((), dtype=dtype).element_size()
+    return HEADER_BYTES + -(-payload // 8) * 8
+
+
+def payload(messages: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
+    """The payload of a message (or of each row of messages) as ``numel`` elements of ``dtype``."""
+    size = numel * torch.empty((), dtype=dtype).element_size()
+    return messages[..., HEADER_BYTES : HEADER_BYTES + size].view(dtype)
+
+
 class Bucket:
-    """Same-device, same-dtype tensors, their flat buffer and their reusable scratch buffers."""
+    """Same-device, same-dtype tensors, their flat buffer, their message and their reusable scratch buffers."""
 
     def __init__(self, tensors: Sequence[Tensor]) -> None:
         self.tensors = list(tensors)
         first = self.tensors[0]
+        self.dtype, self.device = first.dtype, first.device
         self.numel = sum(t.numel() for t in self.tensors)
-        self.flat = torch.empty(self.numel, dtype=first.dtype, device=first.device)
+        self.message = torch.empty(message_bytes(self.numel, self.dtype), dtype=torch.uint8, device=self.device)
+        self.flat = payload(self.message, self.numel, self.dtype)
         self._scratch: dict[tuple[str, torch.dtype, int], Tensor] = {}
         self._shaped: dict[tuple[int, torch.dtype], list[Tensor]] = {}
         self.views = self.shaped(self.flat)
@@ -41,11 +59,23 @@ class Bucket:
         key = (kind, dtype, rows)
         if key not in self._scratch:
             shape = (rows, self.numel) if rows else (self.numel,)
-            self._scratch[key] = torch.empty(shape, dtype=dtype, device=self.flat.device)
+            self._scratch[key] = torch.empty(shape, dtype=dtype, device=self.device)
         return self._scratch[key]
 
+    def messages(self, kind: str, dtype: torch.dtype, rows: int = 0) -> Tensor:
+        """Reusable messages (``uint8``, one per row, or one when ``rows == 0``) for a payload of ``dtype``."""
+        key = (f"messages:{kind}", dtype, rows)
+        if key not in self._scratch:
+            size = message_bytes(self.numel, dtype)
+            self._scratch[key] = torch.empty((rows, size) if rows else (size,), dtype=torch.uint8, device=self.device)
+        return self._scratch[key]
+
+    def send_message(self, dtype: torch.dtype) -> Tensor:
+        """The message this bucket sends with a ``dtype`` payload: its own when that is the tensors' dtype."""
+        return self.message if dtype == self.dtype else self.messages("send", dtype)
+
     def shaped(self, buffer: Tensor) -> list[Tensor]:
-        """Views of a ``numel``-long buffer (the flat one, a scratch row) shaped like the tensors, cached."""
+        """Views of a ``numel``-long buffer (the flat one, a payload row) shaped like the tensors, cached."""
         key = (buffer.data_ptr(), buffer.dtype)
         if key not in self._shaped:
             parts = buffer.split([t.numel() for t in self.tensors])
@@ -72,17 +102,19 @@ class PlanCache:
     """
 
     def __init__(self) -> None:
-        self._plans: OrderedDict[tuple[int, ...], Plan] = OrderedDict()
+        self._plans: OrderedDict[tuple[str | int, ...], Plan] = OrderedDict()
         self._in_flight: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._plans)
 
-    def get(self, tensors: Sequence[Tensor]) -> Plan:
-        key = tuple(id(t) for t in tensors)
+    def get(self, tensors: Sequence[Tensor], purpose: str = "mix") -> Plan:
+        """The plan of these tensors for ``purpose`` (a consensus measurement keeps its own buffers, so it can read
+        tensors whose mix is still in flight)."""
+        key = (purpose, *(id(t) for t in tensors))
         plan = self._plans.get(key)
         if plan is None:
-            if len(set(key)) != len(key):  # a mix combines into the tensors in place: it would do it twice
+            if len(set(key[1:])) != len(key) - 1:  # a mix combines into the tensors in place: it would do it twice
                 raise ValueError("a tensor appears more than once in the list to mix; pass each tensor once")
             plan = Plan(tensors)
             self._plans[key] = plan
@@ -91,7 +123,7 @@ class PlanCache:
         else:
             self._plans.move_to_end(key)
         if id(plan) in self._in_flight:
-            raise RuntimeError("these tensors have a mix in flight (start_mix): call finish_mix before using them again")
+            raise RuntimeError("these tensors have a mix in flight: finish it before using them again")
         return plan
 
     def mark_in_flight(self, plan: Plan) -> None:

@@ -1,28 +1,43 @@
-"""``GossipEngine``: mix tensors in place with ``W^t`` by exchanges with graph neighbours.
+"""Gossip engines: mix tensors in place with ``W^t`` by exchanges with graph neighbours, one step at a time.
+
+:class:`GossipEngine` holds what every variant shares: the topology, the transport it is handed, message buffers,
+the step count and stop announcements (:mod:`.control`), exact averages and consensus measurements. A variant
+decides what one optimizer step's :meth:`~GossipEngine.step` does:
+
+* :class:`SynchronousGossip`: mix now, all ``t`` rounds (DPOSG as written);
+* :class:`OverlappedGossip`: land the previous step's mix, then put this one on the wire and return, so that it
+  travels while the next forward and backward run;
+* :class:`NoGossip`: nothing (``mixing=False``, an ablation).
+
+:func:`build_engine` picks the variant from :class:`~lightning_dpgan.gossip.options.GossipOptions`.
 
 Each round every worker sends its packed tensors to its out-neighbours and combines what its in-neighbours sent
-(:mod:`.transport`, :mod:`.combine`); a complete graph is one ``all_reduce`` instead. ``start_mix`` and
-``finish_mix`` split a mix so that compute can run while its first round is on the wire.
-
-An optional wire dtype (bf16/fp16) applies to the bytes on the wire only: the local copy and the accumulation
-stay in the tensors' own precision.
+(:mod:`.combine`); a complete graph is one ``all_reduce`` instead. An optional wire dtype (bf16/fp16) applies to
+the bytes on the wire only: the local copy and the sum stay in the tensors' own precision.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from lightning_dpgan.gossip.buffers import Bucket, Plan, PlanCache
+from lightning_dpgan.gossip.buffers import Bucket, Plan, PlanCache, payload
 from lightning_dpgan.gossip.combine import Into, combine, lerps
-from lightning_dpgan.gossip.transport import DEFAULT_CHUNK_BYTES, Wire, resolve_wire_dtype
-from lightning_dpgan.topology import Neighbours, Topology, check_rounds
+from lightning_dpgan.gossip.control import HEADER_BYTES, Control, Stop, StopReason
+from lightning_dpgan.gossip.options import PEER_TIMEOUT_FLOOR_S, PEER_TIMEOUT_STEPS, GossipOptions
+from lightning_dpgan.gossip.transport import GossipPeerError, Posted, Transport, resolve_wire_dtype
+from lightning_dpgan.topology import Neighbours, Topology
+
+_WARMUP_STEPS = 5  # steps timed by the startup timeout before the peer timeout follows the measured step time
 
 
 @dataclass
@@ -30,42 +45,28 @@ class _Round:
     """One bucket's posted gossip round, until its result is combined ``into`` its destination."""
 
     bucket: Bucket
-    received: Tensor  # one row per in-neighbour
+    received: Tensor  # messages, one row per in-neighbour
     neighbours: Neighbours
     weights: Tensor  # the in-neighbours' weights, on the bucket's device
-    works: list[tuple[Any, int]]  # (work, peer)
+    posted: list[Posted]
     into: Into
-
-    def apply(self, engine: GossipEngine) -> None:
-        for work, peer in self.works:
-            engine._wire.wait(work, "gossip exchange", engine.phase, peer)
-        nb = self.neighbours
-        combine(self.bucket, self.received, nb.self_weight, self.weights, nb.receive_weights, self.into)
+    wire_dtype: torch.dtype
 
 
 @dataclass
 class _AllAverage:
-    """One bucket's posted all_reduce (a complete graph, or :meth:`GossipEngine.average`)."""
+    """One bucket's posted all_reduce, and the all_gather of the headers that travels with it."""
 
     bucket: Bucket
-    work: Any
+    posted: list[Posted]
     reduced: Tensor  # the flat buffer itself or its wire-dtype copy
-    divisor: int
-
-    def apply(self, engine: GossipEngine) -> None:
-        engine._wire.wait(self.work, "all_reduce", engine.phase)
-        flat = self.bucket.flat
-        if self.reduced is not flat:
-            flat.copy_(self.reduced)
-        flat.div_(self.divisor)
+    headers: Tensor | None  # every rank's header (a complete graph's step), or None for a plain average
 
 
 class PendingMix:
     """A mix on the wire, from :meth:`GossipEngine.start_mix` until :meth:`GossipEngine.finish_mix`."""
 
-    def __init__(
-        self, plan: Plan, rounds: int, posted: list[_Round | _AllAverage], snapshots: list[Tensor] | None, written: bool
-    ) -> None:
+    def __init__(self, plan: Plan, rounds: int, posted: list[_Round | _AllAverage], snapshots: list[Tensor] | None, written: bool) -> None:
         self.plan = plan
         self.rounds = rounds  # rounds still to apply, the posted one included
         self.posted = posted
@@ -73,61 +74,107 @@ class PendingMix:
         self.written = written  # the last round wrote the tensors itself: nothing to unpack
 
 
+class PeerTimeout:
+    """How long to wait for a neighbour: fixed, or (``None``) following the run's median step time."""
+
+    def __init__(self, fixed: float | None, startup: float) -> None:
+        self.fixed, self.startup = fixed, startup
+        self._durations: deque[float] = deque(maxlen=50)
+        self._last: float | None = None
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self._last is not None:
+            self._durations.append(now - self._last)
+        self._last = now
+
+    def seconds(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        if len(self._durations) < _WARMUP_STEPS:
+            return self.startup
+        return max(PEER_TIMEOUT_FLOOR_S, PEER_TIMEOUT_STEPS * statistics.median(self._durations))
+
+    def __call__(self) -> timedelta:
+        return timedelta(seconds=self.seconds())
+
+
 class GossipEngine:
-    """Mixes tensors across a process group (the default one unless ``group`` is given) with a
-    :class:`~lightning_dpgan.topology.Topology`. The group must hold every rank, in the default group's order.
+    """What every gossip variant shares. Build one with :func:`build_engine`.
 
     Args:
-        topology: the mixing matrices; ``topology.world_size`` must be the group's size.
+        topology: the mixing matrices; ``topology.world_size`` must be the transport's world size.
         rank: this worker's rank.
-        wire_dtype: ``"bf16"``/``"fp16"`` to send half the bytes; ``None`` sends the tensors' own dtype.
-        timeout: how long to wait for a peer before raising :class:`GossipPeerError`.
-        chunk_bytes: on CPU (gloo), the size of the chunks a message is cut into (:mod:`.transport` says why);
-            ``None`` sends each message whole.
-        group: the process group; :class:`~lightning_dpgan.DecentralizedStrategy` gives the engine one of its
-            own, so that Lightning's small collectives never queue behind a mix on the wire.
+        transport: how messages move (:class:`~lightning_dpgan.gossip.transport.DistributedTransport`).
+        options: the gossip settings.
 
-    ``phase`` counts gossip rounds since the start (it is checkpointed) and selects the matrix of a time-varying
-    topology, so every worker walks the same cycle in lockstep.
+    ``phase`` counts gossip rounds since the start and selects the matrix of a time-varying topology, so every
+    worker walks the same cycle in lockstep; ``steps`` counts :meth:`step` calls. Both are checkpointed.
     """
 
-    def __init__(
-        self,
-        topology: Topology,
-        rank: int,
-        wire_dtype: str | torch.dtype | None = None,
-        timeout: timedelta | None = None,
-        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
-        group: dist.ProcessGroup | None = None,
-    ) -> None:
+    #: how many steps late a message may be applied, beyond its rounds (a stop is announced this much earlier)
+    lag_steps = 0
+
+    def __init__(self, topology: Topology, rank: int, transport: Transport, options: GossipOptions) -> None:
         if not 0 <= rank < topology.world_size:
             raise ValueError(f"rank {rank} is outside the topology's world size {topology.world_size}")
-        self.topology = topology
-        self.rank = rank
-        self.wire_dtype = resolve_wire_dtype(wire_dtype)
-        self._wire = Wire(rank, group, timeout, chunk_bytes)
+        self.topology, self.rank, self.transport, self.options = topology, rank, transport, options
+        self.wire_dtype = resolve_wire_dtype(options.wire_dtype)
         self.phase = 0
+        self.steps = 0
         self.messages_sent = 0
+        self.control = Control(rank)
+        self.timeout = PeerTimeout(options.peer_timeout, options.startup_timeout)
+        self.collective_timeout = timedelta(seconds=options.startup_timeout)  # all workers meet: checkpoints, evaluations
         self._plans = PlanCache()
         self._neighbours = [topology.neighbours(rank, p) for p in range(topology.period)]
         self._weights: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+        self._gathered_headers: dict[torch.device, Tensor] = {}
 
     @property
     def world_size(self) -> int:
         return self.topology.world_size
 
+    # ------------------------------------------------------------------ one optimizer step
+    def step(self, tensors: Sequence[Tensor]) -> None:
+        """Mix this step's tensors (anchors, or parameters, and buffers) as the variant does."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Land anything still on the wire (before a checkpoint, a consensus measurement, the end of training)."""
+
+    def _begin_step(self) -> None:
+        self.timeout.tick()
+        self.steps += 1
+
+    # ------------------------------------------------------------------ stopping together
     @property
-    def chunk_bytes(self) -> int | None:
-        return self._wire.chunk_bytes
+    def stop_horizon(self) -> int:
+        """Steps between announcing a stop and taking it: enough for the news to reach every worker."""
+        if self.world_size == 1:
+            return 0
+        rounds = self.topology.flood_rounds()
+        return math.ceil(rounds / self.options.rounds) * (1 + self.lag_steps) + 1
 
-    # ------------------------------------------------------------------ public
+    def announce_stop(self, reason: StopReason, detail: int = 0) -> Stop:
+        """This worker must stop: announce a step at which every worker will have heard, and stop after it."""
+        stop = Stop(self.steps + self.stop_horizon, self.steps + 1, self.rank, int(reason), detail)  # during step steps+1
+        self.control.announce(stop)
+        return stop
+
+    def due_stop(self) -> Stop | None:
+        """The agreed stop, once this worker has finished its step."""
+        stop = self.control.stop
+        return stop if stop is not None and self.steps >= stop.step else None
+
+    # ------------------------------------------------------------------ mixing primitives
     @torch.no_grad()
-    def mix(self, tensors: Sequence[Tensor], rounds: int = 1) -> None:
+    def mix(self, tensors: Sequence[Tensor], rounds: int | None = None) -> None:
         """Replace every worker's tensors by ``W^t`` times the stacked tensors, in place."""
-        self._complete(self._post_mix(tensors, rounds, keep_changes=False))
+        self._complete(self._post_mix(tensors, rounds or self.options.rounds, keep_changes=False))
 
     @torch.no_grad()
-    def start_mix(self, tensors: Sequence[Tensor], rounds: int = 1) -> PendingMix | None:
+    def start_mix(self, tensors: Sequence[Tensor], rounds: int | None = None) -> PendingMix | None:
         """Put the first round of a mix of the tensors as they are now on the wire and return at once.
 
         :meth:`finish_mix` completes it. The tensors may change in between (an optimizer step, BatchNorm
@@ -135,7 +182,7 @@ class GossipEngine:
         it was here, instead of overwriting, so those changes are kept. Rounds after the first run in
         ``finish_mix``. ``None`` when there is nothing to send (one worker, no tensors).
         """
-        return self._post_mix(tensors, rounds, keep_changes=True)
+        return self._post_mix(tensors, rounds or self.options.rounds, keep_changes=True)
 
     @torch.no_grad()
     def finish_mix(self, pending: PendingMix | None) -> None:
@@ -150,7 +197,7 @@ class GossipEngine:
             return out
         for bucket in Plan(out).buckets:
             bucket.pack()
-            self._post_all_average(bucket).apply(self)
+            self._apply(self._post_all_average(bucket, with_headers=False))
             bucket.unpack()
         return out
 
@@ -161,7 +208,7 @@ class GossipEngine:
             return
         for bucket in Plan(tensors).buckets:
             bucket.pack()
-            self._wire.broadcast(bucket.flat, src, self.phase)
+            self.transport.wait(self.transport.broadcast(bucket.flat, src), self.collective_timeout, self.phase)
             bucket.unpack()
 
     @torch.no_grad()
@@ -174,24 +221,25 @@ class GossipEngine:
         sums = torch.zeros(num_groups, dtype=torch.float64)
         if self.world_size == 1 or not tensors:
             return sums
-        plan = self._plans.get(tensors)
+        plan = self._plans.get(tensors, "consensus")
         ids = dict(zip(map(id, tensors), group_ids))
         for bucket in plan.buckets:
-            mean = bucket.scratch("mean", bucket.flat.dtype)
+            mean = bucket.scratch("mean", bucket.dtype)
             mean.copy_(bucket.pack())
-            self._wire.wait(self._wire.all_reduce(mean), "all_reduce", self.phase)
+            self.transport.wait(self.transport.all_reduce(mean), self.collective_timeout, self.phase)
             mean.div_(self.world_size).sub_(bucket.flat)
             for t, deviation in zip(bucket.tensors, bucket.shaped(mean)):
                 sums[ids[id(t)]] += float(torch.sum(deviation.double() ** 2))
-        total = sums.to(plan.buckets[0].flat.device)
-        self._wire.wait(self._wire.all_reduce(total), "all_reduce", self.phase)
+        total = sums.to(plan.buckets[0].device)
+        self.transport.wait(self.transport.all_reduce(total), self.collective_timeout, self.phase)
         return total.cpu() / self.world_size
 
     def state_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "topology": self.topology.name, "world_size": self.world_size}
+        return {"phase": self.phase, "steps": self.steps, "topology": self.topology.name, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.phase = int(state["phase"])
+        self.steps = int(state.get("steps", 0))
 
     def forget(self) -> None:
         """Drop every cached buffer and any mix in flight (after an error the peers may be gone)."""
@@ -199,25 +247,24 @@ class GossipEngine:
 
     # ------------------------------------------------------------------ internals
     def _post_mix(self, tensors: Sequence[Tensor], rounds: int, keep_changes: bool) -> PendingMix | None:
-        check_rounds(rounds)
         if self.world_size == 1 or not tensors:
             self.phase += rounds
             return None
         plan = self._plans.get(tensors)
         for bucket in plan.buckets:
             if not bucket.flat.is_floating_point():
-                raise ValueError(f"gossip averages floating-point tensors only, got one of dtype {bucket.flat.dtype}")
+                raise ValueError(f"gossip averages floating-point tensors only, got one of dtype {bucket.dtype}")
         into = self._last_round_into(rounds, keep_changes)
         for bucket in plan.buckets:
-            if not (into == "tensors" and self._wire_dtype(bucket) != bucket.flat.dtype):
+            if not (into == "tensors" and self._wire_dtype(bucket) != bucket.dtype):
                 bucket.pack()  # else the wire copy is cast straight from the tensors
         if keep_changes:
             self._plans.mark_in_flight(plan)
         snapshots = None
         if keep_changes and into != "correction":
-            snapshots = [b.scratch("snapshot", b.flat.dtype).copy_(b.flat) for b in plan.buckets]
+            snapshots = [b.scratch("snapshot", b.dtype).copy_(b.flat) for b in plan.buckets]
         if self.topology.is_complete:
-            posted: list[_Round | _AllAverage] = [self._post_all_average(bucket) for bucket in plan.buckets]
+            posted: list[_Round | _AllAverage] = [self._post_all_average(bucket, with_headers=True) for bucket in plan.buckets]
             self.phase += rounds  # W^t = W for the complete graph: one exact average whatever t
             rounds = 1
         else:
@@ -240,12 +287,12 @@ class GossipEngine:
             return
         self._plans.release(pending.plan)
         for exchange in pending.posted:
-            exchange.apply(self)
+            self._apply(exchange)
         for _ in range(pending.rounds - 1):
             exchanges = [self._post_round(bucket, "flat") for bucket in pending.plan.buckets]
             self.phase += 1
             for exchange in exchanges:
-                exchange.apply(self)
+                self._apply(exchange)
         if pending.written:
             return
         for k, bucket in enumerate(pending.plan.buckets):
@@ -259,36 +306,136 @@ class GossipEngine:
         """The wire dtype for floating-point buckets, the bucket's own otherwise."""
         if self.wire_dtype is not None and bucket.flat.is_floating_point():
             return self.wire_dtype
-        return bucket.flat.dtype
+        return bucket.dtype
 
     def _round_weights(self, bucket: Bucket, phase: int) -> Tensor:
-        key = (phase, bucket.flat.device, bucket.flat.dtype)
+        key = (phase, bucket.device, bucket.dtype)
         if key not in self._weights:
             weights = self._neighbours[phase].receive_weights
-            self._weights[key] = torch.tensor(weights, dtype=bucket.flat.dtype, device=bucket.flat.device)
+            self._weights[key] = torch.tensor(weights, dtype=bucket.dtype, device=bucket.device)
         return self._weights[key]
 
     def _post_round(self, bucket: Bucket, into: Into) -> _Round:
         """Post one round's sends and receives for the current phase; nothing waits yet."""
         phase = self.phase % self.topology.period
         nb = self._neighbours[phase]
-        flat = bucket.flat
         wire_dtype = self._wire_dtype(bucket)
-        send = flat
-        if wire_dtype != flat.dtype:
-            send = bucket.scratch("send", wire_dtype)
+        message = bucket.send_message(wire_dtype)
+        if wire_dtype != bucket.dtype:
+            send = payload(message, bucket.numel, wire_dtype)
             if into == "tensors":  # nothing was packed: cast straight from the tensors
                 torch._foreach_copy_(bucket.shaped(send), bucket.tensors)
             else:
-                send.copy_(flat)
-        received = bucket.scratch("received", wire_dtype, len(nb.receive_from))
-        works = self._wire.exchange(send, received, nb.send_to, nb.receive_from)
+                send.copy_(bucket.flat)
+        self.control.write(message, self.steps)
+        received = bucket.messages("received", wire_dtype, len(nb.receive_from))
+        posted = self.transport.exchange(message, received, nb.send_to, nb.receive_from)
         self.messages_sent += len(nb.send_to)
-        return _Round(bucket, received, nb, self._round_weights(bucket, phase), works, into)
+        return _Round(bucket, received, nb, self._round_weights(bucket, phase), posted, into, wire_dtype)
 
-    def _post_all_average(self, bucket: Bucket) -> _AllAverage:
-        flat = bucket.flat
+    def _post_all_average(self, bucket: Bucket, with_headers: bool) -> _AllAverage:
         wire_dtype = self._wire_dtype(bucket)
-        reduced = flat if wire_dtype == flat.dtype else bucket.scratch("send", wire_dtype).copy_(flat)
+        reduced = bucket.flat if wire_dtype == bucket.dtype else bucket.scratch("send", wire_dtype).copy_(bucket.flat)
+        posted = [self.transport.all_reduce(reduced)]
+        headers = None
+        if with_headers:
+            self.control.write(bucket.message, self.steps)
+            headers = self._gathered_headers.get(bucket.device)
+            if headers is None:
+                headers = self._gathered_headers[bucket.device] = torch.empty(self.world_size * HEADER_BYTES, dtype=torch.uint8, device=bucket.device)
+            posted.append(self.transport.all_gather(headers, bucket.message[:HEADER_BYTES]))
+            headers = headers.view(self.world_size, HEADER_BYTES)
         self.messages_sent += 1
-        return _AllAverage(bucket, self._wire.all_reduce(reduced), reduced, self.world_size)
+        return _AllAverage(bucket, posted, reduced, headers)
+
+    def _apply(self, exchange: _Round | _AllAverage) -> None:
+        timeout = self.timeout() if isinstance(exchange, _Round) or exchange.headers is not None else self.collective_timeout
+        for posted in exchange.posted:
+            self.transport.wait(posted, timeout, self.phase)
+        if isinstance(exchange, _AllAverage):
+            flat = exchange.bucket.flat
+            if exchange.reduced is not flat:
+                flat.copy_(exchange.reduced)
+            flat.div_(self.world_size)
+            if exchange.headers is not None:
+                self._check_tags(self.control.read(exchange.headers), list(range(self.world_size)))
+            return
+        nb = exchange.neighbours
+        self._check_tags(self.control.read(exchange.received), nb.receive_from)
+        rows = payload(exchange.received, exchange.bucket.numel, exchange.wire_dtype)
+        combine(exchange.bucket, rows, nb.self_weight, exchange.weights, nb.receive_weights, exchange.into)
+
+    def _check_tags(self, tags: list[int], peers: Sequence[int]) -> None:
+        for tag, peer in zip(tags, peers):
+            if tag != self.steps:
+                raise GossipPeerError(
+                    f"rank {self.rank}: rank {peer} sent the message of its gossip step {tag} while this rank mixes step "
+                    f"{self.steps}; the ranks' steps have diverged (a rank skipped or repeated an optimizer step)"
+                )
+
+
+class SynchronousGossip(GossipEngine):
+    """Every step mixes now, all ``t`` rounds: DPOSG as written."""
+
+    def step(self, tensors: Sequence[Tensor]) -> None:
+        self._begin_step()
+        self.mix(tensors)
+
+
+class OverlappedGossip(GossipEngine):
+    """Each step lands the previous step's mix (adding its correction ``W^t x - x`` to the tensors as they are now)
+    and puts this one on the wire, so that it travels while the next forward and backward run."""
+
+    lag_steps = 1
+
+    def __init__(self, topology: Topology, rank: int, transport: Transport, options: GossipOptions) -> None:
+        super().__init__(topology, rank, transport, options)
+        self._in_flight: PendingMix | None = None
+
+    def step(self, tensors: Sequence[Tensor]) -> None:
+        self.flush()  # the previous step's mix, whose messages carry the step count it was started at: this one
+        self._begin_step()
+        self._in_flight = self.start_mix(tensors)
+
+    def flush(self) -> None:
+        pending, self._in_flight = self._in_flight, None
+        self.finish_mix(pending)
+
+    def forget(self) -> None:
+        self._in_flight = None
+        super().forget()
+
+
+class NoGossip(GossipEngine):
+    """No mixing (``mixing=False``): each replica trains alone; consensus is still measured. Headers still go to the
+    neighbours each step, so that a stop is still agreed on."""
+
+    def step(self, tensors: Sequence[Tensor]) -> None:
+        self._begin_step()
+        if self.world_size > 1:
+            nb = self._neighbours[self.phase % self.topology.period]
+            message = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+            received = torch.empty(len(nb.receive_from), HEADER_BYTES, dtype=torch.uint8)
+            self.control.write(message, self.steps)
+            posted = self.transport.exchange(message, received, nb.send_to, nb.receive_from)
+            for p in posted:
+                self.transport.wait(p, self.timeout(), self.phase)
+            self._check_tags(self.control.read(received), nb.receive_from)
+        self.phase += self.options.rounds
+
+
+def build_engine(
+    topology: Topology, rank: int, options: GossipOptions | None = None, transport: Transport | None = None
+) -> GossipEngine:
+    """The engine variant that ``options`` asks for, over ``transport`` (default: ``torch.distributed``'s default
+    process group)."""
+    options = options or GossipOptions()
+    if transport is None:
+        from lightning_dpgan.gossip.transport import DistributedTransport
+
+        transport = DistributedTransport(rank, None, options.chunk_bytes)
+    if not options.mixing:
+        return NoGossip(topology, rank, transport, options)
+    if options.overlap:
+        return OverlappedGossip(topology, rank, transport, options)
+    return SynchronousGossip(topology, rank, transport, options)

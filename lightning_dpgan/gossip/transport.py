@@ -1,4 +1,7 @@
-"""The wire: one gossip round's messages to and from the neighbours, and waiting for them with a named peer.
+"""The wire: moving messages to and from neighbours, and waiting for them with the peer named on failure.
+
+:class:`Transport` is what the engine needs; :class:`DistributedTransport` does it with ``torch.distributed``
+(gloo or NCCL). Tests hand the engine an in-process transport instead (``tests/fake_transport.py``).
 
 On CPU (gloo) a message goes out in chunks of ``chunk_bytes``, the chunks to and from all neighbours posted
 together, every receive before any send. Why:
@@ -14,14 +17,15 @@ NCCL needs neither: its buffers go out whole.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-DEFAULT_CHUNK_BYTES = 256 * 1024
+from lightning_dpgan.gossip.options import WIRE_DTYPE_NAMES
 
 WIRE_DTYPES: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -31,6 +35,7 @@ WIRE_DTYPES: dict[str, torch.dtype | None] = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
+assert tuple(WIRE_DTYPES) == WIRE_DTYPE_NAMES
 
 Scheduled = tuple[Literal["send", "recv"], int, int]  # (kind, peer, chunk)
 
@@ -39,31 +44,46 @@ class GossipPeerError(RuntimeError):
     """A neighbour stopped answering: it died, or did not reach the same gossip call within the timeout."""
 
 
-def resolve_wire_dtype(wire_dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """The dtype a message travels in; ``None`` for the tensors' own."""
-    if wire_dtype is None or isinstance(wire_dtype, torch.dtype):
-        return None if wire_dtype == torch.float32 else wire_dtype
-    if wire_dtype not in WIRE_DTYPES:
-        raise ValueError(f"unknown wire_dtype {wire_dtype!r}; allowed: {', '.join(WIRE_DTYPES)}")
-    return WIRE_DTYPES[wire_dtype]
+def resolve_wire_dtype(wire_dtype: str | None) -> torch.dtype | None:
+    """The dtype a message travels in; ``None`` for the tensors' own. (Names are checked by ``GossipOptions``.)"""
+    return None if wire_dtype is None else WIRE_DTYPES[wire_dtype]
 
 
-def check_chunk_bytes(chunk_bytes: Any) -> None:
-    if chunk_bytes is None:
-        return
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-        raise ValueError(
-            f"chunk_bytes must be a positive integer (bytes per gossip message chunk) or None (unchunked), got {chunk_bytes!r}"
-        )
+@dataclass
+class Posted:
+    """An operation on the wire, with the peer it concerns (``None`` for a collective)."""
+
+    works: list[Any]
+    peer: int | None
+    what: str
 
 
-def chunk_ranges(buffer: Tensor, chunk_bytes: int | None) -> list[tuple[int, int]]:
-    """Element ranges sent as separate messages: ``chunk_bytes`` each on CPU, the whole buffer otherwise."""
-    numel = buffer.numel()
-    if chunk_bytes is None or buffer.device.type != "cpu":
+class Transport(Protocol):
+    """Point-to-point and collective operations over the workers, each waited for with a timeout."""
+
+    rank: int
+
+    def exchange(self, send: Tensor, received: Tensor, send_to: Sequence[int], receive_from: Sequence[int]) -> list[Posted]:
+        """Post ``send`` to every out-neighbour and receive row ``k`` of ``received`` from ``receive_from[k]``."""
+        ...
+
+    def all_reduce(self, tensor: Tensor) -> Posted: ...
+
+    def all_gather(self, output: Tensor, tensor: Tensor) -> Posted:
+        """``output`` (flat, world size times ``tensor``'s size) receives every rank's ``tensor`` in rank order."""
+        ...
+
+    def broadcast(self, tensor: Tensor, src: int) -> Posted: ...
+
+    def wait(self, posted: Posted, timeout: timedelta | None, gossip_round: int) -> None:
+        """Wait for ``posted``; :class:`GossipPeerError` naming the peer if it fails or times out."""
+        ...
+
+
+def chunk_ranges(numel: int, chunk_elements: int | None) -> list[tuple[int, int]]:
+    if chunk_elements is None or numel <= chunk_elements:
         return [(0, numel)]
-    step = max(1, chunk_bytes // buffer.element_size())
-    return [(start, min(start + step, numel)) for start in range(0, numel, step)]
+    return [(start, min(start + chunk_elements, numel)) for start in range(0, numel, chunk_elements)]
 
 
 def schedule(send_to: Sequence[int], receive_from: Sequence[int], num_chunks: int) -> list[Scheduled]:
@@ -73,28 +93,22 @@ def schedule(send_to: Sequence[int], receive_from: Sequence[int], num_chunks: in
     return receives + sends
 
 
-class Wire:
-    """Point-to-point and collective operations on one process group, each waited for with the peer it concerns."""
+class DistributedTransport:
+    """:class:`Transport` over a ``torch.distributed`` process group (the default one unless ``group`` is given)."""
 
-    def __init__(
-        self, rank: int, group: dist.ProcessGroup | None, timeout: timedelta | None, chunk_bytes: int | None
-    ) -> None:
-        check_chunk_bytes(chunk_bytes)
+    def __init__(self, rank: int, group: dist.ProcessGroup | None = None, chunk_bytes: int | None = None) -> None:
         self.rank = rank
         self.group = group
-        self.timeout = timeout
         self.chunk_bytes = chunk_bytes
 
-    def exchange(
-        self, send: Tensor, received: Tensor, send_to: Sequence[int], receive_from: Sequence[int]
-    ) -> list[tuple[Any, int]]:
-        """Post ``send`` to every out-neighbour and receive row ``k`` of ``received`` from ``receive_from[k]``;
-        returns ``(work, peer)`` pairs to wait for."""
+    def exchange(self, send: Tensor, received: Tensor, send_to: Sequence[int], receive_from: Sequence[int]) -> list[Posted]:
         if not send_to and not receive_from:
             return []
         row = {peer: k for k, peer in enumerate(receive_from)}
-        ranges = chunk_ranges(send, self.chunk_bytes)
-        ops, peers = [], []
+        chunking = self.chunk_bytes if send.device.type == "cpu" else None
+        ranges = chunk_ranges(send.numel(), None if chunking is None else max(1, chunking // send.element_size()))
+        ops: list[dist.P2POp] = []
+        peers: list[int] = []
         for kind, peer, chunk in schedule(send_to, receive_from, len(ranges)):
             start, stop = ranges[chunk]
             if kind == "send":
@@ -102,23 +116,30 @@ class Wire:
             else:
                 ops.append(dist.P2POp(dist.irecv, received[row[peer], start:stop], peer, self.group))
             peers.append(peer)
-        return list(zip(dist.batch_isend_irecv(ops), peers))
+        by_peer: dict[int, list[Any]] = {}
+        for work, peer in zip(dist.batch_isend_irecv(ops), peers):
+            by_peer.setdefault(peer, []).append(work)
+        return [Posted(works, peer, "gossip exchange") for peer, works in by_peer.items()]
 
-    def all_reduce(self, tensor: Tensor) -> Any:
-        return dist.all_reduce(tensor, group=self.group, async_op=True)
+    def all_reduce(self, tensor: Tensor) -> Posted:
+        return Posted([dist.all_reduce(tensor, group=self.group, async_op=True)], None, "all_reduce")
 
-    def broadcast(self, tensor: Tensor, src: int, gossip_round: int) -> None:
-        self.wait(dist.broadcast(tensor, src=src, group=self.group, async_op=True), "broadcast", gossip_round, src)
+    def all_gather(self, output: Tensor, tensor: Tensor) -> Posted:
+        return Posted([dist.all_gather_into_tensor(output, tensor, group=self.group, async_op=True)], None, "all_gather")
 
-    def wait(self, work: Any, what: str, gossip_round: int, peer: int | None = None) -> None:
+    def broadcast(self, tensor: Tensor, src: int) -> Posted:
+        return Posted([dist.broadcast(tensor, src=src, group=self.group, async_op=True)], src, "broadcast")
+
+    def wait(self, posted: Posted, timeout: timedelta | None, gossip_round: int) -> None:
         try:
-            if self.timeout is not None:
-                work.wait(self.timeout)
-            else:
-                work.wait()
+            for work in posted.works:
+                if timeout is not None:
+                    work.wait(timeout)
+                else:
+                    work.wait()
         except Exception as err:  # gloo/nccl raise RuntimeError or DistBackendError
-            who = f"rank {peer}" if peer is not None else "a peer"
+            who = f"rank {posted.peer}" if posted.peer is not None else "a peer"
             raise GossipPeerError(
-                f"rank {self.rank}: {what} with {who} failed at gossip round {gossip_round}"
-                f" (peer died or stalled past the {self.timeout or 'process-group'} timeout): {err}"
+                f"rank {self.rank}: {posted.what} with {who} failed at gossip round {gossip_round}"
+                f" (peer died or stalled past the {timeout or 'process-group'} timeout): {err}"
             ) from err

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from lightning_dpgan.checks import check_number
+
 
 def _mlp(n_in: int, hidden: int, depth: int, n_out: int, activation: Callable[[], nn.Module]) -> nn.Sequential:
     if depth < 1 or hidden < 1:
@@ -26,8 +28,7 @@ class MLPGenerator(nn.Module):
 
     def __init__(self, latent_dim: int = 2, data_dim: int = 2, hidden: int = 128, depth: int = 3, output_scale: float = 1.0) -> None:
         super().__init__()
-        if isinstance(output_scale, bool) or not isinstance(output_scale, (int, float)) or not output_scale > 0:
-            raise ValueError(f"output_scale must be a number > 0, got {output_scale!r}")
+        check_number("output_scale", output_scale, 0, low_open=True)
         self.latent_dim = latent_dim
         self.output_scale = float(output_scale)
         self.net = _mlp(latent_dim, hidden, depth, data_dim, nn.ReLU)

@@ -1,6 +1,10 @@
 """Scenarios for the strategy tests. Run as a script; Lightning's popen launcher re-runs it for ranks 1..n-1.
 
 Usage: lightning_worker.py SCENARIO OUT_DIR [key=value ...]. Every rank writes what the test checks to OUT_DIR.
+
+``lightning_worker.py suite OUT_DIR JSON`` runs many scenarios one after the other in the same processes, under
+torchrun (Lightning starts no processes then, and each fit reuses the process group): JSON is a list of
+``[scenario, subfolder, {key: value}]``. One launch then serves many tests (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dpgan import DecentralizedStrategy
+from lightning_dpgan import DecentralizedStrategy, GossipOptions, NonFiniteError
 from lightning_dpgan.data import DigitsDataModule
 from lightning_dpgan.examples.alternating_gan import AlternatingGAN
 from lightning_dpgan.data import GaussianMixtureDataModule
@@ -256,12 +261,53 @@ class NoiseAtFirstBatch(Callback):
 
 
 class KillRank(Callback):
+    """Rank ``rank`` sends itself ``sig`` (SIGKILL: dies; SIGSTOP: stalls) when it reaches ``step``."""
+
+    def __init__(self, rank: int, step: int, sig: int = signal.SIGKILL) -> None:
+        self.rank, self.step, self.sig = rank, step, sig
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step >= self.step:
+            with open(os.path.join(trainer.default_root_dir, f"pid_rank{self.rank}.txt"), "w") as f:
+                f.write(str(os.getpid()))
+            os.kill(os.getpid(), self.sig)
+
+
+class DieInSetup(Callback):
+    """Rank ``rank`` exits at once in ``setup``, after the process group is up and the others wait for it."""
+
+    def __init__(self, out: str, rank: int) -> None:
+        self.out, self.rank = out, rank
+
+    def setup(self, trainer: pl.Trainer, module: Any, stage: str) -> None:
+        with open(os.path.join(self.out, f"pid_rank{trainer.global_rank}.txt"), "w") as f:
+            f.write(str(os.getpid()))
+        if trainer.global_rank == self.rank:
+            time.sleep(2.0)  # the others reach the initial broadcast and wait there
+            os._exit(3)
+
+
+class Poison(Callback):
+    """Rank ``rank`` writes a NaN into the generator's first weight when ``step`` steps are done."""
+
     def __init__(self, rank: int, step: int) -> None:
         self.rank, self.step = rank, step
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_rank == self.rank and trainer.global_step >= self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            with torch.no_grad():
+                next(module.generator.parameters()).view(-1)[0] = float("nan")
+
+
+class RecordNonFinite(Callback):
+    """Every rank records the step it stopped at and the message it stopped with."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_exception(self, trainer: pl.Trainer, module: Any, exception: BaseException) -> None:
+        with open(os.path.join(self.out, f"stopped_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"step": trainer.global_step, "exception": type(exception).__name__, "message": str(exception)}, f)
 
 
 class SigtermRankZeroWhileOthersWait(Callback):
@@ -282,6 +328,18 @@ class SigtermRankZeroWhileOthersWait(Callback):
             json.dump({"step": trainer.global_step, "exception": type(exception).__name__}, f)
 
 
+def decentralized(opts: dict[str, str], topology: str = "ring", **kwargs: Any) -> DecentralizedStrategy:
+    """The strategy a scenario asks for: ``rounds``, ``wire_dtype``, ``overlap``, ``mixing``, ``timeout`` options."""
+    gossip = GossipOptions(
+        rounds=int(opts.get("rounds", 1)),
+        wire_dtype=opts.get("wire_dtype"),
+        overlap=opts.get("overlap", "0") == "1",
+        mixing=opts.get("mixing", "1") == "1",
+        peer_timeout=float(opts["timeout"]) if "timeout" in opts else None,
+    )
+    return DecentralizedStrategy(opts.get("topology", topology), gossip=gossip, **kwargs)
+
+
 def trainer(out: str, strategy: Any, devices: int = 4, **kwargs: Any) -> pl.Trainer:
     kwargs.setdefault("enable_checkpointing", False)
     return pl.Trainer(
@@ -297,18 +355,30 @@ def trainer(out: str, strategy: Any, devices: int = 4, **kwargs: Any) -> pl.Trai
 
 def main() -> None:
     scenario, out, *pairs = sys.argv[1:]
-    opts = dict(p.split("=", 1) for p in pairs)
+    if scenario == "suite":
+        for name, folder, options in json.loads(pairs[0]):
+            where = os.path.join(out, folder)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run(name, where, {k: str(v) for k, v in options.items()})
+            with open(os.path.join(where, f"warnings_rank{torch.distributed.get_rank()}.txt"), "a") as f:
+                f.writelines(f"{w.message}\n" for w in caught)
+        return
+    run(scenario, out, dict(p.split("=", 1) for p in pairs))
+
+
+def run(scenario: str, out: str, opts: dict[str, str]) -> None:
     os.makedirs(out, exist_ok=True)
     pl.seed_everything(int(opts.get("seed", 0)), verbose=False)
     devices = int(opts.get("devices", 4))
 
     if scenario == "sgd":  # plain SGD, automatic optimization, no BatchNorm: complete gossip == DDP
-        strategy = "ddp" if opts["strategy"] == "ddp" else DecentralizedStrategy("complete")
+        strategy = "ddp" if opts["strategy"] == "ddp" else decentralized(opts, "complete")
         t = trainer(out, strategy, devices, max_steps=20, callbacks=[SaveReplica(out)])
         t.fit(Classifier(lr=0.2, batchnorm=False), DataLoader(digits(), batch_size=16, shuffle=True))
 
     elif scenario == "gan":  # Lightning-example GAN: two optimizers, alternating, BatchNorm in G
-        strategy = DecentralizedStrategy("ring", consensus_every=5, mixing=opts["mixing"] == "1")
+        strategy = decentralized(opts, consensus_every=5)
         t = trainer(out, strategy, devices, max_steps=2 * int(opts.get("batches", 60)), callbacks=[ConsensusHistory(out), SaveReplica(out)])
         t.fit(AlternatingGAN(lr=1e-3), datamodule=DigitsDataModule(batch_size=32))
 
@@ -318,21 +388,34 @@ def main() -> None:
             dirpath=os.path.join(out, "ckpt"), save_last=True, save_top_k=-1, every_n_train_steps=every or None
         )
         callbacks = [SaveReplica(out, opts.get("save", "end")), LogBatches(out), ckpt]
-        strategy = DecentralizedStrategy(
-            opts.get("topology", "ring"), gossip_rounds=2, consensus_every=3, overlap=opts.get("overlap", "0") == "1"
-        )
+        strategy = decentralized({"rounds": "2", **opts}, consensus_every=3)
         t = trainer(
             out, strategy, devices, max_epochs=int(opts["epochs"]), max_steps=stop, callbacks=callbacks, enable_checkpointing=True
         )
         t.fit(AlternatingGAN(), datamodule=DigitsDataModule(batch_size=64), ckpt_path=opts.get("ckpt"))
 
-    elif scenario == "kill":
-        strategy = DecentralizedStrategy("ring", timeout=float(opts["timeout"]))
-        t = trainer(out, strategy, devices, max_steps=400, callbacks=[KillRank(int(opts["rank"]), 6)])
+    elif scenario == "kill":  # a rank dies (SIGKILL) or stalls (sig=STOP) at step 6
+        sig = signal.SIGSTOP if opts.get("sig") == "STOP" else signal.SIGKILL
+        t = trainer(out, decentralized(opts), devices, max_steps=400, callbacks=[KillRank(int(opts["rank"]), 6, sig)], default_root_dir=out)
         t.fit(AlternatingGAN(), datamodule=DigitsDataModule(batch_size=16))
 
+    elif scenario == "die_in_setup":  # rank 0, the launching process, dies while its workers wait for it
+        t = trainer(out, decentralized(opts), devices, max_steps=50, callbacks=[DieInSetup(out, 0)])
+        t.fit(AlternatingGAN(), datamodule=DigitsDataModule(batch_size=16))
+
+    elif scenario == "nonfinite":  # a NaN on one rank: every rank stops at one step, no NaN checkpoint
+        every = int(opts.get("every", 2))
+        ckpt = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_top_k=-1, every_n_train_steps=every, save_last=True)
+        callbacks = [RecordNonFinite(out), ckpt, Poison(int(opts["poison_rank"]), int(opts["poison_step"]))]
+        t = trainer(out, decentralized(opts), devices, max_steps=200, callbacks=callbacks, enable_checkpointing=True)
+        gan = DPGAN(MLPGenerator(hidden=32), MLPDiscriminator(hidden=32), lr_g=1e-3, lr_d=1e-3)
+        try:
+            t.fit(gan, datamodule=GaussianMixtureDataModule("grid", num_samples=20_000, batch_size=64))
+        except NonFiniteError:
+            pass  # recorded by RecordNonFinite; the next scenario of the suite goes on
+
     elif scenario == "sigterm":  # SIGTERM to rank 0 while the others wait for it: every rank stops, none hangs
-        strategy = DDPStrategy() if opts["strategy"] == "ddp" else DecentralizedStrategy("ring", timeout=float(opts["timeout"]))
+        strategy = DDPStrategy() if opts["strategy"] == "ddp" else decentralized(opts)
         callbacks = [SigtermRankZeroWhileOthersWait(out, 5)]
         if opts["strategy"] == "ddp":
             callbacks.append(StopOnSigterm())  # what the CLI adds; DecentralizedStrategy needs nothing
@@ -340,7 +423,7 @@ def main() -> None:
         t.fit(Classifier(), DataLoader(digits(), batch_size=16, shuffle=True))
 
     elif scenario == "features":  # automatic optimization with clipping, bf16 autocast, sampler, callbacks
-        strategy = DecentralizedStrategy("torus", consensus_every=4)
+        strategy = decentralized(opts, "torus", consensus_every=4)
         callbacks = [
             SaveReplica(out),
             EarlyStopping("val_loss", patience=2),
@@ -362,21 +445,14 @@ def main() -> None:
 
     elif scenario == "anchored":  # DPOSG-form optimizer through the strategy; launcher chosen by the test
         dim, lr, steps = 6, 0.3, int(opts.get("steps", 5))
-        strategy = DecentralizedStrategy(
-            opts.get("topology", "ring"), gossip_rounds=int(opts.get("rounds", 1)),
-            start_method=opts.get("start_method", "popen"), consensus_every=0, wire_dtype=opts.get("wire_dtype"),
-        )
+        strategy = decentralized(opts, start_method=opts.get("start_method", "popen"), consensus_every=0)
         nodes = int(opts.get("nodes", 1))
         t = trainer(out, strategy, devices, num_nodes=nodes, max_steps=steps, callbacks=[SaveReplica(out)])
         batches = DataLoader(TensorDataset(torch.zeros(steps * devices * nodes, 1)), batch_size=1)
         t.fit(Quadratic(dim, lr), batches)
     elif scenario == "bilinear":  # DPOSG on a bilinear game split across ranks
         steps, per_batch = int(opts["steps"]), int(opts.get("per_batch", 1))
-        strategy = DecentralizedStrategy(
-            opts.get("topology", "ring"), gossip_rounds=int(opts.get("rounds", 1)), mixing=opts.get("mixing", "1") == "1",
-            consensus_every=int(opts.get("consensus_every", 0)), overlap=opts.get("overlap", "0") == "1",
-            wire_dtype=opts.get("wire_dtype"),
-        )
+        strategy = decentralized(opts, consensus_every=int(opts.get("consensus_every", 0)))
         kwargs = json.loads(opts.get("kwargs", "{}"))
         t = trainer(out, strategy, devices, max_steps=steps, callbacks=[SaveReplica(out)])
         batches = DataLoader(TensorDataset(torch.zeros(steps * devices, 1)), batch_size=1)
@@ -384,7 +460,7 @@ def main() -> None:
 
     elif scenario == "shards":  # what each rank's datamodule hands it in one epoch
         data = GaussianMixtureDataModule("grid", num_samples=int(opts["n"]), batch_size=50, shard=opts["shard"], val_size=int(opts.get("val", 0)))
-        t = trainer(out, DecentralizedStrategy("ring", consensus_every=0), devices, max_epochs=1, num_sanity_val_steps=0, limit_val_batches=0)
+        t = trainer(out, decentralized(opts, consensus_every=0), devices, max_epochs=1, num_sanity_val_steps=0, limit_val_batches=0)
         t.fit(RecordBatches(out), datamodule=data)
 
     elif scenario == "evaluate":  # GANEvaluation during a short DPGAN run (or the same run without it)
@@ -395,7 +471,7 @@ def main() -> None:
                 opts.get("dataset", "grid"), every_n_steps=10, num_samples=int(opts.get("samples", 400)),
                 model=opts.get("model", "consensus"), output_dir=os.path.join(out, "eval"),
             ))
-        strategy = DecentralizedStrategy("ring", consensus_every=5, mixing=opts.get("mixing", "1") == "1")
+        strategy = decentralized(opts, consensus_every=5)
         logger = CSVLogger(out, name="log") if opts.get("logger", "csv") == "csv" else TensorBoardLogger(out, name="tb")
         t = pl.Trainer(
             accelerator="cpu", devices=devices, strategy=strategy, max_steps=int(opts.get("steps", 30)), logger=logger,
@@ -409,10 +485,7 @@ def main() -> None:
             t.fit(gan, datamodule=GaussianMixtureDataModule("grid", num_samples=20_000, batch_size=64))
 
     elif scenario == "grid":  # DPGAN with OptimisticAdam on the grid of 25 Gaussians
-        strategy = DecentralizedStrategy(
-            "ring", gossip_rounds=int(opts.get("rounds", 1)), consensus_every=int(opts.get("consensus_every", 50)),
-            mixing=opts.get("mixing", "1") == "1",
-        )
+        strategy = decentralized(opts, consensus_every=int(opts.get("consensus_every", 50)))
         callbacks = [SaveReplica(out), Snapshots(out, int(opts.get("snapshot_every", 10**9))), NoiseAtFirstBatch(out)]
         if opts.get("strategy") == "ddp":  # centralized OSG (CPOSG): gradients all-reduced, same optimizer
             strategy = DDPStrategy(find_unused_parameters=int(opts.get("n_critic", 1)) > 1)
@@ -420,14 +493,23 @@ def main() -> None:
             callbacks.append(MessageCount(out))
         t = trainer(out, strategy, devices, max_steps=int(opts["steps"]), callbacks=callbacks, log_every_n_steps=1)
         hidden = int(opts.get("hidden", 128))
+        generator = MLPGenerator(latent_dim=int(opts.get("latent", 2)), hidden=hidden, output_scale=float(opts.get("output_scale", 1)))
         gan = DPGAN(
-            MLPGenerator(hidden=hidden), MLPDiscriminator(hidden=hidden), optimizer=opts.get("optimizer", "optimistic_adam"),
+            generator, MLPDiscriminator(hidden=hidden), optimizer=opts.get("optimizer", "optimistic_adam"),
             lr_g=float(opts.get("lr", 1e-3)), lr_d=float(opts.get("lr", 1e-3)), optimizer_kwargs={"betas": (0.5, 0.9)},
             loss=opts.get("loss", "ns"), n_critic=int(opts.get("n_critic", 1)), ema_decay=float(opts.get("ema", 0)) or None,
+            r1=float(opts.get("r1", 0)),
         )
         t.fit(gan, datamodule=GaussianMixtureDataModule("grid", batch_size=int(opts.get("batch_size", 128))))
     else:
         raise SystemExit(f"unknown scenario {scenario}")
+    _release(t)
+
+
+def _release(t: pl.Trainer) -> None:
+    """Between the fits of a suite: every rank is done with this one before the next starts."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 if __name__ == "__main__":

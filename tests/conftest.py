@@ -1,0 +1,99 @@
+"""Shared multi-process runs: one torchrun launch of 4 ranks (and one of 2) runs every scenario that needs no launcher
+of its own, one fit after another in the same processes. Each test then checks its scenario's folder. Starting
+Python, torch and Lightning in 4 processes on 2 cores costs far more than most of these fits, so one launch
+instead of thirty keeps the suite fast; the launchers themselves (popen, spawn, torchrun across two agents, the
+command line) keep tests of their own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import run, torchrun
+
+TINY = ["devices=2", "max_steps=40", "evaluation.every_n_steps=20", "evaluation.num_samples=400", "trainer.enable_progress_bar=false"]
+
+BILINEAR_EQUATIONS = [  # test_dposg.py: the strategy against the DPOSG recursion in numpy
+    {"topology": "complete", "rounds": 1, "optimizer": "optimistic_adam", "kwargs": {"betas": [0.5, 0.9]}, "overlap": 0},
+    {"topology": "ring", "rounds": 1, "optimizer": "optimistic_adam", "kwargs": {"betas": [0.5, 0.9]}, "overlap": 0},
+    {"topology": "ring", "rounds": 3, "optimizer": "optimistic_sgd", "kwargs": {}, "overlap": 0},
+    {"topology": "ring", "rounds": 1, "optimizer": "optimistic_adam", "kwargs": {"betas": [0.5, 0.9]}, "overlap": 1},
+    {"topology": "ring", "rounds": 2, "optimizer": "optimistic_sgd", "kwargs": {}, "overlap": 1},
+]
+BILINEAR_CONVERGENCE = {"t1": {"rounds": 1}, "t3": {"rounds": 3}, "t1_overlap": {"rounds": 1, "overlap": 1}, "local": {"rounds": 1, "mixing": 0}}
+EVALUATE = {"steps": 30, "samples": 400}
+
+
+def suite4_scenarios(out: Path) -> list[list]:
+    sync, overlap = out / "resume_sync", out / "resume_overlap"
+    scenarios: list[list] = [
+        ["sgd", "sgd_complete", {"strategy": "complete"}],
+        ["sgd", "sgd_ddp", {"strategy": "ddp"}],
+        ["gan", "gan_mix", {"mixing": 1}],
+        ["gan", "gan_local", {"mixing": 0}],
+        ["features", "features", {}],
+        ["anchored", "anchored_bf16", {"rounds": 2, "wire_dtype": "bf16"}],
+        # resume: synchronous from an epoch's end; overlapped at an epoch's end and twice mid-epoch, one full run each
+        ["resume", "resume_sync/full", {"epochs": 3}],
+        ["resume", "resume_sync/part", {"epochs": 1}],
+        ["resume", "resume_sync/part", {"epochs": 3, "ckpt": str(sync / "part/ckpt/epoch=0-step=14.ckpt")}],
+        ["resume", "resume_overlap/full", {"epochs": 3, "overlap": 1, "every": 4}],
+        ["resume", "resume_overlap/end", {"epochs": 2, "overlap": 1, "every": 4}],
+        ["resume", "resume_overlap/end", {"epochs": 3, "overlap": 1, "every": 4, "ckpt": str(overlap / "end/ckpt/epoch=1-step=28.ckpt")}],
+        ["resume", "resume_overlap/mid", {"epochs": 3, "overlap": 1, "every": 4, "stop": 20}],
+        ["resume", "resume_overlap/mid", {"epochs": 3, "overlap": 1, "every": 4, "stop": 24, "ckpt": str(overlap / "mid/ckpt/epoch=1-step=20.ckpt")}],
+        ["resume", "resume_overlap/mid", {"epochs": 3, "overlap": 1, "every": 4, "ckpt": str(overlap / "mid/ckpt/epoch=1-step=24.ckpt")}],
+        ["grid", "messages", {"steps": 6, "rounds": 3, "n_critic": 2, "loss": "wgan-gp", "ema": 0.99, "consensus_every": 2}],
+        ["grid", "noise_ddp", {"steps": 1, "strategy": "ddp"}],
+        ["grid", "noise_decentralized", {"steps": 1}],
+        ["grid", "cposg", {"steps": 5, "strategy": "ddp", "n_critic": 2, "loss": "wgan-gp"}],
+        ["evaluate", "eval_consensus", EVALUATE],
+        ["evaluate", "eval_plain", {**EVALUATE, "eval": 0}],
+        ["evaluate", "eval_local", {**EVALUATE, "model": "local", "mixing": 0}],
+        ["shards", "shards_iid", {"shard": "iid", "n": 2000, "val": 200}],
+        ["shards", "shards_by_label", {"shard": "by_label", "n": 2000, "val": 200}],
+        # a NaN on rank 2 after step 7: agreed at the next checkpoint (every 2 steps), or through the gossip (every 20)
+        ["nonfinite", "nonfinite_checkpoint", {"poison_rank": 2, "poison_step": 7, "every": 2}],
+        ["nonfinite", "nonfinite_gossip", {"poison_rank": 2, "poison_step": 7, "every": 20}],
+    ]
+    for i, case in enumerate(BILINEAR_EQUATIONS):
+        scenarios.append(["bilinear", f"bilinear_equations{i}", {
+            **{k: v for k, v in case.items() if k != "kwargs"}, "kwargs": json.dumps(case["kwargs"]), "lr": 0.05, "steps": 6,
+            "consensus_every": 2 if case["overlap"] else 0,
+        }])
+    for name, opts in BILINEAR_CONVERGENCE.items():
+        scenarios.append(["bilinear", f"bilinear_{name}", {"optimizer": "optimistic_sgd", "lr": 0.1, "steps": 600, "per_batch": 10, **opts}])
+    return scenarios
+
+
+@pytest.fixture(scope="session")
+def suite4(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("suite4")
+    torchrun("lightning_worker.py", 4, "suite", str(out), json.dumps(suite4_scenarios(out)), timeout=900)
+    return out
+
+
+@pytest.fixture(scope="session")
+def suite2(tmp_path_factory, suite4) -> Path:
+    """2 ranks (a core each): a 4-rank checkpoint resumed at another world size, FID on digits, and a GAN trained
+    long enough to cover the grid's modes."""
+    out = tmp_path_factory.mktemp("suite2")
+    scenarios = [
+        ["resume", "resume_two", {"epochs": 4, "devices": 2, "save": "start", "ckpt": str(suite4 / "resume_sync/full/ckpt/last.ckpt")}],
+        ["evaluate", "eval_digits", {"dataset": "digits", "devices": 2, "steps": 20, "samples": 200}],
+        ["grid", "smoke", {"devices": 2, "steps": 2000, "batch_size": 256, "ema": 0.99}],
+    ]
+    torchrun("lightning_worker.py", 2, "suite", str(out), json.dumps(scenarios), timeout=600)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory):
+    """A tiny run of the command line (2 workers, 40 iterations), shared by the command-line and reliability tests."""
+    import sys
+
+    run_dir = tmp_path_factory.mktemp("fit") / "run"
+    proc = run([sys.executable, "-m", "lightning_dpgan", "fit", *TINY, f"hydra.run.dir={run_dir}"], timeout=240)
+    return run_dir, proc

@@ -1,0 +1,306 @@
+"""Nothing lost, nothing run: every fault of docs/reliability.md, tried for real.
+
+Checkpoints that would run code, corrupt or foreign ones, kill -9 during checkpoint writes, NaN, two runs at once,
+a taken port, a dead launcher, a stalled worker, SIGTERM to the whole process group. Bad input is checked in this
+process (it ends before any worker would start); everything that involves workers runs real processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_dpgan.replicas import CheckpointError, ReplicaSet, check_set, read_main, read_replica, replica_set_of
+
+from helpers import WORKERS, call_cli, group_alive, run, worker_env
+
+CLI = [sys.executable, "-m", "lightning_dpgan"]
+
+
+def one_error(status: int, err: str, message: str) -> None:
+    assert status == 2, err[-2000:]
+    assert message in err, err[-2000:]
+    assert err.count("error:") == 1 and "Traceback" not in err, err[-2000:]
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy, copy / "checkpoints" / "last.ckpt"
+
+
+def set_folder(ckpt: Path) -> Path:
+    (folder,) = Path(f"{ckpt}.replicas").iterdir()
+    return folder
+
+
+class RunsCode:
+    """A pickle that runs a shell command when it is unpickled: what ``weights_only=True`` refuses to load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ---------------------------------------------------------------------- checkpoints are data
+@pytest.mark.parametrize("target", ["main file (fit)", "replica file (fit)", "validate", "sample"])
+def test_a_checkpoint_that_would_run_code_is_refused_with_one_line(fitted, tmp_path, target):
+    run_dir, _ = fitted
+    copy, ckpt = copy_run(run_dir, tmp_path)
+    marker = tmp_path / "ran"
+    victim = set_folder(ckpt) / "rank1.pt" if target.startswith("replica") else ckpt
+    contents = torch.load(victim, weights_only=True)
+    contents["payload"] = RunsCode(marker)
+    torch.save(contents, victim)  # torch.save pickles anything: a tampered file looks like this
+    verb = target if target in ("validate", "sample") else "fit"
+    status, _, err = call_cli(verb, f"ckpt_path={ckpt}", "devices=2", f"hydra.run.dir={tmp_path / 'out'}")
+    one_error(status, err, "holds objects other than tensors and plain data, which are never loaded")
+    assert not marker.exists()  # and nothing ran
+    with pytest.raises(CheckpointError, match="never loaded"):  # the strategy reads through the same function
+        read_main(victim) if victim == ckpt else read_replica(ckpt, replica_set_of(read_main(ckpt)), 1)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("truncate", "is not a readable checkpoint"),
+        ("random", "is not a readable checkpoint"),
+        ("other_model", "is not of this model (other shapes: "),
+        ("mixed_set", "belongs to another checkpoint (step=20, token='0000abcd'; the main file expects step=40, token="),
+        ("missing_replica", "replica file of rank 1 '"),
+    ],
+)
+def test_a_damaged_or_foreign_checkpoint_is_refused_before_any_worker(fitted, tmp_path, damage, message):
+    run_dir, _ = fitted
+    copy, ckpt = copy_run(run_dir, tmp_path)
+    extra: list[str] = []
+    if damage == "truncate":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    elif damage == "random":
+        ckpt.write_bytes(random.Random(0).randbytes(4096))
+    elif damage == "other_model":
+        extra = ["model.generator.hidden=64"]
+    elif damage == "mixed_set":  # rank 1's replica from another set (step 20), as a crash mid-write once left it
+        replica = torch.load(set_folder(ckpt) / "rank1.pt", weights_only=True)
+        torch.save({**replica, "step": 20, "token": "0000abcd"}, set_folder(ckpt) / "rank1.pt")
+    else:
+        (set_folder(ckpt) / "rank1.pt").unlink()
+    status, _, err = call_cli("fit", f"ckpt_path={ckpt}", "devices=2", f"hydra.run.dir={tmp_path / 'out'}", *extra)
+    one_error(status, err, message)
+    assert not (tmp_path / "out").exists()  # no run directory either: nothing started
+
+
+def test_replica_checks_name_what_does_not_match(tmp_path):
+    from lightning_dpgan.replicas import write_replica
+
+    first = ReplicaSet("run-a", 10, "aaaa", 2, "ring")
+    write_replica(tmp_path / "c.ckpt", first, 0, {"state_dict": {}})
+    assert read_replica(tmp_path / "c.ckpt", first, 0)["rank"] == 0
+    # the same step and token, written by another run: the run id tells them apart
+    with pytest.raises(CheckpointError, match=r"belongs to another checkpoint \(run_id='run-a'; the main file expects run_id='run-b'\)"):
+        read_replica(tmp_path / "c.ckpt", ReplicaSet("run-b", 10, "aaaa", 2, "ring"), 0)
+
+
+# ---------------------------------------------------------------------- a checkpoint set is one unit
+def _fit(run_dir: Path, *extra: str) -> subprocess.Popen:
+    args = ["devices=2", "max_steps=120", "batch_size=64", "checkpoint.every_n_train_steps=1", "checkpoint.save_top_k=1",
+            "evaluation.every_n_steps=0", "evaluation.num_samples=100", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen([*CLI, "fit", *args, *extra], env=worker_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_during_checkpoint_writes_leaves_a_whole_set_and_every_resume_is_exact(tmp_path):
+    """A checkpoint every step, and the whole process group killed with SIGKILL at random moments, three times:
+    each time ``last.ckpt`` and its replica files load and belong together, and resuming from them (into the same
+    run directory) ends, after the last interruption, with replicas identical to those of a run never interrupted."""
+    reference = _fit(tmp_path / "reference")  # runs beside the interrupted chain
+    chain, last = tmp_path / "chain", tmp_path / "chain" / "checkpoints" / "last.ckpt"
+    rng = random.Random(1)
+    steps = []
+    for attempt in range(4):
+        proc = _fit(chain, *([f"ckpt_path={last}"] if attempt else []))
+        if attempt == 3:
+            assert proc.wait(timeout=240) == 0, proc.communicate()[1][-3000:]
+            break
+        deadline = time.monotonic() + 120
+        while not last.exists() or read_main(last)["global_step"] <= (steps[-1] if steps else 0):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        check_set(last, 2)  # loads, and every replica file belongs to it
+        main = read_main(last)
+        steps.append(main["global_step"])
+        assert replica_set_of(main).step == main["global_step"]
+    assert len(set(steps)) == 3, steps  # three interruptions, each after more training
+    assert reference.wait(timeout=240) == 0, reference.communicate()[1][-3000:]
+    expected, got = (read_main(run / "checkpoints" / "last.ckpt") for run in (tmp_path / "reference", chain))
+    assert got["global_step"] == expected["global_step"] == 120
+    for rank in range(2):
+        a = read_replica(tmp_path / "reference" / "checkpoints" / "last.ckpt", replica_set_of(expected), rank)
+        b = read_replica(last, replica_set_of(got), rank)
+        for key, value in a["state_dict"].items():
+            assert torch.equal(value, b["state_dict"][key]), (rank, key)
+
+
+# ---------------------------------------------------------------------- non-finite values
+@pytest.mark.parametrize("path", ["checkpoint", "gossip"])
+def test_a_nonfinite_value_stops_every_rank_at_one_step_and_no_checkpoint_keeps_it(suite4, path):
+    """Rank 2's generator gets a NaN after step 7. With a checkpoint every 2 steps, the checkpoint of step 8 is where
+    every rank learns of it (it refuses to be written); with one every 20, the stop announced through the gossip is
+    taken by every rank after the same later step. Either way the newest checkpoint is step 6's, and finite."""
+    out = suite4 / f"nonfinite_{path}"
+    stopped = [json.loads((out / f"stopped_rank{r}.json").read_text()) for r in range(4)]
+    assert {s["exception"] for s in stopped} == {"NonFiniteError"}
+    assert len({s["step"] for s in stopped}) == 1 and len({s["message"] for s in stopped}) == 1, stopped
+    assert "non-finite values in the generator on rank 2 at optimizer step 8" in stopped[0]["message"]
+    assert stopped[0]["step"] == 8 if path == "checkpoint" else 8 < stopped[0]["step"] < 20, stopped
+    saved = sorted(int(p.stem.rsplit("=", 1)[1]) for p in (out / "ckpt").glob("epoch=*.ckpt"))
+    assert saved == ([2, 4, 6] if path == "checkpoint" else []), saved
+    if path == "checkpoint":
+        last = read_main(out / "ckpt" / "last.ckpt")
+        assert last["global_step"] == 6
+        assert all(bool(torch.isfinite(v).all()) for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_an_overflowing_learning_rate_ends_the_cli_with_one_line(tmp_path):
+    proc = run([*CLI, "fit", "devices=2", "max_steps=50", "model.lr_g=1e6", "model.lr_d=1e6", "evaluation.every_n_steps=0",
+                "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"], timeout=240, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "error: non-finite values in the " in proc.stderr and "every rank stopped after step" in proc.stderr
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # it diverged before any checkpoint
+
+
+# ---------------------------------------------------------------------- one run, one directory
+def test_two_runs_started_together_get_a_directory_each(tmp_path):
+    args = ["devices=1", "max_steps=3", "evaluation.every_n_steps=0", "evaluation.num_samples=100",
+            "trainer.enable_progress_bar=false", f"output_dir={tmp_path}"]
+    procs = [subprocess.Popen([*CLI, "fit", *args], env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0, proc.communicate()[1][-2000:]
+    runs = sorted((tmp_path / "fit").iterdir())
+    assert len(runs) == 2, runs
+    for run_dir in runs:
+        assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        assert not list((run_dir / "checkpoints").glob("last-v*.ckpt"))
+
+
+def test_a_run_directory_that_holds_a_run_is_refused_unless_resuming_from_it(fitted, tmp_path):
+    run_dir, _ = fitted
+    status, _, err = call_cli("fit", "devices=2", f"hydra.run.dir={run_dir}")
+    one_error(status, err, f"run directory '{run_dir}' already holds a run")
+    elsewhere = tmp_path / "elsewhere.ckpt"
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", elsewhere)
+    shutil.copytree(run_dir / "checkpoints" / "last.ckpt.replicas", f"{elsewhere}.replicas")
+    status, _, err = call_cli("fit", "devices=2", f"hydra.run.dir={run_dir}", f"ckpt_path={elsewhere}")
+    one_error(status, err, "already holds a run")  # resuming from a checkpoint elsewhere does not make it ours
+    # resuming from its own checkpoint is allowed (the kill -9 test resumes three times into one directory)
+
+
+# ---------------------------------------------------------------------- no orphans
+def test_a_taken_master_port_is_named_before_any_worker(monkeypatch, tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        status, _, err = call_cli("fit", "devices=2", f"output_dir={tmp_path}")
+        one_error(status, err, f"MASTER_PORT={port} is already in use on this machine")
+        import lightning.pytorch as pl
+
+        from lightning_dpgan import DecentralizedStrategy
+
+        with pytest.raises(RuntimeError, match=f"MASTER_PORT={port} is already in use"):  # the library, too
+            pl.Trainer(accelerator="cpu", devices=2, strategy=DecentralizedStrategy(), logger=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(FileNotFoundError):  # a zombie has exited; only its parent has not reaped it yet
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return False
+
+
+def _launch(scenario: str, out: Path, *opts: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(WORKERS / "lightning_worker.py"), scenario, str(out), *opts],
+                            env=worker_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_rank_zero_dying_in_setup_takes_its_workers_with_it(tmp_path):
+    """Rank 0 (the launching process) exits while ranks 1-3 wait for it in the initial broadcast: without the
+    parent-death signal they would wait out the start-up timeout (30 minutes), orphaned."""
+    proc = _launch("die_in_setup", tmp_path)
+    assert proc.wait(timeout=120) == 3
+    pids = [int((tmp_path / f"pid_rank{r}.txt").read_text()) for r in range(1, 4)]
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids), "workers outlived the launching process"
+
+
+def test_a_stalled_worker_is_named_and_does_not_outlive_the_run(tmp_path):
+    """Rank 2 stops itself (SIGSTOP) at step 6: its neighbours name it after the peer timeout, the run ends, and the
+    stopped process is killed with its launcher instead of staying behind."""
+    start = time.monotonic()
+    proc = _launch("kill", tmp_path, "rank=2", "sig=STOP", "timeout=5")
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "GossipPeerError" in stderr and "with rank 2 failed" in stderr, stderr[-3000:]
+    assert time.monotonic() - start < 90
+    stalled = int((tmp_path / "pid_rank2.txt").read_text())
+    deadline = time.monotonic() + 30
+    while _alive(stalled) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(stalled), "the stopped worker outlived the run"
+
+
+def test_sigterm_to_the_process_group_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    """What a scheduler does: SIGTERM to every process at once. Every rank finishes the same step, the checkpoint of
+    that step is written (its replicas say so), the run says where it stopped, and nobody prints a traceback."""
+    proc = subprocess.Popen(
+        [*CLI, "fit", "devices=4", "max_steps=100000", "evaluation.every_n_steps=0", "checkpoint.every_n_train_steps=100000",
+         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", f"hydra.run.dir={tmp_path}"],
+        env=worker_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "metrics.csv").exists():  # the logger has written: training runs
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "Connection closed" not in stderr, stderr[-3000:]
+    last = read_main(tmp_path / "checkpoints" / "last.ckpt")
+    step = last["global_step"]
+    assert f"stopped at step {step} on SIGTERM: every rank finished it" in stdout + stderr
+    assert f"resume: python -m lightning_dpgan fit ckpt_path={tmp_path}/checkpoints/last.ckpt" in stdout
+    check_set(tmp_path / "checkpoints" / "last.ckpt", 4)
+    assert replica_set_of(last).step == step > 0
+    deadline = time.monotonic() + 30
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(proc.pid)
