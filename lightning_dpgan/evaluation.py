@@ -24,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
@@ -96,7 +97,7 @@ class GANEvaluation(pl.Callback):
             if not self.dataset:
                 raise ValueError("GANEvaluation needs dataset=..., or a datamodule with a name (e.g. 'grid', 'digits')")
         if self.is_mixture:
-            self.metrics = {"coverage": ModeCoverage(self.dataset, sync_on_compute=sync)}
+            self.metrics = {"coverage": ModeCoverage(*mixture_modes(self.dataset), sync_on_compute=sync)}
         else:
             self.metrics = {
                 "fid": fid_metric(self.dataset, sync_on_compute=sync),
@@ -137,7 +138,13 @@ class GANEvaluation(pl.Callback):
         with self._consensus(trainer, generator):
             per_rank = math.ceil(self.num_samples / world_size) if self.model == "consensus" else self.num_samples
             samples = self._generate(generator, pl_module, per_rank, trainer.global_step, trainer.global_rank)
+        if not self._all_finite(trainer, samples):
+            # a diverged replica: the strategy stops the run within a few steps; scoring NaN would only raise
+            rank_zero_warn(f"evaluation at step {trainer.global_step} skipped: the generator's samples are not finite")
+            self._evaluating_s += time.perf_counter() - started
+            return {}
         logged = self._summarise(trainer, self._score(samples))
+        # a strategy whose replicas differ (DecentralizedStrategy) says how far apart they are
         consensus = trainer.strategy.measure_consensus() if hasattr(trainer.strategy, "measure_consensus") and world_size > 1 else {}
         logged.update({f"consensus/{k}": v for k, v in consensus.items()})
         if trainer.is_global_zero:
@@ -148,6 +155,14 @@ class GANEvaluation(pl.Callback):
             self._write_history()  # after every evaluation: a run stopped early keeps what it measured
         self._evaluating_s += time.perf_counter() - started
         return logged
+
+    @staticmethod
+    def _all_finite(trainer: pl.Trainer, samples: Tensor) -> bool:
+        """Whether every rank's samples are finite (every rank gets the same answer)."""
+        finite = torch.tensor(float(torch.isfinite(samples).all()), device=samples.device)
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce(finite, reduce_op=torch.distributed.ReduceOp.MIN)
+        return bool(finite > 0)
 
     def evaluate_module(self, pl_module: pl.LightningModule, datamodule: Any, picture: str | None = None) -> dict[str, float]:
         """Score one model in this process alone, with no trainer (the ``validate`` verb); ``picture``: a PNG path."""
@@ -186,15 +201,15 @@ class GANEvaluation(pl.Callback):
 
     @contextlib.contextmanager
     def _consensus(self, trainer: pl.Trainer, generator: nn.Module) -> Iterator[None]:
-        engine = getattr(trainer.strategy, "engine", None)
-        if self.model != "consensus" or engine is None or engine.world_size == 1:
+        """The generator averaged over ranks (``trainer.strategy.reduce``, any strategy) while the block runs."""
+        if self.model != "consensus" or trainer.world_size == 1:
             yield
             return
         tensors = [p.data for p in generator.parameters()] + [b for b in generator.buffers() if b.is_floating_point()]
         saved = [t.clone() for t in tensors]
         with torch.no_grad():
-            for t, avg in zip(tensors, engine.average(tensors)):
-                t.copy_(avg)
+            for t in tensors:
+                t.copy_(trainer.strategy.reduce(t.clone(), reduce_op="mean"))
         try:
             yield
         finally:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_dpgan.data import mixture_modes
 from lightning_dpgan.metrics import ModeCoverage
 from lightning_dpgan.models import MLPGenerator
 from lightning_dpgan.topology import complete, ring
@@ -133,7 +134,7 @@ def test_grid25_smoke_run_covers_most_modes(suite2):
     torch.manual_seed(0)
     with torch.no_grad():
         samples = generator(torch.randn(2500, generator.latent_dim)).numpy()
-    coverage = ModeCoverage("grid")
+    coverage = ModeCoverage(*mixture_modes("grid"))
     coverage.update(torch.as_tensor(samples))
     result = coverage.compute()
     assert result["modes"] >= 20, result

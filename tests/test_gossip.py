@@ -206,14 +206,6 @@ def test_world_size_one_is_noop():
     assert one.messages_sent == 0
 
 
-@pytest.mark.parametrize(("name", "expected"), [("one_peer_exponential", "tensors"), ("ring", "flat")])
-def test_one_round_mix_lerps_into_the_tensors_only_with_one_in_neighbour(name, expected):
-    """The one-peer cases above cover the lerp straight into the tensors only while this holds."""
-    e = engine(name)
-    assert e._last_round_into(rounds=1, keep_changes=False) == expected
-    assert e._last_round_into(rounds=2, keep_changes=False) == "flat"
-
-
 def test_schedule_posts_every_receive_before_any_send():
     """Receives first, so that their ready notices do not queue behind this worker's data to the same peer; the
     expected order is written out by hand (rank 0 of a ring of 4, two chunks)."""

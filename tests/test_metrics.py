@@ -13,6 +13,7 @@ from lightning_dpgan.metrics import (
     FrozenExtractor,
     ModeCoverage,
     extractor_report,
+    mode_coverage,
     fid_metric,
     inception_score_metric,
     load_classifier,
@@ -22,10 +23,14 @@ GRID = np.array([(a, b) for a in (-4.0, -2.0, 0.0, 2.0, 4.0) for b in (-4.0, -2.
 
 
 def coverage(samples: np.ndarray, chunks: int = 1) -> dict[str, float]:
-    metric = ModeCoverage("grid")
-    for part in np.array_split(samples, chunks):  # states accumulate over updates
+    """The metric, fed in chunks (states accumulate over updates); its functional twin must agree."""
+    metric = ModeCoverage(GRID, sigma=0.05)
+    for part in np.array_split(samples, chunks):
         metric.update(torch.as_tensor(part))
-    return {k: float(v) for k, v in metric.compute().items()}
+    result = {k: float(v) for k, v in metric.compute().items()}
+    functional = {k: float(v) for k, v in mode_coverage(torch.as_tensor(samples), GRID, 0.05).items()}
+    assert functional == pytest.approx(result)
+    return result
 
 
 def test_all_modes():
@@ -56,7 +61,11 @@ def test_off_mode_noise():
 
 def test_bad_shape_is_named():
     with pytest.raises(ValueError, match=r"expects \(N, 2\) samples, got shape \(4, 3\)"):
-        ModeCoverage().update(torch.zeros(4, 3))
+        ModeCoverage(GRID, 0.05).update(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match=r"modes must be a \(K, 2\) array of mode centres, got shape \(25,\)"):
+        ModeCoverage(GRID[:, 0], 0.05)
+    with pytest.raises(ValueError, match=r"sigma must be a finite number > 0, got 0"):
+        mode_coverage(torch.zeros(4, 2), GRID, 0)
 
 
 def real_splits(module) -> tuple[torch.Tensor, torch.Tensor]:

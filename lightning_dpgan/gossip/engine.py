@@ -64,14 +64,16 @@ class _AllAverage:
 
 
 class PendingMix:
-    """A mix on the wire, from :meth:`GossipEngine.start_mix` until :meth:`GossipEngine.finish_mix`."""
+    """A mix on the wire, from :meth:`GossipEngine.start_mix` until :meth:`GossipEngine.finish_mix`: its first round
+    posted, and the packed tensors as they were when it started (``x``), from which the correction is formed."""
 
-    def __init__(self, plan: Plan, rounds: int, posted: list[_Round | _AllAverage], snapshots: list[Tensor] | None, written: bool) -> None:
+    def __init__(self, plan: Plan, rounds: int, posted: list[_Round | _AllAverage], snapshots: list[Tensor] | None) -> None:
         self.plan = plan
-        self.rounds = rounds  # rounds still to apply, the posted one included
+        self.rounds = rounds  # rounds still to run, the posted one included
         self.posted = posted
-        self.snapshots = snapshots  # the packed tensors at start; None: overwrite instead of adding the correction
-        self.written = written  # the last round wrote the tensors itself: nothing to unpack
+        # x as it was at the start, when rounds after the first overwrite the flat buffer (None: a one-round mix
+        # adds its correction straight into the tensors)
+        self.snapshots = snapshots
 
 
 class PeerTimeout:
@@ -170,8 +172,31 @@ class GossipEngine:
     # ------------------------------------------------------------------ mixing primitives
     @torch.no_grad()
     def mix(self, tensors: Sequence[Tensor], rounds: int | None = None) -> None:
-        """Replace every worker's tensors by ``W^t`` times the stacked tensors, in place."""
-        self._complete(self._post_mix(tensors, rounds or self.options.rounds, keep_changes=False))
+        """Replace every worker's tensors by ``W^t`` times the stacked tensors, in place.
+
+        Rounds combine into the packed flat buffer, which is then unpacked; a one-round mix with one in-neighbour
+        (one-peer exponential) is a lerp straight into the tensors instead, with nothing to pack or unpack.
+        """
+        rounds = rounds or self.options.rounds
+        plan = self._plan_for(tensors, rounds)
+        if plan is None:
+            return
+        if self.topology.is_complete:  # one exact average whatever t
+            for bucket in plan.buckets:
+                bucket.pack()
+            self._run(plan, [self._post_all_average(bucket, with_headers=True) for bucket in plan.buckets], 1, rounds)
+            for bucket in plan.buckets:
+                bucket.unpack()
+            return
+        nb = self._neighbours[self.phase % self.topology.period]
+        into: Into = "tensors" if rounds == 1 and lerps(nb.self_weight, nb.receive_weights) else "flat"
+        for bucket in plan.buckets:
+            if into == "flat" or self._wire_dtype(bucket) == bucket.dtype:
+                bucket.pack()  # else the wire copy is cast straight from the tensors
+        self._run(plan, [self._post_round(bucket, into) for bucket in plan.buckets], rounds)
+        if into == "flat":
+            for bucket in plan.buckets:
+                bucket.unpack()
 
     @torch.no_grad()
     def start_mix(self, tensors: Sequence[Tensor], rounds: int | None = None) -> PendingMix | None:
@@ -182,12 +207,36 @@ class GossipEngine:
         it was here, instead of overwriting, so those changes are kept. Rounds after the first run in
         ``finish_mix``. ``None`` when there is nothing to send (one worker, no tensors).
         """
-        return self._post_mix(tensors, rounds or self.options.rounds, keep_changes=True)
+        rounds = rounds or self.options.rounds
+        plan = self._plan_for(tensors, rounds)
+        if plan is None:
+            return None
+        for bucket in plan.buckets:
+            bucket.pack()
+        self._plans.mark_in_flight(plan)
+        if self.topology.is_complete:  # one exact average whatever t
+            snapshots = [b.scratch("snapshot", b.dtype).copy_(b.flat) for b in plan.buckets]
+            self.phase += rounds
+            return PendingMix(plan, 1, [self._post_all_average(b, with_headers=True) for b in plan.buckets], snapshots)
+        # one round: the received rows combine into the correction, from the flat buffer that still holds x
+        snapshots = None if rounds == 1 else [b.scratch("snapshot", b.dtype).copy_(b.flat) for b in plan.buckets]
+        into: Into = "correction" if rounds == 1 else "flat"
+        posted: list[_Round | _AllAverage] = [self._post_round(bucket, into) for bucket in plan.buckets]
+        self.phase += 1
+        return PendingMix(plan, rounds, posted, snapshots)
 
     @torch.no_grad()
     def finish_mix(self, pending: PendingMix | None) -> None:
-        """Wait for a mix begun by :meth:`start_mix` and apply it."""
-        self._complete(pending)
+        """Wait for a mix begun by :meth:`start_mix` and add its correction to the tensors as they are now."""
+        if pending is None:
+            return
+        self._plans.release(pending.plan)
+        self._finish_rounds(pending.plan, pending.posted, pending.rounds)
+        if pending.snapshots is None:
+            return  # the one round already added the correction
+        for bucket, snapshot in zip(pending.plan.buckets, pending.snapshots):
+            bucket.flat.sub_(snapshot)  # the correction W^t x - x, seen through the views
+            torch._foreach_add_(bucket.tensors, bucket.views)
 
     @torch.no_grad()
     def average(self, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -246,7 +295,8 @@ class GossipEngine:
         self._plans.clear()
 
     # ------------------------------------------------------------------ internals
-    def _post_mix(self, tensors: Sequence[Tensor], rounds: int, keep_changes: bool) -> PendingMix | None:
+    def _plan_for(self, tensors: Sequence[Tensor], rounds: int) -> Plan | None:
+        """The buffers of a mix of these tensors, or ``None`` when there is nothing to exchange."""
         if self.world_size == 1 or not tensors:
             self.phase += rounds
             return None
@@ -254,53 +304,22 @@ class GossipEngine:
         for bucket in plan.buckets:
             if not bucket.flat.is_floating_point():
                 raise ValueError(f"gossip averages floating-point tensors only, got one of dtype {bucket.dtype}")
-        into = self._last_round_into(rounds, keep_changes)
-        for bucket in plan.buckets:
-            if not (into == "tensors" and self._wire_dtype(bucket) != bucket.dtype):
-                bucket.pack()  # else the wire copy is cast straight from the tensors
-        if keep_changes:
-            self._plans.mark_in_flight(plan)
-        snapshots = None
-        if keep_changes and into != "correction":
-            snapshots = [b.scratch("snapshot", b.dtype).copy_(b.flat) for b in plan.buckets]
-        if self.topology.is_complete:
-            posted: list[_Round | _AllAverage] = [self._post_all_average(bucket, with_headers=True) for bucket in plan.buckets]
-            self.phase += rounds  # W^t = W for the complete graph: one exact average whatever t
-            rounds = 1
-        else:
-            posted = [self._post_round(bucket, into) for bucket in plan.buckets]
-            self.phase += 1
-        return PendingMix(plan, rounds, posted, snapshots, written=into != "flat")
+        return plan
 
-    def _last_round_into(self, rounds: int, keep_changes: bool) -> Into:
-        """Where the last round writes (:mod:`.combine`). Only a one-round mix can skip the flat buffer: its
-        flat buffer still holds ``x`` when the round combines."""
-        if rounds > 1 or self.topology.is_complete:
-            return "flat"
-        if keep_changes:
-            return "correction"
-        nb = self._neighbours[self.phase % self.topology.period]
-        return "tensors" if lerps(nb.self_weight, nb.receive_weights) else "flat"
+    def _run(self, plan: Plan, posted: list[_Round | _AllAverage], rounds: int, phases: int | None = None) -> None:
+        """Finish the posted first round and run the others; the phase moves on by ``phases`` (default: rounds)."""
+        self.phase += phases if phases is not None else 1
+        self._finish_rounds(plan, posted, rounds)
 
-    def _complete(self, pending: PendingMix | None) -> None:
-        if pending is None:
-            return
-        self._plans.release(pending.plan)
-        for exchange in pending.posted:
+    def _finish_rounds(self, plan: Plan, posted: list[_Round | _AllAverage], rounds: int) -> None:
+        """Apply the posted round, then post and apply the remaining ``rounds - 1``, each into the flat buffer."""
+        for exchange in posted:
             self._apply(exchange)
-        for _ in range(pending.rounds - 1):
-            exchanges = [self._post_round(bucket, "flat") for bucket in pending.plan.buckets]
+        for _ in range(rounds - 1):
+            exchanges = [self._post_round(bucket, "flat") for bucket in plan.buckets]
             self.phase += 1
             for exchange in exchanges:
                 self._apply(exchange)
-        if pending.written:
-            return
-        for k, bucket in enumerate(pending.plan.buckets):
-            if pending.snapshots is None:
-                bucket.unpack()
-            else:
-                bucket.flat.sub_(pending.snapshots[k])  # the correction W^t x - x, seen through the views
-                torch._foreach_add_(bucket.tensors, bucket.views)
 
     def _wire_dtype(self, bucket: Bucket) -> torch.dtype:
         """The wire dtype for floating-point buckets, the bucket's own otherwise."""

@@ -2,7 +2,7 @@
 
 from lightning_dpgan.metrics.extractor import DigitClassifier, FrozenExtractor, extractor_report, load_classifier
 from lightning_dpgan.metrics.image_quality import fid_metric, inception_score_metric, to_unit_range
-from lightning_dpgan.metrics.mode_coverage import ModeCoverage
+from lightning_dpgan.metrics.mode_coverage import ModeCoverage, mode_coverage
 
 __all__ = [
     "DigitClassifier",
@@ -12,5 +12,6 @@ __all__ = [
     "fid_metric",
     "inception_score_metric",
     "load_classifier",
+    "mode_coverage",
     "to_unit_range",
 ]

@@ -2,7 +2,7 @@
 
 The Inception network that FID/IS use by default is downloaded on first use and knows nothing of 8×8 digits.
 For ``digits`` and ``mnist5k`` the project ships a classifier trained on the dataset's own real images
-(``weights/<dataset>.pt``, made by ``python -m lightning_dpgan.metrics.train_extractor <dataset>``, which also
+(``weights/<dataset>.pt``, made by ``python benchmarks/train_extractor.py <dataset>``, which also
 writes its held-out accuracy to ``weights/<dataset>.json``). FID uses its penultimate layer, IS its logits.
 """
 

@@ -1,7 +1,8 @@
-"""Train the embedded feature extractor for ``digits`` or ``mnist5k`` and write ``weights/<dataset>.{pt,json}``.
+"""Train the feature extractor the package ships for ``digits`` or ``mnist5k`` and write it into the package as
+``lightning_dpgan/metrics/weights/<dataset>.{pt,json}`` (a maintainer's tool: the package only loads them).
 
-    python -m lightning_dpgan.metrics.train_extractor digits
-    python -m lightning_dpgan.metrics.train_extractor mnist5k
+    python benchmarks/train_extractor.py digits
+    python benchmarks/train_extractor.py mnist5k
 
 A seeded 80/20 split of the dataset's real images; the JSON records the held-out accuracy. Seconds on a CPU.
 """
@@ -62,7 +63,7 @@ def main() -> None:
         "parameters": sum(p.numel() for p in model.parameters()),
         "epochs": args.epochs,
         "split": "seeded 80/20 of the dataset's real images (torch.manual_seed(0))",
-        "command": f"python -m lightning_dpgan.metrics.train_extractor {args.dataset} --epochs {args.epochs}",
+        "command": f"python benchmarks/train_extractor.py {args.dataset} --epochs {args.epochs}",
     }
     with open(path.removesuffix(".pt") + ".json", "w") as f:
         json.dump(report, f, indent=2)
