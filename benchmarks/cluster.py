@@ -281,9 +281,15 @@ class EmulatedCluster:
         self._processes.append(proc)
         return proc
 
-    def run(self, command: Callable[[int], Sequence[str]], timeout: float = 600) -> list[subprocess.CompletedProcess]:
-        """Run ``command(host)`` on every host at once; if one fails, stop the others and raise with its output."""
-        procs = [self.start(h, command(h), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for h in range(self.hosts)]
+    def run(self, command: Callable[[int], Sequence[str]], timeout: float = 600,
+            started: Callable[[int, subprocess.Popen], None] | None = None) -> list[subprocess.CompletedProcess]:
+        """Run ``command(host)`` on every host at once; if one fails, stop the others and raise with its output.
+        ``started(host, process)`` is called as each starts (to put it in a cgroup, say)."""
+        procs = []
+        for h in range(self.hosts):
+            procs.append(self.start(h, command(h), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            if started is not None:
+                started(h, procs[-1])
         results = []
         try:
             for host, proc in enumerate(procs):

@@ -28,7 +28,9 @@ import argparse
 import csv
 import json
 import re
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,12 +64,13 @@ def read_rows(run_dir: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
 
 
-def fit(cluster: EmulatedCluster, overrides: list[str], run_dir: Path, steps: int, every: int, seed: int) -> list[dict[str, float]]:
+def fit(cluster: EmulatedCluster, overrides: list[str], run_dir: Path, steps: int, every: int, seed: int,
+        started: Callable[[int, subprocess.Popen], None] | None = None) -> list[dict[str, float]]:
     command = [
         sys.executable, "-m", "lightning_dpgan", "fit", *MODEL, *overrides, "devices=1", f"num_nodes={cluster.hosts}",
         f"max_steps={steps}", f"evaluation.every_n_steps={every}", f"seed={seed}", f"hydra.run.dir={run_dir}",
     ]
-    results = cluster.run(lambda host: command, timeout=6 * 3600)
+    results = cluster.run(lambda host: command, timeout=6 * 3600, started=started)
     (run_dir / "stdout.log").write_text(results[0].stdout + "\n--- stderr\n" + results[0].stderr)
     return read_rows(run_dir)
 

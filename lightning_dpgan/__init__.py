@@ -1,12 +1,13 @@
 """Decentralized parallel optimistic GAN training (DPOSG) as a PyTorch Lightning strategy.
 
-Importing the package registers the strategy names with Lightning: ``Trainer(strategy="decentralized")`` (and
-``"decentralized_spawn"``) work after ``import lightning_dpgan``.
+Importing the package registers the strategy names with Lightning: ``Trainer(strategy="decentralized")`` and
+``Fabric(strategy="decentralized")`` (and ``"decentralized_spawn"``) work after ``import lightning_dpgan``.
 """
 
 from __future__ import annotations
 
 from lightning_dpgan._version import __version__
+from lightning_dpgan.fabric import DecentralizedFabricStrategy
 from lightning_dpgan.gan import DPGAN
 from lightning_dpgan.gossip import GossipEngine, GossipOptions, GossipPeerError
 from lightning_dpgan.guard import NonFiniteError, NonFiniteGuard
@@ -20,6 +21,7 @@ __all__ = [
     "AnchoredOptimizer",
     "CheckpointError",
     "DPGAN",
+    "DecentralizedFabricStrategy",
     "DecentralizedStrategy",
     "GossipEngine",
     "GossipOptions",

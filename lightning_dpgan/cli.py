@@ -14,6 +14,7 @@ and run like a single run, its workers started with ``spawn`` (popen would start
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import os
 import sys
@@ -81,11 +82,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_hydra(command)
             return
         cfg, run_dir = compose_run(command.verb, command.overrides)
+        cfg = follow_the_launcher(cfg)
+        cfg, resuming_here = resolve_last(command.verb, cfg, run_dir)
         cfg = prepare(command.verb, cfg)
         if command.verb == "topology":
             print_topology(cfg)  # reads the configuration only: no run directory, no process
             return
-        run_dir = make_run_directory(cfg, run_dir)
+        run_dir = make_run_directory(cfg, run_dir, resuming_here)
     except UsageError as err:
         fail(str(err), 2)
     TASKS[command.verb](cfg, run_dir)
@@ -199,10 +202,26 @@ def prepare(verb: str, cfg: DictConfig) -> DictConfig:
     if verb in ("validate", "sample") and not cfg.ckpt_path:
         raise UsageError(f"{verb} needs ckpt_path=<a checkpoint file>, got {cfg.ckpt_path!r}")
     cfg = with_run_config(cfg) if verb in ("validate", "sample") else with_scaled_learning_rates(cfg)
-    for key in ("dataset", "strategy", "evaluation"):
-        instantiate(cfg, key)  # constructors check their arguments; none starts a process or downloads
+    # constructors check their arguments; none starts a process
+    datamodule = instantiate(cfg, "dataset")
+    strategy = instantiate(cfg, "strategy")
+    if _is_decentralized(cfg):  # the gossip options against the graph (staleness, compression need a static one)
+        _check("strategy", lambda: strategy.gossiper.build_topology(cfg.devices * cfg.num_nodes))
+    evaluation = build_evaluation(cfg)
+    if verb == "validate" and evaluation is None:
+        raise UsageError("validate evaluates the checkpoint: leave evaluation.enabled=true")
     model = instantiate(cfg, "model")
+    _check(
+        "dataset.download",
+        lambda: datamodule.prepare_data() if getattr(datamodule, "download", False) else None,  # downloads here, once
+    )
+    if evaluation is not None:
+        _check("evaluation", lambda: evaluation.check(datamodule))
     _check_target(cfg, "logger")  # building a logger would create its run (a wandb run, a folder)
+    if cfg.logger._target_.endswith("TensorBoardLogger") and not any(
+        importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")
+    ):
+        raise UsageError("logger=tensorboard needs tensorboard, which is not installed: pip install 'lightning-dpgan[tensorboard]'")
     if cfg.ckpt_path:
         check_checkpoint(verb, cfg, model)
     if verb == "fit" and cfg.devices > 1 and cfg.num_nodes == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
@@ -218,7 +237,7 @@ def prepare(verb: str, cfg: DictConfig) -> DictConfig:
 def _check(key: str, check: Callable[[], Any]) -> None:
     try:
         check()
-    except ValueError as err:
+    except ValueError as err:  # DatasetNotFoundError, InceptionWeightsError, a bad value: each says what to do
         raise UsageError(str(err)) from None
 
 
@@ -287,6 +306,16 @@ def with_scaled_learning_rates(cfg: DictConfig) -> DictConfig:
     return scaled
 
 
+def build_evaluation(cfg: DictConfig, **kwargs: Any) -> Any:
+    """The evaluation callback, or ``None`` with ``evaluation.enabled=false``."""
+    node = cfg.evaluation.copy()
+    OmegaConf.set_struct(node, False)
+    enabled = node.pop("enabled", True)
+    if not enabled:
+        return None
+    return instantiate(OmegaConf.create({"evaluation": node}), "evaluation", **kwargs)
+
+
 def _is_decentralized(cfg: DictConfig) -> bool:
     return str(cfg.strategy.get("_target_", "")).endswith("DecentralizedStrategy")
 
@@ -328,8 +357,37 @@ def with_run_config(cfg: DictConfig) -> DictConfig:
     return merged
 
 
-def make_run_directory(cfg: DictConfig, run_dir: str) -> str:
-    """Create the run directory, refusing one that already holds a run unless resuming from a checkpoint in it.
+def follow_the_launcher(cfg: DictConfig) -> DictConfig:
+    """Under torchrun (elastic: ``--nnodes=MIN:MAX``) the world is what the rendezvous made it: ``devices`` and
+    ``num_nodes`` follow the launcher's ``LOCAL_WORLD_SIZE`` and ``WORLD_SIZE``, so a restart with fewer hosts runs."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
+        return cfg
+    local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+    if (cfg.devices, cfg.num_nodes) == (local, world // local):
+        return cfg
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"torchrun started {world} workers ({world // local} nodes x {local}): devices={local} num_nodes={world // local}")
+    followed = cfg.copy()
+    followed.devices, followed.num_nodes = local, world // local
+    return followed
+
+
+def resolve_last(verb: str, cfg: DictConfig, run_dir: str) -> tuple[DictConfig, bool]:
+    """``ckpt_path=last``: the run directory's newest checkpoint, if it has one (else a fresh start), and the run may
+    go on in its own directory. An elastic restart (torchrun, a SLURM requeue) re-runs the same command: it resumes."""
+    if cfg.ckpt_path != "last":
+        return cfg, False
+    if verb != "fit":
+        raise UsageError(f"ckpt_path=last resumes a fit in its run directory; {verb} needs ckpt_path=<a checkpoint file>")
+    last = os.path.join(os.path.abspath(run_dir), "checkpoints", "last.ckpt")
+    resolved = cfg.copy()
+    resolved.ckpt_path = last if os.path.isfile(last) else None
+    return resolved, True
+
+
+def make_run_directory(cfg: DictConfig, run_dir: str, resuming_here: bool = False) -> str:
+    """Create the run directory, refusing one that already holds a run unless resuming from a checkpoint in it
+    (``resuming_here``: ``ckpt_path=last``, which goes on in the run directory whether it has a checkpoint yet or not).
 
     Under torchrun every process runs the command: only global rank 0 creates and checks it (the others find it
     made, or never write into it: checkpoints go where rank 0's ModelCheckpoint says).
@@ -337,7 +395,7 @@ def make_run_directory(cfg: DictConfig, run_dir: str) -> str:
     run_dir = os.path.abspath(run_dir)
     if int(os.environ.get("RANK", "0")) != 0:
         return run_dir
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and not resuming_here:
         ckpt = os.path.abspath(str(cfg.ckpt_path)) if cfg.ckpt_path else None
         if ckpt is None or not ckpt.startswith(run_dir + os.sep):
             raise UsageError(
@@ -402,14 +460,14 @@ def fit(cfg: DictConfig, run_dir: str, worker: bool = False) -> None:
 
     from lightning_dpgan.gossip import GossipPeerError
     from lightning_dpgan.guard import NonFiniteError, NonFiniteGuard
+    from lightning_dpgan.progress import StepProgressBar
     from lightning_dpgan.replicas import CheckpointError
     from lightning_dpgan.signals import StopOnSigterm
 
     quiet = worker or int(os.environ.get("RANK", "0")) != 0  # rank 0 reports; under torchrun every rank runs this
     world_size = cfg.devices * cfg.num_nodes
     config_path = os.path.join(run_dir, "config.yaml")
-    if not quiet:
-        OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), config_path)
+
     # Threads per process: left to Lightning's launcher, which divides the cores among the processes with
     # torch.set_num_threads in this one too; setting OMP_NUM_THREADS here, after torch is loaded, would keep this
     # process at one thread per core, and every rank waits for the slowest.
@@ -419,12 +477,17 @@ def fit(cfg: DictConfig, run_dir: str, worker: bool = False) -> None:
     # popen re-runs the command line, which under multirun would start the whole sweep again in every worker
     strategy = instantiate(cfg, "strategy", **({"start_method": "spawn"} if is_multirun() and world_size > 1 else {}))
     logger = make_logger(cfg, run_dir)
-    evaluation = instantiate(cfg, "evaluation", output_dir=run_dir)
+    if not quiet:
+        _ = logger.experiment  # the logger's files first, so that it finds its folder as it left it
+        OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), config_path)
+    evaluation = build_evaluation(cfg, output_dir=run_dir)
     checkpoint = instantiate(cfg, "checkpoint", dirpath=os.path.join(run_dir, "checkpoints"))
     # With manual optimization and every_n_train_steps, ModelCheckpoint warns that no "pre-optimization state" was
     # saved; the state after the step is the one a resume needs (resuming is exact), so the warning is noise.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
-    callbacks: list[pl.Callback] = [checkpoint, evaluation]
+    callbacks: list[pl.Callback] = [checkpoint] + ([evaluation] if evaluation is not None else [])
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())  # toward max_steps, not per epoch of a small shard
     if not _is_decentralized(cfg):  # the strategy does both itself, through its gossip
         callbacks += [NonFiniteGuard(), StopOnSigterm()]
     trainer = instantiate(cfg, "trainer", strategy=strategy, logger=logger, callbacks=callbacks)
@@ -522,7 +585,7 @@ def validate(cfg: DictConfig, run_dir: str) -> None:
     model = load_model(cfg)
     datamodule = instantiate(cfg, "dataset")
     datamodule.setup("validate")
-    evaluation = instantiate(cfg, "evaluation", output_dir=run_dir)
+    evaluation = build_evaluation(cfg, output_dir=run_dir)
     values = evaluation.evaluate_module(model, datamodule, picture=os.path.join(run_dir, "samples.png"))
     result = {"ckpt_path": os.path.abspath(str(cfg.ckpt_path)), "dataset": evaluation.dataset, **values}
     with open(os.path.join(run_dir, "validate.json"), "w") as f:

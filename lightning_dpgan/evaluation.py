@@ -31,7 +31,13 @@ from typing_extensions import override
 
 from lightning_dpgan.checks import check_int
 from lightning_dpgan.data.gaussians import MIXTURES, mixture_modes
-from lightning_dpgan.metrics.image_quality import fid_metric, inception_score_metric, to_unit_range, uses_embedded_extractor
+from lightning_dpgan.metrics.image_quality import (
+    ensure_inception_weights,
+    fid_metric,
+    inception_score_metric,
+    to_unit_range,
+    uses_embedded_extractor,
+)
 from lightning_dpgan.metrics.mode_coverage import ModeCoverage
 
 MODELS = ("consensus", "local")
@@ -54,6 +60,9 @@ class GANEvaluation(pl.Callback):
         num_real: at most this many real images (the datamodule's ``val_set``, else ``train_set``) for FID.
         output_dir: where PNGs and ``evaluation.csv`` go; default: the logger's folder.
         seed: the evaluation noise.
+        inception_weights: for natural images, torch-fidelity's Inception weights file
+            (``weights-inception-2015-12-05-6726825d.pth``); ``None`` downloads it on first use into torch's hub
+            cache (:func:`~lightning_dpgan.metrics.ensure_inception_weights` says where).
     """
 
     def __init__(
@@ -66,6 +75,7 @@ class GANEvaluation(pl.Callback):
         num_real: int = 10_000,
         output_dir: str | None = None,
         seed: int = 1234,
+        inception_weights: str | None = None,
     ) -> None:
         if model not in MODELS:
             raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -73,6 +83,7 @@ class GANEvaluation(pl.Callback):
             check_int(name, value, low)
         self.dataset, self.every_n_steps, self.num_samples, self.model = dataset, every_n_steps, num_samples, model
         self.use_ema, self.num_real, self.output_dir, self.seed = use_ema, num_real, output_dir, seed
+        self.inception_weights = inception_weights
         self.metrics: dict[str, Metric] = {}
         self.history: list[dict[str, float]] = []
         self._real_done = False
@@ -83,6 +94,13 @@ class GANEvaluation(pl.Callback):
     @property
     def is_mixture(self) -> bool:
         return self.dataset in MIXTURES
+
+    def check(self, datamodule: Any) -> None:
+        """Before any worker starts: the metrics this evaluation needs can be built here (for natural images, the
+        Inception weights are there or can be downloaded now). Raises ``ValueError`` saying what to do."""
+        dataset = self.dataset or getattr(datamodule, "name", None)
+        if dataset and dataset not in MIXTURES and not uses_embedded_extractor(dataset):
+            ensure_inception_weights(self.inception_weights)
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -100,8 +118,8 @@ class GANEvaluation(pl.Callback):
             self.metrics = {"coverage": ModeCoverage(*mixture_modes(self.dataset), sync_on_compute=sync)}
         else:
             self.metrics = {
-                "fid": fid_metric(self.dataset, sync_on_compute=sync),
-                "inception_score": inception_score_metric(self.dataset, sync_on_compute=sync),
+                "fid": fid_metric(self.dataset, self.inception_weights, sync_on_compute=sync),
+                "inception_score": inception_score_metric(self.dataset, self.inception_weights, sync_on_compute=sync),
             }
         for metric in self.metrics.values():
             metric.to(device)
@@ -109,6 +127,10 @@ class GANEvaluation(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_start, self._evaluating_s = time.perf_counter(), 0.0
+        if not self.history and trainer.global_step > 0 and self.output_dir is not None:
+            # resumed into the directory of the run it continues: keep the evaluations it made up to here
+            rows = _read_rows(os.path.join(self.output_dir, "evaluation.csv"))
+            self.history = [row for row in rows if row["step"] <= trainer.global_step]
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -267,14 +289,35 @@ class GANEvaluation(pl.Callback):
             _plot_consensus(curves, os.path.join(self.output_dir, "consensus.png"))
 
 
+def _read_rows(path: str) -> list[dict[str, float]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [{k: int(float(v)) if k == "step" else float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
 def save_samples_picture(samples: Tensor, dataset: str, path: str, title: str = "") -> None:
-    """A scatter over the true modes (mixtures) or an 8×8 ``make_grid`` of the first 64 images, as a PNG."""
+    """A scatter over the true modes (mixtures) or an 8×8 grid of the first 64 images, titled, as a PNG large
+    enough to see (small images are enlarged without smoothing)."""
     if dataset in MIXTURES:
         _scatter(samples.detach().cpu().numpy(), dataset, path, title)
         return
-    from torchvision.utils import make_grid, save_image
+    from torchvision.utils import make_grid
 
-    save_image(make_grid(to_unit_range(samples[:64].detach()).cpu(), nrow=8), path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = make_grid(to_unit_range(samples[:64].detach().float()).cpu(), nrow=8, padding=1, pad_value=1.0)
+    fig, ax = plt.subplots(figsize=(6.4, 6.8))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"{dataset}: {title}" if title else dataset)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp", dpi=100, format="png")
+    plt.close(fig)
+    os.replace(path + ".tmp", path)
 
 
 def _scatter(points: Any, mixture: str, path: str, title: str) -> None:

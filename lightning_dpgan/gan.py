@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from typing_extensions import override
 
 from lightning_dpgan.checks import check_int, check_number
@@ -56,7 +57,8 @@ class DPGAN(pl.LightningModule):
         loss: ``"ns"`` (non-saturating), ``"hinge"`` or ``"wgan-gp"``, or a built :class:`~lightning_dpgan.losses.GANLoss`.
         gradient_penalty: WGAN-GP's weight (with a loss name).
         n_critic: iterations per generator update (the others update D alone).
-        ema_decay: keep an exponential moving average of G (``generator_ema``) for evaluation; ``None``: none.
+        ema_decay: keep an exponential moving average of G (``generator_ema``, a ``torch.optim.swa_utils.AveragedModel``)
+            for evaluation; ``None``: none.
         latent_dim: noise size, when the generator has no ``latent_dim``.
         scheduler: a callable taking the optimizer and returning an LR scheduler (e.g. a Hydra ``_partial_`` of
             ``torch.optim.lr_scheduler.LinearLR``), stepped once per iteration; ``None``: constant learning rates.
@@ -111,7 +113,7 @@ class DPGAN(pl.LightningModule):
         self.n_critic = n_critic
         self.latent_dim = latent_dim
         self.ema_decay = ema_decay
-        self.generator_ema = _frozen_copy(generator) if ema_decay is not None else None
+        self.generator_ema = _moving_average(generator, ema_decay) if ema_decay is not None else None
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
     @override
@@ -170,7 +172,7 @@ class DPGAN(pl.LightningModule):
         total = loss_d
         if update_g:
             # G's loss through a frozen copy of D's function: its gradient reaches G and stops at D's parameters
-            loss_g = self.loss.generator(_frozen_forward(self.discriminator, fake))
+            loss_g = self.loss.generator(frozen_forward(self.discriminator, fake))
             total = total + loss_g
         # One backward for both players at the same z: ∇_D L_D lands in D, ∇_G L_G in G. One pass also keeps DDP's
         # reducer (CPOSG baseline) and AMP's grad scaler to their one-backward-per-step contract.
@@ -188,7 +190,10 @@ class DPGAN(pl.LightningModule):
             scheduler.step()  # the next step() uses the new rate
         self.iteration += 1
         if self.generator_ema is not None and update_g:
-            _ema_update(self.generator_ema, self.generator, self.ema_decay)
+            self.generator_ema.update_parameters(self.generator)
+            # buffers are copied: AveragedModel(use_buffers=True) would lerp integer ones (BatchNorm's batch count)
+            for average, live in zip(self.generator_ema.module.buffers(), self.generator.buffers()):
+                average.copy_(live)
 
     def _logger_writes_this_step(self) -> bool:
         """Whether the logger writes this iteration's values. Each ``self.log`` costs Lightning milliseconds on the
@@ -210,9 +215,10 @@ def _named_optimizer(
     return optimizer, dict(kwargs or {})
 
 
-def _frozen_forward(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)`` with detached parameters and throwaway copies of its buffers (running statistics and spectral
-    norm vectors are left as the discriminator's own forward passes set them)."""
+def frozen_forward(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` with detached parameters, so that G's loss through D reaches G and stops at D's parameters, and
+    throwaway copies of its buffers (running statistics and spectral norm vectors are left as the discriminator's own
+    forward passes set them)."""
     state = {name: p.detach() for name, p in module.named_parameters()}
     state.update((name, b.clone()) for name, b in module.named_buffers())
     return functional_call(module, state, (x,))
@@ -223,15 +229,19 @@ def _grad_norm(module: nn.Module) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
 
 
-def _frozen_copy(module: nn.Module) -> nn.Module:
-    ema = copy.deepcopy(module)
-    ema.requires_grad_(False)
-    return ema
+class _EMAUpdate:
+    """torch's EMA update (``get_ema_multi_avg_fn``) as a picklable object: spawn-started workers get the module
+    pickled, and the function torch returns is a closure, which pickle refuses."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def __call__(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        get_ema_multi_avg_fn(self.decay)(averaged, current, num_averaged)
 
 
-@torch.no_grad()
-def _ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), live.parameters()):
-        e.lerp_(p, 1.0 - decay)
-    for e, b in zip(ema.buffers(), live.buffers()):
-        e.copy_(b)
+def _moving_average(module: nn.Module, decay: float) -> AveragedModel:
+    """torch's exponential moving average of ``module`` (its parameters; frozen: no optimizer trains it)."""
+    average = AveragedModel(module, multi_avg_fn=_EMAUpdate(decay))
+    average.requires_grad_(False)
+    return average

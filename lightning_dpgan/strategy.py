@@ -17,7 +17,9 @@ its own so that Lightning's collectives never queue behind a mix on the wire:
   RNG state and gossip state, committed as one set (:mod:`lightning_dpgan.replicas`), so ``fit(ckpt_path=...)``
   resumes every replica exactly.
 
-What each step mixes is decided in :mod:`lightning_dpgan.mix_sets`; how it travels, in :mod:`lightning_dpgan.gossip`.
+The replica side (alignment, mixing, stops, checkpoint sets) is :class:`~lightning_dpgan.gossiper.Gossiper`, shared
+with the Fabric strategy; what each step mixes is decided in :mod:`lightning_dpgan.mix_sets`; how it travels, in
+:mod:`lightning_dpgan.gossip`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import os
 import signal
 import socket
 import sys
-import uuid
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -44,31 +45,16 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_dpgan.checks import check_int
-from lightning_dpgan.gossip import DistributedTransport, GossipEngine, GossipOptions, Stop, StopReason, build_engine
-from lightning_dpgan.guard import NonFiniteError, first_nonfinite, nonfinite_message
-from lightning_dpgan.mix_sets import AnchoredOptimizer, MixSet, build_mix_set, metric_prefixes, own_buffers, own_parameters, submodule_names
-from lightning_dpgan.replicas import (
-    CHECKPOINT_KEY,
-    CheckpointError,
-    ReplicaSet,
-    atomic_save,
-    consensus_restart_reason,
-    main_meta,
-    read_main,
-    read_replica,
-    remove_other_sets,
-    replica_set_of,
-    write_replica,
-)
-from lightning_dpgan.seeding import rng_state, seed_for_rank, set_rng_state
+from lightning_dpgan.gossip import DistributedTransport, GossipEngine, GossipOptions, Stop, StopReason
+from lightning_dpgan.gossiper import Gossiper, point_anchors_at_parameters
+from lightning_dpgan.replicas import atomic_save, consensus_restart_reason, read_main, remove_other_sets, replica_set_of
+from lightning_dpgan.seeding import rng_state, set_rng_state
 from lightning_dpgan.signals import replace_sigterm_notifier, skip_step_broadcast
-from lightning_dpgan.topology import TOPOLOGIES, Topology, TopologyError, build_topology
+from lightning_dpgan.topology import Topology
 
 _PR_SET_PDEATHSIG = 1
 
@@ -108,12 +94,7 @@ class DecentralizedStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        if not isinstance(topology, Topology) and topology not in TOPOLOGIES:
-            raise TopologyError(f"unknown topology {topology!r}; allowed: {', '.join(TOPOLOGIES)}")
-        options = GossipOptions.build(dict(gossip) if isinstance(gossip, Mapping) else gossip)
-        check_int("consensus_every", consensus_every, 0)
-        if not isinstance(mix_buffers, bool):
-            raise ValueError(f"mix_buffers must be True or False, got {mix_buffers!r}")
+        gossiper = Gossiper(topology, gossip, topology_options, consensus_every, mix_buffers)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -121,36 +102,41 @@ class DecentralizedStrategy(DDPStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
-            timeout=timedelta(seconds=options.startup_timeout),
+            timeout=timedelta(seconds=gossiper.options.startup_timeout),
             start_method=start_method,
         )
-        self.topology_spec = topology
-        self.topology_options = dict(topology_options or {})
-        self.gossip = options
-        self.consensus_every = consensus_every
-        self.mix_buffers = mix_buffers
-        self.topology: Topology | None = None
-        self.engine: GossipEngine | None = None
-        #: latest consensus distance per top-level submodule, identical on every rank
-        self.consensus_distance: dict[str, float] = {}
-        #: the stop every rank took, once taken (a SIGTERM or a non-finite value)
-        self.stopped: Stop | None = None
-        self._mix_sets: dict[int, MixSet] = {}
-        self._hooks: list[RemovableHandle] = []
-        self._step_counts: dict[int, int] = {}
-        self._signalled = False
-        self._signal_announced = False
-        self._nonfinite: tuple[int, int] | None = None  # (step, submodule) where this rank first saw one
+        self.gossiper = gossiper
         self._pending_replica: dict[str, Any] | None = None
         self._pending_consensus_restart = False
         self._gossip_group: torch.distributed.ProcessGroup | None = None
-        self._run_id = uuid.uuid4().hex[:12]
+
+    @property
+    def gossip(self) -> GossipOptions:
+        return self.gossiper.options
+
+    @property
+    def topology(self) -> Topology | None:
+        return self.gossiper.topology
+
+    @property
+    def engine(self) -> GossipEngine | None:
+        return self.gossiper.engine
+
+    @property
+    def consensus_distance(self) -> dict[str, float]:
+        """Latest consensus distance per top-level submodule, identical on every rank."""
+        return self.gossiper.consensus_distance
+
+    @property
+    def stopped(self) -> Stop | None:
+        """The stop every rank took, once taken (a SIGTERM or a non-finite value)."""
+        return self.gossiper.stopped
 
     # ------------------------------------------------------------------ launch and process group
     @override
     def _configure_launcher(self) -> None:
         # Runs in the launching process before any worker starts: the place to reject a bad world size or port.
-        self.topology = self._build_topology(self.num_nodes * self.num_processes)
+        self.gossiper.build_topology(self.num_nodes * self.num_processes)
         super()._configure_launcher()
         starts_workers = self._launcher is not None and not self.cluster_environment.creates_processes_externally
         if starts_workers and self.num_nodes == 1 and self.num_processes > 1:
@@ -159,7 +145,7 @@ class DecentralizedStrategy(DDPStrategy):
     @override
     def setup_environment(self) -> None:
         if self.cluster_environment is not None and self.cluster_environment.creates_processes_externally:
-            _die_with_parent()
+            die_with_parent()
         if self.num_nodes * self.num_processes == 1:
             # One worker has no one to talk to: skip the process group, so reduce/barrier/sync_dist cost
             # nothing and a one-process fit runs at a plain Trainer's speed.
@@ -167,22 +153,10 @@ class DecentralizedStrategy(DDPStrategy):
             self.set_world_ranks()
         else:
             super().setup_environment()
-        world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        if self.topology is None or self.topology.world_size != world_size:
-            self.topology = self._build_topology(world_size)
-        self._gossip_group = self._new_gossip_group() if world_size > 1 else None
-        transport = DistributedTransport(self.global_rank, self._gossip_group, self.gossip.chunk_bytes)
-        self.engine = build_engine(self.topology, self.global_rank, self.gossip, transport)
+        self._gossip_group, world_size = gossip_group(self._get_process_group_backend(), self._timeout)
+        self.gossiper.connect(world_size, self.global_rank, DistributedTransport(self.global_rank, self._gossip_group, self.gossip.chunk_bytes))
         if world_size > 1:
-            self._run_id = self.broadcast(self._run_id)
-
-    def _new_gossip_group(self) -> torch.distributed.ProcessGroup:
-        """The gossip's own process group, over connections of its own, so that Lightning's collectives never
-        queue behind a mix still on the wire to the same peer."""
-        return torch.distributed.new_group(backend=self._get_process_group_backend(), timeout=self._timeout)
-
-    def _build_topology(self, world_size: int) -> Topology:
-        return build_topology(self.topology_spec, world_size, **self.topology_options)
+            self.gossiper.run_id = self.broadcast(self.gossiper.run_id)
 
     @property
     @override
@@ -207,29 +181,13 @@ class DecentralizedStrategy(DDPStrategy):
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
-            self._install_anchor_hooks()
-        self._mix_sets.clear()
-        self._step_counts.clear()
-        self.stopped, self._nonfinite, self._signalled, self._signal_announced = None, None, False, False
+            self.gossiper.attach(self.lightning_module, self.optimizers)
 
     @override
     def configure_ddp(self) -> None:
         """No wrapper: start every replica from rank 0's weights, then give each rank its own random stream."""
         assert isinstance(self.model, pl.LightningModule)
-        assert self.engine is not None
-        if self.engine.world_size == 1:
-            return  # one replica: nothing to align, and the random stream is left as a plain Trainer leaves it
-        module = self.model
-        tensors = [p.data for p in own_parameters(module)] + own_buffers(module)
-        self.engine.broadcast(tensors, src=0)
-        seed_for_rank(self.global_rank)  # replicas start alike but draw their own noise and batches
-
-    def _install_anchor_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = [
-            optimizer.register_anchor_hook(self._mix_anchors) for optimizer in self.optimizers if isinstance(optimizer, AnchoredOptimizer)
-        ]
+        self.gossiper.align(self.model, self.global_rank)
 
     # ------------------------------------------------------------------ the step
     @override
@@ -241,96 +199,20 @@ class DecentralizedStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> Any:
         output = Strategy.optimizer_step(self, optimizer, closure, model, **kwargs)  # an anchored one mixes inside
-        mix_set = self._mix_set(optimizer)
-        if not mix_set.anchored:
-            self._mix(mix_set, mix_set.params)
-        if isinstance(output, Tensor) and not bool(torch.isfinite(output.detach()).all()):
-            self._announce_nonfinite(len(submodule_names(self.lightning_module)))  # "the loss"
-        count = self._step_counts.get(id(optimizer), 0) + 1
-        self._step_counts[id(optimizer)] = count
-        assert self.engine is not None
-        if self.consensus_every and count % self.consensus_every == 0 and self.engine.world_size > 1:
-            self._record_consensus(mix_set.state(optimizer), mix_set.group_ids)
-        self._take_due_stop()
-        return output
-
-    def _mix_anchors(self, optimizer: Optimizer, anchors: list[Tensor]) -> None:
-        """The anchor hook: mix the anchors the optimizer just updated, before it extrapolates from them."""
-        self._mix(self._mix_set(optimizer), anchors)
-
-    def _mix(self, mix_set: MixSet, state: list[Tensor]) -> None:
-        assert self.engine is not None
-        if self._nonfinite is None:
-            bad = first_nonfinite(state)
-            if bad is not None:
-                self._announce_nonfinite(mix_set.group_ids[bad])
-        if self._signalled and not self._signal_announced:
-            self._signal_announced = True
-            self.engine.announce_stop(StopReason.SIGNAL)
-        self.engine.step(state + mix_set.buffers)
-
-    def _announce_nonfinite(self, group: int) -> None:
-        """Remember where this rank first saw a non-finite value (checkpoints ask), and announce the stop."""
-        assert self.engine is not None
-        if self._nonfinite is None:
-            self._nonfinite = (self.engine.steps + 1, group)  # the step in progress, counted from 1
-            self.engine.announce_stop(StopReason.NONFINITE, group)
-
-    def _take_due_stop(self) -> None:
-        """After a step: once every rank has heard of a stop, take it, all at this same step."""
-        assert self.engine is not None
-        stop = self.engine.due_stop()
-        if stop is None or self.stopped is not None:
-            return
-        self.stopped = stop
-        if stop.reason == StopReason.NONFINITE:
-            raise NonFiniteError(nonfinite_message(self._player(stop.detail), stop.origin_rank, stop.origin_step, stop.step))
-        # Lightning ends the batch, then raises SIGTERMException on every rank; on_exception saves the checkpoint
-        self.lightning_module.trainer._signal_connector.received_sigterm = True
-
-    def _player(self, group: int) -> str:
-        names = submodule_names(self.lightning_module)
-        return "the loss" if group >= len(names) else f"the {names[group]}"
-
-    def _mix_set(self, optimizer: Optimizer) -> MixSet:
-        cached = self._mix_sets.get(id(optimizer))
-        if cached is not None and len(cached.params) == sum(len(g["params"]) for g in optimizer.param_groups):
-            return cached
         module = self.lightning_module
-        assert module is not None
-        mix_set = build_mix_set(module, optimizer, self.optimizers, self.mix_buffers)
-        self._mix_sets[id(optimizer)] = mix_set
-        return mix_set
-
-    def _record_consensus(self, tensors: list[Tensor], group_ids: list[int]) -> None:
-        assert self.engine is not None
-        module = self.lightning_module
-        assert module is not None
-        names = submodule_names(module)
-        values = self.engine.consensus_distance(tensors, group_ids, len(names))
-        for gid in sorted(set(group_ids)):
-            name = names[gid]
-            value = float(values[gid])
-            self.consensus_distance[name] = value
-            if module._current_fx_name is not None and module._trainer is not None:
+        for name, value in self.gossiper.after_step(optimizer, output).items():
+            if module is not None and module._current_fx_name is not None and module._trainer is not None:
                 module.log(f"consensus/{name}", value, on_step=True, on_epoch=False, sync_dist=False)
+        if self.gossiper.due_stop() is not None:  # a SIGTERM (a non-finite value raises in due_stop)
+            # Lightning ends the batch, then raises SIGTERMException on every rank; on_exception saves the checkpoint
+            module.trainer._signal_connector.received_sigterm = True
+        return output
 
     def measure_consensus(self) -> dict[str, float]:
         """Consensus distance of all parameters now, per top-level submodule (a collective: call on every rank)."""
         module = self.lightning_module
-        assert module is not None and self.engine is not None
-        self.engine.flush()
-        names = submodule_names(module)
-        params = list(module.named_parameters())
-        values = self.engine.consensus_distance(
-            [p for _, p in params], [names.index(n.split(".", 1)[0]) for n, _ in params], len(names)
-        )
-        return {name: float(values[i]) for i, name in enumerate(names[:-1])}
-
-    def average(self, tensors: list[Tensor]) -> list[Tensor]:
-        """The exact average of the tensors over all replicas, as new tensors (a collective: call on every rank)."""
-        assert self.engine is not None
-        return self.engine.average(tensors)
+        assert module is not None
+        return self.gossiper.measure_consensus(module)
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -338,55 +220,24 @@ class DecentralizedStrategy(DDPStrategy):
         """The consensus model: floating entries averaged over ranks (collective; runs on every rank)."""
         module = self.lightning_module
         assert module is not None
-        if self.engine is not None:
-            self.engine.flush()  # the optimizer states and replica files are read after this
-        self._refuse_nonfinite_checkpoint()
-        state = module.state_dict()
-        if self.engine is None or self.engine.world_size == 1:
-            return state
-        metrics = metric_prefixes(module)
-        keys = [k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and not k.startswith(metrics)]
-        averaged = self.engine.average([state[k] for k in keys])
-        return {**state, **dict(zip(keys, averaged))}
-
-    def _refuse_nonfinite_checkpoint(self) -> None:
-        """Every rank is here at the same step: if any of them has announced a non-finite value, they all stop now
-        instead of writing it into a checkpoint."""
-        assert self.engine is not None
-        report = [-1, 0, 0, 0] if self._nonfinite is None else [self._nonfinite[0], self.global_rank, self._nonfinite[1], 1]
-        if self.engine.world_size > 1:
-            gathered = self.all_gather(torch.tensor(report, dtype=torch.long, device=self.root_device)).reshape(-1, 4).tolist()
-        else:
-            gathered = [report]
-        announced = sorted(row for row in gathered if row[3] == 1)
-        if announced:
-            origin_step, origin_rank, detail, _ = announced[0]
-            self.stopped = Stop(self.engine.steps, origin_step, origin_rank, int(StopReason.NONFINITE), detail)
-            raise NonFiniteError(nonfinite_message(self._player(detail), origin_rank, origin_step, self.engine.steps))
+        return self.gossiper.consensus_state(module, module.state_dict(), self)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        if self.engine is None or self.engine.world_size == 1 or "optimizer_states" not in checkpoint:
+        engine = self.engine
+        if engine is None or engine.world_size == 1 or "optimizer_states" not in checkpoint:
             if self.is_global_zero:
                 self._write_main(checkpoint, filepath, storage_options)
             return
-        assert self.topology is not None
-        token = self.broadcast(uuid.uuid4().hex[:8] if self.is_global_zero else None)
-        replica_set = ReplicaSet(self._run_id, int(checkpoint["global_step"]), token, self.engine.world_size, self.topology.name)
-        checkpoint[CHECKPOINT_KEY] = main_meta(replica_set, self.engine.state_dict())
         module = self.lightning_module
         assert module is not None
-        contents = {
+        replica = {
             "state_dict": module.state_dict(),
             "optimizer_states": checkpoint["optimizer_states"],
             "rng_states": rng_state(include_cuda=self.root_device.type == "cuda"),
         }
-        write_replica(filepath, replica_set, self.global_rank, contents)
-        self.barrier("replicas written")  # every replica is on disk before the main file commits the set
-        if self.is_global_zero:
-            self._write_main(checkpoint, filepath, storage_options)
-        self.barrier("checkpoint committed")  # only then may the older sets go
-        remove_other_sets(filepath, replica_set, self.global_rank, self.is_global_zero)
+        write = lambda main: self._write_main(main, filepath, storage_options)  # noqa: E731
+        self.gossiper.save_set(filepath, checkpoint["global_step"], checkpoint, replica, self, write)
 
     def _write_main(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None) -> None:
         if type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None:
@@ -409,27 +260,12 @@ class DecentralizedStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if replica_set is None or trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return checkpoint
-        assert self.engine is not None
-        if replica_set.world_size != self.engine.world_size:
+        self._pending_replica = self.gossiper.read_own_replica(checkpoint_path, checkpoint, self)
+        if self._pending_replica is None:
+            assert self.engine is not None
             reason = consensus_restart_reason(replica_set, self.engine.world_size)
             rank_zero_warn(f"Resuming from {checkpoint_path}: {reason}; every replica restarts from the consensus model.")
             self._pending_consensus_restart = True
-            return checkpoint
-        error = None
-        try:
-            self._pending_replica = read_replica(checkpoint_path, replica_set, self.global_rank)
-        except CheckpointError as err:
-            error = str(err)
-        failed = self.all_gather(torch.tensor([error is not None], device=self.root_device)).reshape(-1).tolist()
-        if any(failed):
-            ranks = ", ".join(str(r) for r, bad in enumerate(failed) if bad)
-            raise CheckpointError(
-                f"cannot resume every replica from {os.fspath(checkpoint_path)!r}: the replica files of rank(s) {ranks} are "
-                f"missing or belong to another checkpoint{f' ({error})' if error else ''}. Copy the checkpoint's "
-                f"{os.path.basename(os.fspath(checkpoint_path))}.replicas folder with it, or start a new fit from its "
-                f"consensus model (load_from_checkpoint)"
-            )
-        self.engine.load_state_dict(checkpoint[CHECKPOINT_KEY]["gossip"])
         return checkpoint
 
     @override
@@ -446,31 +282,22 @@ class DecentralizedStrategy(DDPStrategy):
         if self._pending_replica is not None:
             set_rng_state(self._pending_replica["rng_states"])
         if self._pending_consensus_restart:
-            # rank 0's optimizer state came with the main file: point its anchors at the consensus model
-            for optimizer in self.optimizers:
-                if isinstance(optimizer, AnchoredOptimizer):
-                    params = [p for g in optimizer.param_groups for p in g["params"]]
-                    with torch.no_grad():
-                        for anchor, param in zip(optimizer.anchors(), params):
-                            anchor.copy_(param)
+            point_anchors_at_parameters(self.optimizers)  # rank 0's optimizer state came with the main file
 
     # ------------------------------------------------------------------ starting and stopping
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
         trainer = self.lightning_module.trainer
-        replace_sigterm_notifier(trainer, self._on_signal)  # or a SIGTERM hangs the gossip
+        replace_sigterm_notifier(trainer, self.gossiper.signal)  # or a SIGTERM hangs the gossip
         skip_step_broadcast(trainer)  # the stop is agreed through the gossip instead
         self._pending_replica = None
         self._pending_consensus_restart = False
 
-    def _on_signal(self) -> None:
-        self._signalled = True  # announced with the next step's mix
-
     @override
     def on_train_end(self) -> None:
         if self.engine is not None:
-            self.engine.flush()
+            self.engine.close()
         super().on_train_end()
 
     @override
@@ -486,15 +313,10 @@ class DecentralizedStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        self._mix_sets.clear()
+        self.gossiper.detach()
         if self.engine is not None:
             self.engine.forget()  # after an error the peers may be gone: nothing left to wait for
-        if self._gossip_group is not None and torch.distributed.is_initialized():
-            with contextlib.suppress(Exception):  # local for gloo; after an error the peers may be gone
-                torch.distributed.destroy_process_group(self._gossip_group)
+        close_gossip_group(self._gossip_group)
         self._gossip_group = None
         super().teardown()
 
@@ -521,7 +343,22 @@ def _save_last_checkpoint(trainer: pl.Trainer) -> str | None:
     return path
 
 
-def _die_with_parent() -> None:
+def gossip_group(backend: str, timeout: timedelta | None) -> tuple[torch.distributed.ProcessGroup | None, int]:
+    """The gossip's own process group (and the world size), over connections of its own, so that the framework's
+    collectives never queue behind a mix still on the wire to the same peer. ``None`` for one process."""
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world_size == 1:
+        return None, 1
+    return torch.distributed.new_group(backend=backend, timeout=timeout), world_size
+
+
+def close_gossip_group(group: torch.distributed.ProcessGroup | None) -> None:
+    if group is not None and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # local for gloo; after an error the peers may be gone
+            torch.distributed.destroy_process_group(group)
+
+
+def die_with_parent() -> None:
     """A worker started by a launcher (Lightning's popen, torchrun, SLURM) dies with it, never living on as an
     orphan: Linux delivers SIGKILL when the parent exits, also to a worker stopped with SIGSTOP."""
     if not sys.platform.startswith("linux"):

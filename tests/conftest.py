@@ -22,7 +22,19 @@ BILINEAR_EQUATIONS = [  # test_dposg.py: the strategy against the DPOSG recursio
     {"topology": "ring", "rounds": 1, "optimizer": "optimistic_adam", "kwargs": {"betas": [0.5, 0.9]}, "overlap": 1},
     {"topology": "ring", "rounds": 2, "optimizer": "optimistic_sgd", "kwargs": {}, "overlap": 1},
 ]
-BILINEAR_CONVERGENCE = {"t1": {"rounds": 1}, "t3": {"rounds": 3}, "t1_overlap": {"rounds": 1, "overlap": 1}, "local": {"rounds": 1, "mixing": 0}}
+BILINEAR_STALE = [  # test_dposg.py: bounded staleness replaying a seeded schedule, against numpy
+    {"optimizer": "optimistic_sgd", "kwargs": {}, "staleness": 2, "schedule": 5},
+    {"optimizer": "optimistic_adam", "kwargs": {"betas": [0.5, 0.9]}, "staleness": 3, "schedule": 6},
+]
+BILINEAR_FEWER_BYTES = [  # test_dposg.py: CHOCO compressed gossip and local steps, against numpy
+    {"optimizer": "optimistic_adam", "kwargs": {"betas": [0.5, 0.9]}, "compression": "int8"},
+    {"optimizer": "optimistic_sgd", "kwargs": {}, "compression": "sign"},
+    {"optimizer": "optimistic_sgd", "kwargs": {}, "compression": "topk", "topk_fraction": 0.25},
+    {"optimizer": "optimistic_adam", "kwargs": {"betas": [0.5, 0.9]}, "gossip_every": 3},
+]
+BILINEAR_CONVERGENCE = {"t1": {"rounds": 1}, "t3": {"rounds": 3}, "t1_overlap": {"rounds": 1, "overlap": 1}, "local": {"rounds": 1, "mixing": 0},
+                        "t1_stale2": {"rounds": 1, "staleness": 2}, "t1_sign": {"rounds": 1, "compression": "sign"},
+                        "t1_every4": {"rounds": 1, "gossip_every": 4}}
 EVALUATE = {"steps": 30, "samples": 400}
 
 
@@ -49,11 +61,19 @@ def suite4_scenarios(out: Path) -> list[list]:
         ["grid", "noise_ddp", {"steps": 1, "strategy": "ddp"}],
         ["grid", "noise_decentralized", {"steps": 1}],
         ["grid", "cposg", {"steps": 5, "strategy": "ddp", "n_critic": 2, "loss": "wgan-gp"}],
+        # torch.distributed calls per training step: gossip only, consensus every 5 steps, and DDP
+        ["grid", "calls_gossip", {"steps": 12, "count": 1, "consensus_every": 0, "log_every": 50}],
+        ["grid", "calls_consensus5", {"steps": 12, "count": 1, "consensus_every": 5, "log_every": 50}],
+        ["grid", "calls_ddp", {"steps": 12, "count": 1, "strategy": "ddp", "log_every": 50}],
         ["evaluate", "eval_consensus", EVALUATE],
         ["evaluate", "eval_plain", {**EVALUATE, "eval": 0}],
         ["evaluate", "eval_local", {**EVALUATE, "model": "local", "mixing": 0}],
         ["shards", "shards_iid", {"shard": "iid", "n": 2000, "val": 200}],
         ["shards", "shards_by_label", {"shard": "by_label", "n": 2000, "val": 200}],
+        ["fabric_bilinear", "fabric_bilinear", {"optimizer": "optimistic_adam", "kwargs": json.dumps({"betas": [0.5, 0.9]}),
+                                                "lr": 0.05, "steps": 6, "save_at": 3}],
+        ["fabric_bilinear", "fabric_bilinear_sign", {"optimizer": "optimistic_adam", "kwargs": json.dumps({"betas": [0.5, 0.9]}),
+                                                     "lr": 0.05, "steps": 6, "save_at": 3, "compression": "sign"}],
         # a NaN on rank 2 after step 7: agreed at the next checkpoint (every 2 steps), or through the gossip (every 20)
         ["nonfinite", "nonfinite_checkpoint", {"poison_rank": 2, "poison_step": 7, "every": 2}],
         ["nonfinite", "nonfinite_gossip", {"poison_rank": 2, "poison_step": 7, "every": 20}],
@@ -63,8 +83,17 @@ def suite4_scenarios(out: Path) -> list[list]:
             **{k: v for k, v in case.items() if k != "kwargs"}, "kwargs": json.dumps(case["kwargs"]), "lr": 0.05, "steps": 6,
             "consensus_every": 2 if case["overlap"] else 0,
         }])
+    for i, case in enumerate(BILINEAR_STALE):
+        scenarios.append(["bilinear", f"bilinear_stale{i}", {
+            **{k: v for k, v in case.items() if k != "kwargs"}, "kwargs": json.dumps(case["kwargs"]), "lr": 0.05, "steps": 12,
+        }])
+    for i, case in enumerate(BILINEAR_FEWER_BYTES):
+        scenarios.append(["bilinear", f"bilinear_fewer_bytes{i}", {
+            **{k: v for k, v in case.items() if k != "kwargs"}, "kwargs": json.dumps(case["kwargs"]), "lr": 0.05, "steps": 12,
+        }])
     for name, opts in BILINEAR_CONVERGENCE.items():
-        scenarios.append(["bilinear", f"bilinear_{name}", {"optimizer": "optimistic_sgd", "lr": 0.1, "steps": 600, "per_batch": 10, **opts}])
+        steps = 2000 if "staleness" in opts else 600  # stale copies slow the contraction down (numpy: 1.5e-6 at 2000)
+        scenarios.append(["bilinear", f"bilinear_{name}", {"optimizer": "optimistic_sgd", "lr": 0.1, "steps": steps, "per_batch": 10, **opts}])
     return scenarios
 
 

@@ -25,8 +25,9 @@ class Hub:
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
         self.cond = threading.Condition()
-        self.mail: dict[tuple[int, int], deque[Tensor]] = defaultdict(deque)
+        self.mail: dict[tuple[int, int, int], deque[Tensor]] = defaultdict(deque)  # (src, dst, stream)
         self.contributions: dict[int, dict[int, Tensor]] = defaultdict(dict)
+        self.receives: dict[tuple[int, int, int], deque[_Receive]] = defaultdict(deque)
         self.sent_bytes = [0] * world_size
 
     def transports(self) -> list[LoopbackTransport]:
@@ -34,18 +35,31 @@ class Hub:
 
 
 class _Receive:
-    def __init__(self, hub: Hub, src: int, dst: int, into: Tensor) -> None:
+    """A posted receive: it takes the next message of its stream when that arrives (in posting order)."""
+
+    def __init__(self, hub: Hub, src: int, dst: int, stream: int, into: Tensor) -> None:
         self.hub, self.src, self.dst, self.into = hub, src, dst, into
+        self.box = hub.mail[(src, dst, stream)]
+        self.queue = hub.receives[(src, dst, stream)]
+        self.queue.append(self)
+        self.completed = False
+
+    def _take(self) -> bool:
+        """Receives take messages in the order they were posted (under the hub's lock)."""
+        while self.queue and self.box and not self.completed:
+            first = self.queue.popleft()
+            first.into.copy_(self.box.popleft())
+            first.completed = True
+        return self.completed
 
     def wait(self, timeout: timedelta | None) -> None:
-        box = self.hub.mail[(self.src, self.dst)]
         with self.hub.cond:
-            if not self.hub.cond.wait_for(lambda: len(box) > 0, None if timeout is None else timeout.total_seconds()):
+            if not self.hub.cond.wait_for(self._take, None if timeout is None else timeout.total_seconds()):
                 raise RuntimeError(f"timed out waiting for rank {self.src}")
-            self.into.copy_(box.popleft())
 
     def is_completed(self) -> bool:
-        return len(self.hub.mail[(self.src, self.dst)]) > 0
+        with self.hub.cond:
+            return self._take()
 
 
 class _Collective:
@@ -71,13 +85,17 @@ class LoopbackTransport:
         self.hub, self.rank = hub, rank
         self._collectives = 0
 
-    def exchange(self, send: Tensor, received: Tensor, send_to: Sequence[int], receive_from: Sequence[int]) -> list[Posted]:
+    def exchange(self, send: Tensor | None, received: Tensor | None, send_to: Sequence[int], receive_from: Sequence[int], stream: int = 0) -> list[Posted]:
         with self.hub.cond:
-            for dst in send_to:
-                self.hub.mail[(self.rank, dst)].append(send.clone())
+            for dst in send_to if send is not None else ():
+                self.hub.mail[(self.rank, dst, stream)].append(send.clone())
                 self.hub.sent_bytes[self.rank] += send.numel() * send.element_size()
             self.hub.cond.notify_all()
-        return [Posted([_Receive(self.hub, src, self.rank, received[k])], src, "gossip exchange") for k, src in enumerate(receive_from)]
+            receives = [_Receive(self.hub, src, self.rank, stream, received[k]) for k, src in enumerate(receive_from)] if received is not None else []
+        return [Posted([r], r.src, "gossip exchange") for r in receives]
+
+    def done(self, posted: Posted) -> bool:
+        return all(work.is_completed() for work in posted.works)
 
     def _collective(self, tensor: Tensor, combine: Callable[[list[Tensor]], Tensor], out: Tensor, what: str, peer: int | None = None) -> Posted:
         self._collectives += 1
@@ -95,7 +113,8 @@ class LoopbackTransport:
     def wait(self, posted: Posted, timeout: timedelta | None, gossip_round: int) -> None:
         try:
             for work in posted.works:
-                work.wait(timeout)
+                if hasattr(work, "wait"):
+                    work.wait(timeout)
         except RuntimeError as err:
             raise GossipPeerError(f"rank {self.rank}: {posted.what} with rank {posted.peer} failed: {err}") from err
 

@@ -72,3 +72,124 @@ def dposg(
         mixed = mix(x, k)  # W^t x^k
         z = (x if overlap else mixed) - lr * d  # z^{k+1}
     return z
+
+
+def delivery_schedule(n: int, staleness: int, seed: int) -> Callable[[int, int, int], int]:
+    """A fixed, seeded schedule of when messages arrive: ``schedule(i, j, m)`` is the step at which worker ``i`` takes
+    worker ``j``'s message of step ``m``, from ``m`` to ``m + staleness``, never earlier than an earlier message of
+    ``j`` (messages of one sender arrive in order), and step 1's at step 1 (every worker starts in step)."""
+    table: dict[tuple[int, int], list[int]] = {}
+
+    def schedule(i: int, j: int, m: int) -> int:
+        arrivals = table.setdefault((i, j), [1])  # arrivals[m - 1]: the step message m is taken at
+        while len(arrivals) < m:
+            step = len(arrivals) + 1
+            delay = int(np.random.default_rng([seed, i, j, step]).integers(0, staleness + 1))  # whoever asks first
+            arrivals.append(max(arrivals[-1], step + delay))
+        return arrivals[m - 1]
+
+    return schedule
+
+
+def stale_dposg(
+    grad: Callable[[np.ndarray], np.ndarray],
+    z0: np.ndarray,
+    w: np.ndarray,
+    steps: int,
+    lr: float,
+    schedule: Callable[[int, int, int], int],
+    adam: tuple[tuple[float, float], float] | None = None,
+) -> np.ndarray:
+    """DPOSG with bounded staleness, replaying ``schedule``: at step ``k`` worker ``i`` mixes its own anchors with,
+    from each neighbour ``j``, the newest message ``x_j^m`` that ``schedule(i, j, m) <= k`` hands it,
+    ``x_i <- w_ii x_i^k + sum_j w_ij x_j^m``. ``grad = 0`` with OSG is gossip alone (consensus)."""
+    n = len(z0)
+    z = np.array(z0, dtype=np.float64)
+    x = z.copy()
+    m_adam, v_adam = np.zeros_like(z), np.zeros_like(z)
+    sent: dict[tuple[int, int], np.ndarray] = {}
+    mixed = x
+    for k in range(1, steps + 1):
+        d = grad(z)
+        if adam:
+            d, m_adam, v_adam = adam_direction(d, m_adam, v_adam, k, *adam)
+        if k > 1:
+            x = mixed - lr * d
+        for j in range(n):
+            sent[(j, k)] = x[j].copy()
+        mixed = np.empty_like(x)
+        for i in range(n):
+            total = w[i, i] * x[i]
+            for j in np.flatnonzero(w[i] > 0):
+                if j != i:
+                    newest = max(m for m in range(1, k + 1) if schedule(i, int(j), m) <= k)
+                    total = total + w[i, j] * sent[(int(j), newest)]
+            mixed[i] = total
+        z = mixed - lr * d
+    return z
+
+
+def every(mixing: Callable[[np.ndarray], np.ndarray], h: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Local steps: ``mixing`` on every ``h``-th call (optimizer step), the identity on the others."""
+    calls = [0]
+
+    def mix(x: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        return mixing(x) if calls[0] % h == 0 else x
+
+    return mix
+
+
+CHUNK = 1024  # elements per scale of int8 and sign, as the package's compressors
+
+
+def int8(v: np.ndarray) -> np.ndarray:
+    """Per chunk of CHUNK: scale max|v|/127, round half to even, back to floats."""
+    out = np.empty_like(v)
+    for start in range(0, len(v), CHUNK):
+        part = v[start : start + CHUNK]
+        scale = np.abs(part).max() / 127
+        out[start : start + CHUNK] = np.round(part / scale) * scale if scale > 0 else 0.0
+    return out
+
+
+def sign(v: np.ndarray) -> np.ndarray:
+    """Per chunk of CHUNK: mean|v| with the sign of each entry (+ for zero)."""
+    out = np.empty_like(v)
+    for start in range(0, len(v), CHUNK):
+        part = v[start : start + CHUNK]
+        out[start : start + CHUNK] = np.where(part >= 0, 1.0, -1.0) * (np.abs(part).sum() / len(part))
+    return out
+
+
+def topk(fraction: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The ceil(fraction * n) entries largest in magnitude, the others zero."""
+
+    def compress(v: np.ndarray) -> np.ndarray:
+        k = max(1, int(np.ceil(fraction * len(v))))
+        out = np.zeros_like(v)
+        keep = np.argsort(-np.abs(v), kind="stable")[:k]
+        out[keep] = v[keep]
+        return out
+
+    return compress
+
+
+def choco_mix(w: np.ndarray, compress: Callable[[np.ndarray], np.ndarray], gamma: float) -> Callable[[np.ndarray], np.ndarray]:
+    """CHOCO-gossip (Koloskova et al. 2019, Algorithm 1's consensus part), one call per mixing step: every worker's
+    public copy ``x_hat_j`` (the same wherever it is held) moves by ``q_j = Q(x_j - x_hat_j)``, then
+    ``x_i <- x_i + gamma * sum_j w_ij (x_hat_j - x_hat_i)``. The copies start at zero."""
+    state: dict[str, np.ndarray] = {}
+
+    def mix(x: np.ndarray) -> np.ndarray:
+        hat = state.setdefault("hat", np.zeros_like(x))
+        for j in range(len(x)):
+            hat[j] = hat[j] + compress(x[j] - hat[j])
+        out = x.copy()
+        for i in range(len(x)):
+            for j in np.flatnonzero(w[i] > 0):
+                if j != i:
+                    out[i] = out[i] + gamma * w[i, j] * (hat[j] - hat[i])
+        return out
+
+    return mix

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from lightning_dpgan.data import mixture_modes
+from lightning_dpgan.gossip import GossipOptions
 from lightning_dpgan.metrics import ModeCoverage
 from lightning_dpgan.models import MLPGenerator
 from lightning_dpgan.topology import complete, ring
 
-from conftest import BILINEAR_CONVERGENCE, BILINEAR_EQUATIONS
+from conftest import BILINEAR_CONVERGENCE, BILINEAR_EQUATIONS, BILINEAR_FEWER_BYTES, BILINEAR_STALE
 from helpers import WORKERS
-from reference import dposg
+from reference import choco_mix, delivery_schedule, dposg, every, int8, sign, stale_dposg, topk
 
 sys.path.insert(0, str(WORKERS))
 from lightning_worker import BILINEAR_DIM, BilinearGame, bilinear_matrices  # noqa: E402
@@ -80,9 +81,10 @@ def test_decentralized_bilinear_game_reaches_the_average_games_equilibrium(suite
         z = bilinear_result(suite4 / f"bilinear_{name}")
         mean = z.mean(0)
         results[name] = (np.linalg.norm(mean) / start_norm, float(((z - mean) ** 2).sum(1).mean()))
-    for name in ("t1", "t3", "t1_overlap"):
+    for name in ("t1", "t3", "t1_overlap", "t1_stale2", "t1_sign", "t1_every4"):
         distance, consensus = results[name]
-        # measured 8.8e-5 (t=1) and 4.0e-4 (t=3) after 500 steps in numpy; the overlapped variant also converges
+        # measured 8.8e-5 (t=1) and 4.0e-4 (t=3) after 500 steps in numpy; the overlapped variant, bounded
+        # staleness (s = 2, messages taken as they arrive), sign-compressed CHOCO and local steps (H = 4) also converge
         assert distance < 1e-3, results
         assert consensus < 1e-6, results
     assert results["local"][0] > 0.3, results  # each worker stops on its own equilibrium subspace
@@ -128,9 +130,9 @@ def test_grid25_smoke_run_covers_most_modes(suite2):
     generator still swings from one evaluation to the next; its short average does not. With a 2-D latent the
     untrained generator's samples sit near the origin, on one or two modes."""
     states = replicas(suite2 / "smoke", 2)
-    consensus = {k: sum(s[k] for s in states) / 2 for k in states[0] if k.startswith("generator_ema.")}
+    consensus = {k: sum(s[k] for s in states) / 2 for k in states[0] if k.startswith("generator_ema.module.")}
     generator = MLPGenerator()
-    generator.load_state_dict({k.removeprefix("generator_ema."): v for k, v in consensus.items()})
+    generator.load_state_dict({k.removeprefix("generator_ema.module."): v for k, v in consensus.items()})
     torch.manual_seed(0)
     with torch.no_grad():
         samples = generator(torch.randn(2500, generator.latent_dim)).numpy()
@@ -160,3 +162,55 @@ def test_scheduler_steps_once_per_iteration_and_is_checkpointed(tmp_path):
     trainer.save_checkpoint(tmp_path / "s.ckpt")
     saved = torch.load(tmp_path / "s.ckpt", weights_only=False)["lr_schedulers"][0]
     assert saved["last_epoch"] == 4
+
+
+@pytest.mark.parametrize("compression", [None, "sign"])
+def test_a_fabric_loop_equals_the_dposg_equations_and_resumes_exactly(suite4, compression):
+    """The bilinear game trained by a Fabric loop with ``DecentralizedFabricStrategy`` (4 ranks, a ring, optimistic
+    Adam) against the same DPOSG recursion in numpy; and the same loop resumed from ``fabric.save`` at step 3 ends
+    exactly where the uninterrupted one does, every replica bit for bit. With sign-compressed CHOCO gossip the
+    resume is exact only if every replica's public copies came back with it."""
+    out = suite4 / ("fabric_bilinear" if compression is None else f"fabric_bilinear_{compression}")
+    z = bilinear_result(out)
+    mixing = ring(N).matrix() if compression is None else choco_mix(ring(N).matrix(), sign, 0.5)
+    expected = dposg(bilinear_gradient, start(), mixing, 6, 0.05, ((0.5, 0.9), 1e-8))
+    np.testing.assert_allclose(z, expected, atol=1e-10, rtol=0)
+    assert np.abs(z - z.mean(0)).max() > 1e-6  # the replicas differ: each was trained on its own game
+    resumed = [torch.load(out / f"resumed_rank{r}.pt", weights_only=True) for r in range(N)]
+    for r, replica in enumerate(replicas(out)):
+        assert torch.equal(replica["x"], resumed[r]["x"]) and torch.equal(replica["y"], resumed[r]["y"]), r
+
+
+@pytest.mark.parametrize("index", range(len(BILINEAR_STALE)), ids=[f"{c['optimizer']}-s{c['staleness']}" for c in BILINEAR_STALE])
+def test_bounded_staleness_equals_the_replayed_schedule_on_the_bilinear_game(suite4, index):
+    """DPOSG with staleness s through the strategy (4 real ranks on a ring), each rank taking its neighbours' messages
+    when a seeded schedule says, against the same schedule replayed in numpy; and it differs from synchronous DPOSG."""
+    case = BILINEAR_STALE[index]
+    z = bilinear_result(suite4 / f"bilinear_stale{index}")
+    adam = (tuple(case["kwargs"]["betas"]), 1e-8) if case["optimizer"] == "optimistic_adam" else None
+    schedule = delivery_schedule(N, case["staleness"], case["schedule"])
+    expected = stale_dposg(bilinear_gradient, start(), ring(N).matrix(), 12, 0.05, schedule, adam)
+    np.testing.assert_allclose(z, expected, atol=1e-10, rtol=0)
+    assert np.abs(z - dposg(bilinear_gradient, start(), ring(N).matrix(), 12, 0.05, adam)).max() > 1e-6
+
+
+@pytest.mark.parametrize("index", range(len(BILINEAR_FEWER_BYTES)), ids=[
+    f"{c['optimizer']}-{c.get('compression') or 'every' + str(c.get('gossip_every'))}" for c in BILINEAR_FEWER_BYTES
+])
+def test_compressed_gossip_and_local_steps_equal_numpy_on_the_bilinear_game(suite4, index):
+    """Twelve DPOSG steps through the strategy (4 real ranks on a ring) with CHOCO compressed gossip (int8, sign,
+    top-25 %) or local steps (a mix every 3rd step), against DPOSG in numpy with CHOCO's consensus step or the mix on
+    every 3rd step written out there (tests/reference.py); and each differs from plain DPOSG."""
+    case = BILINEAR_FEWER_BYTES[index]
+    z = bilinear_result(suite4 / f"bilinear_fewer_bytes{index}")
+    adam = (tuple(case["kwargs"]["betas"]), 1e-8) if case["optimizer"] == "optimistic_adam" else None
+    w = ring(N).matrix()
+    if "compression" in case:
+        options = GossipOptions(compression=case["compression"], topk_fraction=case.get("topk_fraction", 0.01))
+        compress = {"int8": int8, "sign": sign, "topk": topk(options.topk_fraction)}[case["compression"]]
+        mixing = choco_mix(w, compress, options.resolved_consensus_step())
+    else:
+        mixing = every(lambda x: w @ x, case["gossip_every"])
+    expected = dposg(bilinear_gradient, start(), mixing, 12, 0.05, adam)
+    np.testing.assert_allclose(z, expected, atol=1e-10, rtol=0)
+    assert np.abs(z - dposg(bilinear_gradient, start(), w, 12, 0.05, adam)).max() > 1e-6

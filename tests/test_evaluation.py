@@ -103,10 +103,10 @@ def test_image_evaluation_reports_the_fid_of_the_average_model(suite2):
     assert [int(r["step"]) for r in table] == [10, 20]
     replicas = ends(out, 2)
     g = DCGANGenerator(8, channels=1, latent_dim=16, width=16)
-    state = {k.removeprefix("generator_ema."): v for k, v in replicas[0].items() if k.startswith("generator_ema.")}
+    state = {k.removeprefix("generator_ema.module."): v for k, v in replicas[0].items() if k.startswith("generator_ema.module.")}
     for k, v in state.items():
         if v.is_floating_point():
-            state[k] = sum(r[f"generator_ema.{k}"] for r in replicas) / 2
+            state[k] = sum(r[f"generator_ema.module.{k}"] for r in replicas) / 2
     g.load_state_dict(state)
     g.eval()
     with torch.no_grad():

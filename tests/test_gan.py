@@ -75,3 +75,26 @@ def test_mlp_generator_output_scale_multiplies_the_last_layer():
     for bad in (0, -1.0, "4", True):
         with pytest.raises(ValueError, match=rf"output_scale must be a finite number > 0, got {bad!r}"):
             MLPGenerator(output_scale=bad)
+
+
+def test_the_generators_moving_average_is_the_ema_of_its_steps(tmp_path):
+    """``generator_ema`` after four iterations against the EMA written out from the live generator's parameters
+    after each step: the first step's copied, then ``e <- d e + (1 - d) g``."""
+    torch.manual_seed(0)
+    decay = 0.9
+    gan = DPGAN(MLPGenerator(hidden=8, depth=2), MLPDiscriminator(hidden=8, depth=2), ema_decay=decay)
+    history: list[list[torch.Tensor]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            history.append([p.detach().clone() for p in module.generator.parameters()])
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[Record()], default_root_dir=tmp_path)
+    trainer.fit(gan, DataLoader(TensorDataset(torch.randn(256, 2)), batch_size=64))
+    expected = history[0]
+    for step in history[1:]:
+        expected = [decay * e + (1 - decay) * g for e, g in zip(expected, step)]
+    for got, want in zip(gan.generator_ema.module.parameters(), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    assert not any(p.requires_grad for p in gan.generator_ema.parameters())

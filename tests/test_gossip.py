@@ -93,6 +93,10 @@ def cases_for(n: int) -> list[dict]:
     ]
     if n == 8:
         cases += [{"topology": "ring", "rounds": t, "mixes": 14, "track_consensus": True} for t in (1, 2, 3)]
+    if n in (4, 8):  # bounded staleness, taking each message when a seeded schedule says (tests/reference.py)
+        cases += [{"topology": "ring", "rounds": 1, "mixes": 12, "staleness": s, "schedule": 7} for s in (1, 3)]
+        cases.append({"topology": "torus" if n == 4 else "exponential", "rounds": 1, "mixes": 10, "staleness": 2, "schedule": 8,
+                      "wire_dtype": "bf16"})
     return cases
 
 
@@ -119,6 +123,12 @@ def reference(case: dict, index: int, n: int) -> list[np.ndarray]:
     topo = build_topology(case["topology"], n, **case.get("options", {}))
     inputs = [case_tensors(index, r, case) for r in range(n)]
     mixes, t = case.get("mixes", 1), case["rounds"]
+    if case.get("staleness"):
+        from reference import delivery_schedule, stale_dposg
+
+        schedule = delivery_schedule(n, case["staleness"], case["schedule"])
+        stacked = [np.stack([inputs[r][k].astype(np.float64).ravel() for r in range(n)]) for k in range(len(inputs[0]))]
+        return [stale_dposg(lambda z: np.zeros_like(z), x, topo.matrix(), mixes, 0.0, schedule) for x in stacked]
     shift = np.array([[overlap_shift(r)] for r in range(n)]) if case.get("overlap") else 0.0
     out = []
     for k in range(len(inputs[0])):
@@ -298,7 +308,8 @@ def test_engine_variants_in_one_process_equal_the_dense_reference(name, n, round
     "name,n,options",
     [
         ("ring", 8, {}), ("ring", 8, {"rounds": 3}), ("one_peer_exponential", 8, {}), ("star", 7, {"overlap": True}),
-        ("complete", 4, {}), ("ring", 8, {"overlap": True}), ("ring", 8, {"mixing": False}),
+        ("complete", 4, {}), ("ring", 8, {"overlap": True}), ("ring", 8, {"mixing": False}), ("ring", 8, {"staleness": 2}),
+        ("ring", 8, {"every": 3}), ("torus", 8, {"compression": "int8"}), ("ring", 8, {"every": 2, "overlap": True}),
     ],
 )
 def test_a_stop_announced_anywhere_is_taken_by_every_rank_after_the_same_step(name, n, options):
@@ -375,3 +386,68 @@ def test_the_automatic_peer_timeout_follows_the_step_time():
     assert auto.seconds() == PEER_TIMEOUT_FLOOR_S  # fast steps: the floor
     auto._durations.extend([2.0] * 30)
     assert auto.seconds() == PEER_TIMEOUT_STEPS * 2.0  # slow steps: a multiple of the median
+
+
+# ---------------------------------------------------------------------- bounded staleness
+def _stale_consensus(topo, staleness: int, steps: int, seed: int, x0: np.ndarray) -> np.ndarray:
+    from reference import delivery_schedule
+
+    def body(rank, transport):
+        e = build_engine(topo, rank, GossipOptions(staleness=staleness), transport)
+        schedule = delivery_schedule(topo.world_size, staleness, seed)
+        e.delivery = lambda sender, tag: schedule(rank, sender, tag)
+        x = torch.tensor(x0[rank])
+        for _ in range(steps):
+            e.step([x])
+        e.close()
+        return x.numpy()
+
+    return np.stack(run_ranks(topo.world_size, body))
+
+
+@pytest.mark.parametrize("name,n,staleness", [("ring", 6, 1), ("ring", 6, 3), ("exponential", 6, 2), ("torus", 6, 2)])
+def test_bounded_staleness_equals_the_replayed_schedule_in_one_process(name, n, staleness):
+    """Consensus alone with staleness s: every worker takes each neighbour's message of step m at a seeded step in
+    [m, m + s]; the numpy reference replays the same schedule, to float precision, and differs from synchronous."""
+    from reference import delivery_schedule, stale_dposg
+
+    topo = build_topology(name, n)
+    x0 = np.random.default_rng(5).standard_normal((n, 7))
+    got = _stale_consensus(topo, staleness, 12, 3, x0)
+    expected = stale_dposg(lambda z: np.zeros_like(z), x0, topo.matrix(), 12, 0.0, delivery_schedule(n, staleness, 3))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    synchronous = np.linalg.matrix_power(topo.matrix(), 12) @ x0
+    assert np.abs(got - synchronous).max() > 1e-6  # the staleness is visible: the test tells the two apart
+
+
+@pytest.mark.parametrize("staleness", [1, 3])
+def test_a_stale_worker_runs_at_most_s_steps_past_a_silent_neighbour(staleness):
+    """Rank 2 takes one step, then stops sending. Its neighbours go on for exactly s more steps on its last message,
+    then wait for it and name it after the peer timeout; rank 0, two hops away, is held back only through them."""
+    topo = ring(4)
+
+    def body(rank, transport):
+        e = build_engine(topo, rank, GossipOptions(staleness=staleness, peer_timeout=0.3), transport)
+        x = torch.zeros(3)
+        try:
+            for _ in range(1 if rank == 2 else 10):
+                e.step([x])
+        except GossipPeerError as err:
+            return e.steps - 1, str(err)  # the steps finished before the one that waited
+        return e.steps, ""
+
+    results = run_ranks(4, body)
+    for rank in (1, 3):
+        finished, message = results[rank]
+        assert finished == 1 + staleness and "with rank 2 failed" in message, results
+
+
+def test_staleness_is_refused_where_it_cannot_work():
+    from lightning_dpgan.topology import TopologyError
+
+    with pytest.raises(ValueError, match="staleness=2 mixes the newest anchors a worker holds, once per step: it needs rounds=1"):
+        GossipOptions(staleness=2, rounds=3)
+    for name in ("one_peer_exponential", "complete"):
+        with pytest.raises(TopologyError, match=f"staleness=2 needs a static topology that is not complete; '{name}' is"):
+            build_engine(build_topology(name, 4), 0, GossipOptions(staleness=2), transport=object())
+    assert type(build_engine(ring(4), 0, GossipOptions(staleness=0), transport=object())).__name__ == "SynchronousGossip"

@@ -1,13 +1,16 @@
-"""Recipes run as written: the wandb sweep's command line (offline, one combination) and the torchrun launch
-of 2 nodes × 2 processes (both agents on this machine)."""
+"""Recipes run as written: the wandb sweep's command line (offline, one combination), the torchrun launch of
+2 nodes × 2 processes, and the elastic launch that loses a host (all agents on this machine)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from helpers import free_port, run, worker_env
@@ -66,3 +69,84 @@ def test_two_nodes_by_torchrun_through_the_recipe(tmp_path):
     assert sorted(p.name for p in replica_set.iterdir()) == [f"rank{r}.pt" for r in range(4)]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["trainer"]["num_nodes"] == 2 and config["trainer"]["devices"] == 2
+
+
+def _wait_for_port(port: int, timeout: float = 60) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (the recipe's shell execs torchrun, whose worker is its child)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                        found.append(int(entry.name))
+                        todo.append(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_elastic_restart_after_losing_a_host_ends_with_three_workers(tmp_path):
+    """Four single-worker torchrun agents (--nnodes=3:4, torchrun's own c10d rendezvous). One agent, worker and all,
+    is killed once a checkpoint exists; torchrun restarts the other three, `fit` resumes by itself from the run's
+    newest checkpoint (the consensus model: 4 replicas became 3) and ends at max_steps with a usable model."""
+    import signal
+    import time
+
+    from lightning_dpgan import DPGAN
+    from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
+    from lightning_dpgan.replicas import read_main, replica_set_of
+
+    port, run_dir = free_port(), tmp_path / "run"
+    env = worker_env()
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # torchrun of this Python
+    env.update(RDZV_HOST="127.0.0.1", RDZV_PORT=str(port), RUN_DIR=str(run_dir), CHECKPOINT_EVERY="20", LAST_CALL_S="2")
+    args = ["max_steps=100", "batch_size=64", "evaluation.every_n_steps=0", "evaluation.num_samples=200",
+            "trainer.enable_progress_bar=false", "strategy.gossip.peer_timeout=20"]
+    agents, logs = [], [tmp_path / f"agent{node}.log" for node in range(4)]
+    for node in range(4):  # the first one holds torchrun's rendezvous store (RDZV_HOST); another one is lost
+        with open(logs[node], "w") as log:  # a file, not a pipe nobody reads while waiting: it would fill and block
+            agents.append(subprocess.Popen([str(RECIPES / "elastic_torchrun.sh"), *args], env=env, start_new_session=True,
+                                           stdout=log, stderr=subprocess.STDOUT, text=True))
+        if node == 0:
+            _wait_for_port(port)
+    try:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 240
+        while not (last.exists() and read_main(last)["global_step"] >= 20):
+            assert time.monotonic() < deadline and all(a.poll() is None for a in agents), [a.poll() for a in agents]
+            time.sleep(0.2)
+        for worker in _children(agents[3].pid):  # a host is lost: its worker, then its agent
+            os.kill(worker, signal.SIGKILL)
+        os.killpg(agents[3].pid, signal.SIGKILL)
+        for agent in agents[:3]:
+            agent.wait(timeout=420)
+    finally:
+        for agent in agents:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.pid, signal.SIGKILL)
+    outputs = [log.read_text() for log in logs[:3]]
+    for agent, out in zip(agents[:3], outputs):
+        assert agent.returncode == 0, out[-4000:]
+    everything = "".join(outputs)
+    assert "written by 4 workers and this run has 3; every replica restarts from the consensus model" in everything
+    main = read_main(last)
+    assert main["global_step"] == 100 and replica_set_of(main).world_size == 3
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["trainer"]["num_nodes"] == 3 and config["trainer"]["devices"] == 1
+    gan = DPGAN.load_from_checkpoint(last, generator=MLPGenerator(latent_dim=16, hidden=128, depth=3, output_scale=4.0),
+                                     discriminator=MLPDiscriminator(hidden=128, depth=3))
+    assert torch.isfinite(gan.sample(100)).all()  # a usable model

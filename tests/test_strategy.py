@@ -287,3 +287,16 @@ def test_one_process_fit_equals_plain_trainer(tmp_path):
     plain, decentralized = fit("auto"), fit(DecentralizedStrategy("ring", gossip=GossipOptions(rounds=3)))
     for key, value in plain.items():
         assert torch.equal(value, decentralized[key]), key
+
+
+def test_a_training_step_talks_to_its_neighbours_only(suite4):
+    """torch.distributed calls counted per training step on 4 ranks (DPGAN, a ring): with gossip only, no step makes
+    a collective call, only point-to-point ones; measuring consensus every 5 steps adds collectives on those steps
+    alone; DDP makes at least one in every step (Lightning's SIGTERM broadcast; its gradient all-reduce runs in C++)."""
+    for r in range(4):
+        gossip = json.loads((suite4 / "calls_gossip" / f"calls_rank{r}.json").read_text())
+        assert len(gossip) == 12 and all(s["collective"] == 0 and s["p2p"] > 0 for s in gossip), gossip
+        periodic = json.loads((suite4 / "calls_consensus5" / f"calls_rank{r}.json").read_text())
+        assert [k + 1 for k, s in enumerate(periodic) if s["collective"]] == [5, 10], periodic
+        ddp = json.loads((suite4 / "calls_ddp" / f"calls_rank{r}.json").read_text())
+        assert all(s["collective"] >= 1 and s["p2p"] == 0 for s in ddp), ddp

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,8 +53,16 @@ class ShardedDataModule(pl.LightningDataModule):
         seed: the split and the shards.
     """
 
+    #: packages ``load`` imports that are not among the package's own requirements (the ``data`` extra)
+    needs: tuple[str, ...] = ()
+
     def __init__(self, batch_size: int = 64, shard: str = "iid", val_size: int = 0, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
+        for package in self.needs:
+            if importlib.util.find_spec(package) is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs {package}, which is not installed: pip install 'lightning-dpgan[data]'"
+                )
         check_int("batch_size", batch_size, 1)
         check_int("val_size", val_size, 0)
         check_int("num_workers", num_workers, 0)

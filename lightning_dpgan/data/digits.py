@@ -12,6 +12,7 @@ class DigitsDataModule(ShardedDataModule):
     """Images ``(1, 8, 8)``, or 64 values with ``flatten=True``; labels 0–9."""
 
     name = "digits"
+    needs = ("sklearn",)
 
     def __init__(self, batch_size: int = 64, shard: str = "iid", val_size: int = 0, flatten: bool = False, **kwargs: int) -> None:
         super().__init__(batch_size=batch_size, shard=shard, val_size=val_size, **kwargs)

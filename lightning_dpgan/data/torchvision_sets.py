@@ -71,6 +71,7 @@ class TorchvisionDataModule(ShardedDataModule):
                 ) from None
             what = "an image folder (root/<class>/<image>)" if self.name == "imagefolder" else f"{self.name}"
             raise DatasetNotFoundError(
-                f"{what} not found under {self.root!r} ({err}). Pass download=True on a machine with network, or "
+                f"{what} not found under {self.root!r} ({err}). Pass download=True (on the command line: dataset.download=true) "
+                f"on a machine with network, or "
                 f"copy the files to {self.root!r}"
             ) from None

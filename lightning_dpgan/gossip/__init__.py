@@ -3,9 +3,12 @@
 ``options`` holds every setting (:class:`GossipOptions`), ``buffers`` packs tensors into reusable messages,
 ``control`` is the header each message carries (its step, and the stop its sender knows of), ``transport`` moves
 messages to and from the neighbours, ``combine`` forms each round's weighted sum, ``engine`` puts them together as
-the engine variants, and ``reference`` is the dense numpy product the tests compare with.
+the engine variants, ``stale`` is the bounded-staleness variant, ``choco`` the compressed one (its compressors in
+``compression``), and ``reference`` is the dense numpy products the
+tests compare with.
 """
 
+from lightning_dpgan.gossip.choco import ChocoGossip
 from lightning_dpgan.gossip.control import Stop, StopReason
 from lightning_dpgan.gossip.engine import (
     GossipEngine,
@@ -17,6 +20,7 @@ from lightning_dpgan.gossip.engine import (
 )
 from lightning_dpgan.gossip.options import DEFAULT_CHUNK_BYTES, GossipOptions
 from lightning_dpgan.gossip.reference import dense_mix
+from lightning_dpgan.gossip.stale import StaleGossip
 from lightning_dpgan.gossip.transport import (
     WIRE_DTYPES,
     DistributedTransport,
@@ -26,6 +30,7 @@ from lightning_dpgan.gossip.transport import (
 )
 
 __all__ = [
+    "ChocoGossip",
     "DEFAULT_CHUNK_BYTES",
     "WIRE_DTYPES",
     "DistributedTransport",
@@ -35,6 +40,7 @@ __all__ = [
     "NoGossip",
     "OverlappedGossip",
     "PendingMix",
+    "StaleGossip",
     "Stop",
     "StopReason",
     "SynchronousGossip",

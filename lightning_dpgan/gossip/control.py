@@ -71,6 +71,11 @@ class Control:
                 self.announce(Stop(*row[1:6]))
         return [row[0] for row in rows]
 
+    @staticmethod
+    def peek(message: Tensor) -> int:
+        """The step tag of one received message, without taking in its stop."""
+        return int(message[..., :HEADER_BYTES].view(torch.int64).reshape(-1, _FIELDS)[0, 0])
+
     def state_dict(self) -> dict[str, list[int] | None]:
         stop = self.stop
         return {"stop": None if stop is None else [stop.step, stop.origin_step, stop.origin_rank, stop.reason, stop.detail]}

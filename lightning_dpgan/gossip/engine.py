@@ -7,7 +7,11 @@ decides what one optimizer step's :meth:`~GossipEngine.step` does:
 * :class:`SynchronousGossip`: mix now, all ``t`` rounds (DPOSG as written);
 * :class:`OverlappedGossip`: land the previous step's mix, then put this one on the wire and return, so that it
   travels while the next forward and backward run;
-* :class:`NoGossip`: nothing (``mixing=False``, an ablation).
+* :class:`NoGossip`: nothing (``mixing=False``, an ablation);
+* :class:`~lightning_dpgan.gossip.stale.StaleGossip` (bounded staleness) and
+  :class:`~lightning_dpgan.gossip.choco.ChocoGossip` (compressed, with error feedback), in modules of their own.
+
+With ``every = H`` a variant mixes on every ``H``-th step only (local steps in between).
 
 :func:`build_engine` picks the variant from :class:`~lightning_dpgan.gossip.options.GossipOptions`.
 
@@ -145,9 +149,24 @@ class GossipEngine:
     def flush(self) -> None:
         """Land anything still on the wire (before a checkpoint, a consensus measurement, the end of training)."""
 
+    def close(self) -> None:
+        """The end of training, on every worker: land everything, and leave nothing posted on the wire."""
+        self.flush()
+
     def _begin_step(self) -> None:
         self.timeout.tick()
         self.steps += 1
+
+    def mixes_now(self) -> bool:
+        """Whether this step mixes (``every``: local steps between mixes)."""
+        return self.steps % self.options.every == 0
+
+    def replica_state(self) -> dict[str, Any]:
+        """What this worker alone holds (a replica's checkpoint carries it); nothing for most variants."""
+        return {}
+
+    def load_replica_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`replica_state` (an empty dict: start afresh, as from a consensus model)."""
 
     # ------------------------------------------------------------------ stopping together
     @property
@@ -156,7 +175,7 @@ class GossipEngine:
         if self.world_size == 1:
             return 0
         rounds = self.topology.flood_rounds()
-        return math.ceil(rounds / self.options.rounds) * (1 + self.lag_steps) + 1
+        return (math.ceil(rounds / self.options.rounds) * (1 + self.lag_steps) + 1) * self.options.every
 
     def announce_stop(self, reason: StopReason, detail: int = 0) -> Stop:
         """This worker must stop: announce a step at which every worker will have heard, and stop after it."""
@@ -398,7 +417,8 @@ class SynchronousGossip(GossipEngine):
 
     def step(self, tensors: Sequence[Tensor]) -> None:
         self._begin_step()
-        self.mix(tensors)
+        if self.mixes_now():
+            self.mix(tensors)
 
 
 class OverlappedGossip(GossipEngine):
@@ -414,7 +434,8 @@ class OverlappedGossip(GossipEngine):
     def step(self, tensors: Sequence[Tensor]) -> None:
         self.flush()  # the previous step's mix, whose messages carry the step count it was started at: this one
         self._begin_step()
-        self._in_flight = self.start_mix(tensors)
+        if self.mixes_now():
+            self._in_flight = self.start_mix(tensors)
 
     def flush(self) -> None:
         pending, self._in_flight = self._in_flight, None
@@ -431,6 +452,8 @@ class NoGossip(GossipEngine):
 
     def step(self, tensors: Sequence[Tensor]) -> None:
         self._begin_step()
+        if not self.mixes_now():
+            return
         if self.world_size > 1:
             nb = self._neighbours[self.phase % self.topology.period]
             message = torch.empty(HEADER_BYTES, dtype=torch.uint8)
@@ -455,6 +478,14 @@ def build_engine(
         transport = DistributedTransport(rank, None, options.chunk_bytes)
     if not options.mixing:
         return NoGossip(topology, rank, transport, options)
+    if options.compression is not None:
+        from lightning_dpgan.gossip.choco import ChocoGossip
+
+        return ChocoGossip(topology, rank, transport, options)
+    if options.staleness:
+        from lightning_dpgan.gossip.stale import StaleGossip
+
+        return StaleGossip(topology, rank, transport, options)
     if options.overlap:
         return OverlappedGossip(topology, rank, transport, options)
     return SynchronousGossip(topology, rank, transport, options)

@@ -1,7 +1,7 @@
 """``GossipOptions``: every setting of how replicas gossip, in one frozen object checked once, where it is built.
 
-The strategy, the engine and the command line all take this one object (the CLI's shortcuts ``gossip_rounds=`` and
-``wire_dtype=`` fill it in), so a setting is validated in one place and a new one is added in one place.
+The strategy, the engine and the command line all take this one object (the CLI's shortcuts ``gossip_rounds=``,
+``wire_dtype=``, ``staleness=``, ``gossip_every=`` and ``compression=`` fill it in), so a setting is validated in one place and a new one is added in one place.
 No torch here: the command line checks its options before torch is loaded.
 """
 
@@ -18,6 +18,9 @@ DEFAULT_CHUNK_BYTES = 256 * 1024
 #: an automatic peer timeout is at least this many seconds, and this many step times (docs/reliability.md)
 PEER_TIMEOUT_FLOOR_S = 60.0
 PEER_TIMEOUT_STEPS = 100
+#: compressed gossip (CHOCO): the compressors; the consensus step ``gamma`` each gets by default is 1 for int8,
+#: 0.5 for sign and ``4 * topk_fraction`` for topk (docs/guide.md: compressed gossip, how these were chosen)
+COMPRESSIONS = ("int8", "topk", "sign")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,18 @@ class GossipOptions:
         overlap: leave each step's mix on the wire while the next forward and backward run, and apply it after the
             next optimizer step (docs/guide.md: overlapped DPOSG).
         mixing: ``False`` turns communication off (local training, an ablation); consensus is still measured.
+        staleness: ``s``: a worker mixes with the newest anchors it holds from each neighbour as long as none is more
+            than ``s`` steps old, and waits only for a neighbour more than ``s`` steps behind (docs/guide.md: bounded
+            staleness). ``0`` is DPOSG as written, every step waiting for every neighbour. Needs one round per step,
+            no overlap, and a static topology that is not complete.
+        every: ``H``, local steps: mix on every ``H``-th optimizer step only, the steps between are the replica's own
+            (DiLoCo-style); ``1`` mixes every step.
+        compression: ``"int8"``, ``"topk"`` or ``"sign"``: gossip compressed differences with error feedback
+            (CHOCO-gossip, docs/guide.md: compressed gossip); ``None`` sends the tensors. Needs one round per step,
+            no overlap, no staleness, and a static topology that is not complete.
+        topk_fraction: the fraction of entries ``topk`` sends.
+        consensus_step: CHOCO's ``gamma`` in ``(0, 1]``; ``None``: 1 for int8, 0.5 for sign, ``min(1, 4 * topk_fraction)``
+            for topk.
         peer_timeout: seconds to wait for a neighbour's message before failing with its rank
             (:class:`~lightning_dpgan.gossip.GossipPeerError`). ``None``: follow the run, the larger of
             ``PEER_TIMEOUT_FLOOR_S`` and ``PEER_TIMEOUT_STEPS`` median step times, and ``startup_timeout`` during
@@ -46,6 +61,11 @@ class GossipOptions:
     chunk_bytes: int | None = DEFAULT_CHUNK_BYTES
     overlap: bool = False
     mixing: bool = True
+    staleness: int = 0
+    every: int = 1
+    compression: str | None = None
+    topk_fraction: float = 0.01
+    consensus_step: float | None = None
     peer_timeout: float | None = None
     startup_timeout: float = 1800.0
 
@@ -57,9 +77,51 @@ class GossipOptions:
             check_int("chunk_bytes (bytes per gossip message chunk; None sends whole messages)", self.chunk_bytes, 1)
         check_bool("overlap", self.overlap)
         check_bool("mixing", self.mixing)
+        check_int("staleness (steps a neighbour's anchors may be old)", self.staleness, 0)
+        if self.staleness and (self.rounds != 1 or self.overlap):
+            raise ValueError(
+                f"staleness={self.staleness} mixes the newest anchors a worker holds, once per step: it needs rounds=1 "
+                f"and overlap=False (a stale mix already travels while the next steps run), got rounds={self.rounds}, "
+                f"overlap={self.overlap}"
+            )
+        check_int("every (optimizer steps per mix)", self.every, 1)
+        if self.staleness and self.every != 1:
+            raise ValueError(f"staleness={self.staleness} needs every=1 (a mix every step), got every={self.every}")
+        check_number("topk_fraction", self.topk_fraction, 0, 1, low_open=True, high_open=False)
+        if self.consensus_step is not None:
+            check_number("consensus_step (CHOCO's gamma)", self.consensus_step, 0, 1, low_open=True, high_open=False)
+        if self.compression is not None:
+            check_choice("compression", self.compression, ("none", *COMPRESSIONS))
+            if self.compression == "none":
+                object.__setattr__(self, "compression", None)
+        if self.compression is not None and (self.rounds != 1 or self.overlap or self.staleness):
+            raise ValueError(
+                f"compression={self.compression!r} gossips once per mixing step: it needs rounds=1, overlap=False and "
+                f"staleness=0, got rounds={self.rounds}, overlap={self.overlap}, staleness={self.staleness}"
+            )
         if self.peer_timeout is not None:
             check_number("peer_timeout (seconds; None follows the run)", self.peer_timeout, 0, low_open=True)
         check_number("startup_timeout (seconds)", self.startup_timeout, 0, low_open=True)
+
+    def check_topology(self, topology: Any) -> None:
+        """Staleness and compression keep one state per neighbour (its newest message, its public copy): they need a
+        static graph that is not complete. Raises :class:`~lightning_dpgan.topology.TopologyError` otherwise."""
+        needs = (
+            f"staleness={self.staleness} needs" if self.staleness
+            else f"compression={self.compression!r} keeps a copy of every neighbour, so it needs" if self.compression
+            else None
+        )
+        if needs and (topology.is_time_varying or topology.is_complete):
+            from lightning_dpgan.topology import TopologyError
+
+            kind = "time-varying" if topology.is_time_varying else "complete (one all_reduce a step)"
+            raise TopologyError(f"{needs} a static topology that is not complete; {topology.name!r} is {kind}")
+
+    def resolved_consensus_step(self) -> float:
+        """CHOCO's ``gamma``: the one given, or the compressor's default."""
+        if self.consensus_step is not None:
+            return self.consensus_step
+        return {"sign": 0.5, "topk": min(1.0, 4 * self.topk_fraction)}.get(self.compression or "", 1.0)
 
     @classmethod
     def build(cls, value: GossipOptions | dict[str, Any] | None) -> GossipOptions:

@@ -56,6 +56,7 @@ class Posted:
     works: list[Any]
     peer: int | None
     what: str
+    completed: bool = False  # waited for once already (a gloo work must not be waited for twice)
 
 
 class Transport(Protocol):
@@ -63,8 +64,16 @@ class Transport(Protocol):
 
     rank: int
 
-    def exchange(self, send: Tensor, received: Tensor, send_to: Sequence[int], receive_from: Sequence[int]) -> list[Posted]:
-        """Post ``send`` to every out-neighbour and receive row ``k`` of ``received`` from ``receive_from[k]``."""
+    def exchange(
+        self, send: Tensor | None, received: Tensor | None, send_to: Sequence[int], receive_from: Sequence[int], stream: int = 0
+    ) -> list[Posted]:
+        """Post ``send`` to every out-neighbour and receive row ``k`` of ``received`` from ``receive_from[k]``
+        (either may be ``None``: only receives, or only sends). Messages of one ``stream`` between two workers
+        arrive in the order they were posted; streams do not mix."""
+        ...
+
+    def done(self, posted: Posted) -> bool:
+        """Whether ``posted`` has completed, without waiting."""
         ...
 
     def all_reduce(self, tensor: Tensor) -> Posted: ...
@@ -101,25 +110,34 @@ class DistributedTransport:
         self.group = group
         self.chunk_bytes = chunk_bytes
 
-    def exchange(self, send: Tensor, received: Tensor, send_to: Sequence[int], receive_from: Sequence[int]) -> list[Posted]:
+    def exchange(
+        self, send: Tensor | None, received: Tensor | None, send_to: Sequence[int], receive_from: Sequence[int], stream: int = 0
+    ) -> list[Posted]:
+        send_to = send_to if send is not None else ()
+        receive_from = receive_from if received is not None else ()
         if not send_to and not receive_from:
             return []
         row = {peer: k for k, peer in enumerate(receive_from)}
-        chunking = self.chunk_bytes if send.device.type == "cpu" else None
-        ranges = chunk_ranges(send.numel(), None if chunking is None else max(1, chunking // send.element_size()))
+        like = send if send is not None else received
+        assert like is not None
+        chunking = self.chunk_bytes if like.device.type == "cpu" else None
+        ranges = chunk_ranges(like.shape[-1], None if chunking is None else max(1, chunking // like.element_size()))
         ops: list[dist.P2POp] = []
         peers: list[int] = []
         for kind, peer, chunk in schedule(send_to, receive_from, len(ranges)):
             start, stop = ranges[chunk]
             if kind == "send":
-                ops.append(dist.P2POp(dist.isend, send[start:stop], peer, self.group))
+                ops.append(dist.P2POp(dist.isend, send[start:stop], peer, self.group, tag=stream))  # type: ignore[index]
             else:
-                ops.append(dist.P2POp(dist.irecv, received[row[peer], start:stop], peer, self.group))
+                ops.append(dist.P2POp(dist.irecv, received[row[peer], start:stop], peer, self.group, tag=stream))  # type: ignore[index]
             peers.append(peer)
         by_peer: dict[int, list[Any]] = {}
         for work, peer in zip(dist.batch_isend_irecv(ops), peers):
             by_peer.setdefault(peer, []).append(work)
         return [Posted(works, peer, "gossip exchange") for peer, works in by_peer.items()]
+
+    def done(self, posted: Posted) -> bool:
+        return posted.completed or all(work.is_completed() for work in posted.works)
 
     def all_reduce(self, tensor: Tensor) -> Posted:
         return Posted([dist.all_reduce(tensor, group=self.group, async_op=True)], None, "all_reduce")
@@ -131,12 +149,15 @@ class DistributedTransport:
         return Posted([dist.broadcast(tensor, src=src, group=self.group, async_op=True)], src, "broadcast")
 
     def wait(self, posted: Posted, timeout: timedelta | None, gossip_round: int) -> None:
+        if posted.completed:
+            return
         try:
             for work in posted.works:
                 if timeout is not None:
                     work.wait(timeout)
                 else:
                     work.wait()
+            posted.completed = True
         except Exception as err:  # gloo/nccl raise RuntimeError or DistBackendError
             who = f"rank {posted.peer}" if posted.peer is not None else "a peer"
             raise GossipPeerError(

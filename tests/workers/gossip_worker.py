@@ -2,7 +2,9 @@
 
 Usage: gossip_worker.py OUT_DIR CASES_JSON, where CASES_JSON maps a world size n to its cases, run by the first n
 ranks on a process group of their own (one launch covers several world sizes), and each case is {"topology",
-"options", "rounds", "mixes", "wire_dtype", "chunk_bytes", "overlap", "strided"};
+"options", "rounds", "mixes", "wire_dtype", "chunk_bytes", "overlap", "strided", "staleness", "schedule"};
+with "staleness" each worker takes its neighbours' messages when ``reference.delivery_schedule(n, staleness,
+schedule)`` says;
 with "overlap" each mix is start_mix, then every tensor is shifted by
 ``overlap_shift(rank)`` while the mix is in flight, then finish_mix; with "strided" the first tensor is a transposed view (not contiguous). Rank r's tensors are drawn from numpy seed (case index, r), which the test redraws for its
 dense reference. GOSSIP_BACKEND=nccl puts each rank's tensors on cuda:LOCAL_RANK (the GPU tests).
@@ -18,6 +20,9 @@ import torch.distributed as dist
 
 from lightning_dpgan.gossip import DistributedTransport, GossipOptions, build_engine
 from lightning_dpgan.topology import build_topology
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from reference import delivery_schedule  # noqa: E402
 
 SHAPES = [((3, 5), "float64"), ((7,), "float64"), ((2, 2, 2), "float32"), ((11,), "float32")]
 
@@ -55,8 +60,11 @@ def run_cases(out_dir: str, cases: list[dict], rank: int, world: int, group: dis
     for index, case in enumerate(cases):
         topology = build_topology(case["topology"], world, **case.get("options", {}))
         chunking = {"chunk_bytes": case["chunk_bytes"]} if "chunk_bytes" in case else {}  # else the default
-        options = GossipOptions(rounds=case["rounds"], wire_dtype=case.get("wire_dtype"), **chunking)
+        options = GossipOptions(rounds=case["rounds"], wire_dtype=case.get("wire_dtype"), staleness=case.get("staleness", 0), **chunking)
         engine = build_engine(topology, rank, options, DistributedTransport(rank, group, options.chunk_bytes))
+        if case.get("staleness"):
+            schedule = delivery_schedule(world, case["staleness"], case["schedule"])
+            engine.delivery = lambda sender, tag, schedule=schedule: schedule(rank, sender, tag)
         tensors = [torch.from_numpy(a).to(device) for a in case_tensors(index, rank, case)]
         if case.get("strided"):
             tensors[0] = tensors[0].t().contiguous().t()  # the same values, stored column by column
@@ -72,6 +80,7 @@ def run_cases(out_dir: str, cases: list[dict], rank: int, world: int, group: dis
                 engine.step(tensors)
             if case.get("track_consensus"):
                 distances.append(float(engine.consensus_distance(tensors, group_ids, 1)[0]))
+        engine.close()
         for k, t in enumerate(tensors):
             results[f"{index}/{k}"] = t.cpu().numpy()
         results[f"{index}/messages"] = np.array(engine.messages_sent)

@@ -37,6 +37,9 @@ from lightning_dpgan.models import DCGANDiscriminator, DCGANGenerator, MLPDiscri
 from lightning_dpgan.optim import OPTIMIZERS, OptimisticSGD
 from lightning_dpgan.signals import StopOnSigterm
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from reference import delivery_schedule  # noqa: E402
+
 
 def digits(with_index: bool = False) -> TensorDataset:
     from sklearn.datasets import load_digits
@@ -260,6 +263,61 @@ class NoiseAtFirstBatch(Callback):
             torch.random.set_rng_state(state)
 
 
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast_object_list",
+               "barrier", "reduce", "gather", "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all")
+POINT_TO_POINT = ("batch_isend_irecv", "send", "recv")  # not isend/irecv: P2POp checks it was given the originals
+
+
+class CountCollectives(Callback):
+    """Counts the torch.distributed calls of every training step (collectives: every rank meets; point-to-point:
+    neighbours only), by wrapping the module's functions while the fit runs. Written to ``calls_rank{r}.json``."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.steps, self._saved, self._now = out, [], {}, {"collective": 0, "p2p": 0}
+
+    def setup(self, trainer: pl.Trainer, module: Any, stage: str) -> None:
+        for kind, names in (("collective", COLLECTIVES), ("p2p", POINT_TO_POINT)):
+            for name in names:
+                original = getattr(torch.distributed, name, None)
+                if original is None:
+                    continue
+                self._saved[name] = original
+
+                def counted(*args: Any, _original: Any = original, _kind: str = kind, **kwargs: Any) -> Any:
+                    self._now[_kind] += 1
+                    return _original(*args, **kwargs)
+
+                setattr(torch.distributed, name, counted)
+
+    def on_train_start(self, *args: Any) -> None:
+        self._now.update(collective=0, p2p=0)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        """A step is everything since the previous step's end: the loop's own per-batch calls come before
+        ``on_train_batch_start``."""
+        self.steps.append(dict(self._now))
+        self._now.update(collective=0, p2p=0)
+
+    def teardown(self, trainer: pl.Trainer, module: Any, stage: str) -> None:
+        for name, original in self._saved.items():
+            setattr(torch.distributed, name, original)
+        with open(os.path.join(self.out, f"calls_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(self.steps, f)
+
+
+class DeliverOnSchedule(Callback):
+    """Bounded staleness replaying a seeded schedule (tests/reference.py): each rank takes its neighbours' messages
+    at the steps the schedule says, so that the run can be compared with numpy."""
+
+    def __init__(self, staleness: int, seed: int) -> None:
+        self.staleness, self.seed = staleness, seed
+
+    def setup(self, trainer: pl.Trainer, module: Any, stage: str) -> None:
+        schedule = delivery_schedule(trainer.world_size, self.staleness, self.seed)
+        rank = trainer.global_rank
+        trainer.strategy.engine.delivery = lambda sender, tag: schedule(rank, sender, tag)
+
+
 class KillRank(Callback):
     """Rank ``rank`` sends itself ``sig`` (SIGKILL: dies; SIGSTOP: stalls) when it reaches ``step``."""
 
@@ -329,15 +387,50 @@ class SigtermRankZeroWhileOthersWait(Callback):
 
 
 def decentralized(opts: dict[str, str], topology: str = "ring", **kwargs: Any) -> DecentralizedStrategy:
-    """The strategy a scenario asks for: ``rounds``, ``wire_dtype``, ``overlap``, ``mixing``, ``timeout`` options."""
+    """The strategy a scenario asks for: ``rounds``, ``wire_dtype``, ``overlap``, ``mixing``, ``staleness``,
+    ``gossip_every``, ``compression``, ``topk_fraction``, ``timeout`` options (``every`` is a checkpoint cadence)."""
     gossip = GossipOptions(
         rounds=int(opts.get("rounds", 1)),
         wire_dtype=opts.get("wire_dtype"),
         overlap=opts.get("overlap", "0") == "1",
         mixing=opts.get("mixing", "1") == "1",
+        staleness=int(opts.get("staleness", 0)),
+        every=int(opts.get("gossip_every", 1)),
+        compression=opts.get("compression"),
+        topk_fraction=float(opts.get("topk_fraction", 0.01)),
         peer_timeout=float(opts["timeout"]) if "timeout" in opts else None,
     )
     return DecentralizedStrategy(opts.get("topology", topology), gossip=gossip, **kwargs)
+
+
+def fabric_bilinear(out: str, opts: dict[str, str], steps: int, save_at: int | None = None, resume_from: int | None = None) -> Any:
+    """The bilinear game of :class:`BilinearGame` trained by a Fabric loop with ``DecentralizedFabricStrategy``."""
+    from lightning.fabric import Fabric
+
+    from lightning_dpgan.fabric import DecentralizedFabricStrategy
+
+    gossip = GossipOptions(rounds=int(opts.get("rounds", 1)), compression=opts.get("compression"))
+    fabric = Fabric(accelerator="cpu", devices=int(opts.get("devices", 4)), strategy=DecentralizedFabricStrategy(opts.get("topology", "ring"), gossip=gossip))
+    fabric.launch()
+    game = BilinearGame(opts["optimizer"], float(opts["lr"]), **json.loads(opts.get("kwargs", "{}")))
+    optimizer = game.configure_optimizers()
+    game, optimizer = fabric.setup(game, optimizer)
+    a = torch.as_tensor(bilinear_matrices(fabric.world_size)[1][fabric.global_rank])
+    path = os.path.join(out, "fabric.ckpt")
+    start = 0
+    if resume_from is not None:
+        fabric.load(path, {"game": game, "optimizer": optimizer})
+        start = resume_from
+    for step in range(start, steps):
+        optimizer.zero_grad()
+        value = game.x @ a @ game.y
+        fabric.backward(value, inputs=[game.module.x], retain_graph=True)  # x minimises
+        fabric.backward(-value, inputs=[game.module.y])  # y maximises
+        optimizer.step()
+        if save_at is not None and step + 1 == save_at:
+            fabric.save(path, {"game": game, "optimizer": optimizer})
+    game.module.rank = fabric.global_rank
+    return game.module
 
 
 def trainer(out: str, strategy: Any, devices: int = 4, **kwargs: Any) -> pl.Trainer:
@@ -454,9 +547,20 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
         steps, per_batch = int(opts["steps"]), int(opts.get("per_batch", 1))
         strategy = decentralized(opts, consensus_every=int(opts.get("consensus_every", 0)))
         kwargs = json.loads(opts.get("kwargs", "{}"))
-        t = trainer(out, strategy, devices, max_steps=steps, callbacks=[SaveReplica(out)])
+        callbacks: list[Callback] = [SaveReplica(out)]
+        if "schedule" in opts:
+            callbacks.append(DeliverOnSchedule(int(opts["staleness"]), int(opts["schedule"])))
+        t = trainer(out, strategy, devices, max_steps=steps, callbacks=callbacks)
         batches = DataLoader(TensorDataset(torch.zeros(steps * devices, 1)), batch_size=1)
         t.fit(BilinearGame(opts["optimizer"], float(opts["lr"]), per_batch, **kwargs), batches)
+
+    elif scenario == "fabric_bilinear":  # the bilinear game in a Fabric loop; saved at step 3, and resumed from there
+        steps, saved = int(opts["steps"]), int(opts["save_at"])
+        first = fabric_bilinear(out, opts, steps, save_at=saved)
+        second = fabric_bilinear(out, opts, steps, resume_from=saved)
+        torch.save({"x": first.x.detach(), "y": first.y.detach()}, os.path.join(out, f"end_rank{first.rank}.pt"))
+        torch.save({"x": second.x.detach(), "y": second.y.detach()}, os.path.join(out, f"resumed_rank{second.rank}.pt"))
+        return
 
     elif scenario == "shards":  # what each rank's datamodule hands it in one epoch
         data = GaussianMixtureDataModule("grid", num_samples=int(opts["n"]), batch_size=50, shard=opts["shard"], val_size=int(opts.get("val", 0)))
@@ -487,11 +591,13 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
     elif scenario == "grid":  # DPGAN with OptimisticAdam on the grid of 25 Gaussians
         strategy = decentralized(opts, consensus_every=int(opts.get("consensus_every", 50)))
         callbacks = [SaveReplica(out), Snapshots(out, int(opts.get("snapshot_every", 10**9))), NoiseAtFirstBatch(out)]
+        if opts.get("count") == "1":
+            callbacks.append(CountCollectives(out))
         if opts.get("strategy") == "ddp":  # centralized OSG (CPOSG): gradients all-reduced, same optimizer
             strategy = DDPStrategy(find_unused_parameters=int(opts.get("n_critic", 1)) > 1)
         else:
             callbacks.append(MessageCount(out))
-        t = trainer(out, strategy, devices, max_steps=int(opts["steps"]), callbacks=callbacks, log_every_n_steps=1)
+        t = trainer(out, strategy, devices, max_steps=int(opts["steps"]), callbacks=callbacks, log_every_n_steps=int(opts.get("log_every", 1)))
         hidden = int(opts.get("hidden", 128))
         generator = MLPGenerator(latent_dim=int(opts.get("latent", 2)), hidden=hidden, output_scale=float(opts.get("output_scale", 1)))
         gan = DPGAN(

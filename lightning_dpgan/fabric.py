@@ -1,0 +1,211 @@
+"""``DecentralizedFabricStrategy``: the same gossip for a Lightning Fabric training loop.
+
+``Fabric(strategy=DecentralizedFabricStrategy(...))``, or ``Fabric(strategy="decentralized")`` after
+``import lightning_dpgan``. It subclasses Fabric's :class:`~lightning.fabric.strategies.DDPStrategy` for its
+launchers and process group, and does what :class:`~lightning_dpgan.DecentralizedStrategy` does for the Trainer
+(:class:`~lightning_dpgan.gossiper.Gossiper`): no DDP wrapper, rank 0's weights broadcast once in
+``fabric.setup``, a random stream per rank, and every ``optimizer.step()`` mixed with ``W^t`` (anchors through an
+anchored optimizer's hook: DPOSG with :class:`~lightning_dpgan.OptimisticAdam`). ``fabric.save`` writes the
+consensus model and, beside it, every replica as one checkpoint set; ``fabric.load`` restores each rank's own
+replica (the consensus model at another world size). A non-finite value stops every rank after the same step
+with :class:`~lightning_dpgan.NonFiniteError`. Fabric has no SIGTERM handling of its own, so neither does this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
+from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from lightning.fabric.utilities.types import _PATH, Optimizable
+from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_dpgan.gossip import DistributedTransport, GossipEngine, GossipOptions
+from lightning_dpgan.gossiper import Gossiper, point_anchors_at_parameters
+from lightning_dpgan.replicas import atomic_save, consensus_restart_reason, replica_set_of, safe_load
+from lightning_dpgan.seeding import rng_state, set_rng_state
+from lightning_dpgan.strategy import check_master_port_free, close_gossip_group, die_with_parent, gossip_group
+from lightning_dpgan.topology import Topology
+
+
+class DecentralizedFabricStrategy(DDPStrategy):
+    """Decentralized training by gossip for Fabric. Arguments as :class:`~lightning_dpgan.DecentralizedStrategy`'s
+    (``consensus_every`` fills :attr:`consensus_distance`; a Fabric loop logs what it likes)."""
+
+    strategy_name = "decentralized"
+
+    def __init__(
+        self,
+        topology: str | Topology = "ring",
+        gossip: GossipOptions | Mapping[str, Any] | None = None,
+        topology_options: Mapping[str, Any] | None = None,
+        consensus_every: int = 0,
+        mix_buffers: bool = True,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
+        process_group_backend: str | None = None,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        gossiper = Gossiper(topology, gossip, topology_options, consensus_every, mix_buffers)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+            process_group_backend=process_group_backend,
+            timeout=timedelta(seconds=gossiper.options.startup_timeout),
+            start_method=start_method,
+        )
+        self.gossiper = gossiper
+        self._module: nn.Module | None = None
+        self._optimizers: list[Optimizer] = []
+        self._gossip_group: torch.distributed.ProcessGroup | None = None
+
+    @property
+    def engine(self) -> GossipEngine | None:
+        return self.gossiper.engine
+
+    @property
+    def consensus_distance(self) -> dict[str, float]:
+        return self.gossiper.consensus_distance
+
+    @override
+    def _configure_launcher(self) -> None:
+        # the launching process, before any worker starts: a bad world size or a taken port is said now
+        self.gossiper.build_topology(self.num_nodes * self.num_processes)
+        super()._configure_launcher()
+        if not self.cluster_environment.creates_processes_externally and self.num_nodes == 1 and self.num_processes > 1:
+            check_master_port_free()
+
+    @override
+    def setup_environment(self) -> None:
+        if self.cluster_environment is not None and self.cluster_environment.creates_processes_externally:
+            die_with_parent()
+        super().setup_environment()
+        self._gossip_group, world_size = gossip_group(self._get_process_group_backend(), self._timeout)
+        transport = DistributedTransport(self.global_rank, self._gossip_group, self.gossiper.options.chunk_bytes)
+        self.gossiper.connect(world_size, self.global_rank, transport)
+        if world_size > 1:
+            self.gossiper.run_id = self.broadcast(self.gossiper.run_id)
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        """No DDP wrapper: the replicas start from rank 0's weights and then draw their own random numbers."""
+        self.gossiper.align(module, self.global_rank)
+        self._module, self._optimizers = module, []
+        return module
+
+    @override
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        """From now on every step of this optimizer is mixed (set up the module first, as ``fabric.setup`` does)."""
+        if self._module is None:
+            raise RuntimeError("set up the module before its optimizers: fabric.setup(module, optimizer)")
+        self._optimizers.append(optimizer)
+        self.gossiper.attach(self._module, self._optimizers)
+        return optimizer
+
+    @override
+    def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, **kwargs)  # an anchored optimizer mixes inside its step
+        self.gossiper.after_step(optimizer, output)  # type: ignore[arg-type]
+        self.gossiper.due_stop()  # raises NonFiniteError on every rank at the agreed step
+        return output
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def save_checkpoint(
+        self,
+        path: _PATH,
+        state: dict[str, nn.Module | Optimizer | Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Callable[[str, Any], bool]] | None = None,
+    ) -> None:
+        """The consensus model (every module of ``state`` averaged over the replicas) in ``path``; each rank's own
+        state beside it, committed with it as one set."""
+        replica = self._convert_stateful_objects_in_state(state, filter=filter or {})
+        main = dict(replica)
+        for key, obj in state.items():
+            if isinstance(obj, nn.Module):
+                main[key] = self.gossiper.consensus_state(obj, replica[key], self)
+
+        def write(checkpoint: dict[str, Any]) -> None:
+            if storage_options is None:
+                atomic_save(checkpoint, path)
+            else:
+                self.checkpoint_io.save_checkpoint(checkpoint=checkpoint, path=path, storage_options=storage_options)
+
+        engine = self.engine
+        if engine is None or engine.world_size == 1:
+            if self.is_global_zero:
+                write(main)
+            return
+        step = engine.steps
+        self.gossiper.save_set(path, step, main, {**replica, "rng_states": rng_state(self.root_device.type == "cuda")}, self, write)
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        state: nn.Module | Optimizer | dict[str, nn.Module | Optimizer | Any] | None = None,
+        strict: bool = True,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """This rank's own replica where the set has one per rank of this world size, else the consensus model
+        (its optimizers' anchors then point at it). Always read as data (``weights_only=True``)."""
+        checkpoint = safe_load(path)
+        replica = self.gossiper.read_own_replica(path, checkpoint, self) if isinstance(checkpoint, dict) else None
+        if replica is None and isinstance(checkpoint, dict) and replica_set_of(checkpoint) is not None:
+            reason = consensus_restart_reason(replica_set_of(checkpoint), self.gossiper.engine.world_size)  # type: ignore[arg-type, union-attr]
+            rank_zero_warn(f"Loading {path}: {reason}; every replica restarts from the consensus model.")
+        source = replica if replica is not None else checkpoint
+        if not state or not isinstance(state, dict):
+            return super().load_checkpoint(path, state, strict, weights_only=True) if state else source
+        remaining = dict(source)
+        for name, obj in list(state.items()):
+            if name not in remaining:
+                continue
+            value = remaining.pop(name)
+            if isinstance(obj, nn.Module):
+                self.load_module_state_dict(obj, value, strict=strict)
+            elif hasattr(obj, "load_state_dict"):
+                obj.load_state_dict(value)
+            else:
+                state[name] = value
+        if replica is not None:
+            set_rng_state(remaining.pop("rng_states"))
+        else:
+            point_anchors_at_parameters([o for o in state.values() if isinstance(o, Optimizer)])
+        return remaining
+
+    @override
+    def teardown(self) -> None:
+        self.gossiper.detach()
+        if self.engine is not None:
+            self.engine.forget()
+        close_gossip_group(self._gossip_group)
+        self._gossip_group = None
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for name, start_method in (("decentralized", "popen"), ("decentralized_spawn", "spawn")):
+            strategy_registry.register(
+                name, cls, description=f"Decentralized gossip strategy with start_method '{start_method}'", start_method=start_method
+            )
+
+
+if "decentralized" not in STRATEGY_REGISTRY:
+    DecentralizedFabricStrategy.register_strategies(STRATEGY_REGISTRY)

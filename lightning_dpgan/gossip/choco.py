@@ -1,0 +1,122 @@
+"""``ChocoGossip``: compressed gossip with error feedback (CHOCO-gossip, Koloskova et al., ICML 2019).
+
+Every worker keeps public copies ``x_hat`` of itself and of each in-neighbour, identical on every worker that
+holds them. On a mixing step worker ``i``::
+
+    q_i     = Q(x_i - x_hat_i)                                   sent to the out-neighbours
+    x_hat_j = x_hat_j + q_j            for j = i and every in-neighbour (the q each sent)
+    x_i     = x_i + gamma * sum_j w_ij (x_hat_j - x_hat_i)
+
+with ``Q`` a compressor (:mod:`.compression`) and ``gamma`` the consensus step. What ``Q`` drops stays in
+``x - x_hat`` and is sent later (error feedback), so the replicas still reach consensus at any compression. With
+``Q`` the identity and ``gamma = 1`` this is plain gossip, ``x <- W x``. The copies start at zero, are part of each
+replica's checkpoint (:meth:`ChocoGossip.replica_state`), and restart at zero from a consensus model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_dpgan.gossip.buffers import Bucket, Plan
+from lightning_dpgan.gossip.compression import Compressor, build_compressor
+from lightning_dpgan.gossip.control import HEADER_BYTES
+from lightning_dpgan.gossip.engine import GossipEngine
+from lightning_dpgan.gossip.options import GossipOptions
+from lightning_dpgan.gossip.transport import Transport
+from lightning_dpgan.topology import Topology
+
+
+@dataclass
+class _Copies:
+    """One bucket's public copies: row 0 is this worker's own, then one row per in-neighbour."""
+
+    bucket: Bucket
+    copies: Tensor  # (1 + in-neighbours, numel), in the bucket's dtype
+    send: Tensor  # this worker's message
+    received: Tensor  # (in-neighbours, message bytes)
+    decoded: Tensor  # (numel,) scratch
+
+
+class ChocoGossip(GossipEngine):
+    """Compressed gossip (``GossipOptions(compression=...)``) on a static topology, one round per mixing step."""
+
+    def __init__(self, topology: Topology, rank: int, transport: Transport, options: GossipOptions) -> None:
+        options.check_topology(topology)
+        super().__init__(topology, rank, transport, options)
+        assert options.compression is not None
+        self.compressor: Compressor = build_compressor(options.compression, options.topk_fraction)
+        self.consensus_step = options.resolved_consensus_step()
+        self._nb = self._neighbours[0]
+        self._copies: dict[int, list[_Copies]] = {}  # id(plan) -> one per bucket
+        self._restored: list[Tensor] = []  # copies read from a checkpoint, taken by the plans in the order they come
+
+    @torch.no_grad()
+    def step(self, tensors: Sequence[Tensor]) -> None:
+        self._begin_step()
+        if self.world_size == 1 or not tensors or not self.mixes_now():
+            return
+        plan = self._plans.get(tensors)
+        entries = self._copies_of(plan)
+        posted = []
+        for entry in entries:
+            bucket, own = entry.bucket, entry.copies[0]
+            bucket.pack()
+            payload = entry.send[HEADER_BYTES:]
+            self.compressor.encode(bucket.flat - own, payload)
+            self.compressor.decode(payload, entry.decoded)
+            own.add_(entry.decoded)
+            self.control.write(entry.send, self.steps)
+            posted.append(self.transport.exchange(entry.send, entry.received, self._nb.send_to, self._nb.receive_from))
+            self.messages_sent += len(self._nb.send_to)
+        for entry, exchange in zip(entries, posted):
+            for p in exchange:
+                self.transport.wait(p, self.timeout(), self.phase)
+            self._check_tags(self.control.read(entry.received), self._nb.receive_from)
+            own = entry.copies[0]
+            for k, weight in enumerate(self._nb.receive_weights):
+                self.compressor.decode(entry.received[k, HEADER_BYTES:], entry.decoded)
+                entry.copies[k + 1].add_(entry.decoded)
+                entry.bucket.flat.add_(entry.copies[k + 1] - own, alpha=self.consensus_step * weight)
+            entry.bucket.unpack()
+        self.phase += 1
+
+    def replica_state(self) -> dict[str, Any]:
+        """The public copies, per bucket in the order the plans were first mixed (each replica's own)."""
+        return {"choco_copies": [entry.copies.clone() for entries in self._copies.values() for entry in entries]}
+
+    def load_replica_state(self, state: dict[str, Any]) -> None:
+        self._copies.clear()
+        self._restored = list(state.get("choco_copies", []))
+
+    def forget(self) -> None:
+        self._copies.clear()
+        super().forget()
+
+    def _copies_of(self, plan: Plan) -> list[_Copies]:
+        entries = self._copies.get(id(plan))
+        if entries is None:
+            entries = []
+            rows = 1 + len(self._nb.receive_from)
+            for bucket in plan.buckets:
+                size = HEADER_BYTES + -(-self.compressor.wire_bytes(bucket.numel, bucket.dtype) // 8) * 8
+                copies = torch.zeros(rows, bucket.numel, dtype=bucket.dtype, device=bucket.device)
+                if self._restored:
+                    restored = self._restored.pop(0)
+                    if restored.shape != copies.shape:
+                        raise ValueError(
+                            f"the checkpoint's CHOCO copies have shape {tuple(restored.shape)}, this run's "
+                            f"{tuple(copies.shape)}: resume with the same model and topology"
+                        )
+                    copies.copy_(restored)
+                entries.append(_Copies(
+                    bucket, copies, torch.zeros(size, dtype=torch.uint8, device=bucket.device),
+                    torch.empty(len(self._nb.receive_from), size, dtype=torch.uint8, device=bucket.device),
+                    torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device),
+                ))
+            self._copies[id(plan)] = entries
+        return entries

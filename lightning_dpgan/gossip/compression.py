@@ -1,0 +1,138 @@
+"""Compressors for CHOCO gossip: how a difference ``x - x_hat`` is cut down to a few bytes, and read back.
+
+Each compressor writes a flat tensor into a byte payload (:meth:`Compressor.encode`) and reads it back
+(:meth:`Compressor.decode`). Sender and receivers decode the same bytes, so the public copies they update agree
+bit for bit. All three are deterministic (no random rounding), so runs are reproducible and the tests can replay
+them in numpy.
+
+* ``int8``: per chunk of ``CHUNK`` elements, a scale ``max|v| / 127`` and ``round(v / scale)`` as int8 (about 1 byte
+  an element);
+* ``topk``: the ``ceil(fraction * n)`` entries largest in magnitude, as values and int32 indices (``8 * fraction``
+  bytes an element for fp32);
+* ``sign``: per chunk, a scale ``mean|v|`` and one bit an element, ``+scale`` for ``v >= 0`` and ``-scale`` otherwise
+  (about 1/8 byte an element).
+
+Scales and top-k values travel in the tensors' own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+#: elements per scale of ``int8`` and ``sign``
+CHUNK = 1024
+COMPRESSIONS = ("int8", "topk", "sign")
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _chunks(numel: int) -> int:
+    return -(-numel // CHUNK)
+
+
+class Compressor:
+    """``encode(v, out)`` writes ``v`` (1-D) into ``wire_bytes`` bytes; ``decode(payload, out)`` reads them back."""
+
+    name = ""
+
+    def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
+        raise NotImplementedError
+
+    def encode(self, v: Tensor, out: Tensor) -> None:
+        raise NotImplementedError
+
+    def decode(self, payload: Tensor, out: Tensor) -> None:
+        raise NotImplementedError
+
+
+class Int8(Compressor):
+    name = "int8"
+
+    def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
+        return _chunks(numel) * _itemsize(dtype) + numel
+
+    def encode(self, v: Tensor, out: Tensor) -> None:
+        n, chunks, size = v.numel(), _chunks(v.numel()), _itemsize(v.dtype)
+        padded = torch.zeros(chunks * CHUNK, dtype=v.dtype, device=v.device)
+        padded[:n] = v
+        rows = padded.view(chunks, CHUNK)
+        scales = rows.abs().amax(dim=1) / 127
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(rows / safe[:, None]).view(-1)[:n]
+        out[: chunks * size].view(v.dtype).copy_(scales)
+        out[chunks * size : chunks * size + n].view(torch.int8).copy_(q)
+
+    def decode(self, payload: Tensor, out: Tensor) -> None:
+        n, chunks, size = out.numel(), _chunks(out.numel()), _itemsize(out.dtype)
+        scales = payload[: chunks * size].view(out.dtype)
+        q = payload[chunks * size : chunks * size + n].view(torch.int8)
+        padded = torch.zeros(chunks * CHUNK, dtype=out.dtype, device=out.device)
+        padded[:n] = q
+        out.copy_((padded.view(chunks, CHUNK) * scales[:, None]).view(-1)[:n])
+
+
+class TopK(Compressor):
+    name = "topk"
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def kept(self, numel: int) -> int:
+        return max(1, math.ceil(self.fraction * numel))
+
+    def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
+        return self.kept(numel) * (_itemsize(dtype) + 4)
+
+    def encode(self, v: Tensor, out: Tensor) -> None:
+        k, size = self.kept(v.numel()), _itemsize(v.dtype)
+        index = torch.topk(v.abs(), k, sorted=False).indices
+        out[: k * size].view(v.dtype).copy_(v[index])
+        out[k * size : k * (size + 4)].view(torch.int32).copy_(index)
+
+    def decode(self, payload: Tensor, out: Tensor) -> None:
+        k, size = self.kept(out.numel()), _itemsize(out.dtype)
+        out.zero_()
+        out[payload[k * size : k * (size + 4)].view(torch.int32).long()] = payload[: k * size].view(out.dtype)
+
+
+class Sign(Compressor):
+    name = "sign"
+
+    def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
+        return _chunks(numel) * _itemsize(dtype) + -(-numel // 8)
+
+    def encode(self, v: Tensor, out: Tensor) -> None:
+        n, chunks, size = v.numel(), _chunks(v.numel()), _itemsize(v.dtype)
+        padded = torch.zeros(chunks * CHUNK, dtype=v.dtype, device=v.device)
+        padded[:n] = v.abs()
+        counts = torch.full((chunks,), CHUNK, dtype=v.dtype, device=v.device)
+        counts[-1] = n - (chunks - 1) * CHUNK
+        out[: chunks * size].view(v.dtype).copy_(padded.view(chunks, CHUNK).sum(dim=1) / counts)
+        bits = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=v.device)
+        bits[:n] = v >= 0
+        packed = (bits.view(-1, 8) * _BITS.to(v.device)).sum(dim=1, dtype=torch.uint8)
+        out[chunks * size : chunks * size + packed.numel()].copy_(packed)
+
+    def decode(self, payload: Tensor, out: Tensor) -> None:
+        n, chunks, size = out.numel(), _chunks(out.numel()), _itemsize(out.dtype)
+        scales = payload[: chunks * size].view(out.dtype)
+        packed = payload[chunks * size : chunks * size + -(-n // 8)]
+        bits = (packed[:, None] & _BITS.to(out.device)).ne(0).view(-1)[:n]
+        magnitude = scales.repeat_interleave(CHUNK)[:n]
+        out.copy_(torch.where(bits, magnitude, -magnitude))
+
+
+def build_compressor(name: str, topk_fraction: float) -> Compressor:
+    if name == "int8":
+        return Int8()
+    if name == "topk":
+        return TopK(topk_fraction)
+    if name == "sign":
+        return Sign()
+    raise ValueError(f"unknown compression {name!r}; allowed: none, {', '.join(COMPRESSIONS)}")

@@ -1,0 +1,291 @@
+"""``Gossiper``: one replica's side of decentralized training, shared by the Trainer and the Fabric strategy.
+
+Both strategies do the same around an optimizer step: align the replicas once (rank 0's weights, then a random
+stream per rank), mix every optimizer step (anchors through the optimizer's anchor hook, or parameters after the
+step), watch for non-finite values and SIGTERM, agree on a stop through the gossip, and write and read checkpoint
+sets. Only how Lightning or Fabric call them differs, which stays in :mod:`lightning_dpgan.strategy` and
+:mod:`lightning_dpgan.fabric`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_dpgan.checks import check_bool, check_int
+from lightning_dpgan.gossip import GossipEngine, GossipOptions, Stop, StopReason, Transport, build_engine
+from lightning_dpgan.guard import NonFiniteError, first_nonfinite, nonfinite_message
+from lightning_dpgan.mix_sets import AnchoredOptimizer, MixSet, build_mix_set, metric_prefixes, own_buffers, own_parameters, submodule_names
+from lightning_dpgan.replicas import (
+    CHECKPOINT_KEY,
+    CheckpointError,
+    ReplicaSet,
+    main_meta,
+    read_replica,
+    remove_other_sets,
+    replica_set_of,
+    write_replica,
+)
+from lightning_dpgan.seeding import seed_for_rank
+from lightning_dpgan.topology import TOPOLOGIES, Topology, TopologyError, build_topology
+
+#: a replica file's entry for what its gossip engine alone holds (CHOCO's public copies)
+GOSSIP_REPLICA_KEY = "gossip_replica"
+
+
+class Collectives(Protocol):
+    """What a checkpoint set needs of the strategy: Lightning's and Fabric's strategies both have these."""
+
+    global_rank: int
+    is_global_zero: bool
+
+    def barrier(self, name: str | None = None) -> None: ...
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any: ...
+
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor: ...
+
+
+class Gossiper:
+    """The replica side of a decentralized strategy. Arguments as :class:`~lightning_dpgan.DecentralizedStrategy`'s."""
+
+    def __init__(
+        self,
+        topology: str | Topology,
+        gossip: GossipOptions | Mapping[str, Any] | None,
+        topology_options: Mapping[str, Any] | None,
+        consensus_every: int,
+        mix_buffers: bool,
+    ) -> None:
+        if not isinstance(topology, Topology) and topology not in TOPOLOGIES:
+            raise TopologyError(f"unknown topology {topology!r}; allowed: {', '.join(TOPOLOGIES)}")
+        self.options = GossipOptions.build(dict(gossip) if isinstance(gossip, Mapping) else gossip)
+        self.consensus_every = check_int("consensus_every", consensus_every, 0)
+        self.mix_buffers = check_bool("mix_buffers", mix_buffers)
+        self.topology_spec = topology
+        self.topology_options = dict(topology_options or {})
+        self.topology: Topology | None = None
+        self.engine: GossipEngine | None = None
+        self.run_id = uuid.uuid4().hex[:12]
+        #: latest consensus distance per top-level submodule, identical on every rank
+        self.consensus_distance: dict[str, float] = {}
+        #: the stop every rank took, once taken (a SIGTERM or a non-finite value)
+        self.stopped: Stop | None = None
+        self._module: nn.Module | None = None
+        self._optimizers: list[Optimizer] = []
+        self._mix_sets: dict[int, MixSet] = {}
+        self._step_counts: dict[int, int] = {}
+        self._hooks: list[RemovableHandle] = []
+        self._signalled = False
+        self._signal_announced = False
+        self._nonfinite: tuple[int, int] | None = None  # (step, submodule) where this rank first saw one
+
+    # ------------------------------------------------------------------ set-up
+    def build_topology(self, world_size: int) -> Topology:
+        self.topology = build_topology(self.topology_spec, world_size, **self.topology_options)
+        self.options.check_topology(self.topology)
+        return self.topology
+
+    def connect(self, world_size: int, rank: int, transport: Transport) -> GossipEngine:
+        if self.topology is None or self.topology.world_size != world_size:
+            self.build_topology(world_size)
+        assert self.topology is not None
+        self.engine = build_engine(self.topology, rank, self.options, transport)
+        return self.engine
+
+    def align(self, module: nn.Module, rank: int) -> None:
+        """Start every replica from rank 0's weights, then give each rank its own random stream."""
+        assert self.engine is not None
+        if self.engine.world_size == 1:
+            return  # one replica: nothing to align, and the random stream is left as it is
+        self.engine.broadcast([p.data for p in own_parameters(module)] + own_buffers(module), src=0)
+        seed_for_rank(rank)  # replicas start alike but draw their own noise and batches
+
+    def attach(self, module: nn.Module, optimizers: list[Optimizer]) -> None:
+        """Mix these optimizers' steps from now on: anchored ones through their anchor hook."""
+        self.detach()
+        self._module, self._optimizers = module, list(optimizers)
+        self._hooks = [o.register_anchor_hook(self._mix_anchors) for o in self._optimizers if isinstance(o, AnchoredOptimizer)]
+        self.stopped, self._nonfinite, self._signalled, self._signal_announced = None, None, False, False
+
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._mix_sets, self._step_counts = [], {}, {}
+
+    # ------------------------------------------------------------------ around each optimizer step
+    def after_step(self, optimizer: Optimizer, output: Any) -> dict[str, float]:
+        """After ``optimizer.step()``: mix an optimizer without anchors, check the loss it returned, measure consensus
+        every ``consensus_every`` steps (returned, per submodule). Then :meth:`due_stop` says whether to stop."""
+        assert self.engine is not None
+        mix_set = self._mix_set(optimizer)
+        if not mix_set.anchored:
+            self._mix(mix_set, mix_set.params)
+        if isinstance(output, Tensor) and not bool(torch.isfinite(output.detach()).all()):
+            self._announce_nonfinite(len(submodule_names(self._module)))  # "the loss"
+        count = self._step_counts.get(id(optimizer), 0) + 1
+        self._step_counts[id(optimizer)] = count
+        if self.consensus_every and count % self.consensus_every == 0 and self.engine.world_size > 1:
+            return self._record_consensus(mix_set.state(optimizer), mix_set.group_ids)
+        return {}
+
+    def signal(self) -> None:
+        """A SIGTERM arrived: announced with the next step's mix."""
+        self._signalled = True
+
+    def due_stop(self) -> Stop | None:
+        """The stop every rank takes after this step, once (a non-finite value raises :class:`NonFiniteError`)."""
+        assert self.engine is not None
+        stop = self.engine.due_stop()
+        if stop is None or self.stopped is not None:
+            return None
+        self.stopped = stop
+        if stop.reason == StopReason.NONFINITE:
+            raise NonFiniteError(nonfinite_message(self.player(stop.detail), stop.origin_rank, stop.origin_step, stop.step))
+        return stop
+
+    def player(self, group: int) -> str:
+        names = submodule_names(self._module) if self._module is not None else []
+        return "the loss" if group >= len(names) else f"the {names[group]}"
+
+    def _mix_anchors(self, optimizer: Optimizer, anchors: list[Tensor]) -> None:
+        """The anchor hook: mix the anchors the optimizer just updated, before it extrapolates from them."""
+        self._mix(self._mix_set(optimizer), anchors)
+
+    def _mix(self, mix_set: MixSet, state: list[Tensor]) -> None:
+        assert self.engine is not None
+        if self._nonfinite is None:
+            bad = first_nonfinite(state)
+            if bad is not None:
+                self._announce_nonfinite(mix_set.group_ids[bad])
+        if self._signalled and not self._signal_announced:
+            self._signal_announced = True
+            self.engine.announce_stop(StopReason.SIGNAL)
+        self.engine.step(state + mix_set.buffers)
+
+    def _announce_nonfinite(self, group: int) -> None:
+        """Remember where this rank first saw a non-finite value (checkpoints ask), and announce the stop."""
+        assert self.engine is not None
+        if self._nonfinite is None:
+            self._nonfinite = (self.engine.steps + 1, group)  # the step in progress, counted from 1
+            self.engine.announce_stop(StopReason.NONFINITE, group)
+
+    def _mix_set(self, optimizer: Optimizer) -> MixSet:
+        cached = self._mix_sets.get(id(optimizer))
+        if cached is not None and len(cached.params) == sum(len(g["params"]) for g in optimizer.param_groups):
+            return cached
+        assert self._module is not None
+        mix_set = build_mix_set(self._module, optimizer, self._optimizers, self.mix_buffers)
+        self._mix_sets[id(optimizer)] = mix_set
+        return mix_set
+
+    def _record_consensus(self, tensors: list[Tensor], group_ids: list[int]) -> dict[str, float]:
+        assert self.engine is not None and self._module is not None
+        names = submodule_names(self._module)
+        values = self.engine.consensus_distance(tensors, group_ids, len(names))
+        recorded = {names[gid]: float(values[gid]) for gid in sorted(set(group_ids))}
+        self.consensus_distance.update(recorded)
+        return recorded
+
+    def measure_consensus(self, module: nn.Module) -> dict[str, float]:
+        """Consensus distance of all parameters now, per top-level submodule (a collective: call on every rank)."""
+        assert self.engine is not None
+        self.engine.flush()
+        names = submodule_names(module)
+        params = list(module.named_parameters())
+        values = self.engine.consensus_distance(
+            [p for _, p in params], [names.index(n.split(".", 1)[0]) for n, _ in params], len(names)
+        )
+        return {name: float(values[i]) for i, name in enumerate(names[:-1])}
+
+    # ------------------------------------------------------------------ checkpoints
+    def consensus_state(self, module: nn.Module, state: dict[str, Any], collectives: Collectives) -> dict[str, Any]:
+        """A module's state with its floating entries averaged over the replicas (a collective: every rank calls it).
+
+        First every rank is here at the same step: if any of them has seen a non-finite value, they all stop now
+        instead of writing it into a checkpoint."""
+        assert self.engine is not None
+        self.engine.flush()  # the optimizer states and replica files are read after this
+        self._refuse_nonfinite(collectives)
+        if self.engine.world_size == 1:
+            return state
+        metrics = metric_prefixes(module)
+        keys = [k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and not k.startswith(metrics)]
+        return {**state, **dict(zip(keys, self.engine.average([state[k] for k in keys])))}
+
+    def _refuse_nonfinite(self, collectives: Collectives) -> None:
+        assert self.engine is not None
+        report = [-1, 0, 0, 0] if self._nonfinite is None else [self._nonfinite[0], collectives.global_rank, self._nonfinite[1], 1]
+        tensor = torch.tensor(report, dtype=torch.long, device=_device(self._module))
+        rows = collectives.all_gather(tensor).reshape(-1, 4).tolist() if self.engine.world_size > 1 else [report]
+        announced = sorted(row for row in rows if row[3] == 1)
+        if announced:
+            origin_step, origin_rank, detail, _ = announced[0]
+            self.stopped = Stop(self.engine.steps, origin_step, origin_rank, int(StopReason.NONFINITE), detail)
+            raise NonFiniteError(nonfinite_message(self.player(detail), origin_rank, origin_step, self.engine.steps))
+
+    def save_set(self, filepath: _PATH, step: int, checkpoint: dict[str, Any], replica: dict[str, Any], collectives: Collectives, write_main: Any) -> None:
+        """Commit ``checkpoint`` (the main file, by rank 0, through ``write_main(checkpoint)``) and each rank's
+        ``replica`` as one set: replicas first, then the main file, then older sets of the same path go."""
+        assert self.engine is not None and self.topology is not None
+        token = collectives.broadcast(uuid.uuid4().hex[:8] if collectives.is_global_zero else None)
+        replica_set = ReplicaSet(self.run_id, int(step), token, self.engine.world_size, self.topology.name)
+        checkpoint[CHECKPOINT_KEY] = main_meta(replica_set, self.engine.state_dict())
+        replica = {**replica, GOSSIP_REPLICA_KEY: self.engine.replica_state()}
+        write_replica(filepath, replica_set, collectives.global_rank, replica)
+        collectives.barrier("replicas written")  # every replica is on disk before the main file commits the set
+        if collectives.is_global_zero:
+            write_main(checkpoint)
+        collectives.barrier("checkpoint committed")  # only then may the older sets go
+        remove_other_sets(filepath, replica_set, collectives.global_rank, collectives.is_global_zero)
+
+    def read_own_replica(self, filepath: _PATH, checkpoint: dict[str, Any], collectives: Collectives) -> dict[str, Any] | None:
+        """This rank's replica of the set the main file commits, or ``None`` for a main file without one or one written
+        at another world size (every replica then starts from the consensus model). Any rank missing its replica, or
+        holding one of another set, makes every rank raise :class:`CheckpointError` naming the ranks."""
+        assert self.engine is not None
+        replica_set = replica_set_of(checkpoint)
+        if replica_set is None or replica_set.world_size != self.engine.world_size:
+            return None
+        replica, error = None, None
+        try:
+            replica = read_replica(filepath, replica_set, collectives.global_rank)
+        except CheckpointError as err:
+            error = str(err)
+        failed = [False] if self.engine.world_size == 1 else collectives.all_gather(
+            torch.tensor([error is not None], device=_device(self._module))
+        ).reshape(-1).tolist()
+        if any(failed) or error is not None:
+            ranks = ", ".join(str(r) for r, bad in enumerate(failed) if bad) or str(collectives.global_rank)
+            name = str(filepath).rstrip("/").rsplit("/", 1)[-1]
+            raise CheckpointError(
+                f"cannot resume every replica from {str(filepath)!r}: the replica files of rank(s) {ranks} are missing "
+                f"or belong to another checkpoint{f' ({error})' if error else ''}. Copy the checkpoint's {name}.replicas "
+                f"folder with it, or start a new fit from its consensus model"
+            )
+        self.engine.load_state_dict(checkpoint[CHECKPOINT_KEY]["gossip"])
+        self.engine.load_replica_state(replica.get(GOSSIP_REPLICA_KEY, {}))
+        return replica
+
+
+def point_anchors_at_parameters(optimizers: list[Optimizer]) -> None:
+    """After restoring a consensus model into optimizers whose state came from another replica: their anchors
+    become the (consensus) parameters."""
+    for optimizer in optimizers:
+        if isinstance(optimizer, AnchoredOptimizer):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            with torch.no_grad():
+                for anchor, param in zip(optimizer.anchors(), params):
+                    anchor.copy_(param)
+
+
+def _device(module: nn.Module | None) -> torch.device:
+    parameter = next(module.parameters(), None) if module is not None else None
+    return parameter.device if parameter is not None else torch.device("cpu")

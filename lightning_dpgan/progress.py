@@ -1,0 +1,48 @@
+"""``StepProgressBar``: Lightning's progress bar over the run's iterations, not over one epoch.
+
+A worker's shard of a small dataset is an epoch of a few steps (digits on 8 workers: 5), and runs are measured in
+steps (``max_steps``), so a bar that restarts every epoch says nothing about how far the run is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import TQDMProgressBar
+from typing_extensions import override
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar from the first step to ``max_steps`` (per epoch when ``max_steps`` is not set)."""
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            super().on_train_epoch_start(trainer)
+            return
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:
+            bar.reset(total=trainer.max_steps)
+            bar.initial = 0
+            bar.set_description("Steps")
+        self._set(trainer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        if self._should_update(trainer.global_step, trainer.max_steps):
+            self._set(trainer)
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # the bar goes on
+
+    def _set(self, trainer: pl.Trainer) -> None:
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.refresh()

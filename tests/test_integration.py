@@ -1,0 +1,223 @@
+"""Where Lightning users are: the strategy by name, Fabric, offline FID for natural images, the built wheel, and the
+command line's run folder, pictures and shell completion."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import call_cli, run, worker_env
+
+CLI = [sys.executable, "-m", "lightning_dpgan"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fresh(code: str, **kwargs) -> subprocess.CompletedProcess:
+    """Python code in a fresh interpreter (nothing imported before it)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=worker_env(), **kwargs)
+
+
+# ---------------------------------------------------------------------- the strategy by name
+def test_import_lightning_dpgan_registers_the_strategy_for_the_trainer_fabric_and_lightning_cli(tmp_path):
+    code = """
+import lightning_dpgan
+import lightning.pytorch as pl
+from lightning.fabric import Fabric
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="decentralized", logger=False)
+spawn = pl.Trainer(accelerator="cpu", devices=2, strategy="decentralized_spawn", logger=False)
+fabric = Fabric(accelerator="cpu", devices=2, strategy="decentralized")
+cli = LightningCLI(BoringModel, BoringDataModule, run=False, save_config_callback=None,
+                   args=["--trainer.strategy=decentralized", "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.logger=false"])
+print(type(trainer.strategy).__name__, spawn.strategy._start_method, type(fabric.strategy).__name__, type(cli.trainer.strategy).__name__)
+"""
+    proc = fresh(code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["DecentralizedStrategy", "spawn", "DecentralizedFabricStrategy", "DecentralizedStrategy"]
+
+
+# ---------------------------------------------------------------------- Fabric
+def test_the_fabric_gan_example_trains_on_four_processes(tmp_path):
+    """A real 4-process Fabric run (Fabric's own launcher); its numerics are checked against DPOSG in numpy in
+    ``test_dposg.py::test_a_fabric_loop_equals_the_dposg_equations_and_resumes_exactly``."""
+    proc = run([*CLI[:1], "-m", "lightning_dpgan.examples.fabric_gan", "--devices", "4", "--steps", "150", "--batch-size", "64"],
+               timeout=240)
+    found = re.search(r"consensus generator after 150 steps on 4 workers \(ring\): (\d+) of 25 modes", proc.stdout)
+    assert found, proc.stdout[-2000:]
+
+
+# ---------------------------------------------------------------------- FID/IS for natural images, offline
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory) -> Path:
+    """A weights file of torch-fidelity's Inception architecture, here with its random initial weights (the real
+    ones are a download this machine cannot make): what matters is that FID/IS build and run from a file, offline."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+    original_load, original_url = fidelity.FeatureExtractorInceptionV3.load_state_dict, fidelity.load_state_dict_from_url
+    fidelity.FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None
+    fidelity.load_state_dict_from_url = lambda *args, **kwargs: {}
+    try:
+        state = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"]).state_dict()
+    finally:
+        fidelity.FeatureExtractorInceptionV3.load_state_dict, fidelity.load_state_dict_from_url = original_load, original_url
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture()
+def no_cached_inception(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # torch's hub cache: empty
+
+
+def test_fid_and_is_of_natural_images_run_offline_from_a_weights_file(inception_weights, no_cached_inception):
+    from lightning_dpgan.metrics import fid_metric, inception_score_metric
+
+    fid, score = fid_metric("cifar10", str(inception_weights)), inception_score_metric("cifar10", str(inception_weights))
+    real, fake = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    score.update(fake)
+    assert torch.isfinite(fid.compute()) and torch.isfinite(score.compute()[0])
+
+
+def _image_folder(root: Path) -> Path:
+    from torchvision.utils import save_image
+
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            save_image(torch.rand(3, 16, 16), root / label / f"{i}.png")
+    return root
+
+
+IMAGES = ["dataset=imagefolder", "dataset.image_size=32", "model=dcgan", "model.generator.image_size=32",
+          "model.discriminator.image_size=32", "devices=2"]
+
+
+def test_images_without_inception_weights_are_refused_before_any_worker(tmp_path, no_cached_inception):
+    from lightning_dpgan.metrics.image_quality import INCEPTION_WEIGHTS_FILE, inception_cache_path
+
+    folder = _image_folder(tmp_path / "images")
+    status, _, err = call_cli("fit", *IMAGES, f"dataset.root={folder}", f"output_dir={tmp_path / 'runs'}")
+    assert status == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert INCEPTION_WEIGHTS_FILE in err and inception_cache_path() in err, err
+    assert "evaluation.inception_weights=" in err and "evaluation.enabled=false" in err
+    status, _, err = call_cli("fit", *IMAGES, f"dataset.root={folder}", f"evaluation.inception_weights={tmp_path}/none.pth",
+                              f"output_dir={tmp_path / 'runs'}")
+    assert status == 2 and f"Inception weights file '{tmp_path}/none.pth' not found" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_images_with_a_weights_file_or_evaluation_off_pass_the_checks(tmp_path, inception_weights, no_cached_inception):
+    from lightning_dpgan.cli import compose_run, prepare
+
+    folder = _image_folder(tmp_path / "images")
+    for extra in ([f"evaluation.inception_weights={inception_weights}"], ["evaluation.enabled=false"]):
+        cfg, _ = compose_run("fit", [*IMAGES, f"dataset.root={folder}", *extra])
+        prepare("fit", cfg)  # raises UsageError otherwise
+
+
+def test_a_download_without_network_is_refused_before_any_worker(tmp_path):
+    status, _, err = call_cli("fit", "dataset=mnist", "dataset.download=true", f"dataset.root={tmp_path}", "model=dcgan",
+                              "model.generator.image_size=28", "model.discriminator.image_size=28", "evaluation.enabled=false")
+    assert status == 2 and err.count("error:") == 1, err
+    assert f"could not download mnist to '{tmp_path}'" in err
+
+
+def test_the_cifar10_hint_names_the_override(tmp_path):
+    status, _, err = call_cli("fit", "dataset=cifar10", f"dataset.root={tmp_path}")
+    assert status == 2 and "dataset.download=true" in err, err
+
+
+# ---------------------------------------------------------------------- the built wheel
+def test_the_built_wheel_carries_configs_license_types_and_version(tmp_path):
+    """Build the wheel, install it elsewhere, run the CLI from a folder that is not the checkout."""
+    from lightning_dpgan import __version__
+
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)], timeout=180)
+    wheel = next((tmp_path / "dist").glob("lightning_dpgan-*.whl"))
+    assert wheel.name.startswith(f"lightning_dpgan-{__version__}-")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "lightning_dpgan/py.typed" in names and any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "License-Expression: Apache-2.0" in metadata
+    assert "Provides-Extra: data" in metadata and "Provides-Extra: tensorboard" in metadata
+    assert re.search(r"Requires-Dist: scikit-learn.*; extra == \"data\"", metadata) and re.search(r"Requires-Dist: matplotlib", metadata)
+    run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], timeout=180)
+    env = dict(worker_env(), PYTHONPATH=str(tmp_path / "site"))
+    version = subprocess.run([*CLI, "--version"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert version.stdout.strip() == f"lightning-dpgan {__version__}", version.stderr[-2000:]
+    where = subprocess.run([sys.executable, "-c", "import lightning_dpgan; print(lightning_dpgan.__file__)"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(tmp_path / "site")), where.stdout
+    proc = subprocess.run([*CLI, "topology", "topology=torus", "devices=6"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "topology: torus" in proc.stdout and "world_size: 6" in proc.stdout
+
+
+# ---------------------------------------------------------------------- the command line
+def test_shell_completion_and_version_work_before_or_after_the_verb():
+    from lightning_dpgan import __version__
+
+    proc = run([*CLI, "fit", "-sc", "install=bash"], timeout=120)
+    assert "complete" in proc.stdout and "hydra_bash_completion" in proc.stdout, proc.stdout[-2000:]
+    for args in (["--version"], ["fit", "--version"], ["-V"]):
+        status, out, _ = call_cli(*args)
+        assert status == 0 and out.strip() == f"lightning-dpgan {__version__}"
+
+
+def test_a_run_folder_is_clean_and_its_output_says_each_thing_once(fitted):
+    """No empty per-rank logs, no logger warnings about the folder, each Lightning line once, a progress bar that
+    counts toward max_steps, and a summary that lists only what is there."""
+    run_dir, proc = fitted
+    assert not [p for p in run_dir.iterdir() if p.is_file() and p.stat().st_size == 0]
+    assert not list(run_dir.glob("*.log")) and not list(run_dir.glob(".pl_hydra*"))
+    assert "exists and is not empty" not in proc.stderr
+    for line in ("GPU available: False, used: False", "`Trainer.fit` stopped: `max_steps=40` reached."):
+        assert (proc.stdout + proc.stderr).count(line) == 1, line
+    listed = proc.stdout.split("run directory:")[1].splitlines()[1].strip()
+    for name in listed.split(", "):
+        assert list(run_dir.glob(name.split(" ")[0])), name
+
+
+def test_image_sample_grids_are_big_enough_to_see_and_titled(tmp_path):
+    from PIL import Image
+
+    from lightning_dpgan.evaluation import save_samples_picture
+
+    path = tmp_path / "grid.png"
+    save_samples_picture(torch.rand(64, 1, 8, 8) * 2 - 1, "digits", str(path), "step 1000")
+    width, height = Image.open(path).size
+    assert width >= 600 and height >= 600  # 8x8 digits, enlarged
+
+
+def test_the_progress_bar_counts_toward_max_steps_not_per_epoch(tmp_path):
+    """An epoch of this shard is 5 steps; the bar goes once from 0 to max_steps (12)."""
+    import lightning.pytorch as pl
+
+    from lightning_dpgan import DPGAN
+    from lightning_dpgan.data import GaussianMixtureDataModule
+    from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
+    from lightning_dpgan.progress import StepProgressBar
+
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            bar = trainer.progress_bar_callback.train_progress_bar
+            seen.append((bar.total, bar.n))
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=12, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, callbacks=[StepProgressBar(), Watch()], default_root_dir=tmp_path)
+    trainer.fit(DPGAN(MLPGenerator(hidden=8), MLPDiscriminator(hidden=8)), datamodule=GaussianMixtureDataModule(num_samples=320, batch_size=64))
+    assert seen == [(12, step) for step in range(1, 13)], seen
