@@ -112,6 +112,12 @@ class Gossiper:
         """Mix these optimizers' steps from now on: anchored ones through their anchor hook."""
         self.detach()
         self._module, self._optimizers = module, list(optimizers)
+        if len(self._optimizers) > 1 and (self.options.every > 1 or self.options.staleness):
+            setting = f"every={self.options.every}" if self.options.every > 1 else f"staleness={self.options.staleness}"
+            raise ValueError(
+                f"{setting} counts the steps of one mixed optimizer; this module steps {len(self._optimizers)} "
+                "(fuse the players into one optimizer, as DPGAN does, or leave every=1 and staleness=0)"
+            )
         self._hooks = [o.register_anchor_hook(self._mix_anchors) for o in self._optimizers if isinstance(o, AnchoredOptimizer)]
         self.stopped, self._nonfinite, self._signalled, self._signal_announced = None, None, False, False
 
@@ -271,7 +277,9 @@ class Gossiper:
                 f"folder with it, or start a new fit from its consensus model"
             )
         self.engine.load_state_dict(checkpoint[CHECKPOINT_KEY]["gossip"])
-        self.engine.load_replica_state(replica.get(GOSSIP_REPLICA_KEY, {}))
+        assert self.topology is not None
+        same_graph = replica_set.topology == self.topology.name  # CHOCO's copies belong to particular neighbours
+        self.engine.load_replica_state(replica.get(GOSSIP_REPLICA_KEY, {}) if same_graph else {})
         return replica
 
 

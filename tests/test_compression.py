@@ -35,7 +35,7 @@ def _run(topo, options: GossipOptions, x0: np.ndarray, steps: int, compressor: C
 
 
 @pytest.mark.parametrize("compression", ["int8", "sign", "topk"])
-@pytest.mark.parametrize("name,n", [("ring", 6), ("torus", 6)])
+@pytest.mark.parametrize("name,n", [("ring", 6), ("torus", 6), ("ring", 3)])  # ring(3) has W = 11^T / 3
 def test_choco_equals_the_numpy_reference(compression, name, n):
     """Ten CHOCO steps (vectors of 2.5 chunks, so that a partial chunk is covered) against CHOCO written out in numpy
     with its own compressors: the same numbers to float precision, and not those of plain gossip."""
@@ -47,9 +47,12 @@ def test_choco_equals_the_numpy_reference(compression, name, n):
     expected = x0
     for _ in range(10):
         expected = mix(expected)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    # 1e-10: near consensus the differences are tiny, and a last-bit difference in the order of a sum can move an
+    # int8 rounding by one quantum of a tiny scale (seen once: 7e-12 on ring(3))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10)
     plain = np.linalg.matrix_power(topo.matrix(), 10) @ x0
-    assert np.abs(got - plain).max() > 1e-5  # compression is visible (int8 comes within 3e-4 of plain gossip)
+    if n > 3:  # on ring(3), W = 11^T / 3: both reach the exact average within the ten steps
+        assert np.abs(got - plain).max() > 1e-5  # compression is visible (int8 comes within 3e-4 of plain gossip)
     np.testing.assert_allclose(got.mean(0), x0.mean(0), rtol=0, atol=1e-12)  # CHOCO keeps the average
 
 
@@ -104,6 +107,32 @@ def test_each_compressor_reads_back_what_numpy_computes(compression):
     np.testing.assert_allclose(out.numpy(), REFERENCE[compression](v.numpy()), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_topk_reads_back_the_largest_entries_for_every_dtype(dtype):
+    """An odd number of kept 2-byte values: the int32 indices after them must still be aligned."""
+    v = torch.tensor(np.random.default_rng(14).standard_normal(99), dtype=dtype)
+    compressor = build_compressor("topk", 0.05)  # keeps 5
+    payload = torch.zeros(compressor.wire_bytes(v.numel(), v.dtype) + 64, dtype=torch.uint8)[64:]
+    compressor.encode(v, payload)
+    out = torch.empty_like(v)
+    compressor.decode(payload, out)
+    keep = np.argsort(-np.abs(v.double().numpy()), kind="stable")[:5]
+    expected = np.zeros(99)
+    expected[keep] = v.double().numpy()[keep]
+    np.testing.assert_array_equal(out.double().numpy(), expected)
+
+
+def test_local_steps_and_staleness_refuse_a_module_with_two_optimizers():
+    from lightning_dpgan.gossiper import Gossiper
+
+    module = torch.nn.Linear(2, 2)
+    optimizers = [torch.optim.SGD([module.weight], lr=0.1), torch.optim.SGD([module.bias], lr=0.1)]
+    for options, setting in ((GossipOptions(every=2), "every=2"), (GossipOptions(staleness=1), "staleness=1")):
+        with pytest.raises(ValueError, match=f"{setting} counts the steps of one mixed optimizer; this module steps 2"):
+            Gossiper("ring", options, None, 0, True).attach(module, optimizers)
+    Gossiper("ring", GossipOptions(every=2), None, 0, True).attach(module, optimizers[:1])  # one is fine
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_local_steps_mix_every_h_th_step(overlap):
     """``every=3``: seven steps mix after steps 3 and 6 only (overlapped: each mix lands at the next step)."""
@@ -137,6 +166,8 @@ def test_choco_copies_resume_exactly_from_a_replica_state():
         again = build_engine(topo, rank, options, transport)
         again.load_state_dict(saved)
         again.load_replica_state(copies)
+        for before, after in zip(copies["choco_copies"], again.replica_state()["choco_copies"]):
+            assert torch.equal(before, after)  # a checkpoint before the first mix keeps the restored copies
         for _ in range(5):
             again.step([x])
         return x.numpy()
@@ -158,6 +189,8 @@ def test_compression_and_local_steps_are_refused_where_they_cannot_work():
     assert GossipOptions(compression="none").compression is None
     with pytest.raises(TopologyError, match="compression='sign' keeps a copy of every neighbour, so it needs a static"):
         build_engine(build_topology("one_peer_exponential", 4), 0, GossipOptions(compression="sign"), transport=object())
+    with pytest.raises(ValueError, match="compression='int8' sends its own format: leave wire_dtype unset, got 'bf16'"):
+        GossipOptions(compression="int8", wire_dtype="bf16")
     # the default consensus steps
     assert GossipOptions(compression="topk", topk_fraction=0.01).resolved_consensus_step() == pytest.approx(0.04)
     assert GossipOptions(compression="sign").resolved_consensus_step() == 0.5

@@ -87,7 +87,8 @@ class ChocoGossip(GossipEngine):
 
     def replica_state(self) -> dict[str, Any]:
         """The public copies, per bucket in the order the plans were first mixed (each replica's own)."""
-        return {"choco_copies": [entry.copies.clone() for entries in self._copies.values() for entry in entries]}
+        taken = [entry.copies.clone() for entries in self._copies.values() for entry in entries]
+        return {"choco_copies": taken + [t.clone() for t in self._restored]}  # restored ones not mixed yet stay
 
     def load_replica_state(self, state: dict[str, Any]) -> None:
         self._copies.clear()

@@ -7,12 +7,13 @@ them in numpy.
 
 * ``int8``: per chunk of ``CHUNK`` elements, a scale ``max|v| / 127`` and ``round(v / scale)`` as int8 (about 1 byte
   an element);
-* ``topk``: the ``ceil(fraction * n)`` entries largest in magnitude, as values and int32 indices (``8 * fraction``
-  bytes an element for fp32);
+* ``topk``: the ``ceil(fraction * n)`` entries largest in magnitude, as values (padded to 4 bytes) and int32
+  indices (``8 * fraction`` bytes an element for fp32);
 * ``sign``: per chunk, a scale ``mean|v|`` and one bit an element, ``+scale`` for ``v >= 0`` and ``-scale`` otherwise
   (about 1/8 byte an element).
 
-Scales and top-k values travel in the tensors' own dtype.
+Scales and top-k values travel in the tensors' own dtype. Every part of a payload starts at a multiple of its
+element size (the payload itself starts 8-byte aligned), so it can be viewed in place.
 """
 
 from __future__ import annotations
@@ -86,19 +87,25 @@ class TopK(Compressor):
     def kept(self, numel: int) -> int:
         return max(1, math.ceil(self.fraction * numel))
 
+    def _values_bytes(self, k: int, dtype: torch.dtype) -> int:
+        return -(-k * _itemsize(dtype) // 4) * 4  # padded, so that the int32 indices after them stay aligned
+
     def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
-        return self.kept(numel) * (_itemsize(dtype) + 4)
+        k = self.kept(numel)
+        return self._values_bytes(k, dtype) + 4 * k
 
     def encode(self, v: Tensor, out: Tensor) -> None:
         k, size = self.kept(v.numel()), _itemsize(v.dtype)
+        start = self._values_bytes(k, v.dtype)
         index = torch.topk(v.abs(), k, sorted=False).indices
         out[: k * size].view(v.dtype).copy_(v[index])
-        out[k * size : k * (size + 4)].view(torch.int32).copy_(index)
+        out[start : start + 4 * k].view(torch.int32).copy_(index)
 
     def decode(self, payload: Tensor, out: Tensor) -> None:
         k, size = self.kept(out.numel()), _itemsize(out.dtype)
+        start = self._values_bytes(k, out.dtype)
         out.zero_()
-        out[payload[k * size : k * (size + 4)].view(torch.int32).long()] = payload[: k * size].view(out.dtype)
+        out[payload[start : start + 4 * k].view(torch.int32).long()] = payload[: k * size].view(out.dtype)
 
 
 class Sign(Compressor):

@@ -39,12 +39,13 @@ class GossipOptions:
         staleness: ``s``: a worker mixes with the newest anchors it holds from each neighbour as long as none is more
             than ``s`` steps old, and waits only for a neighbour more than ``s`` steps behind (docs/guide.md: bounded
             staleness). ``0`` is DPOSG as written, every step waiting for every neighbour. Needs one round per step,
-            no overlap, and a static topology that is not complete.
+            no overlap, a static topology, CPU tensors (gloo), and one mixed optimizer.
         every: ``H``, local steps: mix on every ``H``-th optimizer step only, the steps between are the replica's own
-            (DiLoCo-style); ``1`` mixes every step.
+            (DiLoCo-style); ``1`` mixes every step. ``H > 1`` needs one mixed optimizer (a fused G+D step, as
+            ``DPGAN``'s): steps are counted over all of them.
         compression: ``"int8"``, ``"topk"`` or ``"sign"``: gossip compressed differences with error feedback
             (CHOCO-gossip, docs/guide.md: compressed gossip); ``None`` sends the tensors. Needs one round per step,
-            no overlap, no staleness, and a static topology that is not complete.
+            no overlap, no staleness, no ``wire_dtype``, and a static topology.
         topk_fraction: the fraction of entries ``topk`` sends.
         consensus_step: CHOCO's ``gamma`` in ``(0, 1]``; ``None``: 1 for int8, 0.5 for sign, ``min(1, 4 * topk_fraction)``
             for topk.
@@ -94,6 +95,10 @@ class GossipOptions:
             check_choice("compression", self.compression, ("none", *COMPRESSIONS))
             if self.compression == "none":
                 object.__setattr__(self, "compression", None)
+        if self.compression is not None and self.wire_dtype not in (None, "fp32", "float32"):
+            raise ValueError(
+                f"compression={self.compression!r} sends its own format: leave wire_dtype unset, got {self.wire_dtype!r}"
+            )
         if self.compression is not None and (self.rounds != 1 or self.overlap or self.staleness):
             raise ValueError(
                 f"compression={self.compression!r} gossips once per mixing step: it needs rounds=1, overlap=False and "
@@ -104,18 +109,18 @@ class GossipOptions:
         check_number("startup_timeout (seconds)", self.startup_timeout, 0, low_open=True)
 
     def check_topology(self, topology: Any) -> None:
-        """Staleness and compression keep one state per neighbour (its newest message, its public copy): they need a
-        static graph that is not complete. Raises :class:`~lightning_dpgan.topology.TopologyError` otherwise."""
+        """Staleness and compression keep one state per neighbour (its newest message, its public copy) and talk to
+        their neighbours point to point: they need a static graph. Raises
+        :class:`~lightning_dpgan.topology.TopologyError` for a time-varying one."""
         needs = (
             f"staleness={self.staleness} needs" if self.staleness
             else f"compression={self.compression!r} keeps a copy of every neighbour, so it needs" if self.compression
             else None
         )
-        if needs and (topology.is_time_varying or topology.is_complete):
+        if needs and topology.is_time_varying:
             from lightning_dpgan.topology import TopologyError
 
-            kind = "time-varying" if topology.is_time_varying else "complete (one all_reduce a step)"
-            raise TopologyError(f"{needs} a static topology that is not complete; {topology.name!r} is {kind}")
+            raise TopologyError(f"{needs} a static topology; {topology.name!r} changes its neighbours every round")
 
     def resolved_consensus_step(self) -> float:
         """CHOCO's ``gamma``: the one given, or the compressor's default."""

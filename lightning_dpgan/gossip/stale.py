@@ -133,6 +133,11 @@ class StaleGossip(GossipEngine):
     def _streams_of(self, plan: Plan) -> list[_Stream]:
         streams = self._streams.get(id(plan))
         if streams is None:
+            if any(bucket.device.type != "cpu" for bucket in plan.buckets):
+                raise ValueError(
+                    f"staleness={self.staleness} keeps receives posted ahead of sends and tells streams apart by tag, "
+                    "which gloo (CPU tensors) does and NCCL does not: train on CPU, or leave staleness=0"
+                )
             first = sum(len(s) for s in self._streams.values())
             streams = [_Stream(first + k, bucket) for k, bucket in enumerate(plan.buckets)]
             for stream in streams:
