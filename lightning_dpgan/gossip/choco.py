@@ -67,7 +67,8 @@ class ChocoGossip(GossipEngine):
             bucket, own = entry.bucket, entry.copies[0]
             bucket.pack()
             payload = entry.send[HEADER_BYTES:]
-            self.compressor.encode(bucket.flat - own, payload)
+            torch.sub(bucket.flat, own, out=entry.decoded)  # x - x_hat, in the scratch buffer the decode then reuses
+            self.compressor.encode(entry.decoded, payload)
             self.compressor.decode(payload, entry.decoded)
             own.add_(entry.decoded)
             self.control.write(entry.send, self.steps)
