@@ -1,15 +1,22 @@
-"""One slow host among eight: synchronous training against bounded-staleness gossip.
+"""One slow host among eight: synchronous training against bounded-staleness gossip, with and without catching up.
 
-    sudo python benchmarks/cluster_straggler.py --hosts 8 --rate 200mbit --steps 300 --every 100 --fid 300
+    sudo python benchmarks/cluster_straggler.py --hosts 8 --rate 200mbit --steps 700 --every 100 --fid 300 \
+        --staleness --catch-up 2 4 --probe-steps 60
 
 The emulated cluster of ``cluster_train.py`` (the widened digits DCGAN, one worker per host, the real command line
 on every host), with one host's CPU capped by a cgroup (v1 ``cpu.cfs_quota_us``) to ``1 / --slowdown`` of a fair
 share of this machine (its cores divided by the hosts). Side by side, seed by seed: the gossip setting with no slow
-host, then with the slow host DDP, synchronous gossip (``staleness=0``) and ``staleness=s`` for each ``--staleness``.
-Bounded staleness needs a static graph, so every gossip setting is a ring (``t = 1``, bf16 wire).
+host, then with the slow host DDP, synchronous gossip (``staleness=0``), ``staleness=s`` for each ``--staleness``
+and ``staleness=s catch_up=true`` for each ``--catch-up``. Bounded staleness needs a static graph, so every gossip
+setting is a ring (``t = 1``, bf16 wire).
+
+With ``--probe-steps N`` the synchronous settings with the slow host (DDP, ``staleness=0``) run N iterations only,
+for their speed: synchronous gossip computes the same numbers with or without a slow host, so its time to an FID
+is the no-slow-host run's iterations to it times its own seconds per iteration. DDP's FID is then not measured.
 
 Per setting: iterations per second (from the first evaluation to the last), training seconds to each FID
-threshold and that time divided by the no-slow-host run's, and FID at the last iteration (equal iterations).
+threshold and that time divided by the no-slow-host run's, FID at the last iteration (equal iterations), and with
+catch_up the steps each host only mixed.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,12 +64,25 @@ class SlowHost:
         self.path.rmdir()
 
 
-def settings(staleness: list[int]) -> dict[str, tuple[list[str], bool]]:
+SYNCHRONOUS = ("DDP", "ring bf16, staleness 0")  # the same numbers with or without the slow host
+NO_SLOW_HOST = "ring bf16, no slow host"
+
+
+def settings(staleness: list[int], catch_up: list[int]) -> dict[str, tuple[list[str], bool]]:
     """name -> (overrides, with the slow host)."""
-    table = {"ring bf16, no slow host": (GOSSIP + ["staleness=0"], False), "DDP": (["strategy=ddp"], True)}
+    table = {NO_SLOW_HOST: (GOSSIP + ["staleness=0"], False), "DDP": (["strategy=ddp"], True)}
     for s in [0, *staleness]:
         table[f"ring bf16, staleness {s}"] = (GOSSIP + [f"staleness={s}"], True)
+    for s in catch_up:
+        table[f"ring bf16, staleness {s}, catch_up"] = (GOSSIP + [f"staleness={s}", "catch_up=true"], True)
     return table
+
+
+def only_mixed(run_dir: Path) -> list[int] | None:
+    """The steps each host only mixed, from the line the strategy prints at the end of a catch_up run."""
+    log = run_dir / "stdout.log"
+    match = re.search(r"catch_up: steps each rank only mixed, of \d+: ([\d, ]+)", log.read_text()) if log.is_file() else None
+    return [int(n) for n in match.group(1).split(",")] if match else None
 
 
 def main() -> None:
@@ -70,7 +91,9 @@ def main() -> None:
     parser.add_argument("--rate", default="200mbit")
     parser.add_argument("--slow-host", type=int, default=3)
     parser.add_argument("--slowdown", type=float, default=4.0, help="the slow host's CPU: a fair share divided by this")
-    parser.add_argument("--staleness", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--staleness", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--catch-up", type=int, nargs="*", default=[2, 4], help="staleness values to run with catch_up")
+    parser.add_argument("--probe-steps", type=int, default=None, help="synchronous settings with the slow host: this many")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--fid", type=float, nargs="+", default=[300.0])
@@ -85,7 +108,7 @@ def main() -> None:
     if args.slowdown < 1:
         parser.error(f"--slowdown must be at least 1, got {args.slowdown}")
     cores = (os.cpu_count() or 1) / args.hosts / args.slowdown
-    table = {name: v for name, v in settings(args.staleness).items() if args.settings is None or slug(name) in args.settings}
+    table = {name: v for name, v in settings(args.staleness, args.catch_up).items() if args.settings is None or slug(name) in args.settings}
     results: dict[str, dict[int, dict[str, object]]] = {}
     with SlowHost(f"dpgan_slow{os.getpid()}", cores) as slow:
         def started(host: int, process: subprocess.Popen) -> None:
@@ -95,26 +118,37 @@ def main() -> None:
         for seed in args.seeds:
             for name, (overrides, slowed) in table.items():
                 run_dir = args.out / f"seed{seed}" / slug(name)
+                probe = args.probe_steps is not None and name in SYNCHRONOUS
+                steps, every = (args.probe_steps, args.probe_steps // 2) if probe else (args.steps, args.every)
                 with EmulatedCluster(args.hosts, args.rate, port=29602, **link_options(args)) as cluster:
                     congestion = cluster.congestion_control()
-                    rows = fit(cluster, overrides, run_dir, args.steps, args.every, seed, started=started)
-                results.setdefault(name, {})[seed] = {
+                    rows = fit(cluster, overrides, run_dir, steps, every, seed, started=started)
+                result = {
                     "it_per_s": 1 / seconds_per_iteration(rows),
                     "to_fid": {fid: (r["train_s"] if (r := first_reaching(rows, fid)) else None) for fid in args.fid},
+                    "steps_to_fid": {fid: (r["step"] if (r := first_reaching(rows, fid)) else None) for fid in args.fid},
                     "fid": rows[-1]["fid"], "steps": rows[-1]["step"], "congestion_control": congestion,
+                    "only_mixed": only_mixed(run_dir), "probe": probe,
                 }
+                reference = results.get(NO_SLOW_HOST, {}).get(seed)
+                if probe and name != "DDP" and reference is not None:  # the no-slow-host run's numbers, at this speed
+                    result["to_fid"] = {fid: (n / result["it_per_s"] if (n := reference["steps_to_fid"][fid]) else None) for fid in args.fid}
+                    result["fid"], result["steps"] = reference["fid"], reference["steps"]
+                elif probe:
+                    result["to_fid"], result["fid"] = {fid: None for fid in args.fid}, None
+                results.setdefault(name, {})[seed] = result
                 print(f"seed {seed}, {name}: {json.dumps(results[name][seed])}", file=sys.stderr, flush=True)
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "cluster_straggler.json").write_text(json.dumps(results, indent=1))
-    reference = results.get("ring bf16, no slow host", {})
+    reference = results.get(NO_SLOW_HOST, {})
     congestion = "/".join(sorted({r["congestion_control"] for per_seed in results.values() for r in per_seed.values()}))
     head = " | ".join(f"s to FID ≤ {fid:g} | ÷ no slow host" for fid in args.fid)
     lines = [
         f"**{args.hosts} hosts at {args.rate}**, host {args.slow_host} capped to {cores:.3f} CPUs (a fair share ÷ "
         f"{args.slowdown:g}), {os.cpu_count()} cores, TCP {congestion}; mean over seeds {args.seeds}",
         "",
-        f"| setting | it/s | {head} | FID at the last iteration |",
-        "|---|" + "---:|" * (2 + 2 * len(args.fid)),
+        f"| setting | it/s | {head} | FID at the last iteration | steps the slow host only mixed |",
+        "|---|" + "---:|" * (3 + 2 * len(args.fid)),
     ]
     for name, per_seed in results.items():
         runs = list(per_seed.values())
@@ -126,9 +160,14 @@ def main() -> None:
                 mean = sum(times) / len(times)
                 cells.append(f"{mean:.0f}")
                 cells.append(f"{mean / (sum(base) / len(base)):.2f}×" if base and all(b is not None for b in base) else "")
+            elif all(r["probe"] for r in runs):
+                cells += [f"not measured ({runs[0]['steps']:.0f}-iteration speed probe)", ""]
             else:
                 cells += [f"not reached in {sum(t is None for t in times)} of {len(times)}", ""]
-        cells.append(f"{sum(r['fid'] for r in runs) / len(runs):.1f} at {runs[0]['steps']:.0f}")
+        fids = [r["fid"] for r in runs if r["fid"] is not None]
+        cells.append(f"{sum(fids) / len(fids):.1f} at {runs[0]['steps']:.0f}" if fids else "")
+        mixed = [r["only_mixed"][args.slow_host] for r in runs if r["only_mixed"]]
+        cells.append(f"{sum(mixed) / len(mixed):.0f} of {runs[0]['steps']:.0f}" if mixed else "")
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)

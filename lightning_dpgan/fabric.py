@@ -123,6 +123,15 @@ class DecentralizedFabricStrategy(DDPStrategy):
         self.gossiper.due_stop()  # raises NonFiniteError on every rank at the agreed step
         return output
 
+    def catch_up(self, optimizer: Any) -> bool:
+        """With ``GossipOptions(staleness=s, catch_up=True)``, ask before each step's computation. When a neighbour is
+        waiting on this replica, this steps ``optimizer`` (the one ``fabric.setup`` returned) without gradients, which
+        mixes, and returns ``True``: skip the step's computation then. ``False``: compute the step as usual."""
+        if not self.gossiper.skips_step():
+            return False
+        self.gossiper.catch_up(optimizer)
+        return True
+
     # ------------------------------------------------------------------ checkpoints
     @override
     def save_checkpoint(

@@ -112,7 +112,7 @@ class Gossiper:
         """Mix these optimizers' steps from now on: anchored ones through their anchor hook."""
         self.detach()
         self._module, self._optimizers = module, list(optimizers)
-        if len(self._optimizers) > 1 and (self.options.every > 1 or self.options.staleness):
+        if len(self._optimizers) > 1 and (self.options.every > 1 or self.options.staleness):  # catch_up needs staleness
             setting = f"every={self.options.every}" if self.options.every > 1 else f"staleness={self.options.staleness}"
             raise ValueError(
                 f"{setting} counts the steps of one mixed optimizer; this module steps {len(self._optimizers)} "
@@ -141,6 +141,19 @@ class Gossiper:
         if self.consensus_every and count % self.consensus_every == 0 and self.engine.world_size > 1:
             return self._record_consensus(mix_set.state(optimizer), mix_set.group_ids)
         return {}
+
+    def skips_step(self) -> bool:
+        """Whether the coming step should only mix (``catch_up``: a neighbour is waiting on this replica); then
+        :meth:`catch_up` is the step."""
+        return self.engine is not None and self.engine.skips_next_step()
+
+    def catch_up(self, optimizer: Any) -> None:
+        """A step without computation: the optimizer steps with no gradients, so an optimistic one keeps its
+        anchors and directions, its anchor hook mixes the anchors and it extrapolates from them; any other optimizer
+        leaves its parameters, which are then mixed. ``optimizer`` is what the framework steps (Lightning's or
+        Fabric's wrapper), so the step is counted and stops are checked as for any other."""
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
 
     def signal(self) -> None:
         """A SIGTERM arrived: announced with the next step's mix."""

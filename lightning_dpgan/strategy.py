@@ -45,6 +45,7 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -182,6 +183,12 @@ class DecentralizedStrategy(DDPStrategy):
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
             self.gossiper.attach(self.lightning_module, self.optimizers)
+            if self.gossip.catch_up and self.lightning_module.automatic_optimization:
+                raise ValueError(
+                    "catch_up=True replaces a training_step by a mix only, which Lightning's automatic optimization "
+                    "would skip without stepping: set automatic_optimization = False in the module (as DPGAN does), "
+                    "or leave catch_up=False"
+                )
 
     @override
     def configure_ddp(self) -> None:
@@ -190,6 +197,21 @@ class DecentralizedStrategy(DDPStrategy):
         self.gossiper.align(self.model, self.global_rank)
 
     # ------------------------------------------------------------------ the step
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        if self.gossiper.skips_step():  # catch_up: a neighbour waits on this replica, which only mixes this step
+            self._catch_up()
+            return None
+        return super().training_step(*args, **kwargs)
+
+    def _catch_up(self) -> None:
+        """The step without computation; schedulers stepped every step advance with it, as they would have."""
+        (optimizer,) = self._lightning_optimizers  # attach() allows one optimizer with staleness
+        self.gossiper.catch_up(optimizer)
+        for config in self.lightning_module.trainer.lr_scheduler_configs:
+            if config.interval == "step" and config.frequency == 1:
+                config.scheduler.step()
+
     @override
     def optimizer_step(
         self,
@@ -297,6 +319,11 @@ class DecentralizedStrategy(DDPStrategy):
     @override
     def on_train_end(self) -> None:
         if self.engine is not None:
+            if self.gossip.catch_up and self.engine.world_size > 1:
+                skipped = self.all_gather(torch.tensor([self.engine.skipped], device=self.root_device)).reshape(-1)
+                rank_zero_info(
+                    f"catch_up: steps each rank only mixed, of {self.engine.steps}: {', '.join(str(int(n)) for n in skipped)}"
+                )
             self.engine.close()
         super().on_train_end()
 

@@ -87,6 +87,11 @@ def suite4_scenarios(out: Path) -> list[list]:
         scenarios.append(["bilinear", f"bilinear_stale{i}", {
             **{k: v for k, v in case.items() if k != "kwargs"}, "kwargs": json.dumps(case["kwargs"]), "lr": 0.05, "steps": 12,
         }])
+    # catching up: rank 2 computes 30 ms slower, so with s = 2 its neighbours wait on it and it skips computations;
+    # through the Trainer and through a Fabric loop
+    catch_up = {"optimizer": "optimistic_adam", "kwargs": json.dumps({"betas": [0.5, 0.9]}), "lr": 0.05, "steps": 40,
+                "staleness": 2, "catch_up": 1, "slow_rank": 2, "slow_s": 0.03, "trace": 1}
+    scenarios += [["bilinear", "bilinear_catch_up", catch_up], ["fabric_catch_up", "fabric_catch_up", catch_up]]
     for i, case in enumerate(BILINEAR_FEWER_BYTES):
         scenarios.append(["bilinear", f"bilinear_fewer_bytes{i}", {
             **{k: v for k, v in case.items() if k != "kwargs"}, "kwargs": json.dumps(case["kwargs"]), "lr": 0.05, "steps": 12,

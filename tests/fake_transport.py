@@ -94,6 +94,13 @@ class LoopbackTransport:
             receives = [_Receive(self.hub, src, self.rank, stream, received[k]) for k, src in enumerate(receive_from)] if received is not None else []
         return [Posted([r], r.src, "gossip exchange") for r in receives]
 
+    def post_receive(self, received: Tensor, peer: int, stream: int = 0) -> Posted:
+        (posted,) = self.exchange(None, received, (), (peer,), stream)
+        return posted
+
+    def close(self) -> None:
+        pass
+
     def done(self, posted: Posted) -> bool:
         return all(work.is_completed() for work in posted.works)
 

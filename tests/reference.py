@@ -129,6 +129,54 @@ def stale_dposg(
     return z
 
 
+def replayed_dposg(
+    grad: Callable[[np.ndarray], np.ndarray],
+    z0: np.ndarray,
+    w: np.ndarray,
+    lr: float,
+    traces: list[list],
+    adam: tuple[tuple[float, float], float] | None = None,
+) -> np.ndarray:
+    """DPOSG with bounded staleness and catch-up steps, replaying what each worker recorded: ``traces[i]`` holds one
+    ``(step, skipped, [{neighbour: step of the message mixed}])`` per step of worker ``i``. A skipped step computes
+    nothing (no gradient, no anchor update, no new direction, no Adam step); every step sends the worker's anchors
+    and mixes ``x_i <- w_ii x_i + sum_j w_ij x_j^m``, then extrapolates ``z_i = x_i - lr d_i``. A neighbour's message may
+    be of a later step than the receiver's, so the workers are advanced in any order the messages allow."""
+    n = len(z0)
+    z = np.array(z0, dtype=np.float64)
+    x, d = z.copy(), np.zeros_like(z)
+    m_adam, v_adam = np.zeros_like(z), np.zeros_like(z)
+    computed = [0] * n  # gradient steps each worker has taken (Adam's bias correction counts these)
+    done = [0] * n
+    sent: dict[tuple[int, int], np.ndarray] = {}
+    while any(done[i] < len(traces[i]) for i in range(n)):
+        progressed = False
+        for i in range(n):
+            if done[i] == len(traces[i]):
+                continue
+            step, skipped, (tags,) = traces[i][done[i]]
+            assert step == done[i] + 1
+            if (i, step) not in sent:
+                if not skipped:
+                    computed[i] += 1
+                    g = grad(z)[i]
+                    if adam:
+                        g, m_adam[i], v_adam[i] = adam_direction(g, m_adam[i], v_adam[i], computed[i], *adam)
+                    if computed[i] > 1:
+                        x[i] = x[i] - lr * g
+                    d[i] = g
+                sent[(i, step)] = x[i].copy()
+                progressed = True
+            if any((int(j), tag) not in sent for j, tag in tags.items()):
+                continue  # a message this mix used is not sent yet in the replay: another worker goes first
+            x[i] = w[i, i] * sent[(i, step)] + sum(w[i, int(j)] * sent[(int(j), tag)] for j, tag in tags.items())
+            z[i] = x[i] - lr * d[i]
+            done[i] += 1
+            progressed = True
+        assert progressed, "the traces are not causal: every worker waits on a message not yet sent"
+    return z
+
+
 def every(mixing: Callable[[np.ndarray], np.ndarray], h: int) -> Callable[[np.ndarray], np.ndarray]:
     """Local steps: ``mixing`` on every ``h``-th call (optimizer step), the identity on the others."""
     calls = [0]

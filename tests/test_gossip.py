@@ -251,7 +251,7 @@ def test_bad_gossip_options_are_named(kwargs, message):
 
 def test_gossip_options_from_a_mapping_refuse_unknown_keys():
     assert GossipOptions.build({"rounds": 3}) == GossipOptions(rounds=3)
-    with pytest.raises(ValueError, match="unknown gossip option.s. round; allowed: chunk_bytes"):
+    with pytest.raises(ValueError, match="unknown gossip option.s. round; allowed: catch_up, chunk_bytes"):
         GossipOptions.build({"round": 3})
 
 
@@ -440,6 +440,12 @@ def test_a_stale_worker_runs_at_most_s_steps_past_a_silent_neighbour(staleness):
     for rank in (1, 3):
         finished, message = results[rank]
         assert finished == 1 + staleness and "with rank 2 failed" in message, results
+
+
+def test_catch_up_needs_staleness():
+    with pytest.raises(ValueError, match="catch_up=True skips a step only while a neighbour is staleness steps ahead: it needs staleness >= 1, got staleness=0"):
+        GossipOptions(catch_up=True)
+    assert GossipOptions(staleness=1, catch_up=True).catch_up
 
 
 def test_staleness_is_refused_where_it_cannot_work():

@@ -237,7 +237,7 @@ def test_two_nodes_by_torchrun(tmp_path):
         ({"topology": "ringg"}, TopologyError, r"unknown topology 'ringg'; allowed: ring, torus"),
         ({"gossip": {"rounds": 0}}, ValueError, r"gossip rounds \(t\) must be an integer >= 1, got 0"),
         ({"gossip": {"wire_dtype": "int8"}}, ValueError, r"unknown wire_dtype 'int8'; allowed: fp32"),
-        ({"gossip": {"round": 3}}, ValueError, r"unknown gossip option\(s\) round; allowed: chunk_bytes"),
+        ({"gossip": {"round": 3}}, ValueError, r"unknown gossip option\(s\) round; allowed: catch_up, chunk_bytes"),
         ({"gossip": 3}, ValueError, r"gossip must be a GossipOptions, a dict of its fields, or None, got 3"),
         ({"consensus_every": -1}, ValueError, r"consensus_every must be an integer >= 0, got -1"),
         ({"mix_buffers": "yes"}, ValueError, r"mix_buffers must be True or False, got 'yes'"),
@@ -300,3 +300,15 @@ def test_a_training_step_talks_to_its_neighbours_only(suite4):
         assert [k + 1 for k, s in enumerate(periodic) if s["collective"]] == [5, 10], periodic
         ddp = json.loads((suite4 / "calls_ddp" / f"calls_rank{r}.json").read_text())
         assert all(s["collective"] >= 1 and s["p2p"] == 0 for s in ddp), ddp
+
+
+def test_catch_up_is_refused_for_automatic_optimization(tmp_path):
+    """A catch-up step replaces training_step by a mix only; under automatic optimization Lightning would skip the
+    optimizer step it needs, so the strategy says so when fitting starts."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    strategy = DecentralizedStrategy(gossip=GossipOptions(staleness=1, catch_up=True))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=2, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="catch_up=True replaces a training_step by a mix only.*automatic_optimization = False"):
+        trainer.fit(BoringModel())

@@ -161,6 +161,14 @@ class GossipEngine:
         """Whether this step mixes (``every``: local steps between mixes)."""
         return self.steps % self.options.every == 0
 
+    #: steps whose computation this worker skipped, only mixing (``catch_up``)
+    skipped = 0
+
+    def skips_next_step(self) -> bool:
+        """Whether the coming step should mix without computing, to catch up with neighbours ahead (only
+        :class:`~lightning_dpgan.gossip.stale.StaleGossip` with ``catch_up`` ever says yes)."""
+        return False
+
     def replica_state(self) -> dict[str, Any]:
         """What this worker alone holds (a replica's checkpoint carries it); nothing for most variants."""
         return {}

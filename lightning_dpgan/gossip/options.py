@@ -40,6 +40,10 @@ class GossipOptions:
             than ``s`` steps old, and waits only for a neighbour more than ``s`` steps behind (docs/guide.md: bounded
             staleness). ``0`` is DPOSG as written, every step waiting for every neighbour. Needs one round per step,
             no overlap, a static topology, CPU tensors (gloo), and one mixed optimizer.
+        catch_up: with ``staleness``: a worker that finds a neighbour ``s`` steps ahead of it (waiting on it) skips
+            computing and only mixes, step after step, until no neighbour is ahead; a host up to ``s + 1`` times
+            slower than its neighbours then keeps their pace, contributing fewer gradients (docs/guide.md: catching
+            up). Steps stay counted alike on every rank, so stops and checkpoints are unchanged.
         every: ``H``, local steps: mix on every ``H``-th optimizer step only, the steps between are the replica's own
             (DiLoCo-style); ``1`` mixes every step. ``H > 1`` needs one mixed optimizer (a fused G+D step, as
             ``DPGAN``'s): steps are counted over all of them.
@@ -63,6 +67,7 @@ class GossipOptions:
     overlap: bool = False
     mixing: bool = True
     staleness: int = 0
+    catch_up: bool = False
     every: int = 1
     compression: str | None = None
     topk_fraction: float = 0.01
@@ -84,6 +89,12 @@ class GossipOptions:
                 f"staleness={self.staleness} mixes the newest anchors a worker holds, once per step: it needs rounds=1 "
                 f"and overlap=False (a stale mix already travels while the next steps run), got rounds={self.rounds}, "
                 f"overlap={self.overlap}"
+            )
+        check_bool("catch_up", self.catch_up)
+        if self.catch_up and not self.staleness:
+            raise ValueError(
+                "catch_up=True skips a step only while a neighbour is staleness steps ahead: it needs staleness >= 1, "
+                "got staleness=0"
             )
         check_int("every (optimizer steps per mix)", self.every, 1)
         if self.staleness and self.every != 1:

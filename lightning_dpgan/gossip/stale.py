@@ -18,7 +18,14 @@ different tensor lists (one per optimizer) travel as separate streams.
 At a checkpoint or the end of training (:meth:`StaleGossip.flush`) every worker takes every message its neighbours
 sent so far; at the end it also fills the receives its neighbours still hold posted, so nothing is left waiting.
 
-``delivery`` lets a test or a simulation decide when a message is taken: ``delivery(sender, tag)`` is the step at
+With ``catch_up`` (:meth:`StaleGossip.skips_next_step`), a worker that finds a neighbour ``s`` steps ahead, waiting
+on it, while it has waited for no one in its last ``s + 1`` steps, skips its computation for the coming step and only mixes, and goes on
+skipping until no neighbour is ahead: a host up to ``s + 1`` times slower than its neighbours keeps their pace by
+contributing fewer gradients, instead of holding everyone to its own pace (docs/guide.md: catching up).
+
+``trace``, when set to a list, gets one entry per step: ``(step, skipped, [{neighbour: step of the message mixed}, one
+per stream])``, all a replay needs (tests/reference.py). ``delivery`` lets a test or a simulation decide when a
+message is taken: ``delivery(sender, tag)`` is the step at
 which this worker takes sender's message of step ``tag``, from ``tag`` to ``tag + s``; ``None`` takes each as soon
 as it has arrived.
 """
@@ -76,6 +83,12 @@ class StaleGossip(GossipEngine):
         self._nb = self._neighbours[0]
         self._streams: dict[int, list[_Stream]] = {}  # id(plan) -> one stream per bucket
         self._first_step = 0  # messages before this step were never sent to this worker (it started here)
+        self.catch_up = options.catch_up
+        self.skipped = 0
+        self.trace: list[tuple[int, bool, list[dict[int, int]]]] | None = None
+        self._catching_up = False
+        self._skipping = False  # the step in progress computed nothing
+        self._waited_at = 0  # the last step whose mix waited for a neighbour's message
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -94,9 +107,33 @@ class StaleGossip(GossipEngine):
         required = max(self.steps - self.staleness, self._first_step)
         for stream in streams:
             self._take(stream, required)
+        if self.trace is not None:
+            self.trace.append((self.steps, self._skipping, [dict(stream.newest_tag) for stream in streams]))
+        for stream in streams:
             self._combine(stream)
             stream.bucket.unpack()
+        self._skipping = False
         self.phase += 1
+
+    def skips_next_step(self) -> bool:
+        """With ``catch_up``: whether the coming step should skip its computation and only mix. A worker starts skipping
+        when a neighbour is ``s`` steps ahead (that neighbour waits for this worker's next message) and its own last
+        ``s + 1`` mixes waited for no one (a worker held back by another slow one is not the one to skip), and stops
+        once no neighbour is ahead or it waits again. Looks only at messages that have arrived: never waits."""
+        if not self.catch_up or not self._streams:
+            return False
+        ahead = -self.staleness
+        for streams in self._streams.values():
+            for stream in streams:
+                self._take(stream, required=-1)  # whatever has arrived (and ``delivery`` allows), without waiting
+                ahead = max(ahead, max(stream.newest_tag.values(), default=self.steps) - self.steps)
+        if ahead <= 0 or self.steps - self._waited_at <= self.staleness:
+            self._catching_up = False
+        elif ahead >= self.staleness:
+            self._catching_up = True
+        self._skipping = self._catching_up
+        self.skipped += self._skipping
+        return self._skipping
 
     def flush(self) -> None:
         """Take every message the neighbours have sent so far (they are all at this step: a checkpoint, the end)."""
@@ -124,9 +161,11 @@ class StaleGossip(GossipEngine):
                     stream.slots[peer].clear()
                 self._drain_sends(stream, keep=0)
         self._streams.clear()
+        self.transport.close()
 
     def forget(self) -> None:
         self._streams.clear()
+        self.transport.close()
         super().forget()
 
     # ------------------------------------------------------------------ internals
@@ -181,8 +220,7 @@ class StaleGossip(GossipEngine):
     def _post_receive(self, stream: _Stream, peer: int) -> None:
         wire = self._wire_dtype(stream.bucket)
         message = torch.empty_like(stream.bucket.messages("received", wire, 1))
-        (posted,) = self.transport.exchange(None, message, (), (peer,), stream.number)
-        stream.slots[peer].append(_Slot(message, posted))
+        stream.slots[peer].append(_Slot(message, self.transport.post_receive(message, peer, stream.number)))
 
     def _take(self, stream: _Stream, required: int) -> None:
         """Take, from every in-neighbour, the messages that have arrived (and that ``delivery`` allows), waiting only
@@ -198,8 +236,10 @@ class StaleGossip(GossipEngine):
                     tag = self.control.peek(slot.message)
                     if tag == _END or self.delivery(peer, tag) > self.steps:
                         break  # arrived, but the schedule hands it over later
-                elif not behind and not self.transport.done(slot.posted):
-                    break
+                elif not behind and (not self.transport.done(slot.posted) or self.control.peek(slot.message) == _END):
+                    break  # not arrived yet, or the neighbour has finished (its end messages are taken at close)
+                if behind and not self.transport.done(slot.posted):
+                    self._waited_at = self.steps  # this worker waits on a neighbour: it is not the one holding others back
                 self._take_one(stream, peer, forced=behind)
 
     def _take_one(self, stream: _Stream, peer: int, forced: bool) -> None:

@@ -16,6 +16,8 @@ NCCL needs neither: its buffers go out whole.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,6 +59,8 @@ class Posted:
     peer: int | None
     what: str
     completed: bool = False  # waited for once already (a gloo work must not be waited for twice)
+    arrived: threading.Event | None = None  # set by a watcher that waited for the works (post_receive)
+    error: BaseException | None = None  # what the watcher's wait raised
 
 
 class Transport(Protocol):
@@ -72,8 +76,12 @@ class Transport(Protocol):
         arrive in the order they were posted; streams do not mix."""
         ...
 
+    def post_receive(self, received: Tensor, peer: int, stream: int = 0) -> Posted:
+        """Post a receive of row 0 of ``received`` from ``peer`` whose arrival :meth:`done` can tell without waiting."""
+        ...
+
     def done(self, posted: Posted) -> bool:
-        """Whether ``posted`` has completed, without waiting."""
+        """Whether ``posted`` has completed, without waiting (for a receive: one from :meth:`post_receive`)."""
         ...
 
     def all_reduce(self, tensor: Tensor) -> Posted: ...
@@ -86,6 +94,10 @@ class Transport(Protocol):
 
     def wait(self, posted: Posted, timeout: timedelta | None, gossip_round: int) -> None:
         """Wait for ``posted``; :class:`GossipPeerError` naming the peer if it fails or times out."""
+        ...
+
+    def close(self) -> None:
+        """Release what :meth:`post_receive` set up, once nothing it posted is pending."""
         ...
 
 
@@ -109,6 +121,7 @@ class DistributedTransport:
         self.rank = rank
         self.group = group
         self.chunk_bytes = chunk_bytes
+        self._watchers: dict[tuple[int, int], _Watcher] = {}
 
     def exchange(
         self, send: Tensor | None, received: Tensor | None, send_to: Sequence[int], receive_from: Sequence[int], stream: int = 0
@@ -136,8 +149,29 @@ class DistributedTransport:
             by_peer.setdefault(peer, []).append(work)
         return [Posted(works, peer, "gossip exchange") for peer, works in by_peer.items()]
 
+    def post_receive(self, received: Tensor, peer: int, stream: int = 0) -> Posted:
+        (posted,) = self.exchange(None, received, (), (peer,), stream)
+        if received.device.type == "cpu":  # gloo: a receive tells it arrived only by being waited for
+            posted.arrived = threading.Event()
+            watcher = self._watchers.get((peer, stream))
+            if watcher is None:
+                watcher = self._watchers[(peer, stream)] = _Watcher(f"gossip receives from rank {peer}, stream {stream}")
+            watcher.watch(posted)
+        return posted
+
     def done(self, posted: Posted) -> bool:
-        return posted.completed or all(work.is_completed() for work in posted.works)
+        if posted.completed:
+            return True
+        if posted.arrived is not None:
+            return posted.arrived.is_set()
+        return all(work.is_completed() for work in posted.works)
+
+    def close(self) -> None:
+        """Let the watcher threads end once the receives they hold are in (they are daemons: they never hold up an
+        exit)."""
+        for watcher in self._watchers.values():
+            watcher.stop()
+        self._watchers.clear()
 
     def all_reduce(self, tensor: Tensor) -> Posted:
         return Posted([dist.all_reduce(tensor, group=self.group, async_op=True)], None, "all_reduce")
@@ -152,6 +186,13 @@ class DistributedTransport:
         if posted.completed:
             return
         try:
+            if posted.arrived is not None:  # a watcher waits for it: only it may (a gloo work is waited for once)
+                if not posted.arrived.wait(None if timeout is None else timeout.total_seconds()):
+                    raise TimeoutError(f"no message within {timeout}")
+                if posted.error is not None:
+                    raise posted.error
+                posted.completed = True
+                return
             for work in posted.works:
                 if timeout is not None:
                     work.wait(timeout)
@@ -164,3 +205,30 @@ class DistributedTransport:
                 f"rank {self.rank}: {posted.what} with {who} failed at gossip round {gossip_round}"
                 f" (peer died or stalled past the {timeout or 'process-group'} timeout): {err}"
             ) from err
+
+
+class _Watcher:
+    """A thread that waits for the receives posted from one peer on one stream, in posting order, and marks each
+    arrived. A gloo receive says it has completed only once waited for (``is_completed()`` stays ``False`` until
+    then, and a wait that times out closes the connection), so bounded staleness could not otherwise tell a message
+    that has arrived from one still on its way. The wait releases the GIL; training goes on meanwhile."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Posted | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def watch(self, posted: Posted) -> None:
+        self._queue.put(posted)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (posted := self._queue.get()) is not None:
+            assert posted.arrived is not None
+            try:
+                for work in posted.works:
+                    work.wait()  # the process group's timeout; the waiting thread applies the peer timeout
+            except Exception as err:  # the peer died or the group was torn down: the waiting thread reports it
+                posted.error = err
+            posted.arrived.set()

@@ -123,9 +123,11 @@ class RecordBatches(pl.LightningModule):
 class BilinearGame(pl.LightningModule):
     """Rank r plays min_x max_y x^T A_r y with its own A_r (see :func:`bilinear_matrices`); one fused optimizer."""
 
-    def __init__(self, optimizer: str, lr: float, iterations_per_batch: int = 1, **optimizer_kwargs: Any) -> None:
+    def __init__(self, optimizer: str, lr: float, iterations_per_batch: int = 1, slow: tuple[int, float] | None = None,
+                 **optimizer_kwargs: Any) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.slow = slow  # (rank, seconds): that rank's every gradient computation takes this much longer
         start = np.random.default_rng(7).standard_normal(2 * BILINEAR_DIM)
         self.x = nn.Parameter(torch.as_tensor(start[:BILINEAR_DIM]))
         self.y = nn.Parameter(torch.as_tensor(start[BILINEAR_DIM:]))
@@ -135,6 +137,8 @@ class BilinearGame(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         opt = self.optimizers()
         a = torch.as_tensor(bilinear_matrices(self.trainer.world_size)[1][self.global_rank])
+        if self.slow is not None and self.slow[0] == self.global_rank:
+            time.sleep(self.slow[1])
         for _ in range(self.iterations_per_batch):
             opt.zero_grad()
             value = self.x @ a @ self.y
@@ -318,6 +322,21 @@ class DeliverOnSchedule(Callback):
         trainer.strategy.engine.delivery = lambda sender, tag: schedule(rank, sender, tag)
 
 
+class GossipTrace(Callback):
+    """Each rank's bounded-staleness trace (which steps it skipped, which neighbour step each mix used), written to
+    ``trace_rank{r}.json`` for a replay in numpy."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def setup(self, trainer: pl.Trainer, module: Any, stage: str) -> None:
+        trainer.strategy.engine.trace = []
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        with open(os.path.join(self.out, f"trace_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(trainer.strategy.engine.trace, f)
+
+
 class KillRank(Callback):
     """Rank ``rank`` sends itself ``sig`` (SIGKILL: dies; SIGSTOP: stalls) when it reaches ``step``."""
 
@@ -387,7 +406,7 @@ class SigtermRankZeroWhileOthersWait(Callback):
 
 
 def decentralized(opts: dict[str, str], topology: str = "ring", **kwargs: Any) -> DecentralizedStrategy:
-    """The strategy a scenario asks for: ``rounds``, ``wire_dtype``, ``overlap``, ``mixing``, ``staleness``,
+    """The strategy a scenario asks for: ``rounds``, ``wire_dtype``, ``overlap``, ``mixing``, ``staleness``, ``catch_up``,
     ``gossip_every``, ``compression``, ``topk_fraction``, ``timeout`` options (``every`` is a checkpoint cadence)."""
     gossip = GossipOptions(
         rounds=int(opts.get("rounds", 1)),
@@ -395,6 +414,7 @@ def decentralized(opts: dict[str, str], topology: str = "ring", **kwargs: Any) -
         overlap=opts.get("overlap", "0") == "1",
         mixing=opts.get("mixing", "1") == "1",
         staleness=int(opts.get("staleness", 0)),
+        catch_up=opts.get("catch_up", "0") == "1",
         every=int(opts.get("gossip_every", 1)),
         compression=opts.get("compression"),
         topk_fraction=float(opts.get("topk_fraction", 0.01)),
@@ -409,9 +429,13 @@ def fabric_bilinear(out: str, opts: dict[str, str], steps: int, save_at: int | N
 
     from lightning_dpgan.fabric import DecentralizedFabricStrategy
 
-    gossip = GossipOptions(rounds=int(opts.get("rounds", 1)), compression=opts.get("compression"))
+    gossip = GossipOptions(rounds=int(opts.get("rounds", 1)), compression=opts.get("compression"),
+                           staleness=int(opts.get("staleness", 0)), catch_up=opts.get("catch_up", "0") == "1")
     fabric = Fabric(accelerator="cpu", devices=int(opts.get("devices", 4)), strategy=DecentralizedFabricStrategy(opts.get("topology", "ring"), gossip=gossip))
     fabric.launch()
+    slow = fabric.global_rank == int(opts.get("slow_rank", -1))
+    if opts.get("trace") == "1":
+        fabric.strategy.engine.trace = []
     game = BilinearGame(opts["optimizer"], float(opts["lr"]), **json.loads(opts.get("kwargs", "{}")))
     optimizer = game.configure_optimizers()
     game, optimizer = fabric.setup(game, optimizer)
@@ -422,6 +446,10 @@ def fabric_bilinear(out: str, opts: dict[str, str], steps: int, save_at: int | N
         fabric.load(path, {"game": game, "optimizer": optimizer})
         start = resume_from
     for step in range(start, steps):
+        if fabric.strategy.catch_up(optimizer):
+            continue  # a neighbour waits on this replica: the step only mixed
+        if slow:
+            time.sleep(float(opts["slow_s"]))
         optimizer.zero_grad()
         value = game.x @ a @ game.y
         fabric.backward(value, inputs=[game.module.x], retain_graph=True)  # x minimises
@@ -430,6 +458,10 @@ def fabric_bilinear(out: str, opts: dict[str, str], steps: int, save_at: int | N
         if save_at is not None and step + 1 == save_at:
             fabric.save(path, {"game": game, "optimizer": optimizer})
     game.module.rank = fabric.global_rank
+    if opts.get("trace") == "1":
+        with open(os.path.join(out, f"trace_rank{fabric.global_rank}.json"), "w") as f:
+            json.dump(fabric.strategy.engine.trace, f)
+    fabric.strategy.engine.close()
     return game.module
 
 
@@ -550,9 +582,17 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
         callbacks: list[Callback] = [SaveReplica(out)]
         if "schedule" in opts:
             callbacks.append(DeliverOnSchedule(int(opts["staleness"]), int(opts["schedule"])))
+        if opts.get("trace") == "1":
+            callbacks.append(GossipTrace(out))
         t = trainer(out, strategy, devices, max_steps=steps, callbacks=callbacks)
         batches = DataLoader(TensorDataset(torch.zeros(steps * devices, 1)), batch_size=1)
-        t.fit(BilinearGame(opts["optimizer"], float(opts["lr"]), per_batch, **kwargs), batches)
+        slow = (int(opts["slow_rank"]), float(opts["slow_s"])) if "slow_rank" in opts else None
+        t.fit(BilinearGame(opts["optimizer"], float(opts["lr"]), per_batch, slow=slow, **kwargs), batches)
+
+    elif scenario == "fabric_catch_up":  # the bilinear game in a Fabric loop, a slow rank catching up
+        game = fabric_bilinear(out, opts, int(opts["steps"]))
+        torch.save({"x": game.x.detach(), "y": game.y.detach()}, os.path.join(out, f"end_rank{game.rank}.pt"))
+        return
 
     elif scenario == "fabric_bilinear":  # the bilinear game in a Fabric loop; saved at step 3, and resumed from there
         steps, saved = int(opts["steps"]), int(opts["save_at"])
