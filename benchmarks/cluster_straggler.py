@@ -1,7 +1,7 @@
 """One slow host among eight: synchronous training against bounded-staleness gossip, with and without catching up.
 
     sudo python benchmarks/cluster_straggler.py --hosts 8 --rate 200mbit --steps 700 --every 100 --fid 300 \
-        --staleness --catch-up 2 4 --probe-steps 60
+        --staleness 4 --catch-up 2 4 --probe-steps 60
 
 The emulated cluster of ``cluster_train.py`` (the widened digits DCGAN, one worker per host, the real command line
 on every host), with one host's CPU capped by a cgroup (v1 ``cpu.cfs_quota_us``) to ``1 / --slowdown`` of a fair
@@ -10,9 +10,10 @@ host, then with the slow host DDP, synchronous gossip (``staleness=0``), ``stale
 and ``staleness=s catch_up=true`` for each ``--catch-up``. Bounded staleness needs a static graph, so every gossip
 setting is a ring (``t = 1``, bf16 wire).
 
-With ``--probe-steps N`` the synchronous settings with the slow host (DDP, ``staleness=0``) run N iterations only,
-for their speed: synchronous gossip computes the same numbers with or without a slow host, so its time to an FID
-is the no-slow-host run's iterations to it times its own seconds per iteration. DDP's FID is then not measured.
+With ``--probe-steps N`` the settings with the slow host and without catch_up run N iterations only, for their
+speed: synchronous gossip computes the same numbers with or without a slow host, so its time to an FID is the
+no-slow-host run's iterations to it times its own seconds per iteration. The FID of DDP and of bounded staleness
+without catch_up is then not measured.
 
 Per setting: iterations per second (from the first evaluation to the last), training seconds to each FID
 threshold and that time divided by the no-slow-host run's, FID at the last iteration (equal iterations), and with
@@ -64,7 +65,6 @@ class SlowHost:
         self.path.rmdir()
 
 
-SYNCHRONOUS = ("DDP", "ring bf16, staleness 0")  # the same numbers with or without the slow host
 NO_SLOW_HOST = "ring bf16, no slow host"
 
 
@@ -118,7 +118,7 @@ def main() -> None:
         for seed in args.seeds:
             for name, (overrides, slowed) in table.items():
                 run_dir = args.out / f"seed{seed}" / slug(name)
-                probe = args.probe_steps is not None and name in SYNCHRONOUS
+                probe = args.probe_steps is not None and slowed and "catch_up" not in name
                 steps, every = (args.probe_steps, args.probe_steps // 2) if probe else (args.steps, args.every)
                 with EmulatedCluster(args.hosts, args.rate, port=29602, **link_options(args)) as cluster:
                     congestion = cluster.congestion_control()
