@@ -100,15 +100,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--settings", nargs="+", default=None, help="a subset, by slug")
     parser.add_argument("--out", type=Path, default=Path("runs/cluster_straggler"))
+    parser.add_argument("--tables-from", type=Path, default=None, help="rebuild the table from a saved cluster_straggler.json")
     add_link_arguments(parser)
     args = parser.parse_args()
+    cores = (os.cpu_count() or 1) / args.hosts / args.slowdown
+    if args.tables_from is not None:
+        saved = json.loads(args.tables_from.read_text())
+        results = {name: {int(seed): run for seed, run in per_seed.items()} for name, per_seed in saved.items()}
+        print(table(results, args, cores))
+        return
     preflight(parser, **link_options(args))
     if not 0 <= args.slow_host < args.hosts:
         parser.error(f"--slow-host must be a host in [0, {args.hosts - 1}], got {args.slow_host}")
     if args.slowdown < 1:
         parser.error(f"--slowdown must be at least 1, got {args.slowdown}")
-    cores = (os.cpu_count() or 1) / args.hosts / args.slowdown
-    table = {name: v for name, v in settings(args.staleness, args.catch_up).items() if args.settings is None or slug(name) in args.settings}
+    chosen = {name: v for name, v in settings(args.staleness, args.catch_up).items() if args.settings is None or slug(name) in args.settings}
     results: dict[str, dict[int, dict[str, object]]] = {}
     with SlowHost(f"dpgan_slow{os.getpid()}", cores) as slow:
         def started(host: int, process: subprocess.Popen) -> None:
@@ -116,52 +122,66 @@ def main() -> None:
                 slow.add(process.pid)
 
         for seed in args.seeds:
-            for name, (overrides, slowed) in table.items():
+            for name, (overrides, slowed) in chosen.items():
                 run_dir = args.out / f"seed{seed}" / slug(name)
                 probe = args.probe_steps is not None and slowed and "catch_up" not in name
                 steps, every = (args.probe_steps, args.probe_steps // 2) if probe else (args.steps, args.every)
                 with EmulatedCluster(args.hosts, args.rate, port=29602, **link_options(args)) as cluster:
                     congestion = cluster.congestion_control()
                     rows = fit(cluster, overrides, run_dir, steps, every, seed, started=started)
-                result = {
+                results.setdefault(name, {})[seed] = {
                     "it_per_s": 1 / seconds_per_iteration(rows),
-                    "to_fid": {fid: (r["train_s"] if (r := first_reaching(rows, fid)) else None) for fid in args.fid},
-                    "steps_to_fid": {fid: (r["step"] if (r := first_reaching(rows, fid)) else None) for fid in args.fid},
+                    "to_fid": {str(fid): (r["train_s"] if (r := first_reaching(rows, fid)) else None) for fid in args.fid},
+                    "steps_to_fid": {str(fid): (r["step"] if (r := first_reaching(rows, fid)) else None) for fid in args.fid},
                     "fid": rows[-1]["fid"], "steps": rows[-1]["step"], "congestion_control": congestion,
                     "only_mixed": only_mixed(run_dir), "probe": probe,
                 }
-                reference = results.get(NO_SLOW_HOST, {}).get(seed)
-                if probe and name != "DDP" and reference is not None:  # the no-slow-host run's numbers, at this speed
-                    result["to_fid"] = {fid: (n / result["it_per_s"] if (n := reference["steps_to_fid"][fid]) else None) for fid in args.fid}
-                    result["fid"], result["steps"] = reference["fid"], reference["steps"]
-                elif probe:
-                    result["to_fid"], result["fid"] = {fid: None for fid in args.fid}, None
-                results.setdefault(name, {})[seed] = result
                 print(f"seed {seed}, {name}: {json.dumps(results[name][seed])}", file=sys.stderr, flush=True)
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "cluster_straggler.json").write_text(json.dumps(results, indent=1))
+    text = table(results, args, cores)
+    print(text)
+    (args.out / "cluster_straggler.md").write_text(text + "\n")
+
+
+def as_measured(name: str, run: dict, reference: dict | None, fids: list[float]) -> dict:
+    """A run's time to each FID and its last FID. A speed probe of synchronous gossip (``staleness 0``) computes what
+    the no-slow-host run computes, only slower: its iterations to an FID are that run's. Other probes have none."""
+    if not run["probe"]:
+        return run
+    if name == "ring bf16, staleness 0" and reference is not None:
+        to_fid = {str(f): (n / run["it_per_s"] if (n := reference["steps_to_fid"][str(f)]) else None) for f in fids}
+        return {**run, "to_fid": to_fid, "fid": reference["fid"], "steps": reference["steps"], "derived": True}
+    return {**run, "to_fid": {str(f): None for f in fids}, "fid": None}
+
+
+def table(results: dict[str, dict[int, dict]], args: argparse.Namespace, cores: float) -> str:
     reference = results.get(NO_SLOW_HOST, {})
+    measured = {name: {seed: as_measured(name, run, reference.get(seed), args.fid) for seed, run in per_seed.items()}
+                for name, per_seed in results.items()}
+    seeds = sorted({seed for per_seed in results.values() for seed in per_seed})
     congestion = "/".join(sorted({r["congestion_control"] for per_seed in results.values() for r in per_seed.values()}))
     head = " | ".join(f"s to FID ≤ {fid:g} | ÷ no slow host" for fid in args.fid)
     lines = [
         f"**{args.hosts} hosts at {args.rate}**, host {args.slow_host} capped to {cores:.3f} CPUs (a fair share ÷ "
-        f"{args.slowdown:g}), {os.cpu_count()} cores, TCP {congestion}; mean over seeds {args.seeds}",
+        f"{args.slowdown:g}), {os.cpu_count()} cores, TCP {congestion}; mean over seeds {seeds}",
         "",
         f"| setting | it/s | {head} | FID at the last iteration | steps the slow host only mixed |",
         "|---|" + "---:|" * (3 + 2 * len(args.fid)),
     ]
-    for name, per_seed in results.items():
+    for name, per_seed in measured.items():
         runs = list(per_seed.values())
         cells = [name, f"{sum(r['it_per_s'] for r in runs) / len(runs):.2f}"]
         for fid in args.fid:
-            times = [r["to_fid"][fid] for r in runs]
-            base = [reference[s]["to_fid"][fid] for s in per_seed if s in reference]
+            times = [r["to_fid"][str(fid)] for r in runs]
+            base = [reference[s]["to_fid"][str(fid)] for s in per_seed if s in reference]
             if all(t is not None for t in times):
                 mean = sum(times) / len(times)
-                cells.append(f"{mean:.0f}")
+                derived = " (iterations of the no-slow-host run)" if runs[0].get("derived") else ""
+                cells.append(f"{mean:.0f}{derived}")
                 cells.append(f"{mean / (sum(base) / len(base)):.2f}×" if base and all(b is not None for b in base) else "")
             elif all(r["probe"] for r in runs):
-                cells += [f"not measured ({runs[0]['steps']:.0f}-iteration speed probe)", ""]
+                cells += ["not measured (a speed probe)", ""]
             else:
                 cells += [f"not reached in {sum(t is None for t in times)} of {len(times)}", ""]
         fids = [r["fid"] for r in runs if r["fid"] is not None]
@@ -169,9 +189,7 @@ def main() -> None:
         mixed = [r["only_mixed"][args.slow_host] for r in runs if r["only_mixed"]]
         cells.append(f"{sum(mixed) / len(mixed):.0f} of {runs[0]['steps']:.0f}" if mixed else "")
         lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
-    print(text)
-    (args.out / "cluster_straggler.md").write_text(text + "\n")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class Gossiper:
         """Mix these optimizers' steps from now on: anchored ones through their anchor hook."""
         self.detach()
         self._module, self._optimizers = module, list(optimizers)
-        if len(self._optimizers) > 1 and (self.options.every > 1 or self.options.staleness):  # catch_up needs staleness
+        if len(self._optimizers) > 1 and (self.options.every > 1 or self.options.staleness):
             setting = f"every={self.options.every}" if self.options.every > 1 else f"staleness={self.options.staleness}"
             raise ValueError(
                 f"{setting} counts the steps of one mixed optimizer; this module steps {len(self._optimizers)} "

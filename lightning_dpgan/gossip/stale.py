@@ -19,15 +19,15 @@ At a checkpoint or the end of training (:meth:`StaleGossip.flush`) every worker 
 sent so far; at the end it also fills the receives its neighbours still hold posted, so nothing is left waiting.
 
 With ``catch_up`` (:meth:`StaleGossip.skips_next_step`), a worker that finds a neighbour ``s`` steps ahead, waiting
-on it, while it has waited for no one in its last ``s + 1`` steps, skips its computation for the coming step and only mixes, and goes on
-skipping until no neighbour is ahead: a host up to ``s + 1`` times slower than its neighbours keeps their pace by
-contributing fewer gradients, instead of holding everyone to its own pace (docs/guide.md: catching up).
+on it, while it has waited for no one in its last ``s + 1`` steps, skips its computation for the coming step and
+only mixes, and goes on skipping until no neighbour is ahead: a host up to ``s + 1`` times slower than its neighbours
+keeps their pace by contributing fewer gradients, instead of holding everyone to its own pace (docs/guide.md:
+catching up).
 
-``trace``, when set to a list, gets one entry per step: ``(step, skipped, [{neighbour: step of the message mixed}, one
-per stream])``, all a replay needs (tests/reference.py). ``delivery`` lets a test or a simulation decide when a
-message is taken: ``delivery(sender, tag)`` is the step at
-which this worker takes sender's message of step ``tag``, from ``tag`` to ``tag + s``; ``None`` takes each as soon
-as it has arrived.
+``trace``, when set to a list, gets one entry per step: ``(step, skipped, [{neighbour: step of the message mixed},
+one per stream])``, all a replay needs (tests/reference.py). ``delivery`` lets a test or a simulation decide when a
+message is taken: ``delivery(sender, tag)`` is the step at which this worker takes sender's message of step
+``tag``, from ``tag`` to ``tag + s``; ``None`` takes each as soon as it has arrived.
 """
 
 from __future__ import annotations
