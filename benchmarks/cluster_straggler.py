@@ -1,7 +1,7 @@
 """One slow host among eight: synchronous training against bounded-staleness gossip, with and without catching up.
 
-    sudo python benchmarks/cluster_straggler.py --hosts 8 --rate 200mbit --steps 700 --every 100 --fid 300 \
-        --staleness 4 --catch-up 2 4 --probe-steps 60
+    sudo python benchmarks/cluster_straggler.py --hosts 8 --rate 200mbit --steps 800 --every 100 --fid 300 200 \
+        --staleness 4 --catch-up 2 4 --probe-steps 60 --seeds 0 1 2
 
 The emulated cluster of ``cluster_train.py`` (the widened digits DCGAN, one worker per host, the real command line
 on every host), with one host's CPU capped by a cgroup (v1 ``cpu.cfs_quota_us``) to ``1 / --slowdown`` of a fair
@@ -93,14 +93,14 @@ def main() -> None:
     parser.add_argument("--slowdown", type=float, default=4.0, help="the slow host's CPU: a fair share divided by this")
     parser.add_argument("--staleness", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--catch-up", type=int, nargs="*", default=[2, 4], help="staleness values to run with catch_up")
-    parser.add_argument("--probe-steps", type=int, default=None, help="synchronous settings with the slow host: this many")
+    parser.add_argument("--probe-steps", type=int, default=None, help="the settings with the slow host and without catch_up: this many iterations, for their speed")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--fid", type=float, nargs="+", default=[300.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--settings", nargs="+", default=None, help="a subset, by slug")
     parser.add_argument("--out", type=Path, default=Path("runs/cluster_straggler"))
-    parser.add_argument("--tables-from", type=Path, default=None, help="rebuild the table from a saved cluster_straggler.json")
+    parser.add_argument("--tables-from", type=Path, default=None, help="rebuild the table from a saved cluster_straggler.json (give the run's --fid, --hosts, --rate)")
     add_link_arguments(parser)
     args = parser.parse_args()
     cores = (os.cpu_count() or 1) / args.hosts / args.slowdown
@@ -156,6 +156,7 @@ def as_measured(name: str, run: dict, reference: dict | None, fids: list[float])
 
 
 def table(results: dict[str, dict[int, dict]], args: argparse.Namespace, cores: float) -> str:
+    """The markdown table: each setting's mean over seeds, time ratios against the no-slow-host run's mean."""
     reference = results.get(NO_SLOW_HOST, {})
     measured = {name: {seed: as_measured(name, run, reference.get(seed), args.fid) for seed, run in per_seed.items()}
                 for name, per_seed in results.items()}
