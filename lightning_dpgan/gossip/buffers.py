@@ -5,12 +5,16 @@ buffer per (device, dtype), a *bucket*. A message is bytes, a header (:mod:`.con
 wire carries the tensors' own dtype the flat buffer *is* the payload of the bucket's message, so packing is the
 only copy before sending. Buffers are kept with the bucket, so repeated mixes of the same tensors (parameters,
 optimizer anchors) allocate nothing.
+
+On CPU a bucket is also cut into a few segments (:class:`Segment`), so that a mix can send the first part while
+it still casts the rest, and combine each part as it arrives (see ``GossipEngine``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -33,6 +37,44 @@ def payload(messages: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
     return messages[..., HEADER_BYTES : HEADER_BYTES + size].view(dtype)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Elements ``start:stop`` of a bucket's flat buffer, and the parts of its tensors they hold.
+
+    The whole bucket is one segment whose pieces are the tensors themselves (any strides); a part of it is 1-D
+    pieces of contiguous tensors, made afresh at each use (a tensor's storage may be swapped between mixes)."""
+
+    start: int
+    stop: int
+    parts: tuple[tuple[int, int, int], ...]  # (tensor index, first element, end element) in this range
+    bucket: Bucket
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.bucket.numel
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors' pieces in this range."""
+        if self.whole:
+            return self.bucket.tensors
+        return [self.bucket.tensors[i].view(-1)[low:high] for i, low, high in self.parts]
+
+    def pieces(self, buffer: Tensor) -> list[Tensor]:
+        """This segment's range of a ``numel``-long buffer (the flat one, a payload row), cut like its tensors."""
+        if self.whole:
+            return self.bucket.shaped(buffer)
+        return list(buffer[self.start : self.stop].split([high - low for _, low, high in self.parts]))
+
+    def message_bytes(self, dtype: torch.dtype) -> tuple[int, int]:
+        """The bytes of a ``dtype`` message that carry this segment: the first also carries the header, the last
+        the padding."""
+        size = torch.empty((), dtype=dtype).element_size()
+        low = 0 if self.start == 0 else HEADER_BYTES + self.start * size
+        if self.stop == self.bucket.numel:
+            return low, message_bytes(self.bucket.numel, dtype)
+        return low, HEADER_BYTES + self.stop * size
+
+
 class Bucket:
     """Same-device, same-dtype tensors, their flat buffer, their message and their reusable scratch buffers."""
 
@@ -45,6 +87,7 @@ class Bucket:
         self.flat = payload(self.message, self.numel, self.dtype)
         self._scratch: dict[tuple[str, torch.dtype, int], Tensor] = {}
         self._shaped: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+        self._segments: dict[int, list[Segment]] = {}
         self.views = self.shaped(self.flat)
 
     def pack(self) -> Tensor:
@@ -53,6 +96,26 @@ class Bucket:
 
     def unpack(self) -> None:
         torch._foreach_copy_(self.tensors, self.views)
+
+    def segments(self, count: int) -> list[Segment]:
+        """The bucket cut into ``count`` segments of about equal size (one when a tensor is not contiguous)."""
+        count = max(1, min(count, self.numel))
+        if count > 1 and not all(t.is_contiguous() for t in self.tensors):
+            count = 1
+        if count not in self._segments:
+            bounds = [self.numel * k // count for k in range(count + 1)]
+            self._segments[count] = [Segment(a, b, self._parts(a, b), self) for a, b in zip(bounds, bounds[1:])]
+        return self._segments[count]
+
+    def _parts(self, start: int, stop: int) -> tuple[tuple[int, int, int], ...]:
+        """Which elements of which tensors fall in ``start:stop`` of the flat buffer."""
+        parts, offset = [], 0
+        for i, t in enumerate(self.tensors):
+            low, high = max(start, offset), min(stop, offset + t.numel())
+            if low < high:
+                parts.append((i, low - offset, high - offset))
+            offset += t.numel()
+        return tuple(parts)
 
     def scratch(self, kind: str, dtype: torch.dtype, rows: int = 0) -> Tensor:
         """A reusable buffer of ``rows`` x ``numel`` (or ``numel`` when ``rows == 0``)."""

@@ -9,7 +9,9 @@ Three ways, by where the result goes:
 * ``"correction"``: a started mix (``start_mix``) whose flat buffer still holds ``x`` as it was then adds
   ``W x - x`` to the tensors as they are now, keeping what changed while the mix was on the wire.
 
-On hosts sharing cores every pass over the data sits on the wire's critical path, hence the special cases.
+On hosts sharing cores every pass over the data sits on the wire's critical path, hence the special cases. Each
+works on one :class:`~lightning_dpgan.gossip.buffers.Segment` of the bucket, so that a segment can be combined as
+soon as it has arrived while the next is still on the wire.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_dpgan.gossip.buffers import Bucket
+from lightning_dpgan.gossip.buffers import Segment
 
 Into = Literal["flat", "tensors", "correction"]
 
@@ -30,23 +32,32 @@ def lerps(self_weight: float, receive_weights: Sequence[float]) -> bool:
     return len(receive_weights) == 1 and self_weight + receive_weights[0] == 1.0
 
 
-def combine(bucket: Bucket, received: Tensor, self_weight: float, weights: Tensor, weight_values: Sequence[float], into: Into) -> None:
-    """Combine the received rows (one per in-neighbour, in ``weights`` order) into ``into``."""
-    rows = _in_bucket_dtype(bucket, received)
+def combine(
+    segment: Segment, received: Tensor, self_weight: float, weights: Tensor, weight_values: Sequence[float], into: Into
+) -> None:
+    """Combine the segment's part of the received rows (one per in-neighbour, in ``weights`` order) into ``into``."""
+    rows = _in_bucket_dtype(segment, received)
     if into == "tensors":
         (row,) = rows
         # (1 - w) x_i + w x_j = w_ii x_i + w_ij x_j, as w_ii + w_ij == 1
-        torch._foreach_lerp_(bucket.tensors, bucket.shaped(row), weight_values[0])
+        torch._foreach_lerp_(segment.tensors(), segment.pieces(row), weight_values[0])
         return
     correction = into == "correction"
+    flat = segment.bucket.flat
     # one pass: flat <- beta flat + rows^T weights; for a correction beta drops x_i itself
-    bucket.flat.addmv_(rows.t(), weights, beta=self_weight - 1 if correction else self_weight)
+    flat[segment.start : segment.stop].addmv_(
+        rows[:, segment.start : segment.stop].t(), weights, beta=self_weight - 1 if correction else self_weight
+    )
     if correction:
-        torch._foreach_add_(bucket.tensors, bucket.views)
+        torch._foreach_add_(segment.tensors(), segment.pieces(flat))
 
 
-def _in_bucket_dtype(bucket: Bucket, received: Tensor) -> Tensor:
-    """The received rows in the tensors' dtype (``addmv`` and ``lerp`` take one dtype)."""
+def _in_bucket_dtype(segment: Segment, received: Tensor) -> Tensor:
+    """The received rows in the tensors' dtype (``addmv`` and ``lerp`` take one dtype); only the segment's
+    elements are cast."""
+    bucket = segment.bucket
     if received.dtype == bucket.flat.dtype:
         return received
-    return bucket.scratch("received_upcast", bucket.flat.dtype, received.shape[0]).copy_(received)
+    upcast = bucket.scratch("received_upcast", bucket.flat.dtype, received.shape[0])
+    upcast[:, segment.start : segment.stop].copy_(received[:, segment.start : segment.stop])
+    return upcast

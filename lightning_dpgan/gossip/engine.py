@@ -16,7 +16,10 @@ With ``every = H`` a variant mixes on every ``H``-th step only (local steps in b
 :func:`build_engine` picks the variant from :class:`~lightning_dpgan.gossip.options.GossipOptions`.
 
 Each round every worker sends its packed tensors to its out-neighbours and combines what its in-neighbours sent
-(:mod:`.combine`); a complete graph is one ``all_reduce`` instead. An optional wire dtype (bf16/fp16) applies to
+(:mod:`.combine`); a complete graph is one ``all_reduce`` instead. On CPU a round goes in up to
+``SEGMENTS`` segments: every receive is posted first, then each segment is packed (or cast) and sent in turn, and
+each is combined as soon as it has arrived. On hosts sharing cores the passes over the data then run while the
+wire is busy, not before and after it. An optional wire dtype (bf16/fp16) applies to
 the bytes on the wire only: the local copy and the sum stay in the tensors' own precision.
 """
 
@@ -34,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_dpgan.gossip.buffers import Bucket, Plan, PlanCache, payload
+from lightning_dpgan.gossip.buffers import Bucket, Plan, PlanCache, Segment, payload
 from lightning_dpgan.gossip.combine import Into, combine, lerps
 from lightning_dpgan.gossip.control import HEADER_BYTES, Control, Stop, StopReason
 from lightning_dpgan.gossip.options import PEER_TIMEOUT_FLOOR_S, PEER_TIMEOUT_STEPS, GossipOptions
@@ -42,6 +45,10 @@ from lightning_dpgan.gossip.transport import GossipPeerError, Posted, Transport,
 from lightning_dpgan.topology import Neighbours, Topology
 
 _WARMUP_STEPS = 5  # steps timed by the startup timeout before the peer timeout follows the measured step time
+#: most segments a CPU round is cut into: enough to hide all but an eighth of the passes over the data behind the
+#: wire; and each at least this many chunks, so that a small message is not cut into calls that cost more CPU than
+#: they hide
+SEGMENTS, SEGMENT_CHUNKS = 8, 4
 
 
 @dataclass
@@ -52,9 +59,11 @@ class _Round:
     received: Tensor  # messages, one row per in-neighbour
     neighbours: Neighbours
     weights: Tensor  # the in-neighbours' weights, on the bucket's device
-    posted: list[Posted]
+    segments: list[Segment]
+    posted: list[list[Posted]]  # each segment's receives and sends
     into: Into
     wire_dtype: torch.dtype
+    unpack: bool  # copy each combined segment of the flat buffer back into the tensors
 
 
 @dataclass
@@ -217,13 +226,13 @@ class GossipEngine:
             return
         nb = self._neighbours[self.phase % self.topology.period]
         into: Into = "tensors" if rounds == 1 and lerps(nb.self_weight, nb.receive_weights) else "flat"
-        for bucket in plan.buckets:
-            if into == "flat" or self._wire_dtype(bucket) == bucket.dtype:
-                bucket.pack()  # else the wire copy is cast straight from the tensors
-        self._run(plan, [self._post_round(bucket, into) for bucket in plan.buckets], rounds)
-        if into == "flat":
-            for bucket in plan.buckets:
-                bucket.unpack()
+        unpack = into == "flat"  # the last round's segments go back into the tensors as they are combined
+        # a lerp into the tensors with a wire dtype of its own casts straight from them: nothing to pack
+        posted: list[_Round | _AllAverage] = [
+            self._post_round(b, into, pack=unpack or self._wire_dtype(b) == b.dtype, unpack=unpack and rounds == 1)
+            for b in plan.buckets
+        ]
+        self._run(plan, posted, rounds, unpack=unpack)
 
     @torch.no_grad()
     def start_mix(self, tensors: Sequence[Tensor], rounds: int | None = None) -> PendingMix | None:
@@ -248,7 +257,7 @@ class GossipEngine:
         # one round: the received rows combine into the correction, from the flat buffer that still holds x
         snapshots = None if rounds == 1 else [b.scratch("snapshot", b.dtype).copy_(b.flat) for b in plan.buckets]
         into: Into = "correction" if rounds == 1 else "flat"
-        posted: list[_Round | _AllAverage] = [self._post_round(bucket, into) for bucket in plan.buckets]
+        posted: list[_Round | _AllAverage] = [self._post_round(b, into, pack=False, unpack=False) for b in plan.buckets]
         self.phase += 1
         return PendingMix(plan, rounds, posted, snapshots)
 
@@ -333,17 +342,21 @@ class GossipEngine:
                 raise ValueError(f"gossip averages floating-point tensors only, got one of dtype {bucket.dtype}")
         return plan
 
-    def _run(self, plan: Plan, posted: list[_Round | _AllAverage], rounds: int, phases: int | None = None) -> None:
+    def _run(
+        self, plan: Plan, posted: list[_Round | _AllAverage], rounds: int, phases: int | None = None, unpack: bool = False
+    ) -> None:
         """Finish the posted first round and run the others; the phase moves on by ``phases`` (default: rounds)."""
         self.phase += phases if phases is not None else 1
-        self._finish_rounds(plan, posted, rounds)
+        self._finish_rounds(plan, posted, rounds, unpack)
 
-    def _finish_rounds(self, plan: Plan, posted: list[_Round | _AllAverage], rounds: int) -> None:
-        """Apply the posted round, then post and apply the remaining ``rounds - 1``, each into the flat buffer."""
+    def _finish_rounds(self, plan: Plan, posted: list[_Round | _AllAverage], rounds: int, unpack: bool = False) -> None:
+        """Apply the posted round, then post and apply the remaining ``rounds - 1``, each into the flat buffer (the
+        last one also unpacked into the tensors, segment by segment, with ``unpack``)."""
         for exchange in posted:
             self._apply(exchange)
-        for _ in range(rounds - 1):
-            exchanges = [self._post_round(bucket, "flat") for bucket in plan.buckets]
+        for r in range(1, rounds):
+            last = r == rounds - 1
+            exchanges = [self._post_round(b, "flat", pack=False, unpack=unpack and last) for b in plan.buckets]
             self.phase += 1
             for exchange in exchanges:
                 self._apply(exchange)
@@ -361,23 +374,56 @@ class GossipEngine:
             self._weights[key] = torch.tensor(weights, dtype=bucket.dtype, device=bucket.device)
         return self._weights[key]
 
-    def _post_round(self, bucket: Bucket, into: Into) -> _Round:
-        """Post one round's sends and receives for the current phase; nothing waits yet."""
+    def _segments(self, bucket: Bucket, wire_dtype: torch.dtype) -> list[Segment]:
+        """How a round of this bucket is cut: on CPU, with chunked messages, into up to ``SEGMENTS`` of at least
+        ``SEGMENT_CHUNKS`` chunks each; whole otherwise (NCCL sends whole buffers, and with whole messages, as on
+        loopback, there is no wire to hide behind)."""
+        chunk = self.options.chunk_bytes
+        if bucket.device.type != "cpu" or chunk is None:
+            return bucket.segments(1)
+        payload_bytes = bucket.numel * torch.empty((), dtype=wire_dtype).element_size()
+        return bucket.segments(min(SEGMENTS, payload_bytes // (SEGMENT_CHUNKS * chunk)))
+
+    def _post_round(self, bucket: Bucket, into: Into, pack: bool, unpack: bool) -> _Round:
+        """Post one round's messages for the current phase; nothing waits yet. Each segment is packed from the
+        tensors first (``pack``) and cast to the wire dtype. A whole round posts its receives and sends together
+        (NCCL needs them in one group); a segmented one (CPU) posts every receive, then each segment's sends as soon
+        as that segment is ready."""
         phase = self.phase % self.topology.period
         nb = self._neighbours[phase]
         wire_dtype = self._wire_dtype(bucket)
-        message = bucket.send_message(wire_dtype)
-        if wire_dtype != bucket.dtype:
-            send = payload(message, bucket.numel, wire_dtype)
-            if into == "tensors":  # nothing was packed: cast straight from the tensors
-                torch._foreach_copy_(bucket.shaped(send), bucket.tensors)
-            else:
-                send.copy_(bucket.flat)
-        self.control.write(message, self.steps)
+        segments = self._segments(bucket, wire_dtype)
         received = bucket.messages("received", wire_dtype, len(nb.receive_from))
-        posted = self.transport.exchange(message, received, nb.send_to, nb.receive_from)
+        message = bucket.send_message(wire_dtype)
+        self.control.write(message, self.steps)
+        send = payload(message, bucket.numel, wire_dtype) if wire_dtype != bucket.dtype else None
+        if len(segments) == 1:
+            self._prepare(segments[0], send, into, pack)
+            posted = [self.transport.exchange(message, received, nb.send_to, nb.receive_from)]
+        else:
+            spans = [segment.message_bytes(wire_dtype) for segment in segments]
+            receives = [self.transport.exchange(None, received[:, lo:hi], (), nb.receive_from) for lo, hi in spans]
+            posted = []
+            for segment, (low, high), receive in zip(segments, spans, receives):
+                self._prepare(segment, send, into, pack)
+                posted.append(receive + self.transport.exchange(message[low:high], None, nb.send_to, ()))
         self.messages_sent += len(nb.send_to)
-        return _Round(bucket, received, nb, self._round_weights(bucket, phase), posted, into, wire_dtype)
+        weights = self._round_weights(bucket, phase)
+        return _Round(bucket, received, nb, weights, segments, posted, into, wire_dtype, unpack)
+
+    @staticmethod
+    def _prepare(segment: Segment, send: Tensor | None, into: Into, pack: bool) -> None:
+        """Make a segment of the outgoing message: pack it from the tensors (``pack``), then cast it into ``send``
+        (``None``: the message is the flat buffer itself)."""
+        flat = segment.bucket.flat
+        if pack:
+            torch._foreach_copy_(segment.pieces(flat), segment.tensors())
+        if send is None:
+            return
+        if into == "tensors" and not pack:  # nothing was packed: cast straight from the tensors
+            torch._foreach_copy_(segment.pieces(send), segment.tensors())
+        else:
+            send[segment.start : segment.stop].copy_(flat[segment.start : segment.stop])
 
     def _post_all_average(self, bucket: Bucket, with_headers: bool) -> _AllAverage:
         wire_dtype = self._wire_dtype(bucket)
@@ -396,9 +442,9 @@ class GossipEngine:
 
     def _apply(self, exchange: _Round | _AllAverage) -> None:
         timeout = self.timeout() if isinstance(exchange, _Round) or exchange.headers is not None else self.collective_timeout
-        for posted in exchange.posted:
-            self.transport.wait(posted, timeout, self.phase)
         if isinstance(exchange, _AllAverage):
+            for posted in exchange.posted:
+                self.transport.wait(posted, timeout, self.phase)
             flat = exchange.bucket.flat
             if exchange.reduced is not flat:
                 flat.copy_(exchange.reduced)
@@ -406,10 +452,16 @@ class GossipEngine:
             if exchange.headers is not None:
                 self._check_tags(self.control.read(exchange.headers), list(range(self.world_size)))
             return
-        nb = exchange.neighbours
-        self._check_tags(self.control.read(exchange.received), nb.receive_from)
-        rows = payload(exchange.received, exchange.bucket.numel, exchange.wire_dtype)
-        combine(exchange.bucket, rows, nb.self_weight, exchange.weights, nb.receive_weights, exchange.into)
+        nb, bucket = exchange.neighbours, exchange.bucket
+        rows = payload(exchange.received, bucket.numel, exchange.wire_dtype)
+        for k, (segment, posted) in enumerate(zip(exchange.segments, exchange.posted)):
+            for p in posted:  # the segment's receives, and its sends: the flat buffer may be what was sent
+                self.transport.wait(p, timeout, self.phase)
+            if k == 0:  # the headers came with the first segment
+                self._check_tags(self.control.read(exchange.received), nb.receive_from)
+            combine(segment, rows, nb.self_weight, exchange.weights, nb.receive_weights, exchange.into)
+            if exchange.unpack and exchange.into == "flat":
+                torch._foreach_copy_(segment.tensors(), segment.pieces(bucket.flat))
 
     def _check_tags(self, tags: list[int], peers: Sequence[int]) -> None:
         for tag, peer in zip(tags, peers):

@@ -32,7 +32,8 @@ class GossipOptions:
         wire_dtype: ``"bf16"`` or ``"fp16"`` halve the bytes on the wire (the sum stays in the tensors' own dtype);
             ``None`` or ``"fp32"`` send the tensors as they are.
         chunk_bytes: on CPU (gloo), messages go out in chunks of this size, receives posted before sends, which
-            keeps both directions of a link busy; ``None`` sends each message whole.
+            keeps both directions of a link busy, and a large message in segments of several chunks, each packed
+            and combined while others travel; ``None`` sends each message whole, in one piece.
         overlap: leave each step's mix on the wire while the next forward and backward run, and apply it after the
             next optimizer step (docs/guide.md: overlapped DPOSG).
         mixing: ``False`` turns communication off (local training, an ablation); consensus is still measured.
