@@ -20,7 +20,10 @@ is then the engine's own overhead, ``raw TCP / floor`` the link's (framing, ACKs
 
     sudo python benchmarks/cluster_wire.py --hosts 8 --rate 200mbit --sizes 4.35 16 --raw-tcp
 
-``--topologies`` times a subset of the gossip topologies.
+``--topologies`` times a subset of the gossip topologies. ``--timeline`` adds, for each gossip row, where the
+time of a mix goes (medians over the repeats, one clock for all hosts: the namespaces share it): how far apart
+the hosts started, the most time a host took from its start to its last send posted, and the most it took after
+its last receive to finish (packing, casting and combining outside the transfer).
 ``--congestion-control`` picks the hosts' TCP congestion control and ``--mtu`` the links' MTU (the tables name
 both).
 
@@ -59,20 +62,67 @@ def slowest(*seconds: float) -> list[float]:
     return elapsed.tolist()
 
 
-def timed(fn, repeats: int) -> dict[str, float]:
-    """Medians over ``repeats`` of the slowest host's wall time and of the most CPU time a host spent."""
+def timed(fn, repeats: int, clock: Clock | None = None) -> dict[str, float]:
+    """Medians over ``repeats`` of the slowest host's wall time and of the most CPU time a host spent (and, with a
+    ``clock``, of where the time of the slowest went)."""
     import torch.distributed as dist
 
     fn()  # warm up: connections, buffers
-    wall, cpu = [], []
+    wall, cpu, phases = [], [], []
     for _ in range(repeats):
         dist.barrier()
         start, start_cpu = time.perf_counter(), time.process_time()
+        if clock is not None:
+            clock.reset()
         fn()
-        w, c = slowest(time.perf_counter() - start, time.process_time() - start_cpu)
+        end = time.perf_counter()
+        w, c = slowest(end - start, time.process_time() - start_cpu)
         wall.append(w)
         cpu.append(c)
-    return {"seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu)}
+        if clock is not None:
+            phases.append(clock.phases(start, end))
+    out = {"seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu)}
+    if phases:
+        out.update({key: statistics.median(p[key] for p in phases) for key in phases[0]})
+    return out
+
+
+class Clock:
+    """Timestamps of one mix on this host, from its transport's calls: the first exchange posted, the last posted
+    (the last send out), the last wait returned (the last message in)."""
+
+    def __init__(self, transport) -> None:
+        self.stamps: dict[str, float] = {}
+        exchange, wait = transport.exchange, transport.wait
+
+        def timed_exchange(*args, **kwargs):
+            posted = exchange(*args, **kwargs)
+            self.stamps["posted"] = time.perf_counter()
+            return posted
+
+        def timed_wait(*args, **kwargs):
+            wait(*args, **kwargs)
+            self.stamps["received"] = time.perf_counter()
+
+        transport.exchange, transport.wait = timed_exchange, timed_wait
+
+    def reset(self) -> None:
+        self.stamps.clear()
+
+    def phases(self, start: float, end: float) -> dict[str, float]:
+        """Across hosts: how far apart they started, the most any took to its last send, and after its last wait."""
+        import torch
+        import torch.distributed as dist
+
+        mine = torch.tensor([start, self.stamps["posted"], self.stamps["received"], end], dtype=torch.float64)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        hosts = torch.stack(every)
+        return {
+            "start_skew_s": float(hosts[:, 0].max() - hosts[:, 0].min()),
+            "to_last_send_s": float((hosts[:, 1] - hosts[:, 0]).max()),
+            "after_last_receive_s": float((hosts[:, 3] - hosts[:, 2]).max()),
+        }
 
 
 class RawExchange:
@@ -128,7 +178,8 @@ def _receive(conn: socket.socket, nbytes: int, into: bytearray | None = None) ->
     return buffer
 
 
-def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: list[str] | None, topologies: list[str]) -> None:
+def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: list[str] | None, topologies: list[str],
+           timeline: bool = False) -> None:
     import torch
     import torch.distributed as dist
 
@@ -150,9 +201,10 @@ def worker(sizes: list[float], repeats: int, chunk_kib: list[int], addresses: li
             for wire in WIRES:
                 for kib in chunk_kib:
                     engine = build_engine(topology, rank, GossipOptions(wire_dtype=wire, chunk_bytes=kib * 1024))
+                    clock = Clock(engine.transport) if timeline and not topology.is_complete else None
                     rows.append({"n": n, "mb": mb, "setting": name, "wire": wire, "out_degree": out_degree,
                                  "chunk_kib": kib, "complete": topology.is_complete,
-                                 **timed(lambda: engine.mix(params, 1), repeats)})
+                                 **timed(lambda: engine.mix(params, 1), repeats, clock)})
                 if addresses and not topology.is_complete:
                     nb = topology.neighbours(rank, 0)
                     payload = bytearray(int(mb * 1e6 * (0.5 if wire == "bf16" else 1.0)))
@@ -195,6 +247,7 @@ def raw_tcp_row(rows: list[dict], row: dict) -> dict | None:
 def table(rows: list[dict], rate: str, alpha: float) -> str:
     bps = parse_rate(rate)
     with_raw = any(r.get("raw_tcp") for r in rows)
+    with_timeline = any("start_skew_s" in r for r in rows)
     congestion = sorted({r["congestion_control"] for r in rows if r.get("congestion_control")})
     mtus = sorted({r.get("mtu", 1500) for r in rows})  # rows saved before --mtu ran at the default
     lines = [
@@ -203,8 +256,10 @@ def table(rows: list[dict], rate: str, alpha: float) -> str:
         + f", MTU {'/'.join(map(str, mtus))}",
         "",
         "| hosts | MB | setting | wire | chunk KiB | ms | floor ms | ms / floor | ÷ all_reduce | α–β ms | cpu ms |"
-        + (" ÷ raw TCP |" if with_raw else ""),
-        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_raw else ""),
+        + (" ÷ raw TCP |" if with_raw else "")
+        + (" start skew ms | to last send ms | after last receive ms |" if with_timeline else ""),
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_raw else "")
+        + ("---:|---:|---:|" if with_timeline else ""),
     ]
     for row in rows:
         base = next(r for r in rows if r["n"] == row["n"] and r["mb"] == row["mb"] and r["setting"] == "all_reduce")
@@ -220,8 +275,14 @@ def table(rows: list[dict], rate: str, alpha: float) -> str:
             f"| {row['n']} | {row['mb']:g} | {row['setting']}{suffix} | {row['wire']} | "
             f"{row.get('chunk_kib') or ''} | {1e3 * row['seconds']:.1f} | {floor_ms} | {ratio} | {row['seconds'] / base['seconds']:.2f} | "
             f"{model_ms} | {cpu_ms} |" + ((f" {row['seconds'] / raw['seconds']:.2f} |" if raw else " |") if with_raw else "")
+            + (timeline_cells(row) if with_timeline else "")
         )
     return "\n".join(lines)
+
+
+def timeline_cells(row: dict) -> str:
+    keys = ("start_skew_s", "to_last_send_s", "after_last_receive_s")
+    return "".join(f" {1e3 * row[k]:.1f} |" if k in row else " |" for k in keys)
 
 
 def plot(rows_by_rate: dict[str, list[dict]], path: Path) -> None:
@@ -259,6 +320,7 @@ def main() -> None:
     parser.add_argument("--raw-tcp", action="store_true", help="also time each gossip exchange over plain TCP sockets")
     parser.add_argument("--topologies", nargs="+", choices=TOPOLOGIES, default=list(TOPOLOGIES),
                         help="the gossip topologies to time (default: all)")
+    parser.add_argument("--timeline", action="store_true", help="also time where a gossip mix spends its time")
     parser.add_argument("--addresses", nargs="+", default=None, help=argparse.SUPPRESS)
     add_link_arguments(parser)
     parser.add_argument("--alpha-ms", type=float, default=1.0, help="per-hop latency for the α–β prediction")
@@ -267,7 +329,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.sizes, args.repeats, args.chunk_kib, args.addresses, args.topologies)
+        worker(args.sizes, args.repeats, args.chunk_kib, args.addresses, args.topologies, args.timeline)
         return
     if args.tables_from:
         all_rows = json.loads(args.tables_from.read_text())
@@ -283,6 +345,8 @@ def main() -> None:
                 congestion = cluster.congestion_control()
                 command = [sys.executable, __file__, "--worker", f"--repeats={args.repeats}", "--sizes", *map(str, args.sizes),
                            "--chunk-kib", *map(str, args.chunk_kib), "--topologies", *args.topologies]
+                if args.timeline:
+                    command.append("--timeline")
                 if args.raw_tcp:
                     command += ["--addresses", *(cluster.address(h) for h in range(n))]
                 results = cluster.run(lambda host: command, timeout=4 * 3600)
