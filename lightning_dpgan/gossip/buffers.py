@@ -68,7 +68,7 @@ class Segment:
     def message_bytes(self, dtype: torch.dtype) -> tuple[int, int]:
         """The bytes of a ``dtype`` message that carry this segment: the first also carries the header, the last
         the padding."""
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         low = 0 if self.start == 0 else HEADER_BYTES + self.start * size
         if self.stop == self.bucket.numel:
             return low, message_bytes(self.bucket.numel, dtype)

@@ -381,7 +381,7 @@ class GossipEngine:
         chunk = self.options.chunk_bytes
         if bucket.device.type != "cpu" or chunk is None:
             return bucket.segments(1)
-        payload_bytes = bucket.numel * torch.empty((), dtype=wire_dtype).element_size()
+        payload_bytes = bucket.numel * wire_dtype.itemsize
         return bucket.segments(min(SEGMENTS, payload_bytes // (SEGMENT_CHUNKS * chunk)))
 
     def _post_round(self, bucket: Bucket, into: Into, pack: bool, unpack: bool) -> _Round:
@@ -460,7 +460,7 @@ class GossipEngine:
             if k == 0:  # the headers came with the first segment
                 self._check_tags(self.control.read(exchange.received), nb.receive_from)
             combine(segment, rows, nb.self_weight, exchange.weights, nb.receive_weights, exchange.into)
-            if exchange.unpack and exchange.into == "flat":
+            if exchange.unpack:  # set for "flat" rounds only
                 torch._foreach_copy_(segment.tensors(), segment.pieces(bucket.flat))
 
     def _check_tags(self, tags: list[int], peers: Sequence[int]) -> None:
