@@ -1,6 +1,9 @@
-"""A ``ModelCheckpoint`` whose ``last.ckpt`` holds the model ``fit`` ended with."""
+"""A ``ModelCheckpoint`` whose ``last.ckpt`` holds the model ``fit`` ended with, also in a run folder that moved."""
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -20,3 +23,21 @@ class FinalModelCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning forgets the checkpoints it wrote when the folder they are in moved (the saved ``dirpath`` differs),
+        and then writes ``last-v1.ckpt`` beside the old ``last.ckpt``: a resume in the moved folder keeps one
+        ``last.ckpt`` and prunes its own older checkpoints, as it would have where it was written."""
+        saved_dir = state_dict.get("dirpath")
+        if self.dirpath is None or saved_dir is None or saved_dir == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        moved = lambda path: os.path.join(self.dirpath, os.path.basename(path)) if path else path  # noqa: E731
+        state = dict(state_dict, dirpath=self.dirpath)
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if key in state:
+                state[key] = moved(state[key])
+        if "best_k_models" in state:
+            state["best_k_models"] = {moved(path): score for path, score in state["best_k_models"].items()}
+        super().load_state_dict(state)

@@ -21,10 +21,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None, error: type[Exception] = ValueError) -> int:
-    """An integer (not a bool) in ``[minimum, maximum]``; returns it as ``int``."""
+def check_int(
+    name: str,
+    value: Any,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    error: type[Exception] = ValueError,
+    why: str = "",
+) -> int:
+    """An integer (not a bool) in ``[minimum, maximum]``; returns it as ``int``. ``why`` says why the bound is there."""
     if not _is_integer(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise error(f"{name} must be an integer{_bounds(minimum, maximum, False, False)}, got {value!r}")
+        raise error(f"{name} must be an integer{_bounds(minimum, maximum, False, False)}, got {value!r}{f' ({why})' if why else ''}")
     return int(value)
 
 
@@ -62,9 +69,13 @@ def check_choice(name: str, value: Any, allowed: Collection[Any], error: type[Ex
 
 def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if low is not None and high is not None:
-        return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f" in {'(' if low_open else '['}{_number(low)}, {_number(high)}{')' if high_open else ']'}"
     if low is not None:
-        return f" {'>' if low_open else '>='} {low:g}"
+        return f" {'>' if low_open else '>='} {_number(low)}"
     if high is not None:
-        return f" {'<' if high_open else '<='} {high:g}"
+        return f" {'<' if high_open else '<='} {_number(high)}"
     return ""
+
+
+def _number(value: float) -> str:
+    return str(value) if _is_integer(value) else f"{value:g}"

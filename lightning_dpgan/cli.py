@@ -28,6 +28,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_dpgan.checks import check_int
+from lightning_dpgan.topology import MAX_WORLD_SIZE
+
 CONFIG_PACKAGE = "lightning_dpgan.conf"
 RUN_CONFIG_FLAG = "--run-config"  # how a launched worker is handed the resolved configuration
 LR_SCALINGS = ("none", "sqrt")  # lr_scaling: the decentralized workers' rate is model.lr_* times 1 or sqrt(n)
@@ -45,6 +48,9 @@ EXAMPLES = """examples:
   python -m lightning_dpgan topology topology=exponential devices=16 gossip_rounds=2
   python -m lightning_dpgan sample ckpt_path=runs/fit/<run>/checkpoints/last.ckpt num_samples=1000
 Hydra's flags (-m, --cfg job, --info, -sc install=bash) go after the verb."""
+MAX_SEED = 2**32 - 1
+#: environment variables that say a launcher started this process on each node (torchrun, SLURM, a manual launch)
+EXTERNAL_LAUNCHERS = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "NODE_RANK")
 _RUN_ID = uuid.uuid4().hex[:6]  # one per launching process: two runs started in the same second get two folders
 
 
@@ -157,7 +163,7 @@ def _register_resolvers() -> None:
 def compose_config(verb: str, overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
     """The configuration for ``verb`` (with the ``hydra`` node only if asked), or a :class:`UsageError`."""
     from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
     _register_resolvers()
@@ -165,6 +171,11 @@ def compose_config(verb: str, overrides: Sequence[str], with_hydra: bool = False
     try:
         with initialize_config_module(CONFIG_PACKAGE, version_base="1.3"):
             return compose("config", overrides=[*user, f"verb={verb}"], return_hydra_config=with_hydra)
+    except MissingConfigException as err:  # an unknown option of a group: one line instead of Hydra's search path
+        group, _, name = str(err.missing_cfg_file).rpartition("/")
+        if group and err.options:
+            raise UsageError(f"unknown {group} {name!r}; allowed: {', '.join(err.options)}") from None
+        raise UsageError(_hydra_message(err).splitlines()[0]) from None
     except (HydraException, OmegaConfBaseException) as err:
         raise UsageError(_hydra_message(err)) from None
 
@@ -195,12 +206,16 @@ def prepare(verb: str, cfg: DictConfig) -> DictConfig:
     with the scaled learning rates; for ``validate``/``sample``, with the run's own dataset and model)."""
     for key in ("devices", "num_nodes", "max_steps", "batch_size", "num_samples"):
         _check(key, lambda: _check_int(key, cfg[key]))
+    _check("seed", lambda: check_int("seed", cfg.seed, 0, MAX_SEED, why="the range numpy's and torch's generators take"))
+    _check("devices", lambda: check_int("devices x num_nodes", cfg.devices * cfg.num_nodes, 1, MAX_WORLD_SIZE,
+                                        why="every worker builds and checks the dense n x n mixing matrix"))
     if verb == "topology" or _is_decentralized(cfg):  # DDP has no topology to check
         build_topology_from(cfg)
     if verb == "topology":
         return cfg
     if verb in ("validate", "sample") and not cfg.ckpt_path:
         raise UsageError(f"{verb} needs ckpt_path=<a checkpoint file>, got {cfg.ckpt_path!r}")
+    checkpoint = read_checkpoint(cfg) if cfg.ckpt_path else None  # as data, before anything is built from its run
     cfg = with_run_config(cfg) if verb in ("validate", "sample") else with_scaled_learning_rates(cfg)
     # constructors check their arguments; none starts a process
     datamodule = instantiate(cfg, "dataset")
@@ -222,16 +237,39 @@ def prepare(verb: str, cfg: DictConfig) -> DictConfig:
         importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")
     ):
         raise UsageError("logger=tensorboard needs tensorboard, which is not installed: pip install 'lightning-dpgan[tensorboard]'")
-    if cfg.ckpt_path:
-        check_checkpoint(verb, cfg, model)
-    if verb == "fit" and cfg.devices > 1 and cfg.num_nodes == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        from lightning_dpgan.strategy import check_master_port_free
+    if checkpoint is not None:
+        check_checkpoint(verb, cfg, model, checkpoint)
+    if verb == "fit":
+        check_launch(cfg, datamodule)
+    return cfg
 
+
+def check_launch(cfg: DictConfig, datamodule: Any) -> None:
+    """What ``fit`` needs of this machine and its launcher, checked before any worker starts: the accelerator is
+    here, a run of several nodes has a launcher on each, ``MASTER_PORT`` is a free port, and every rank's shard of
+    the data holds a batch."""
+    import torch
+
+    from lightning_dpgan.strategy import check_master_port_free, master_port_from_env
+
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UsageError(f"trainer.accelerator={accelerator} needs a CUDA GPU, and torch sees none on this machine; use trainer=cpu")
+    external = next((name for name in EXTERNAL_LAUNCHERS if name in os.environ), None)
+    if cfg.num_nodes > 1 and external is None:
+        raise UsageError(
+            f"num_nodes={cfg.num_nodes} needs a launcher on every node (torchrun: recipes/multinode_torchrun.sh; SLURM: "
+            "recipes/slurm_multinode.sbatch; or MASTER_ADDR and NODE_RANK set on each node); none was found, so "
+            "this node would wait for the others forever"
+        )
+    _check("MASTER_PORT", master_port_from_env)
+    if cfg.devices > 1 and cfg.num_nodes == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         try:
             check_master_port_free()  # Lightning's launcher is about to start workers on this machine
         except RuntimeError as err:
             raise UsageError(str(err)) from None
-    return cfg
+    if hasattr(datamodule, "check_shards"):
+        _check("batch_size", lambda: datamodule.check_shards(cfg.devices * cfg.num_nodes))
 
 
 def _check(key: str, check: Callable[[], Any]) -> None:
@@ -242,8 +280,6 @@ def _check(key: str, check: Callable[[], Any]) -> None:
 
 
 def _check_int(key: str, value: Any) -> None:
-    from lightning_dpgan.checks import check_int
-
     check_int(key, value, 1)
 
 
@@ -258,22 +294,28 @@ def build_topology_from(cfg: DictConfig) -> Any:
         raise UsageError(str(err)) from None
 
 
-def check_checkpoint(verb: str, cfg: DictConfig, model: Any) -> None:
-    """The checkpoint is read as data (never unpickled), is a Lightning checkpoint of this model, and for ``fit``
-    its replica files are all there and belong to it; else one :class:`UsageError` naming the file and why."""
-    from lightning_dpgan.replicas import CheckpointError, check_set, read_main
+def read_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    """The checkpoint at ``ckpt_path``, read as data (never unpickled): a Lightning checkpoint, or one
+    :class:`UsageError` naming the file and why."""
+    from lightning_dpgan.replicas import CheckpointError, read_main
+
+    try:
+        return read_main(str(cfg.ckpt_path), mmap=True)
+    except CheckpointError as err:
+        raise UsageError(f"ckpt_path: {err}") from None
+
+
+def check_checkpoint(verb: str, cfg: DictConfig, model: Any, checkpoint: dict[str, Any]) -> None:
+    """The checkpoint holds this model, with finite values (a NaN model samples NaN), and for ``fit`` its replica
+    files are all there, belong to it and hold the same model; else one :class:`UsageError` naming the file and why."""
+    from lightning_dpgan.replicas import CheckpointError, check_set, state_dict_difference
 
     path = str(cfg.ckpt_path)
     try:
-        checkpoint = read_main(path, mmap=True)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
-        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        resized = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        if missing or unexpected or resized:
-            details = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                       for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", resized)) if keys]
-            raise CheckpointError(f"checkpoint {path!r} is not of this model ({'; '.join(details)})")
+        problem = state_dict_difference(model.state_dict(), checkpoint["state_dict"])
+        if problem:
+            raise CheckpointError(f"checkpoint {path!r} holds {problem}" if problem.startswith("non-finite")
+                                  else f"checkpoint {path!r} is not of this model ({problem})")
         if verb == "fit" and _is_decentralized(cfg):
             check_set(path, cfg.devices * cfg.num_nodes)
     except CheckpointError as err:
@@ -344,17 +386,63 @@ def instantiate(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
 
 
 def with_run_config(cfg: DictConfig) -> DictConfig:
-    """For a checkpoint written by ``fit``: the dataset and model it was trained with (from its ``config.yaml``)."""
+    """For a checkpoint written by ``fit``: the dataset and model it was trained with (from its ``config.yaml``).
+
+    A run folder may come from anyone, so its config may only build what this package's config groups build
+    (:func:`check_run_targets`): instantiating any other ``_target_`` could run its author's code."""
     saved = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(str(cfg.ckpt_path)))), "config.yaml")
     if not os.path.isfile(saved):
         return cfg
-    run = OmegaConf.load(saved)
     merged = cfg.copy()
     OmegaConf.set_struct(merged, False)
-    for key in ("dataset", "model", "loss", "optim"):
-        if key in run:
-            merged[key] = run[key]
+    try:
+        run = OmegaConf.load(saved)
+        nodes = {key: OmegaConf.to_container(run[key], resolve=True) for key in ("dataset", "model", "loss", "optim") if key in run}
+    except Exception as err:  # a YAML or OmegaConf error
+        raise UsageError(f"{saved}: not a readable run configuration ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    for key, node in nodes.items():
+        check_run_targets(node, f"{saved}: {key}")  # resolved first: an interpolation cannot name another target later
+        merged[key] = node
     return merged
+
+
+#: what a run's config.yaml may build: the classes of these kinds that this package and torch.optim define, and
+#: the loss factory; nothing else (a function that writes or removes files, a loader that unpickles)
+RUN_TARGET_PREFIXES = ("lightning_dpgan.", "torch.optim.")
+RUN_TARGET_FUNCTIONS = ("lightning_dpgan.losses.build_loss",)
+
+
+def check_run_targets(node: Any, where: str) -> None:
+    """Every ``_target_`` in ``node`` (a plain container) is a datamodule, module, optimizer or scheduler class of
+    this package or ``torch.optim``, or the loss factory; else one :class:`UsageError` naming it. Nothing outside
+    those modules is imported to find out."""
+    import lightning.pytorch as pl
+    import torch
+    from hydra.utils import get_object
+
+    if isinstance(node, list):
+        for item in node:
+            check_run_targets(item, where)
+        return
+    if not isinstance(node, dict):
+        return
+    target = node.get("_target_")
+    if target is not None:
+        allowed = False
+        if isinstance(target, str) and target.startswith(RUN_TARGET_PREFIXES):
+            try:
+                found = get_object(target)
+            except Exception:
+                found = None
+            kinds = (pl.LightningDataModule, torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
+            allowed = target in RUN_TARGET_FUNCTIONS or (isinstance(found, type) and issubclass(found, kinds))
+        if not allowed:
+            raise UsageError(
+                f"{where}: _target_ {target!r} is not built from a run's config (it could run code); allowed: the "
+                "datamodule, model, optimizer and scheduler classes of lightning_dpgan and torch.optim"
+            )
+    for key, value in node.items():
+        check_run_targets(value, where)
 
 
 def follow_the_launcher(cfg: DictConfig) -> DictConfig:
@@ -379,10 +467,25 @@ def resolve_last(verb: str, cfg: DictConfig, run_dir: str) -> tuple[DictConfig, 
         return cfg, False
     if verb != "fit":
         raise UsageError(f"ckpt_path=last resumes a fit in its run directory; {verb} needs ckpt_path=<a checkpoint file>")
-    last = os.path.join(os.path.abspath(run_dir), "checkpoints", "last.ckpt")
     resolved = cfg.copy()
-    resolved.ckpt_path = last if os.path.isfile(last) else None
+    resolved.ckpt_path = newest_last(os.path.join(os.path.abspath(run_dir), "checkpoints"))
     return resolved, True
+
+
+def newest_last(folder: str) -> str | None:
+    """The ``last*.ckpt`` in ``folder`` at the highest step (a folder written before it moved may hold
+    ``last.ckpt`` and a newer ``last-v1.ckpt``), or ``None``."""
+    from lightning_dpgan.replicas import CheckpointError, read_main
+
+    steps = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.startswith("last") and name.endswith(".ckpt"):
+            path = os.path.join(folder, name)
+            try:
+                steps[path] = int(read_main(path, mmap=True)["global_step"])
+            except (CheckpointError, TypeError, ValueError) as err:
+                raise UsageError(f"ckpt_path=last: {err}") from None
+    return max(steps, key=lambda path: (steps[path], os.path.getmtime(path))) if steps else None
 
 
 def make_run_directory(cfg: DictConfig, run_dir: str, resuming_here: bool = False) -> str:

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import IO, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from lightning_dpgan.checks import check_int, check_number
 from lightning_dpgan.losses import GANLoss, build_loss, gradient_penalty, r1_penalty
@@ -115,6 +117,22 @@ class DPGAN(pl.LightningModule):
         self.ema_decay = ema_decay
         self.generator_ema = _moving_average(generator, ema_decay) if ema_decay is not None else None
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    @_restricted_classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: _PATH | IO,
+        map_location: _MAP_LOCATION_TYPE = None,
+        hparams_file: _PATH | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's, always reading the checkpoint as data: Lightning unpickles a URL (``weights_only=False``)
+        and follows ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` unless told, and either would run a tampered file's code."""
+        if weights_only is False:
+            raise ValueError("DPGAN checkpoints are read as data only (weights_only=True); weights_only=False is not allowed")
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs)
 
     @override
     def forward(self, noise: Tensor) -> Tensor:

@@ -51,7 +51,17 @@ class ReplicaSet:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ReplicaSet:
-        return cls(**{k: meta[k] for k in ("run_id", "step", "token", "world_size", "topology")})
+        """The set a main file records; :class:`CheckpointError` naming the first entry missing or of the wrong type
+        (a ``world_size`` of ``"2"`` is not 2)."""
+        kinds = {"run_id": str, "step": int, "token": str, "world_size": int, "topology": str}
+        for key, kind in kinds.items():
+            value = meta.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < (1 if key == "world_size" else 0)):
+                raise CheckpointError(
+                    f"its replica set's {key} is {'missing' if key not in meta else repr(value)}, not "
+                    f"{'a positive integer' if key == 'world_size' else 'an integer >= 0' if kind is int else 'a string'}"
+                )
+        return cls(**{k: meta[k] for k in kinds})
 
 
 def set_folder(checkpoint_path: _PATH, replica_set: ReplicaSet) -> str:
@@ -178,24 +188,66 @@ def read_main(checkpoint_path: _PATH, mmap: bool = False) -> dict[str, Any]:
     return checkpoint
 
 
-def replica_set_of(checkpoint: dict[str, Any]) -> ReplicaSet | None:
+def replica_set_of(checkpoint: dict[str, Any], path: _PATH | None = None) -> ReplicaSet | None:
+    """The replica set a main file commits, ``None`` for a checkpoint without one (written by one process, or by
+    another strategy); :class:`CheckpointError` for one whose record is damaged."""
     meta = checkpoint.get(CHECKPOINT_KEY)
-    return ReplicaSet.from_meta(meta) if isinstance(meta, dict) and "token" in meta and "run_id" in meta else None
+    if meta is None:
+        return None
+    where = f"checkpoint {os.fspath(path)!r}" if path is not None else "the checkpoint"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: its replica set record is a {type(meta).__name__}, not a dict")
+    try:
+        return ReplicaSet.from_meta(meta)
+    except CheckpointError as err:
+        raise CheckpointError(f"{where}: {err}") from None
 
 
 def check_set(checkpoint_path: _PATH, world_size: int) -> str | None:
     """In the launching process, before any worker starts: the main file and, at the same world size, every replica
-    file load safely and belong to it. Returns why the replicas will not be resumed one by one (another world size),
-    or ``None``; raises :class:`CheckpointError` otherwise."""
+    file load safely, belong to it and hold what a resume reads (the same model, every optimizer, finite values).
+    Returns why the replicas will not be resumed one by one (another world size), or ``None``; raises
+    :class:`CheckpointError` otherwise."""
     checkpoint = read_main(checkpoint_path, mmap=True)
-    replica_set = replica_set_of(checkpoint)
+    replica_set = replica_set_of(checkpoint, checkpoint_path)
     if replica_set is None:
         return None
     if replica_set.world_size != world_size:
         return consensus_restart_reason(replica_set, world_size)
     for rank in range(world_size):
-        read_replica(checkpoint_path, replica_set, rank, mmap=True)
+        replica = read_replica(checkpoint_path, replica_set, rank, mmap=True)
+        check_like_main(replica, checkpoint, replica_path(checkpoint_path, replica_set, rank))
     return None
+
+
+def check_like_main(replica: dict[str, Any], checkpoint: dict[str, Any], path: str) -> None:
+    """A Lightning replica holds the main file's model (same entries, same shapes, finite) and as many optimizer
+    states; :class:`CheckpointError` naming the first difference."""
+    state = replica.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"replica file {path!r} has no state_dict (the replica's model)")
+    problem = state_dict_difference(checkpoint["state_dict"], state)
+    if problem:
+        raise CheckpointError(f"replica file {path!r} does not hold the main file's model ({problem})")
+    expected = checkpoint.get("optimizer_states")
+    if isinstance(expected, list) and not (isinstance(replica.get("optimizer_states"), list) and len(replica["optimizer_states"]) == len(expected)):
+        raise CheckpointError(f"replica file {path!r} does not hold the {len(expected)} optimizer state(s) of the main file")
+
+
+def state_dict_difference(expected: dict[str, Any], found: dict[str, Any]) -> str:
+    """What keeps ``found`` from standing in for ``expected`` (missing, unexpected or resized entries, or non-finite
+    values), in a few words; ``""`` when nothing does."""
+    shapes = lambda state: {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}  # noqa: E731
+    want, have = shapes(expected), shapes(found)
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    resized = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    details = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+               for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", resized)) if keys]
+    if details:
+        return "; ".join(details)
+    nonfinite = next((k for k, v in found.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                      and not bool(torch.isfinite(v).all())), None)
+    return f"non-finite values in {nonfinite}" if nonfinite is not None else ""
 
 
 def consensus_restart_reason(replica_set: ReplicaSet, world_size: int) -> str:

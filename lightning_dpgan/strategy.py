@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -397,21 +399,51 @@ def die_with_parent() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+#: ports this process holds a lock on (the file descriptors): a run keeps its MASTER_PORT to itself until it exits
+_PORT_LOCKS: dict[int, int] = {}
+
+
+def master_port_from_env() -> int | None:
+    """``MASTER_PORT`` as a port number (``None`` when unset); ``ValueError`` naming it when it is not one. Port 0
+    would let rank 0 listen anywhere while the other ranks wait at a port nobody holds."""
+    value = os.environ.get("MASTER_PORT")
+    if value is None or value == "":
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise ValueError(f"MASTER_PORT must be a port number in [1, 65535], got {value!r}; or unset it to let Lightning pick a free one")
+    return port
+
+
 def check_master_port_free() -> None:
     """Before Lightning starts workers on one machine: a ``MASTER_PORT`` that another program holds would make rank 0
-    fail after a long rendezvous wait while the others wait on. Say so now instead (``RuntimeError``)."""
-    port = os.environ.get("MASTER_PORT")
-    if not port:
-        return  # Lightning picks a free one
+    fail after a long rendezvous wait while the others wait on. Say so now instead (``RuntimeError``).
+
+    A run that has not yet opened its port (still starting) holds a lock on it instead, which this process then
+    takes until it exits: two runs started together on one explicit port cannot both pass."""
+    try:
+        port = master_port_from_env()
+    except ValueError as err:
+        raise RuntimeError(str(err)) from None
+    if port is None or port in _PORT_LOCKS:
+        return  # unset: Lightning picks a free one
+    advice = "choose a free port, or unset MASTER_PORT to let Lightning pick one"
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("", int(port)))
+            probe.bind(("", port))
         except OSError as err:
-            raise RuntimeError(
-                f"MASTER_PORT={port} is already in use on this machine ({err.strerror}); choose a free port, or unset "
-                f"MASTER_PORT to let Lightning pick one"
-            ) from None
+            raise RuntimeError(f"MASTER_PORT={port} is already in use on this machine ({err.strerror}); {advice}") from None
+    fd = os.open(os.path.join(tempfile.gettempdir(), f"lightning_dpgan-port-{port}.lock"), os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RuntimeError(f"MASTER_PORT={port} is already in use on this machine (another run is starting on it); {advice}") from None
+    _PORT_LOCKS[port] = fd
 
 
 if "decentralized" not in StrategyRegistry:

@@ -25,6 +25,12 @@ import numpy as np
 from lightning_dpgan.checks import check_int
 
 _TOL = 1e-8
+#: the most workers a topology is built for: every process builds and checks the dense n x n W, which past this
+#: takes minutes and gigabytes (the DPOSG and SGP papers report at most 256 workers)
+MAX_WORLD_SIZE = 1024
+#: the most gossip rounds per step: each round sends every neighbour the whole model, so 1000 rounds is 1000 times
+#: the traffic of the default; a denser graph (exponential, one_peer_exponential) mixes faster for fewer bytes
+MAX_ROUNDS = 1000
 
 
 class TopologyError(ValueError):
@@ -194,8 +200,8 @@ class Topology:
 
 # ---------------------------------------------------------------------- stages
 def check_rounds(rounds: Any) -> None:
-    """``gossip_rounds`` (``t``) must be a positive integer."""
-    check_int("gossip_rounds", rounds, 1, error=TopologyError)
+    """``gossip_rounds`` (``t``): an integer in ``[1, MAX_ROUNDS]``."""
+    check_int("gossip_rounds", rounds, 1, MAX_ROUNDS, error=TopologyError, why="each round sends every neighbour the whole model")
 
 
 def _validate_matrix(name: str, w: np.ndarray, n: int, phase: int, require_symmetric: bool) -> None:
@@ -477,6 +483,8 @@ TOPOLOGIES: dict[str, Callable[..., Topology]] = {
 
 def build_topology(name: str | Topology, world_size: int, **options: Any) -> Topology:
     """Build a named topology for ``world_size`` workers, or check a given one against it."""
+    check_int("world size (devices x num_nodes)", world_size, 1, MAX_WORLD_SIZE, error=TopologyError,
+              why="every worker builds and checks the dense n x n mixing matrix")
     if isinstance(name, Topology):
         if name.world_size != world_size:
             raise TopologyError(

@@ -24,7 +24,7 @@ import torch
 
 from lightning_dpgan.replicas import CheckpointError, ReplicaSet, check_set, read_main, read_replica, replica_set_of
 
-from helpers import WORKERS, call_cli, group_alive, run, worker_env
+from helpers import WORKERS, call_cli, free_port, group_alive, run, worker_env
 
 CLI = [sys.executable, "-m", "lightning_dpgan"]
 
@@ -102,6 +102,149 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_before_any_worker(fitted, tm
     status, _, err = call_cli("fit", f"ckpt_path={ckpt}", "devices=2", f"hydra.run.dir={tmp_path / 'out'}", *extra)
     one_error(status, err, message)
     assert not (tmp_path / "out").exists()  # no run directory either: nothing started
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("replica_shapes", "rank1.pt' does not hold the main file's model (other shapes: "),
+        ("replica_no_state_dict", "rank1.pt' has no state_dict"),
+        ("replica_nan", "rank0.pt' does not hold the main file's model (non-finite values in "),
+        ("replica_no_optimizer", "rank1.pt' does not hold the 1 optimizer state(s) of the main file"),
+        ("step_text", "its replica set's step is 'abc', not an integer >= 0"),
+        ("no_topology", "its replica set's topology is missing, not a string"),
+        ("world_size_text", "its replica set's world_size is '2', not a positive integer"),
+        ("main_nan", "holds non-finite values in "),
+    ],
+)
+def test_damaged_checkpoint_contents_are_refused_before_any_worker(fitted, tmp_path, damage, message):
+    """Files that load as data but hold the wrong things: each is named by the launching process, one line, no
+    worker started (they used to end in [rank1] tracebacks, or a consensus restart for world_size="2")."""
+    run_dir, _ = fitted
+    copy, ckpt = copy_run(run_dir, tmp_path)
+    main = torch.load(ckpt, weights_only=True)
+    rank = 0 if damage == "replica_nan" else 1
+    replica_file = set_folder(ckpt) / f"rank{rank}.pt"
+    replica = torch.load(replica_file, weights_only=True)
+    first = next(k for k, v in replica["state_dict"].items() if v.is_floating_point())
+    if damage == "replica_shapes":
+        replica["state_dict"][first] = torch.zeros(3, 3)
+    elif damage == "replica_no_state_dict":
+        del replica["state_dict"]
+    elif damage == "replica_nan":
+        replica["state_dict"][first] = torch.full_like(replica["state_dict"][first], float("nan"))
+    elif damage == "replica_no_optimizer":
+        replica["optimizer_states"] = []
+    elif damage == "step_text":
+        main["decentralized"]["step"] = "abc"
+    elif damage == "no_topology":
+        del main["decentralized"]["topology"]
+    elif damage == "world_size_text":
+        main["decentralized"]["world_size"] = "2"
+    else:
+        main["state_dict"][first] = torch.full_like(main["state_dict"][first], float("nan"))
+    torch.save(replica, replica_file)
+    torch.save(main, ckpt)
+    status, out, err = call_cli("fit", f"ckpt_path={ckpt}", "devices=2", f"hydra.run.dir={tmp_path / 'out'}")
+    one_error(status, err, message)
+    assert "Initializing distributed" not in out + err and not (tmp_path / "out").exists()
+
+
+def test_sampling_a_checkpoint_holding_nan_is_refused(fitted, tmp_path):
+    run_dir, _ = fitted
+    copy, ckpt = copy_run(run_dir, tmp_path)
+    main = torch.load(ckpt, weights_only=True)
+    key = next(k for k, v in main["state_dict"].items() if k.startswith("generator_ema.") and v.is_floating_point())
+    main["state_dict"][key] = torch.full_like(main["state_dict"][key], float("nan"))
+    torch.save(main, ckpt)
+    status, _, err = call_cli("sample", f"ckpt_path={ckpt}", "num_samples=10", f"hydra.run.dir={tmp_path / 'out'}")
+    one_error(status, err, f"holds non-finite values in {key}")
+    assert not (tmp_path / "out" / "samples.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "node,target",
+    [
+        ("dataset", "torch.load"),  # weights_only: false through kwargs would unpickle
+        ("dataset", "numpy.load"),
+        ("model", "lightning_dpgan.replicas.remove_other_sets"),  # of this package, but removes folders
+        ("model.generator", "pandas.read_pickle"),
+        ("optim", "torch.optim.lr_scheduler.torch.load"),
+    ],
+)
+@pytest.mark.parametrize("verb", ["validate", "sample"])
+def test_a_run_config_may_only_build_what_the_config_groups_build(fitted, tmp_path, node, target, verb):
+    """A run folder from someone else: its config.yaml names a target that would run code; validate and sample
+    refuse it before building anything (the file it would load is planted, and never read)."""
+    import yaml
+
+    run_dir, _ = fitted
+    copy, ckpt = copy_run(run_dir, tmp_path)
+    marker = tmp_path / "ran"
+    bait = tmp_path / "bait.pt"
+    torch.save(RunsCode(marker), bait)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    where = config
+    for key in node.split("."):
+        where = where[key]
+    where.clear()
+    where.update({"_target_": target, "f": str(bait), "weights_only": False})
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    status, _, err = call_cli(verb, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'out'}")
+    one_error(status, err, f"_target_ {target!r} is not built from a run's config (it could run code)")
+    assert not marker.exists()
+
+
+def _serve(folder: Path):
+    """An http server on 127.0.0.1 for ``folder``, in a thread; returns (server, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.mark.parametrize("source", ["http", "local with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"])
+def test_load_from_checkpoint_reads_data_only_from_every_source(fitted, tmp_path, monkeypatch, source):
+    """DPGAN.load_from_checkpoint: Lightning loads URLs with weights_only=False, and a local file as the environment
+    says; a tampered checkpoint must not run its code either way. The untampered one still loads, from both."""
+    import yaml
+    from hydra.utils import instantiate
+
+    from lightning_dpgan import DPGAN
+
+    run_dir, _ = fitted
+    copy, ckpt = copy_run(run_dir, tmp_path)
+    marker = tmp_path / "ran"
+    tampered = copy / "tampered.ckpt"
+    contents = torch.load(ckpt, weights_only=True)
+    torch.save({**contents, "payload": RunsCode(marker)}, tampered)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # where torch.hub keeps what it downloads
+    model = yaml.safe_load((copy / "config.yaml").read_text())["model"]
+    build = {player: instantiate(model[player]) for player in ("generator", "discriminator")}
+    server = None
+    try:
+        if source == "http":
+            server, base = _serve(copy)
+            bad, good = f"{base}/tampered.ckpt", f"{base}/checkpoints/last.ckpt"
+        else:
+            monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+            bad, good = str(tampered), str(ckpt)
+        with pytest.raises(Exception, match="Weights only load failed"):
+            DPGAN.load_from_checkpoint(bad, **build)
+        assert not marker.exists()
+        with pytest.raises(ValueError, match="weights_only=False is not allowed"):
+            DPGAN.load_from_checkpoint(good, weights_only=False, **build)
+        gan = DPGAN.load_from_checkpoint(good, **build)
+    finally:
+        if server is not None:
+            server.shutdown()
+    key = next(iter(contents["state_dict"]))
+    torch.testing.assert_close(gan.state_dict()[key], contents["state_dict"][key], rtol=0, atol=0)
 
 
 def test_replica_checks_name_what_does_not_match(tmp_path):
@@ -212,6 +355,50 @@ def test_a_run_directory_that_holds_a_run_is_refused_unless_resuming_from_it(fit
     status, _, err = call_cli("fit", "devices=2", f"hydra.run.dir={run_dir}", f"ckpt_path={elsewhere}")
     one_error(status, err, "already holds a run")  # resuming from a checkpoint elsewhere does not make it ours
     # resuming from its own checkpoint is allowed (the kill -9 test resumes three times into one directory)
+
+
+def test_resuming_last_in_a_moved_run_folder_goes_on_from_its_newest_checkpoint(tmp_path):
+    """A run folder moved between resumes: Lightning forgot its checkpoints there and wrote last-v1.ckpt (step 60)
+    beside last.ckpt (step 40), and the next ckpt_path=last took last.ckpt, silently redoing 20 steps."""
+    args = ["devices=2", "batch_size=64", "evaluation.every_n_steps=0", "evaluation.num_samples=100",
+            "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=20", "checkpoint.save_top_k=-1"]
+    first, moved, again = tmp_path / "first", tmp_path / "moved", tmp_path / "again"
+    run([*CLI, "fit", *args, "max_steps=40", f"hydra.run.dir={first}"], timeout=240)
+    first.rename(moved)
+    run([*CLI, "fit", *args, "max_steps=60", "ckpt_path=last", f"hydra.run.dir={moved}"], timeout=240)
+    names = sorted(p.name for p in (moved / "checkpoints").glob("last*.ckpt"))
+    assert names == ["last.ckpt"], names
+    assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 60
+    # a folder that an earlier version left with both: the newest step is taken, whatever the name
+    moved.rename(again)
+    checkpoints = again / "checkpoints"
+    for suffix in ("", ".replicas"):
+        (checkpoints / f"last.ckpt{suffix}").rename(checkpoints / f"last-v1.ckpt{suffix}")
+    older = sorted(checkpoints.glob("epoch=*-step=40.ckpt"))
+    assert older, sorted(p.name for p in checkpoints.iterdir())
+    shutil.copy(older[0], checkpoints / "last.ckpt")
+    shutil.copytree(f"{older[0]}.replicas", checkpoints / "last.ckpt.replicas")
+    from lightning_dpgan.cli import newest_last
+
+    assert newest_last(str(checkpoints)) == str(checkpoints / "last-v1.ckpt")
+    proc = run([*CLI, "fit", *args, "max_steps=61", "ckpt_path=last", f"hydra.run.dir={again}"], timeout=240)
+    assert f"Restoring states from the checkpoint path at {checkpoints / 'last-v1.ckpt'}" in proc.stdout + proc.stderr
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 61
+
+
+def test_two_runs_on_one_explicit_master_port_started_together(tmp_path):
+    """The second of two runs started at once on the same MASTER_PORT ends with one line naming the port, before
+    its workers could meet the first run's; the first trains on."""
+    env = {**worker_env(), "MASTER_PORT": str(free_port())}
+    args = ["devices=2", "max_steps=30", "batch_size=64", "evaluation.every_n_steps=0", "evaluation.num_samples=100",
+            "trainer.enable_progress_bar=false"]
+    procs = [subprocess.Popen([*CLI, "fit", *args, f"output_dir={tmp_path / str(i)}"], env=env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    results = [(proc.wait(timeout=240), *proc.communicate()) for proc in procs]
+    assert sorted(status for status, _, _ in results) == [0, 2], [err[-1500:] for _, _, err in results]
+    (status, out, err), = [r for r in results if r[0] == 2]
+    one_error(status, err, f"MASTER_PORT={env['MASTER_PORT']} is already in use on this machine")
+    assert "Initializing distributed" not in out + err
 
 
 # ---------------------------------------------------------------------- no orphans

@@ -235,7 +235,7 @@ def test_two_nodes_by_torchrun(tmp_path):
     "kwargs,error,message",
     [
         ({"topology": "ringg"}, TopologyError, r"unknown topology 'ringg'; allowed: ring, torus"),
-        ({"gossip": {"rounds": 0}}, ValueError, r"gossip rounds \(t\) must be an integer >= 1, got 0"),
+        ({"gossip": {"rounds": 0}}, ValueError, r"gossip rounds \(t\) must be an integer in \[1, 1000\], got 0"),
         ({"gossip": {"wire_dtype": "int8"}}, ValueError, r"unknown wire_dtype 'int8'; allowed: fp32"),
         ({"gossip": {"round": 3}}, ValueError, r"unknown gossip option\(s\) round; allowed: catch_up, chunk_bytes"),
         ({"gossip": 3}, ValueError, r"gossip must be a GossipOptions, a dict of its fields, or None, got 3"),

@@ -172,7 +172,7 @@ BAD = [
     (lambda: T.custom(world_size=3), r"needs exactly one of matrix=, matrices= or edges="),
     (lambda: build_topology(T.ring(4), 8), r"'ring' was built for 4 workers but the world size is 8"),
     (lambda: build_topology("ring", 4, degree=2), r"topology 'ring': bad options \['degree'\]"),
-    (lambda: T.ring(4).rho(0), r"gossip_rounds must be an integer >= 1, got 0"),
+    (lambda: T.ring(4).rho(0), r"gossip_rounds must be an integer in \[1, 1000\], got 0"),
     (lambda: T.ring(4).rounds_to_shrink(0.5), r"shrink factor must be > 1, got 0.5"),
     (lambda: T.one_peer_exponential(4).eigenvalues(), r"time-varying or directed"),
 ]

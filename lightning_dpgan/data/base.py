@@ -93,14 +93,25 @@ class ShardedDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def train_dataloader(self) -> ResumableDataLoader:
+    def check_shards(self, world_size: int) -> None:
+        """Before any worker starts: every rank's shard holds at least one batch (``ValueError`` otherwise)."""
+        self.setup("fit")
+        for rank in range(world_size):
+            self._shard(world_size, rank)
+
+    def _shard(self, world_size: int, rank: int) -> ShardSampler:
         assert self.train_set is not None, "call setup() first"
-        world_size, rank = self._rank()
         sampler = ShardSampler(self.train_set, world_size, rank, self.shard, self.train_labels, seed=self.seed)
         if len(sampler) < self.batch_size:
             raise ValueError(
-                f"batch_size {self.batch_size} is larger than a rank's shard ({len(sampler)} samples over {world_size} ranks)"
+                f"batch_size={self.batch_size} is larger than rank {rank}'s shard of the data ({len(sampler)} samples "
+                f"over {world_size} ranks); allowed: at most {len(sampler)}"
             )
+        return sampler
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        world_size, rank = self._rank()
+        sampler = self._shard(world_size, rank)
         self._train_sampler = sampler
         return ResumableDataLoader(
             self.train_set,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from lightning_dpgan.checks import check_bool, check_choice, check_int, check_number
+from lightning_dpgan.topology import MAX_ROUNDS
 
 #: names of the wire dtypes; None, "fp32" and "float32" send the tensors' own dtype
 WIRE_DTYPE_NAMES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
@@ -18,6 +19,9 @@ DEFAULT_CHUNK_BYTES = 256 * 1024
 #: an automatic peer timeout is at least this many seconds, and this many step times (docs/reliability.md)
 PEER_TIMEOUT_FLOOR_S = 60.0
 PEER_TIMEOUT_STEPS = 100
+#: the most steps a neighbour's anchors may be old: each worker keeps ``s + 1`` whole messages of every neighbour
+#: posted, and anchors that old no longer help the mix (docs/guide.md: bounded staleness)
+MAX_STALENESS = 32
 #: compressed gossip (CHOCO): the compressors; the consensus step ``gamma`` each gets by default is 1 for int8,
 #: 0.5 for sign and ``4 * topk_fraction`` for topk (docs/guide.md: compressed gossip, how these were chosen)
 COMPRESSIONS = ("int8", "topk", "sign")
@@ -77,14 +81,15 @@ class GossipOptions:
     startup_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
-        check_int("gossip rounds (t)", self.rounds, 1)
+        check_int("gossip rounds (t)", self.rounds, 1, MAX_ROUNDS, why="each round sends every neighbour the whole model")
         if self.wire_dtype is not None:
             check_choice("wire_dtype", self.wire_dtype, WIRE_DTYPE_NAMES)
         if self.chunk_bytes is not None:
             check_int("chunk_bytes (bytes per gossip message chunk; None sends whole messages)", self.chunk_bytes, 1)
         check_bool("overlap", self.overlap)
         check_bool("mixing", self.mixing)
-        check_int("staleness (steps a neighbour's anchors may be old)", self.staleness, 0)
+        check_int("staleness (steps a neighbour's anchors may be old)", self.staleness, 0, MAX_STALENESS,
+                  why="each worker keeps staleness + 1 receives of every neighbour's whole message posted")
         if self.staleness and (self.rounds != 1 or self.overlap):
             raise ValueError(
                 f"staleness={self.staleness} mixes the newest anchors a worker holds, once per step: it needs rounds=1 "
