@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_dpgan.gossip.options import WIRE_DTYPE_NAMES
+from lightning_dpgan.gossip.reports import Loss, PeerReports, ranks_phrase
 
 WIRE_DTYPES: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -43,7 +44,35 @@ Scheduled = tuple[Literal["send", "recv"], int, int]  # (kind, peer, chunk)
 
 
 class GossipPeerError(RuntimeError):
-    """A neighbour stopped answering: it died, or did not reach the same gossip call within the timeout."""
+    """A neighbour stopped answering: it died, or did not reach the same gossip call within the timeout.
+
+    ``ranks``: the workers found to have died or stalled (:mod:`.reports`), which need not be this rank's neighbours;
+    empty when nothing more is known than the peer the message names."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+
+
+def peer_failure(
+    rank: int, what: str, peer: int | None, timeout: timedelta | None, gossip_round: int, err: BaseException, group: Any
+) -> GossipPeerError:
+    """The error for a failed wait on ``group``, after reporting it: named by the worker the ranks' reports lead to
+    (:mod:`.reports`), then what failed here. One line."""
+    who = f"rank {peer}" if peer is not None else "a peer"
+    detail = (
+        f"rank {rank}: {what} with {who} failed at gossip round {gossip_round}"
+        f" (peer died or stalled past the {timeout or 'process-group'} timeout): {_first_line(err)}"
+    )
+    reports = PeerReports.of(group)
+    timed_out = isinstance(err, TimeoutError) or "timed out" in str(err).lower()
+    named = reports.culprits(Loss(rank, peer, timed_out)) if reports is not None else ()
+    return GossipPeerError(f"{ranks_phrase(named)} died or stalled; {detail}" if named else detail, named)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def resolve_wire_dtype(wire_dtype: str | None) -> torch.dtype | None:
@@ -200,11 +229,7 @@ class DistributedTransport:
                     work.wait()
             posted.completed = True
         except Exception as err:  # gloo/nccl raise RuntimeError or DistBackendError
-            who = f"rank {posted.peer}" if posted.peer is not None else "a peer"
-            raise GossipPeerError(
-                f"rank {self.rank}: {posted.what} with {who} failed at gossip round {gossip_round}"
-                f" (peer died or stalled past the {timeout or 'process-group'} timeout): {err}"
-            ) from err
+            raise peer_failure(self.rank, posted.what, posted.peer, timeout, gossip_round, err, self.group) from err
 
 
 class _Watcher:
