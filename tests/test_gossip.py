@@ -281,8 +281,8 @@ def test_dense_reference_matches_matrix_power():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"rounds": 0}, r"gossip rounds \(t\) must be an integer >= 1, got 0"),
-        ({"rounds": 1.5}, r"gossip rounds \(t\) must be an integer >= 1, got 1.5"),
+        ({"rounds": 0}, r"gossip rounds \(t\) must be an integer in \[1, 1000\], got 0"),
+        ({"rounds": 1.5}, r"gossip rounds \(t\) must be an integer in \[1, 1000\], got 1.5"),
         ({"wire_dtype": "int8"}, r"unknown wire_dtype 'int8'; allowed: fp32"),
         ({"chunk_bytes": 0}, r"chunk_bytes \(bytes per gossip message chunk; None sends whole messages\) must be an integer >= 1, got 0"),
         ({"chunk_bytes": True}, r"chunk_bytes .* must be an integer >= 1, got True"),
@@ -402,14 +402,23 @@ def test_a_message_of_another_step_is_refused_naming_its_sender():
 
 
 def test_a_silent_neighbour_is_named_after_the_peer_timeout():
+    """Rank 1 is a second late to its first step (twice the peer timeout), then stops sending after the warm-up:
+    its neighbours name it after the peer timeout. The lateness reaches rank 3 only in its second exchange, so the
+    warm-up (the start-up timeout) lasts the steps news takes to cross the graph, the stop horizon."""
     import time
 
     topo = ring(4)
 
     def body(rank, transport):
+        e = build_engine(topo, rank, GossipOptions(peer_timeout=0.5, startup_timeout=30), transport)
+        warmup = e.stop_horizon
         if rank == 1:
-            return None  # never sends
-        e = build_engine(topo, rank, GossipOptions(peer_timeout=0.5), transport)
+            time.sleep(1.0)
+            for _ in range(warmup):
+                e.step([torch.zeros(3)])
+            return None  # never sends again
+        for _ in range(warmup):
+            e.step([torch.zeros(3)])
         start = time.monotonic()
         try:
             e.step([torch.zeros(3)])
@@ -424,11 +433,22 @@ def test_a_silent_neighbour_is_named_after_the_peer_timeout():
     assert results[3] is None
 
 
-def test_the_automatic_peer_timeout_follows_the_step_time():
-    fixed = PeerTimeout(fixed=7.0, startup=900.0)
-    assert fixed.seconds() == 7.0
+def test_the_peer_timeout_starts_after_the_warm_up_and_follows_the_step_time():
+    fixed = PeerTimeout(fixed=7.0, startup=900.0, warmup=lambda: 3)
+    assert fixed.seconds() == 900.0  # before the first exchange (rendezvous, initial broadcast): the start-up timeout
+    fixed.tick()
+    assert fixed().total_seconds() == 900.0 and fixed.seconds() == 900.0  # the first exchange, a checkpoint after it
+    fixed.tick()
+    fixed.tick()
+    assert fixed().total_seconds() == 900.0  # the third step: the first step's lateness may still be on its way
+    fixed.tick()
+    assert fixed().total_seconds() == 7.0 and fixed.seconds() == 7.0  # the fourth: warm, exchanges and collectives
     auto = PeerTimeout(fixed=None, startup=900.0)
-    assert auto.seconds() == 900.0  # no steps measured yet: the start-up timeout
+    assert auto.seconds() == 900.0
+    auto.tick()
+    auto()
+    auto.tick()
+    assert auto.seconds() == PEER_TIMEOUT_FLOOR_S  # nothing much measured yet: the floor
     auto._durations.extend([0.01] * 10)
     assert auto.seconds() == PEER_TIMEOUT_FLOOR_S  # fast steps: the floor
     auto._durations.extend([2.0] * 30)
@@ -470,11 +490,12 @@ def test_bounded_staleness_equals_the_replayed_schedule_in_one_process(name, n, 
 @pytest.mark.parametrize("staleness", [1, 3])
 def test_a_stale_worker_runs_at_most_s_steps_past_a_silent_neighbour(staleness):
     """Rank 2 takes one step, then stops sending. Its neighbours go on for exactly s more steps on its last message,
-    then wait for it and name it after the peer timeout; rank 0, two hops away, is held back only through them."""
+    then wait for it and name it after the timeout (the start-up one: this is the warm-up, so both are short);
+    rank 0, two hops away, is held back only through them."""
     topo = ring(4)
 
     def body(rank, transport):
-        e = build_engine(topo, rank, GossipOptions(staleness=staleness, peer_timeout=0.3), transport)
+        e = build_engine(topo, rank, GossipOptions(staleness=staleness, peer_timeout=0.3, startup_timeout=0.3), transport)
         x = torch.zeros(3)
         try:
             for _ in range(1 if rank == 2 else 10):

@@ -29,7 +29,7 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -44,7 +44,6 @@ from lightning_dpgan.gossip.options import PEER_TIMEOUT_FLOOR_S, PEER_TIMEOUT_ST
 from lightning_dpgan.gossip.transport import GossipPeerError, Posted, Transport, resolve_wire_dtype
 from lightning_dpgan.topology import Neighbours, Topology
 
-_WARMUP_STEPS = 5  # steps timed by the startup timeout before the peer timeout follows the measured step time
 #: most segments a CPU round is cut into: enough to hide all but an eighth of the passes over the data behind the
 #: wire; and each at least this many chunks, so that a small message is not cut into calls that cost more CPU than
 #: they hide
@@ -90,27 +89,46 @@ class PendingMix:
 
 
 class PeerTimeout:
-    """How long to wait for a neighbour: fixed, or (``None``) following the run's median step time."""
+    """How long to wait for a neighbour: fixed, or (``None``) following the run's median step time.
 
-    def __init__(self, fixed: float | None, startup: float) -> None:
-        self.fixed, self.startup = fixed, startup
+    The start-up timeout bounds the waits of the warm-up instead: the first exchange, which every worker's first
+    step reaches however slow (data loaders starting, compilation, an evaluation before training), and the steps
+    that lateness takes to spread through the graph (a neighbour's neighbour waits for it one exchange later):
+    ``warmup()`` steps, the stop horizon. Every later wait, for a neighbour or in a collective, is bounded by the peer
+    timeout, so that a worker that stops after the warm-up, or inside a checkpoint, is found within it."""
+
+    def __init__(self, fixed: float | None, startup: float, warmup: Callable[[], int] = lambda: 1) -> None:
+        self.fixed, self.startup, self._warmup = fixed, startup, warmup
         self._durations: deque[float] = deque(maxlen=50)
         self._last: float | None = None
+        self._steps = 0
+        self._warm_from: int | None = None  # the first step past the warm-up, once the first exchange has begun
 
     def tick(self) -> None:
         now = time.monotonic()
         if self._last is not None:
             self._durations.append(now - self._last)
         self._last = now
+        self._steps += 1
+
+    @property
+    def warm(self) -> bool:
+        """Whether the warm-up is over: every wait, collectives included, gets the peer timeout."""
+        return self._warm_from is not None and self._steps >= self._warm_from
 
     def seconds(self) -> float:
+        """The timeout of a wait now: the start-up timeout during the warm-up, then the peer timeout."""
+        if not self.warm:
+            return self.startup
         if self.fixed is not None:
             return self.fixed
-        if len(self._durations) < _WARMUP_STEPS:
-            return self.startup
-        return max(PEER_TIMEOUT_FLOOR_S, PEER_TIMEOUT_STEPS * statistics.median(self._durations))
+        median = statistics.median(self._durations) if self._durations else 0.0
+        return max(PEER_TIMEOUT_FLOOR_S, PEER_TIMEOUT_STEPS * median)
 
     def __call__(self) -> timedelta:
+        """The timeout of a wait for a neighbour's message (the first one starts the warm-up)."""
+        if self._warm_from is None:
+            self._warm_from = self._steps + max(1, self._warmup())
         return timedelta(seconds=self.seconds())
 
 
@@ -139,8 +157,7 @@ class GossipEngine:
         self.steps = 0
         self.messages_sent = 0
         self.control = Control(rank)
-        self.timeout = PeerTimeout(options.peer_timeout, options.startup_timeout)
-        self.collective_timeout = timedelta(seconds=options.startup_timeout)  # all workers meet: checkpoints, evaluations
+        self.timeout = PeerTimeout(options.peer_timeout, options.startup_timeout, lambda: self.stop_horizon)
         self._plans = PlanCache()
         self._neighbours = [topology.neighbours(rank, p) for p in range(topology.period)]
         self._weights: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
@@ -149,6 +166,12 @@ class GossipEngine:
     @property
     def world_size(self) -> int:
         return self.topology.world_size
+
+    @property
+    def collective_timeout(self) -> timedelta:
+        """All workers meet (the initial broadcast, checkpoints, consensus, evaluations): the start-up timeout during
+        the warm-up, the peer timeout after it."""
+        return timedelta(seconds=self.timeout.seconds())
 
     # ------------------------------------------------------------------ one optimizer step
     def step(self, tensors: Sequence[Tensor]) -> None:
