@@ -725,6 +725,15 @@ def print_topology(cfg: DictConfig, run_dir: str | None = None) -> None:
             print(f"{label}:\n{topology.matrix(phase)}")
     for key, value in topology.summary(rounds).items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    if cfg.get("compression") not in (None, "none"):  # CHOCO's gamma, and what Theorem 2 guarantees on this graph
+        from lightning_dpgan.gossip.options import GossipOptions
+
+        gossip = GossipOptions(
+            compression=cfg.compression,
+            topk_fraction=OmegaConf.select(cfg, "strategy.gossip.topk_fraction", default=0.01),
+            consensus_step=OmegaConf.select(cfg, "strategy.gossip.consensus_step", default=None),
+        )
+        print(f"consensus_step (CHOCO's gamma): {gossip.describe_consensus_step(topology)}")
 
 
 TASKS: dict[str, Callable[[DictConfig, str], None]] = {"fit": fit, "validate": validate, "sample": sample, "topology": print_topology}

@@ -291,8 +291,21 @@ class Gossiper:
             )
         self.engine.load_state_dict(checkpoint[CHECKPOINT_KEY]["gossip"])
         assert self.topology is not None
-        same_graph = replica_set.topology == self.topology.name  # CHOCO's copies belong to particular neighbours
-        self.engine.load_replica_state(replica.get(GOSSIP_REPLICA_KEY, {}) if same_graph else {})
+        # CHOCO's copies belong to particular neighbours: the graph itself must match, not its name (a torus of
+        # another shape, a random_regular of another seed keep theirs). Every rank reads the same main file, so all
+        # refuse alike. A checkpoint from before graphs were recorded cannot tell: its copies start afresh
+        gossip_replica = replica.get(GOSSIP_REPLICA_KEY, {})
+        graph = checkpoint[CHECKPOINT_KEY]["gossip"].get("graph")
+        if self.options.compression is not None and gossip_replica.get("choco_copies") and graph != self.topology.fingerprint():
+            if graph is not None:
+                raise CheckpointError(
+                    f"cannot resume the CHOCO copies of {str(filepath)!r}: they were written on topology "
+                    f"{replica_set.topology!r} (graph {graph}, {replica_set.world_size} workers), and this run's "
+                    f"{self.topology.name!r} is another graph ({self.topology.fingerprint()}); resume with the same "
+                    "topology and options, or start a new fit from the checkpoint's consensus model"
+                )
+            gossip_replica = {}
+        self.engine.load_replica_state(gossip_replica)
         return replica
 
 

@@ -15,6 +15,7 @@ answered before any torch process exists.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -183,6 +184,15 @@ class Topology:
                 rounds += 1
             worst = max(worst, rounds)
         return worst
+
+    def fingerprint(self) -> str:
+        """A digest of the graph itself: the world size and every matrix, weights rounded to 1e-12. Names repeat (a
+        torus of another shape, a random_regular of another seed, any custom graph), so a resume that holds state
+        per neighbour (CHOCO's public copies) compares this instead."""
+        digest = hashlib.sha256(f"{self.world_size}x{self.period}".encode())
+        for w in self.matrices:
+            digest.update(np.ascontiguousarray(np.round(w, 12) + 0.0).tobytes())  # + 0.0: -0.0 hashes as 0.0
+        return digest.hexdigest()[:16]
 
     def summary(self, rounds: int = 1) -> dict[str, Any]:
         return {

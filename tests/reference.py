@@ -223,14 +223,19 @@ def topk(fraction: float) -> Callable[[np.ndarray], np.ndarray]:
     return compress
 
 
-def choco_mix(w: np.ndarray, compress: Callable[[np.ndarray], np.ndarray], gamma: float) -> Callable[[np.ndarray], np.ndarray]:
+def choco_mix(
+    w: np.ndarray, compress: Callable[[np.ndarray], np.ndarray], gamma: float, start: str = "rank0"
+) -> Callable[[np.ndarray], np.ndarray]:
     """CHOCO-gossip (Koloskova et al. 2019, Algorithm 1's consensus part), one call per mixing step: every worker's
     public copy ``x_hat_j`` (the same wherever it is held) moves by ``q_j = Q(x_j - x_hat_j)``, then
-    ``x_i <- x_i + gamma * sum_j w_ij (x_hat_j - x_hat_i)``. The copies start at zero."""
+    ``x_i <- x_i + gamma * sum_j w_ij (x_hat_j - x_hat_i)``. The copies start at worker 0's ``x`` of the first call
+    (``start="rank0"``, as the engine broadcasts it) or at zero (``start="zero"``, the paper's)."""
     state: dict[str, np.ndarray] = {}
 
     def mix(x: np.ndarray) -> np.ndarray:
-        hat = state.setdefault("hat", np.zeros_like(x))
+        if "hat" not in state:
+            state["hat"] = np.zeros_like(x) if start == "zero" else np.repeat(x[:1], len(x), axis=0)
+        hat = state["hat"]
         for j in range(len(x)):
             hat[j] = hat[j] + compress(x[j] - hat[j])
         out = x.copy()

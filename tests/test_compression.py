@@ -192,6 +192,9 @@ def test_compression_and_local_steps_are_refused_where_they_cannot_work():
     with pytest.raises(ValueError, match="compression='int8' sends its own format: leave wire_dtype unset, got 'bf16'"):
         GossipOptions(compression="int8", wire_dtype="bf16")
     # the default consensus steps
-    assert GossipOptions(compression="topk", topk_fraction=0.01).resolved_consensus_step() == pytest.approx(0.04)
-    assert GossipOptions(compression="sign").resolved_consensus_step() == 0.5
+    assert GossipOptions(compression="topk", topk_fraction=0.01).resolved_consensus_step() == pytest.approx(0.02)
+    assert GossipOptions(compression="topk", topk_fraction=0.6).resolved_consensus_step() == 1.0
+    assert GossipOptions(compression="sign").resolved_consensus_step() == 0.2
+    assert GossipOptions(compression="int8").resolved_consensus_step() == 1.0
+    assert GossipOptions(compression="sign", consensus_step=0.7).resolved_consensus_step() == 0.7
 

@@ -7,10 +7,18 @@ holds them. On a mixing step worker ``i``::
     x_hat_j = x_hat_j + q_j            for j = i and every in-neighbour (the q each sent)
     x_i     = x_i + gamma * sum_j w_ij (x_hat_j - x_hat_i)
 
-with ``Q`` a compressor (:mod:`.compression`) and ``gamma`` the consensus step. What ``Q`` drops stays in
-``x - x_hat`` and is sent later (error feedback), so the replicas still reach consensus at any compression. With
-``Q`` the identity and ``gamma = 1`` this is plain gossip, ``x <- W x``. The copies start at zero, are part of each
-replica's checkpoint (:meth:`ChocoGossip.replica_state`), and restart at zero from a consensus model.
+with ``Q`` a compressor (:mod:`.compression`) and ``gamma`` the consensus step
+(:meth:`~lightning_dpgan.gossip.options.GossipOptions.default_consensus_step`). What ``Q`` drops stays in
+``x - x_hat`` and is sent later (error feedback): with int8 and top-k the replicas reach consensus to float
+precision, with sign they stall at a floor. With ``Q`` the identity and ``gamma = 1`` this is plain gossip,
+``x <- W x``.
+
+The copies only have to be identical wherever they are held; any common start works. They start at rank 0's
+tensors, broadcast at the first mix of a list of tensors (one model-sized collective, once), so that the first
+rounds send the replicas' differences from it rather than the whole model; zeros would be sent in pieces over
+``1 / topk_fraction`` rounds. The copies are part of each replica's checkpoint (:meth:`ChocoGossip.replica_state`),
+restored exactly at the same world size on the same graph (the main file records the graph's
+:meth:`~lightning_dpgan.topology.Topology.fingerprint`), and start afresh from a consensus model.
 """
 
 from __future__ import annotations
@@ -52,7 +60,10 @@ class ChocoGossip(GossipEngine):
         self.compressor: Compressor = build_compressor(options.compression, options.topk_fraction)
         self.consensus_step = options.resolved_consensus_step()
         self._nb = self._neighbours[0]
-        self._copies: dict[int, list[_Copies]] = {}  # id(plan) -> one per bucket
+        # the tensors' ids -> their plan and one entry per bucket. The plan holds the tensors, so no id in a key can
+        # be recycled while its entry lives; and the entries are not evicted with the engine's plan cache, which
+        # would restart one rank's copies alone
+        self._copies: dict[tuple[int, ...], tuple[Plan, list[_Copies]]] = {}
         self._restored: list[Tensor] = []  # copies read from a checkpoint, taken by the plans in the order they come
 
     @torch.no_grad()
@@ -60,8 +71,7 @@ class ChocoGossip(GossipEngine):
         self._begin_step()
         if self.world_size == 1 or not tensors or not self.mixes_now():
             return
-        plan = self._plans.get(tensors)
-        entries = self._copies_of(plan)
+        entries = self._copies_of(tensors)
         posted = []
         for entry in entries:
             bucket, own = entry.bucket, entry.copies[0]
@@ -86,9 +96,13 @@ class ChocoGossip(GossipEngine):
             entry.bucket.unpack()
         self.phase += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """With the graph's fingerprint: the copies belong to particular neighbours, and a resume checks them."""
+        return {**super().state_dict(), "graph": self.topology.fingerprint()}
+
     def replica_state(self) -> dict[str, Any]:
         """The public copies, per bucket in the order the plans were first mixed (each replica's own)."""
-        taken = [entry.copies.clone() for entries in self._copies.values() for entry in entries]
+        taken = [entry.copies.clone() for _, entries in self._copies.values() for entry in entries]
         return {"choco_copies": taken + [t.clone() for t in self._restored]}  # restored ones not mixed yet stay
 
     def load_replica_state(self, state: dict[str, Any]) -> None:
@@ -99,26 +113,35 @@ class ChocoGossip(GossipEngine):
         self._copies.clear()
         super().forget()
 
-    def _copies_of(self, plan: Plan) -> list[_Copies]:
-        entries = self._copies.get(id(plan))
-        if entries is None:
-            entries = []
-            rows = 1 + len(self._nb.receive_from)
-            for bucket in plan.buckets:
-                size = HEADER_BYTES + -(-self.compressor.wire_bytes(bucket.numel, bucket.dtype) // 8) * 8
-                copies = torch.zeros(rows, bucket.numel, dtype=bucket.dtype, device=bucket.device)
-                if self._restored:
-                    restored = self._restored.pop(0)
-                    if restored.shape != copies.shape:
-                        raise ValueError(
-                            f"the checkpoint's CHOCO copies have shape {tuple(restored.shape)}, this run's "
-                            f"{tuple(copies.shape)}: resume with the same model and topology"
-                        )
-                    copies.copy_(restored)
-                entries.append(_Copies(
-                    bucket, copies, torch.zeros(size, dtype=torch.uint8, device=bucket.device),
-                    torch.empty(len(self._nb.receive_from), size, dtype=torch.uint8, device=bucket.device),
-                    torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device),
-                ))
-            self._copies[id(plan)] = entries
+    def _copies_of(self, tensors: Sequence[Tensor]) -> list[_Copies]:
+        key = tuple(id(t) for t in tensors)
+        held = self._copies.get(key)
+        if held is not None:
+            return held[1]
+        plan = self._plans.get(tensors)  # refuses a tensor listed twice
+        entries = []
+        rows = 1 + len(self._nb.receive_from)
+        for bucket in plan.buckets:
+            if not bucket.flat.is_floating_point():
+                raise ValueError(f"gossip averages floating-point tensors only, got one of dtype {bucket.dtype}")
+            size = HEADER_BYTES + -(-self.compressor.wire_bytes(bucket.numel, bucket.dtype) // 8) * 8
+            copies = torch.empty(rows, bucket.numel, dtype=bucket.dtype, device=bucket.device)
+            if self._restored:
+                restored = self._restored.pop(0)
+                if restored.shape != copies.shape:
+                    raise ValueError(
+                        f"the checkpoint's CHOCO copies have shape {tuple(restored.shape)}, this run's "
+                        f"{tuple(copies.shape)}: resume with the same model and topology"
+                    )
+                copies.copy_(restored)
+            else:  # every holder starts every copy at rank 0's tensors: identical bits wherever they are held
+                start = bucket.pack().clone()
+                self.transport.wait(self.transport.broadcast(start, 0), self.collective_timeout, self.phase)
+                copies.copy_(start.expand_as(copies))
+            entries.append(_Copies(
+                bucket, copies, torch.zeros(size, dtype=torch.uint8, device=bucket.device),
+                torch.empty(len(self._nb.receive_from), size, dtype=torch.uint8, device=bucket.device),
+                torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device),
+            ))
+        self._copies[key] = (plan, entries)
         return entries

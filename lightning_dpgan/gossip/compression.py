@@ -5,8 +5,10 @@ Each compressor writes a flat tensor into a byte payload (:meth:`Compressor.enco
 bit for bit. All three are deterministic (no random rounding), so runs are reproducible and the tests can replay
 them in numpy.
 
-* ``int8``: per chunk of ``CHUNK`` elements, a scale ``max|v| / 127`` and ``round(v / scale)`` as int8 (about 1 byte
-  an element);
+* ``int8``: per chunk of ``CHUNK`` elements, a scale ``max|v| / 127`` and ``round(v / scale)`` clamped to
+  ``[-127, 127]`` as int8 (about 1 byte an element). The clamp matters in bf16 and fp16: the scale is rounded to
+  the tensors' dtype, can come out below ``max|v| / 127``, and the largest entry then rounds to 128, which int8
+  would wrap to -128, flipping its sign;
 * ``topk``: the ``ceil(fraction * n)`` entries largest in magnitude, as values (padded to 4 bytes) and int32
   indices (``8 * fraction`` bytes an element for fp32);
 * ``sign``: per chunk, a scale ``mean|v|`` and one bit an element, ``+scale`` for ``v >= 0`` and ``-scale`` otherwise
@@ -14,6 +16,11 @@ them in numpy.
 
 Scales and top-k values travel in the tensors' own dtype. Every part of a payload starts at a multiple of its
 element size (the payload itself starts 8-byte aligned), so it can be viewed in place.
+
+A compressor sees one packed bucket (every mixed tensor of one dtype, BatchNorm statistics included, end to end):
+chunks run across tensor boundaries, and the top-k is taken over the whole bucket, so tensors compete for its
+slots. ``torch.topk(sorted=False)`` breaks ties between equal magnitudes in an implementation-defined way; sender
+and receivers decode the same bytes, so the public copies agree whichever it picks.
 """
 
 from __future__ import annotations
@@ -23,9 +30,8 @@ import math
 import torch
 from torch import Tensor
 
-#: elements per scale of ``int8`` and ``sign``
-CHUNK = 1024
-COMPRESSIONS = ("int8", "topk", "sign")
+from lightning_dpgan.gossip.options import CHUNK, COMPRESSIONS  # noqa: F401 - CHUNK: elements per scale, re-exported
+
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
@@ -65,7 +71,7 @@ class Int8(Compressor):
         rows = padded.view(chunks, CHUNK)
         scales = rows.abs().amax(dim=1) / 127
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        q = torch.round(rows / safe[:, None]).view(-1)[:n]
+        q = torch.round(rows / safe[:, None]).clamp_(-127, 127).view(-1)[:n]
         out[: chunks * size].view(v.dtype).copy_(scales)
         out[chunks * size : chunks * size + n].view(torch.int8).copy_(q)
 
