@@ -21,7 +21,10 @@ import torch
 from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
+from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.fabric.strategies.strategy import TBroadcast
 from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.types import _PATH, Optimizable
 from torch import nn
@@ -32,7 +35,7 @@ from lightning_dpgan.gossip import DistributedTransport, GossipEngine, GossipOpt
 from lightning_dpgan.gossiper import Gossiper, point_anchors_at_parameters
 from lightning_dpgan.replicas import atomic_save, consensus_restart_reason, replica_set_of, safe_load
 from lightning_dpgan.seeding import rng_state, set_rng_state
-from lightning_dpgan.strategy import check_master_port_free, close_gossip_group, die_with_parent, gossip_group
+from lightning_dpgan.strategy import PatientObserver, check_master_port_free, close_gossip_group, die_with_parent, gossip_group
 from lightning_dpgan.topology import Topology
 
 
@@ -86,6 +89,8 @@ class DecentralizedFabricStrategy(DDPStrategy):
         # the launching process, before any worker starts: a bad world size or a taken port is said now
         self.gossiper.build_topology(self.num_nodes * self.num_processes)
         super()._configure_launcher()
+        if type(self._launcher) is _SubprocessScriptLauncher:
+            self._launcher = _PatientLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         if not self.cluster_environment.creates_processes_externally and self.num_nodes == 1 and self.num_processes > 1:
             check_master_port_free()
 
@@ -131,6 +136,29 @@ class DecentralizedFabricStrategy(DDPStrategy):
             return False
         self.gossiper.catch_up(optimizer)
         return True
+
+    # ------------------------------------------------------------------ collectives
+    # Fabric's (fabric.barrier, fabric.save, ...): after the warm-up bounded by the peer timeout, and a worker that
+    # does not come is named (GossipPeerError), as in the gossip.
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        with self.gossiper.collective("barrier"):
+            super().barrier(*args, **kwargs)
+
+    @override
+    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
+        with self.gossiper.collective("broadcast"):
+            return super().broadcast(obj, src)
+
+    @override
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        with self.gossiper.collective("all_gather"):
+            return super().all_gather(tensor, group, sync_grads)
+
+    @override
+    def all_reduce(self, tensor: torch.Tensor, group: Any | None = None, reduce_op: Any = "mean") -> torch.Tensor:
+        with self.gossiper.collective("all_reduce"):
+            return super().all_reduce(tensor, group, reduce_op)
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -214,6 +242,19 @@ class DecentralizedFabricStrategy(DDPStrategy):
             strategy_registry.register(
                 name, cls, description=f"Decentralized gossip strategy with start_method '{start_method}'", start_method=start_method
             )
+
+
+class _PatientLauncher(_SubprocessScriptLauncher):
+    """Fabric's popen launcher with a :class:`~lightning_dpgan.strategy.PatientObserver`."""
+
+    @override
+    def launch(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            PatientObserver(self.procs).start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
 
 
 if "decentralized" not in STRATEGY_REGISTRY:

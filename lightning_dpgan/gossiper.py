@@ -9,18 +9,24 @@ sets. Only how Lightning or Fabric call them differs, which stays in :mod:`light
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.types import _PATH
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dpgan.checks import check_bool, check_int
-from lightning_dpgan.gossip import GossipEngine, GossipOptions, Stop, StopReason, Transport, build_engine
+from lightning_dpgan.gossip import GossipEngine, GossipOptions, GossipPeerError, Stop, StopReason, Transport, build_engine
+from lightning_dpgan.gossip.transport import peer_failure
 from lightning_dpgan.guard import NonFiniteError, first_nonfinite, nonfinite_message
 from lightning_dpgan.mix_sets import AnchoredOptimizer, MixSet, build_mix_set, metric_prefixes, own_buffers, own_parameters, submodule_names
 from lightning_dpgan.replicas import (
@@ -30,6 +36,8 @@ from lightning_dpgan.replicas import (
     main_meta,
     read_replica,
     remove_other_sets,
+    remove_set,
+    replica_path,
     replica_set_of,
     write_replica,
 )
@@ -86,6 +94,7 @@ class Gossiper:
         self._signalled = False
         self._signal_announced = False
         self._nonfinite: tuple[int, int] | None = None  # (step, submodule) where this rank first saw one
+        self._in_collective = False
 
     # ------------------------------------------------------------------ set-up
     def build_topology(self, world_size: int) -> Topology:
@@ -252,18 +261,73 @@ class Gossiper:
 
     def save_set(self, filepath: _PATH, step: int, checkpoint: dict[str, Any], replica: dict[str, Any], collectives: Collectives, write_main: Any) -> None:
         """Commit ``checkpoint`` (the main file, by rank 0, through ``write_main(checkpoint)``) and each rank's
-        ``replica`` as one set: replicas first, then the main file, then older sets of the same path go."""
+        ``replica`` as one set: replicas first, then the main file, then older sets of the same path go.
+
+        Any rank's write may fail (a full disk): the ranks agree after each write, so that every rank raises the same
+        :class:`CheckpointError`, the new set's files go, and the sets written before stay."""
         assert self.engine is not None and self.topology is not None
         token = collectives.broadcast(uuid.uuid4().hex[:8] if collectives.is_global_zero else None)
         replica_set = ReplicaSet(self.run_id, int(step), token, self.engine.world_size, self.topology.name)
         checkpoint[CHECKPOINT_KEY] = main_meta(replica_set, self.engine.state_dict())
         replica = {**replica, GOSSIP_REPLICA_KEY: self.engine.replica_state()}
-        write_replica(filepath, replica_set, collectives.global_rank, replica)
-        collectives.barrier("replicas written")  # every replica is on disk before the main file commits the set
-        if collectives.is_global_zero:
-            write_main(checkpoint)
-        collectives.barrier("checkpoint committed")  # only then may the older sets go
-        remove_other_sets(filepath, replica_set, collectives.global_rank, collectives.is_global_zero)
+        rank, is_zero = collectives.global_rank, collectives.is_global_zero
+        undo = lambda: remove_set(filepath, replica_set, rank, is_zero)  # noqa: E731
+        started = time.monotonic()
+        failure = _failure_of(lambda: write_replica(filepath, replica_set, rank, replica), replica_path(filepath, replica_set, rank))
+        # every replica is on disk before the main file commits the set; the others may take as long to write theirs
+        allowance = 2 * (time.monotonic() - started)
+        self._agree("replicas written", failure, collectives, allowance, undo)
+        failure = _failure_of(lambda: write_main(checkpoint), filepath) if is_zero else None
+        self._agree("checkpoint committed", failure, collectives, allowance, undo)  # only then may the older sets go
+        remove_other_sets(filepath, replica_set, rank, is_zero)
+
+    def commit_main(self, filepath: _PATH, collectives: Collectives, write_main: Callable[[], None]) -> None:
+        """Rank 0 writes a main file without replicas; every rank learns whether it could."""
+        failure = _failure_of(write_main, filepath) if collectives.is_global_zero else None
+        self._agree("checkpoint written", failure, collectives, 0.0, lambda: None)
+
+    def _agree(self, what: str, failure: str | None, collectives: Collectives, allowance: float, undo: Callable[[], None]) -> None:
+        """Every rank says whether its write failed; if any did, every rank undoes the new set and raises the first
+        failing rank's :class:`CheckpointError`."""
+        assert self.engine is not None
+        if self.engine.world_size == 1:
+            failed = [failure is not None]
+        else:
+            with self.collective(f"checkpoint ({what})", allowance):
+                flag = torch.tensor([failure is not None], device=_device(self._module))
+                failed = collectives.all_gather(flag).reshape(-1).tolist()
+                if any(failed):
+                    failure = collectives.broadcast(failure, src=failed.index(True))
+        if any(failed):
+            undo()
+            raise CheckpointError(failure)
+
+    @contextlib.contextmanager
+    def collective(self, what: str, allowance: float = 0.0) -> Iterator[None]:
+        """Around a collective of the framework's (a barrier, a broadcast, a gather): on gloo, bounded by the
+        engine's timeout (the peer timeout after the warm-up) plus ``allowance`` seconds (what a write may take),
+        and a failure raised as :class:`~lightning_dpgan.gossip.GossipPeerError` naming the worker that did not come.
+        The outermost one bounds nested ones."""
+        engine = self.engine
+        if engine is None or engine.world_size == 1 or self._in_collective:
+            yield
+            return
+        timeout = engine.collective_timeout + timedelta(seconds=allowance)
+        self._in_collective = True
+        bounded = _set_default_group_timeout(timeout)
+        try:
+            yield
+        except GossipPeerError:
+            raise
+        except RuntimeError as err:
+            if not _lost_a_peer(err):
+                raise
+            group = getattr(engine.transport, "group", None)
+            raise peer_failure(engine.rank, what, None, timeout, engine.phase, err, group) from err
+        finally:
+            self._in_collective = False
+            if bounded:
+                _set_default_group_timeout(timedelta(seconds=self.options.startup_timeout))
 
     def read_own_replica(self, filepath: _PATH, checkpoint: dict[str, Any], collectives: Collectives) -> dict[str, Any] | None:
         """This rank's replica of the set the main file commits, or ``None`` for a main file without one or one written
@@ -318,6 +382,34 @@ def point_anchors_at_parameters(optimizers: list[Optimizer]) -> None:
             with torch.no_grad():
                 for anchor, param in zip(optimizer.anchors(), params):
                     anchor.copy_(param)
+
+
+def _failure_of(write: Callable[[], None], path: _PATH) -> str | None:
+    """Run a checkpoint write; what went wrong, in one line, or ``None``. Never raises: the other ranks wait to hear."""
+    try:
+        write()
+    except CheckpointError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - a storage plugin's error, say; every rank must hear of it
+        lines = str(err).strip().splitlines()
+        return f"checkpoint file {os.fspath(path)!r} could not be written ({type(err).__name__}: {lines[0] if lines else ''})"
+    return None
+
+
+def _lost_a_peer(err: RuntimeError) -> bool:
+    """Whether a collective failed on a peer (gloo: a timeout, a closed connection), not on its arguments."""
+    text = str(err).lower()
+    return isinstance(err, dist.DistError) or any(word in text for word in ("gloo", "timed out", "timeout", "connection", "closed"))
+
+
+def _set_default_group_timeout(timeout: timedelta) -> bool:
+    """Bound the next collectives of the default process group, where it is gloo's (NCCL's timeout aborts the
+    process instead). Returns whether it did."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_backend() != "gloo":
+        return False
+    setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.8
+    setter(timeout)
+    return True
 
 
 def _device(module: nn.Module | None) -> torch.device:

@@ -81,7 +81,8 @@ def main_meta(replica_set: ReplicaSet, gossip_state: dict[str, Any]) -> dict[str
 # ---------------------------------------------------------------------- writing
 def atomic_save(obj: Any, path: _PATH) -> None:
     """``torch.save`` to a temporary file beside ``path``, ``fsync``, then ``os.replace``: readers see the old file
-    or the whole new one, also after a power cut. Remote (fsspec) paths go through a filesystem transaction."""
+    or the whole new one, also after a power cut. Remote (fsspec) paths go through a filesystem transaction. A local
+    write that fails (a full disk) leaves the old file and raises :class:`CheckpointError` (:func:`write_error`)."""
     path = os.fspath(path)
     fs = get_filesystem(path)
     if not _is_local(path):
@@ -89,25 +90,91 @@ def atomic_save(obj: Any, path: _PATH) -> None:
             torch.save(obj, f)
         return
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(f"{glob.escape(path)}.tmp*"):  # left by a writer killed mid-write
         with contextlib.suppress(FileNotFoundError):
             os.remove(stale)
     temporary = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(temporary, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError, without errno
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise write_error(path, obj, err) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
     _fsync_folder(folder)
 
 
+def write_error(path: str, obj: Any, err: BaseException) -> CheckpointError:
+    """One line for a checkpoint file that could not be written: the path, why, and the space it needs against the
+    space its filesystem has (measured after the partial file is gone)."""
+    needed = tensor_bytes(obj)
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        free = None
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    elif free is not None and free < needed:
+        reason = "No space left on device"
+    else:
+        lines = str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    space = f"; it needs about {_size(needed)} and its filesystem has {_size(free)} free" if free is not None else ""
+    return CheckpointError(f"checkpoint file {path!r} could not be written ({reason}){space}; the checkpoints written before it are kept")
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensor storages in ``obj`` (dicts, lists and tuples of them), each storage counted once:
+    about what ``torch.save`` writes."""
+    seen: dict[int, int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(obj)
+    return sum(seen.values())
+
+
+def _size(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
 def write_replica(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, contents: dict[str, Any]) -> None:
     atomic_save({**asdict(replica_set), "rank": rank, **contents}, replica_path(checkpoint_path, replica_set, rank))
+
+
+def remove_set(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, is_global_zero: bool) -> None:
+    """Remove a set that was not committed (a write failed): each rank its own file, rank 0 the folder, and the
+    ``.replicas`` folder too if nothing else is left in it."""
+    folder = set_folder(checkpoint_path, replica_set)
+    if not _is_local(folder):
+        return
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        os.remove(os.path.join(folder, f"rank{rank}.pt"))
+    if is_global_zero:
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty: it holds the sets written before
+            os.rmdir(f"{checkpoint_path}.replicas")
 
 
 def remove_other_sets(checkpoint_path: _PATH, keep: ReplicaSet | None, rank: int, is_global_zero: bool) -> None:

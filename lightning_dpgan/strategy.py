@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -39,11 +40,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -141,6 +145,8 @@ class DecentralizedStrategy(DDPStrategy):
         # Runs in the launching process before any worker starts: the place to reject a bad world size or port.
         self.gossiper.build_topology(self.num_nodes * self.num_processes)
         super()._configure_launcher()
+        if type(self._launcher) is _SubprocessScriptLauncher:
+            self._launcher = _PatientLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         starts_workers = self._launcher is not None and not self.cluster_environment.creates_processes_externally
         if starts_workers and self.num_nodes == 1 and self.num_processes > 1:
             check_master_port_free()
@@ -215,6 +221,10 @@ class DecentralizedStrategy(DDPStrategy):
                 config.scheduler.step()
 
     @override
+    # With manual optimization (DPGAN) the optimizer steps inside training_step, which torch.compile(model) compiles:
+    # dynamo would trace the gossip (sends, receives, flat buffers) and the non-finite check into graphs. The step
+    # runs eagerly instead; the model's forward and backward stay compiled.
+    @torch.compiler.disable
     def optimizer_step(
         self,
         optimizer: Optimizer,
@@ -249,9 +259,12 @@ class DecentralizedStrategy(DDPStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         engine = self.engine
-        if engine is None or engine.world_size == 1 or "optimizer_states" not in checkpoint:
+        if engine is None or engine.world_size == 1:
             if self.is_global_zero:
                 self._write_main(checkpoint, filepath, storage_options)
+            return
+        if "optimizer_states" not in checkpoint:  # weights only: no replicas, but every rank hears if it failed
+            self.gossiper.commit_main(filepath, self, lambda: self._write_main(checkpoint, filepath, storage_options))
             return
         module = self.lightning_module
         assert module is not None
@@ -307,6 +320,29 @@ class DecentralizedStrategy(DDPStrategy):
             set_rng_state(self._pending_replica["rng_states"])
         if self._pending_consensus_restart:
             point_anchors_at_parameters(self.optimizers)  # rank 0's optimizer state came with the main file
+
+    # ------------------------------------------------------------------ collectives
+    # Lightning's own (checkpoints, callbacks, sync_dist): after the warm-up bounded by the peer timeout, and a worker
+    # that does not come is named (GossipPeerError), as in the gossip.
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        with self.gossiper.collective(f"barrier {name!r}" if name else "barrier"):
+            super().barrier(name)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        with self.gossiper.collective("broadcast"):
+            return super().broadcast(obj, src)
+
+    @override
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        with self.gossiper.collective("all_gather"):
+            return super().all_gather(tensor, group, sync_grads)
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        with self.gossiper.collective("reduce"):
+            return super().reduce(tensor, group, reduce_op)
 
     # ------------------------------------------------------------------ starting and stopping
     @override
@@ -385,6 +421,48 @@ def close_gossip_group(group: torch.distributed.ProcessGroup | None) -> None:
     if group is not None and torch.distributed.is_initialized():
         with contextlib.suppress(Exception):  # local for gloo; after an error the peers may be gone
             torch.distributed.destroy_process_group(group)
+
+
+#: how long rank 0 has to say which worker failed, after one of the workers it launched has failed, before
+#: everything still running is killed
+REPORT_GRACE_S = 15.0
+
+
+class PatientObserver(_ChildProcessObserver):
+    """Lightning's observer of the workers rank 0 launched kills every process, rank 0 included, within 5 s of one
+    worker failing: often before rank 0 has said which one (the others fail a moment later, on losing it). This one
+    gives rank 0 ``REPORT_GRACE_S`` to report and exit first (its workers die with it, :func:`die_with_parent`),
+    and only then kills what is still running, as Lightning's does."""
+
+    def __init__(self, child_processes: list[Any]) -> None:
+        super().__init__(main_pid=os.getpid(), child_processes=child_processes, sleep_period=1)
+        self._failed_at: float | None = None
+
+    @override
+    def _run(self) -> bool:
+        codes = [proc.poll() for proc in self._child_processes]
+        if all(code == 0 for code in codes):
+            return True
+        if not any(codes):
+            return False
+        if self._failed_at is None:
+            self._failed_at = time.monotonic()
+        if time.monotonic() - self._failed_at < REPORT_GRACE_S:
+            return False
+        return super()._run()
+
+
+class _PatientLauncher(_SubprocessScriptLauncher):
+    """Lightning's popen launcher with a :class:`PatientObserver`."""
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            PatientObserver(self.procs).start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
 
 
 def die_with_parent() -> None:
