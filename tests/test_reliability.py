@@ -491,3 +491,151 @@ def test_sigterm_to_the_process_group_stops_every_rank_at_one_step_with_a_checkp
     while group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not group_alive(proc.pid)
+
+
+# ---------------------------------------------------------------------- the worker that failed is named, soon
+def _fit_cli(run_dir: Path, *extra: str, devices: int = 4) -> subprocess.Popen:
+    args = [f"devices={devices}", "evaluation.every_n_steps=0", "evaluation.num_samples=100", "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1", "+logger.flush_logs_every_n_steps=1", f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen([*CLI, "fit", *args, *extra], env=worker_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _worker_pid(launcher: int, rank: int) -> int:
+    """The pid of the worker of global rank ``rank`` that Lightning's popen launcher (rank 0, ``launcher``) started."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher:
+                env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
+                if env.get("LOCAL_RANK") == str(rank):
+                    return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under {launcher}")
+
+
+def _logged_step(run_dir: Path) -> int:
+    """The newest step in the run's metrics.csv (0 before it has one)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        header, *rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
+        column = header.split(",").index("step")
+        return max((int(float(row.split(",")[column])) for row in rows if row.count(",") == header.count(",")), default=0)
+    return 0
+
+
+def _ended(proc: subprocess.Popen, stalled: int) -> tuple[str, float]:
+    """Wait for the run to end (stderr and when), then check that nothing of it is left running."""
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    ended = time.monotonic()
+    deadline = time.monotonic() + 30
+    while (_alive(stalled) or group_alive(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(stalled) and not group_alive(proc.pid), "a worker outlived the run"
+    return stderr, ended
+
+
+@pytest.mark.parametrize("sig", ["KILL", "STOP"])
+def test_the_worker_that_died_or_stalled_is_named_not_the_neighbour_that_left(tmp_path, sig):
+    """Rank 2 of a ring of 4 is killed or stopped after the warm-up (3 steps here). Rank 0, the one that prints, is
+    not its neighbour: it sees rank 1 or 3 leave after they lost rank 2, and the reports they left in the store say
+    which worker it was. The stop is named within the peer timeout (5 s), plus the 3 s the reports are given."""
+    proc = _fit_cli(tmp_path, "max_steps=100000", "checkpoint.every_n_train_steps=100000", "strategy.gossip.peer_timeout=5")
+    deadline = time.monotonic() + 120
+    while _logged_step(tmp_path) < 4:  # past the warm-up, in the first steps
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    victim = _worker_pid(proc.pid, 2)
+    os.kill(victim, getattr(signal, f"SIG{sig}"))
+    signalled = time.monotonic()
+    stderr, ended = _ended(proc, victim)
+    assert proc.returncode == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert errors[0].startswith("error: GossipPeerError: rank 2 died or stalled; rank 0: "), errors[0]
+    assert ended - signalled < 5 + 3 + 10, ended - signalled
+
+
+def _inside_replica_write(pid: int) -> bool:
+    """Whether the stopped process holds a replica file open for writing (``rank<r>.pt.tmp<pid>``)."""
+    with contextlib.suppress(OSError):
+        return any(".pt.tmp" in os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    return False
+
+
+def test_a_worker_stopped_inside_a_checkpoint_write_is_named_within_the_peer_timeout(tmp_path):
+    """A checkpoint every step, and rank 2 stopped (SIGSTOP) while it writes its replica file: the others wait in
+    the checkpoint's agreement, once bounded only by the start-up timeout (30 minutes), now by the peer timeout."""
+    proc = _fit_cli(tmp_path, "max_steps=100000", "checkpoint.every_n_train_steps=1", "strategy.gossip.peer_timeout=5")
+    deadline = time.monotonic() + 120
+    while _logged_step(tmp_path) < 5:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    victim = _worker_pid(proc.pid, 2)
+    rng = random.Random(0)
+    for _ in range(2000):  # stop it, and go on until it is caught inside its replica write
+        os.kill(victim, signal.SIGSTOP)
+        time.sleep(0.01)
+        if _inside_replica_write(victim):
+            break
+        os.kill(victim, signal.SIGCONT)
+        time.sleep(rng.uniform(0, 0.05))
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("rank 2 was never caught inside a replica write")
+    signalled = time.monotonic()
+    stderr, ended = _ended(proc, victim)
+    assert proc.returncode == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert errors[0].startswith("error: GossipPeerError: rank 2 died or stalled; rank 0: checkpoint (replicas written)"), errors[0]
+    assert ended - signalled < 5 + 3 + 10, ended - signalled
+
+
+# ---------------------------------------------------------------------- a full disk
+@contextlib.contextmanager
+def _small_disk(folder: Path, size: int):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.parametrize("which", ["replica", "main"])
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_whole_checkpoint(tmp_path, which):
+    """A fit checkpoints at step 5 on a small disk; the disk is then filled, and the resumed fit's checkpoint at
+    step 10 does not fit: its replicas (``replica``), or only rank 0's main file (``main``). Every rank stops with
+    the same error, the CLI prints one line naming the file and the space, nothing of the new set is left, and the
+    checkpoint of step 5 still loads, whole."""
+    with _small_disk(tmp_path / "disk", 32 * 2**20) as disk:
+        run_dir, args = disk / "run", ["checkpoint.every_n_train_steps=5", "trainer.log_every_n_steps=1000"]
+        first = _fit_cli(run_dir, "max_steps=5", *args, devices=2)
+        assert first.wait(timeout=240) == 0, first.communicate()[1][-3000:]
+        last = run_dir / "checkpoints" / "last.ckpt"
+        replica = next(Path(f"{last}.replicas").glob("step*/rank0.pt")).stat().st_size
+        main = last.stat().st_size
+        free = replica // 2 if which == "replica" else 2 * replica + main // 2  # room for the replicas, not the main file
+        with open(disk / "filler", "wb") as f:
+            f.truncate(0)
+            f.write(b"\0" * max(0, shutil.disk_usage(disk).free - free))
+        resumed = _fit_cli(run_dir, "max_steps=10", f"ckpt_path={last}", *args, devices=2)
+        stderr, _ = _ended(resumed, resumed.pid)
+        assert resumed.returncode == 2, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in stderr and "[rank" not in stderr.split("error:")[-1], stderr[-3000:]
+        assert f"error: checkpoint file '{run_dir}/checkpoints/epoch=0-step=10.ckpt" in errors[0], errors[0]
+        assert ("replicas/step000000010-" in errors[0]) == (which == "replica"), errors[0]
+        assert "could not be written (No space left on device); it needs about 1.5 MB and its filesystem has" in errors[0], errors[0]
+        assert not list(run_dir.glob("checkpoints/*.replicas/step000000010-*")), "a partial set was left"
+        assert not list(run_dir.glob("checkpoints/epoch=0-step=10.ckpt*")), "a partial file was left"
+        check_set(last, 2)  # the set of step 5: its main file and every replica load and belong together
+        assert read_main(last)["global_step"] == 5
+        check_set(run_dir / "checkpoints" / "epoch=0-step=5.ckpt", 2)
