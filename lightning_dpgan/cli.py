@@ -17,6 +17,8 @@ import csv
 import importlib.util
 import math
 import os
+import re
+import shlex
 import sys
 import time
 import uuid
@@ -87,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if command.hydra_flags:
             run_hydra(command)
             return
-        cfg, run_dir = compose_run(command.verb, command.overrides)
+        overrides = with_run_overrides(command.verb, quote_paths(command.overrides))
+        cfg, run_dir = compose_run(command.verb, overrides)
         cfg = follow_the_launcher(cfg)
         cfg, resuming_here = resolve_last(command.verb, cfg, run_dir)
         cfg = prepare(command.verb, cfg)
@@ -95,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print_topology(cfg)  # reads the configuration only: no run directory, no process
             return
         run_dir = make_run_directory(cfg, run_dir, resuming_here)
+        if command.verb == "fit":
+            save_run_overrides(run_dir, overrides)
     except UsageError as err:
         fail(str(err), 2)
     TASKS[command.verb](cfg, run_dir)
@@ -121,15 +126,21 @@ def parse_command(argv: list[str]) -> Command:
     if not rest:
         command.help = True
         return command
+    if _is_hydra_flag(rest[0]):  # shell completion calls ``lightning-dpgan -sc query=bash``: no verb
+        rest = ["fit", *rest]
     command.verb, args = rest[0], rest[1:]
     if command.verb not in VERBS:
         raise UsageError(f"unknown verb {command.verb!r}; allowed: {', '.join(VERBS)}")
     if args[:1] == [RUN_CONFIG_FLAG] and len(args) == 2:
         command.run_config = args[1]
         return command
-    command.hydra_flags = any(arg.split("=", 1)[0] in HYDRA_FLAGS for arg in args)
+    command.hydra_flags = any(_is_hydra_flag(arg) for arg in args)
     command.overrides = args
     return command
+
+
+def _is_hydra_flag(arg: str) -> bool:
+    return arg.split("=", 1)[0] in HYDRA_FLAGS
 
 
 def usage() -> str:
@@ -195,6 +206,76 @@ def compose_run(verb: str, overrides: Sequence[str]) -> tuple[DictConfig, str]:
     return cfg, run_dir
 
 
+#: keys whose values are paths: quoted for Hydra, whose grammar reads ``=`` and ``,`` (a multirun job's folder name)
+PATH_KEYS = ("ckpt_path", "output_dir", "hydra.run.dir", "hydra.sweep.dir", "dataset.root", "evaluation.inception_weights")
+#: a run's overrides that name where it is, not what it is: never carried into its resume
+PLACE_KEYS = ("ckpt_path", "output_dir", "hydra.run.dir", "hydra.sweep.dir")
+RUN_OVERRIDES = "overrides.yaml"  # beside config.yaml: the command line a resume composes again
+_PLAIN_PATH = re.compile(r"[\w/.\-+@%*?~]*")
+
+
+def quote_paths(overrides: Sequence[str]) -> list[str]:
+    """``ckpt_path=/runs/multirun/x/0_topology=ring/...`` as ``ckpt_path='...'``, so that a path is one value."""
+    quoted = []
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        if eq and key.lstrip("+~") in PATH_KEYS and value[:1] not in ("'", '"') and not _PLAIN_PATH.fullmatch(value):
+            override = f"{key}='{value.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'"
+        quoted.append(override)
+    return quoted
+
+
+def override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _override_value(overrides: Sequence[str], key: str) -> str | None:
+    values = [o.partition("=")[2] for o in overrides if override_key(o) == key]
+    if not values:
+        return None
+    value = values[-1]
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in ("'", '"'):
+        value = value[1:-1].replace(chr(92) + value[0], value[0]).replace(chr(92) * 2, chr(92))
+    return value
+
+
+def with_run_overrides(verb: str, overrides: list[str]) -> list[str]:
+    """Resuming a fit (``ckpt_path=<run>/checkpoints/<file>``, or ``ckpt_path=last hydra.run.dir=<run>``) composes
+    the run's own command line again, with the keys given now replacing the same keys of the run's, and goes on in
+    the run's directory: the printed ``resume:`` line then resumes the run it names (its max_steps, topology,
+    experiment), whatever the defaults are."""
+    ckpt = _override_value(overrides, "ckpt_path")
+    if verb != "fit" or not ckpt:
+        return overrides
+    if ckpt == "last":
+        run_dir = _override_value(overrides, "hydra.run.dir")
+    else:
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+    saved = os.path.join(run_dir, RUN_OVERRIDES) if run_dir else None
+    if saved is None or not os.path.isfile(saved):
+        return overrides  # a checkpoint outside a run directory (or from an older version): the command line alone
+    try:
+        stored = OmegaConf.to_container(OmegaConf.load(saved))
+    except Exception as err:  # a YAML error
+        raise UsageError(f"{saved}: not a readable list of overrides ({type(err).__name__})") from None
+    if not isinstance(stored, list) or not all(isinstance(o, str) for o in stored):
+        raise UsageError(f"{saved}: not a list of overrides")
+    given = {override_key(o) for o in overrides}
+    place = [] if "hydra.run.dir" in given else [quote_paths([f"hydra.run.dir={run_dir}"])[0]]
+    return [o for o in stored if override_key(o) not in given | set(PLACE_KEYS)] + overrides + place
+
+
+def save_run_overrides(run_dir: str, overrides: Sequence[str]) -> None:
+    """What :func:`with_run_overrides` reads back (rank 0 alone; the others find it written)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        kept = [o for o in overrides if override_key(o) not in PLACE_KEYS and not _is_hydra_flag(o)]
+        OmegaConf.save(OmegaConf.create(kept), os.path.join(run_dir, RUN_OVERRIDES))
+
+
+def resume_line(checkpoint: str) -> str:
+    return f"python -m lightning_dpgan fit ckpt_path={shlex.quote(checkpoint)}"
+
+
 def _hydra_message(err: BaseException) -> str:
     message = str(err).strip()
     cause = err.__cause__
@@ -204,6 +285,9 @@ def _hydra_message(err: BaseException) -> str:
 def prepare(verb: str, cfg: DictConfig) -> DictConfig:
     """Check the configuration by building every cheap object; returns it as the workers will use it (for ``fit``,
     with the scaled learning rates; for ``validate``/``sample``, with the run's own dataset and model)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UsageError(f"{missing[0]} must be given: add {missing[0]}=... (e.g. dataset.root=<a folder> for dataset=imagefolder)")
     for key in ("devices", "num_nodes", "max_steps", "batch_size", "num_samples"):
         _check(key, lambda: _check_int(key, cfg[key]))
     _check("seed", lambda: check_int("seed", cfg.seed, 0, MAX_SEED, why="the range numpy's and torch's generators take"))
@@ -222,7 +306,7 @@ def prepare(verb: str, cfg: DictConfig) -> DictConfig:
     strategy = instantiate(cfg, "strategy")
     if _is_decentralized(cfg):  # the gossip options against the graph (staleness, compression need a static one)
         _check("strategy", lambda: strategy.gossiper.build_topology(cfg.devices * cfg.num_nodes))
-    evaluation = build_evaluation(cfg)
+    evaluation = build_evaluation(cfg) if verb != "sample" else None  # sampling scores nothing
     if verb == "validate" and evaluation is None:
         raise UsageError("validate evaluates the checkpoint: leave evaluation.enabled=true")
     model = instantiate(cfg, "model")
@@ -241,7 +325,23 @@ def prepare(verb: str, cfg: DictConfig) -> DictConfig:
         check_checkpoint(verb, cfg, model, checkpoint)
     if verb == "fit":
         check_launch(cfg, datamodule)
+    if verb in ("fit", "validate") and hasattr(datamodule, "sample_shape"):
+        check_data_fits_model(cfg, datamodule, model)
     return cfg
+
+
+def check_data_fits_model(cfg: DictConfig, datamodule: Any, model: Any) -> None:
+    """The generator makes samples of the data's shape (``dataset=imagefolder``'s 64 px against ``model=dcgan``'s 32
+    would train on scrambled images)."""
+    _check("dataset", lambda: datamodule.setup("fit"))
+    real = tuple(datamodule.sample_shape())
+    fake = tuple(model.sample(2, ema=False).shape[1:]) if hasattr(model, "sample") else real
+    if real != fake:
+        size = f"; e.g. model.generator.image_size={real[-1]}" if len(real) == 3 else ""
+        raise UsageError(
+            f"dataset={cfg.dataset.get('name', cfg.dataset._target_)} gives samples of shape {real} and the model "
+            f"generates {fake}: they must match{size}"
+        )
 
 
 def check_launch(cfg: DictConfig, datamodule: Any) -> None:
@@ -541,11 +641,59 @@ def run_hydra(command: Command) -> None:
         run_dir = HydraConfig.get().runtime.output_dir
         if command.verb == "topology":
             print_topology(cfg)
-        else:
-            TASKS[command.verb](cfg, run_dir)
+            return
+        if command.verb == "fit":
+            save_run_overrides(run_dir, list(HydraConfig.get().overrides.task))
+        TASKS[command.verb](cfg, run_dir)
 
-    sys.argv[:] = [sys.argv[0], *command.overrides, f"verb={command.verb}"]  # hydra.main parses sys.argv
+    flags = {arg.split("=", 1)[0] for arg in command.overrides if _is_hydra_flag(arg)}
+    if flags & {"-sc", "--shell-completion"} and any(arg.startswith("query") for arg in command.overrides):
+        if complete_verb():
+            return
+    # Hydra's own help and completion know no verb key
+    verb = [] if flags & {"--hydra-help", "-sc", "--shell-completion"} else [f"verb={command.verb}"]
+    hydra_args, overrides = split_hydra_flags(command.overrides)
+    sys.argv[:] = [sys.argv[0], *verb, *quote_paths(overrides), *hydra_args]  # hydra.main parses sys.argv
     hydra.main(config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config", version_base="1.3")(hydra_task)()
+
+
+#: Hydra's flags that take the word after them (``--info`` only when it is one of its topics)
+_FLAG_ARGUMENTS = {"-c": None, "--cfg": None, "-p": None, "--package": None,
+                   "-i": ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")}
+_FLAG_ARGUMENTS["--info"] = _FLAG_ARGUMENTS["-i"]
+
+
+def split_hydra_flags(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags with their arguments, and the overrides: argparse takes the overrides as one run of words, and
+    ``--info`` the word after it, so the flags go last."""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if _is_hydra_flag(arg):
+            flags.append(arg)
+            takes = _FLAG_ARGUMENTS.get(arg, ())
+            if i + 1 < len(args) and (takes is None or (takes and args[i + 1] in takes)):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
+def complete_verb() -> bool:
+    """Shell completion (Hydra's hook runs ``lightning-dpgan -sc query=bash`` with the line typed so far in
+    ``COMP_LINE``): print the verbs while the verb is typed (``True``), else drop the verb from the line so that
+    Hydra completes the overrides after it."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    after = words[1:]
+    if not after or (len(after) == 1 and not line.endswith(" ")):
+        print(" ".join(verb for verb in VERBS if verb.startswith(after[0] if after else "")))
+        return True
+    if after[0] in VERBS:
+        os.environ["COMP_LINE"] = " ".join([words[0], *after[1:]]) + (" " if line.endswith(" ") else "")
+    return False
 
 
 def is_multirun() -> bool:
@@ -602,7 +750,7 @@ def fit(cfg: DictConfig, run_dir: str, worker: bool = False) -> None:
     except SIGTERMException:
         last = os.path.join(run_dir, "checkpoints", "last.ckpt")
         if not quiet and os.path.isfile(last):
-            print(f"resume: python -m lightning_dpgan fit ckpt_path={last}", flush=True)
+            print(f"resume: {resume_line(last)}", flush=True)
         raise  # Lightning's SIGTERM exit
     except (NonFiniteError, GossipPeerError, CheckpointError) as err:
         if quiet:
@@ -641,12 +789,19 @@ def fit_summary(cfg: DictConfig, run_dir: str, seconds: float, world_size: int) 
     rows = read_csv(os.path.join(run_dir, "evaluation.csv"))
     last = rows[-1] if rows else {}
     if "modes" in last:
-        quality = f"{float(last['modes']):.0f} modes, {100 * float(last['high_quality']):.1f}% high quality, reverse KL {float(last['reverse_kl']):.3f}"
+        modes = int(float(last["modes"]))
+        quality = f"{modes} mode{'' if modes == 1 else 's'}, {100 * float(last['high_quality']):.1f}% high quality, reverse KL {float(last['reverse_kl']):.3f}"
     elif "fid" in last:
         quality = f"FID {float(last['fid']):.2f}, IS {float(last['inception_score']):.2f}"
     else:
         quality = "not evaluated"
-    consensus = ", ".join(f"{k.removeprefix('consensus/')} {float(v):.3g}" for k, v in last.items() if k.startswith("consensus/") and v)
+    measured = {k: v for k, v in last.items() if k.startswith("consensus/") and v}
+    if not measured:  # no evaluation: the strategy's own measurement, every consensus_every steps, in metrics.csv
+        for row in read_csv(os.path.join(run_dir, "metrics.csv")):
+            measured.update({k: v for k, v in row.items() if k.startswith("consensus/") and v})
+    consensus = ", ".join(f"{k.removeprefix('consensus/')} {float(v):.3g}" for k, v in measured.items())
+    unmeasured = ("not measured (strategy.consensus_every=0 and no evaluation)" if _is_decentralized(cfg) and world_size > 1
+                  else "0 (one process, or DDP: identical replicas)")
     communication = (
         f"{cfg.topology.name}, gossip_rounds={cfg.gossip_rounds}" if _is_decentralized(cfg) else cfg.strategy._target_.rsplit(".", 1)[-1]
     )
@@ -656,11 +811,11 @@ def fit_summary(cfg: DictConfig, run_dir: str, seconds: float, world_size: int) 
     samples = [name for name in files if name.startswith("samples_step")]
     shown = [name for name in files if not name.startswith("samples_step")] + ([f"samples_step*.png ({len(samples)})"] if samples else [])
     last_ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
-    resume = f"\n  resume: python -m lightning_dpgan fit ckpt_path={last_ckpt}" if os.path.isfile(last_ckpt) else ""
+    resume = f"\n  resume: {resume_line(last_ckpt)}" if os.path.isfile(last_ckpt) else ""
     return (
         f"\nfit done in {seconds:.1f} s on {world_size} processes ({communication}, {cfg.optim._target_.rsplit('.', 1)[-1]})\n"
         f"  {'consensus' if cfg.evaluation.model == 'consensus' else 'local'} model, {cfg.evaluation.num_samples} samples: {quality}\n"
-        f"  consensus distance: {consensus or 'not measured (one process, or DDP: identical replicas)'}\n"
+        f"  consensus distance: {consensus or unmeasured}\n"
         f"  run directory: {run_dir}\n"
         f"    {', '.join(shown)}{resume}"
     )

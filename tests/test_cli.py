@@ -8,6 +8,7 @@ weights, W and rho(W^t) from a hand-built matrix.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,75 @@ def test_multirun_gives_every_job_its_own_directory(tmp_path):
     assert proc.stdout.count("fit done in") == 2
     (sweep,) = (tmp_path / "multirun").iterdir()
     assert (sweep / "comparison.png").stat().st_size > 5000 and f"sweep comparison: {sweep}/comparison.png" in proc.stdout
+    # a job's printed resume line resumes it, though its folder name holds '=' and ',' (Hydra's grammar)
+    resume = [line.split("resume: ", 1)[1] for line in proc.stdout.splitlines() if "resume: " in line][1]
+    assert "=" in Path(shlex.split(resume)[-1].split("=", 1)[1]).parents[1].name
+    again = run([*shlex.split(resume), "max_steps=25"], timeout=240)
+    assert "on 2 processes (exponential, gossip_rounds=1" in again.stdout, again.stdout[-2000:]
+    assert torch.load(jobs[1].parent / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 25
+
+
+def test_the_printed_resume_line_resumes_the_run_it_names(tmp_path):
+    """fit's resume line composes the run's own command line again (its max_steps, topology, experiment), not the
+    defaults, and goes on in the run's directory; keys given with it replace the run's."""
+    first = run([*CLI, "fit", "devices=2", "max_steps=12", "topology=exponential", "experiment=digits",
+                 "evaluation.every_n_steps=0", "evaluation.num_samples=100", "trainer.enable_progress_bar=false",
+                 f"output_dir={tmp_path}"], timeout=240)
+    (resume,) = [line.split("resume: ", 1)[1] for line in first.stdout.splitlines() if "resume: " in line]
+    (run_dir,) = (tmp_path / "fit").iterdir()
+    again = run([sys.executable, *shlex.split(resume)[1:]], timeout=120)  # at max_steps already: nothing to train
+    assert "on 2 processes (exponential, gossip_rounds=1" in again.stdout and "FID" in again.stdout, again.stdout[-2000:]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    longer = run([sys.executable, *shlex.split(resume)[1:], "max_steps=20"], timeout=240)
+    assert f"run directory: {run_dir}" in longer.stdout and list((tmp_path / "fit").iterdir()) == [run_dir]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["dataset"]["_target_"].endswith("DigitsDataModule") and config["max_steps"] == 20
+
+
+def test_shell_completion_and_hydra_flags_after_the_verb(tmp_path):
+    def query(line: str) -> str:
+        env = {**worker_env(), "COMP_LINE": line}
+        return run([*CLI, "-sc", "query=bash"], timeout=60, env=env).stdout
+
+    assert query("lightning-dpgan ").split() == ["fit", "validate", "sample", "topology"]
+    assert query("lightning-dpgan f").split() == ["fit"]
+    assert "topology=ring" in query("lightning-dpgan fit topology=").split()
+    script = str(Path(sys.executable).parent / "lightning-dpgan")  # the command the hook is installed for
+    assert run([script, "-sc", "install=bash"], timeout=60).stdout.rstrip().endswith("hydra_bash_completion lightning-dpgan")
+    cfg = yaml.safe_load(run([*CLI, "fit", "experiment=grid25", "--cfg", "job"], timeout=60).stdout)
+    assert cfg["verb"] == "fit" and cfg["devices"] == 8  # the experiment's 8 workers
+    for flags in (["--info"], ["--hydra-help"]):
+        proc = run([*CLI, "fit", *flags], timeout=60)
+        assert "Traceback" not in proc.stderr and proc.stdout.strip(), flags
+
+
+def test_image_folder_at_another_size_than_the_model_is_refused_and_sampling_needs_no_metric(tmp_path):
+    """dataset=imagefolder (64 px by default) with model=dcgan (32 px) trained on scrambled images and exited 0;
+    sample on an image checkpoint asked for Inception weights it does not use."""
+    from PIL import Image
+
+    for i in range(8):
+        (tmp_path / "images" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / "a" / f"{i}.png")
+    data = ["dataset=imagefolder", f"dataset.root={tmp_path / 'images'}", "model=dcgan", "batch_size=4", "evaluation.enabled=false"]
+    status, _, err = call_cli("fit", *data, "devices=1", f"output_dir={tmp_path}")
+    assert status == 2 and err.count("error:") == 1
+    assert "dataset=imagefolder gives samples of shape (3, 64, 64) and the model generates (3, 32, 32)" in err
+    run_dir = tmp_path / "run"
+    run([*CLI, "fit", *data, "dataset.image_size=32", "devices=1", "max_steps=2",
+         "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"], timeout=240)
+    out = tmp_path / "sample"
+    run([*CLI, "sample", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "num_samples=5", f"hydra.run.dir={out}"], timeout=120)
+    assert np.load(out / "samples.npy").shape == (5, 3, 32, 32)
+
+
+def test_the_summary_says_what_was_measured(tmp_path):
+    proc = run([*CLI, "fit", "devices=2", "max_steps=60", "evaluation.enabled=false", "trainer.enable_progress_bar=false",
+                f"output_dir={tmp_path}"], timeout=240)
+    (line,) = [line for line in proc.stdout.splitlines() if "consensus distance:" in line]
+    assert "not measured" not in line and "generator" in line, line  # from metrics.csv, every 50 steps
+    assert " 1 modes" not in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -152,6 +222,7 @@ def test_multirun_gives_every_job_its_own_directory(tmp_path):
         (["fit", "trainer=gpu"], "trainer.accelerator=gpu needs a CUDA GPU, and torch sees none on this machine"),
         (["fit", "num_nodes=2"], "num_nodes=2 needs a launcher on every node"),
         (["fit", "batch_size=20000", "dataset.num_samples=40000"], "batch_size=20000 is larger than rank 0's shard of the data (10000 samples over 4 ranks); allowed: at most 10000"),
+        (["fit", "dataset=imagefolder"], "dataset.root must be given: add dataset.root=..."),
         (["fit", "devices=1025"], "devices x num_nodes must be an integer in [1, 1024], got 1025"),
         (["topology", "devices=100000"], "devices x num_nodes must be an integer in [1, 1024], got 100000"),
         (["fit", "learning_rate=1"], "Could not override 'learning_rate'"),

@@ -93,6 +93,11 @@ class ShardedDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one training sample (after :meth:`setup`): what a generator for this data must make."""
+        assert self.train_set is not None, "call setup() first"
+        return tuple(self.train_set[0][0].shape)
+
     def check_shards(self, world_size: int) -> None:
         """Before any worker starts: every rank's shard holds at least one batch (``ValueError`` otherwise)."""
         self.setup("fit")

@@ -6,6 +6,8 @@ Both nets double or halve the resolution with stride-2, 4×4 convolutions from a
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -66,4 +68,6 @@ class DCGANDiscriminator(nn.Module):
         self.head = wrap(nn.Linear(c_in * base * base, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x[0].numel() != math.prod(self.image_shape):  # a reshape would cut other-sized images into wrong ones
+            raise ValueError(f"{type(self).__name__} takes images of shape {self.image_shape}, got a batch of {tuple(x.shape)}")
         return self.head(self.body(x.reshape(-1, *self.image_shape)).flatten(1)).squeeze(1)
