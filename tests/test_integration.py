@@ -143,13 +143,21 @@ def test_the_built_wheel_carries_configs_license_types_and_version(tmp_path):
     """Build the wheel, install it elsewhere, run the CLI from a folder that is not the checkout."""
     from lightning_dpgan import __version__
 
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)], timeout=180)
+    # -v: pip shows setuptools' own output, where a folder left out of the package list is "would be ignored"
+    build = run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)],
+                timeout=180)
+    assert "would be ignored" not in build.stdout + build.stderr, (build.stdout + build.stderr)[-3000:]
     wheel = next((tmp_path / "dist").glob("lightning_dpgan-*.whl"))
     assert wheel.name.startswith(f"lightning_dpgan-{__version__}-")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "lightning_dpgan/py.typed" in names and any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    # every config of the checkout and the shipped extractors' weights, against the source tree's own files
+    configs = {f"lightning_dpgan/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
+    weights = {f"lightning_dpgan/metrics/weights/{p.name}" for p in (ROOT / "lightning_dpgan/metrics/weights").iterdir()}
+    assert len(configs) > 30 and weights >= {"lightning_dpgan/metrics/weights/digits.pt", "lightning_dpgan/metrics/weights/mnist5k.pt"}
+    assert configs | weights <= set(names), sorted((configs | weights) - set(names))
     assert "License-Expression: Apache-2.0" in metadata
     assert "Provides-Extra: data" in metadata and "Provides-Extra: tensorboard" in metadata
     assert re.search(r"Requires-Dist: scikit-learn.*; extra == \"data\"", metadata) and re.search(r"Requires-Dist: matplotlib", metadata)
