@@ -196,11 +196,7 @@ class DPGAN(pl.LightningModule):
         # reducer (CPOSG baseline) and AMP's grad scaler to their one-backward-per-step contract.
         self.manual_backward(total)
         if self._logger_writes_this_step():
-            logs = {"loss/d": loss_d.detach(), "grad_norm/discriminator": _grad_norm(self.discriminator)}
-            if update_g:
-                logs.update({"loss/g": loss_g.detach(), "grad_norm/generator": _grad_norm(self.generator)})
-            self.log_dict(logs, prog_bar=False)
-            self.log("loss_d", logs["loss/d"], prog_bar=True, logger=False)
+            self._log_step(loss_d.detach(), loss_g.detach() if update_g else None)
 
         optimizer.step()
         scheduler = self.lr_schedulers()
@@ -213,11 +209,24 @@ class DPGAN(pl.LightningModule):
             for average, live in zip(self.generator_ema.module.buffers(), self.generator.buffers()):
                 average.copy_(live)
 
+    @torch.compiler.disable
+    def _log_step(self, loss_d: Tensor, loss_g: Tensor | None) -> None:
+        """The losses and gradient norms for the logger, both losses for the progress bar. Not traced under
+        ``torch.compile``: each metric name would be a guard on ``self.log``, one recompilation per name."""
+        logs = {"loss/d": loss_d, "grad_norm/discriminator": _grad_norm(self.discriminator)}
+        if loss_g is not None:
+            logs.update({"loss/g": loss_g, "grad_norm/generator": _grad_norm(self.generator)})
+        self.log_dict(logs, prog_bar=False)
+        self.log("loss_d", loss_d, prog_bar=True, logger=False)
+        if loss_g is not None:
+            self.log("loss_g", loss_g, prog_bar=True, logger=False)
+
+    @torch.compiler.disable
     def _logger_writes_this_step(self) -> bool:
         """Whether the logger writes this iteration's values. Each ``self.log`` costs Lightning milliseconds on the
         CPU, as much as a small model's whole step, and the logger only writes every ``log_every_n_steps``
         iterations, so the other iterations log nothing. (DPGAN steps once per batch, so ``global_step`` counts
-        batches.)"""
+        batches.) Not traced under ``torch.compile``: the step number would be a guard, one recompilation a step."""
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.trainer.global_step + 1) % every == 0
 

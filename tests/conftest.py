@@ -118,6 +118,9 @@ def suite2(tmp_path_factory, suite4) -> Path:
         ["resume", "resume_two", {"epochs": 4, "devices": 2, "save": "start", "ckpt": str(suite4 / "resume_sync/full/ckpt/last.ckpt")}],
         ["evaluate", "eval_digits", {"dataset": "digits", "devices": 2, "steps": 20, "samples": 200}],
         ["grid", "smoke", {"devices": 2, "steps": 2000, "batch_size": 256, "ema": 0.99}],
+        # torch.compile(model) under the strategy, and the same run eager (last: nothing compiled outlives them)
+        ["compile", "compiled", {"devices": 2, "steps": 6, "compile": 1}],
+        ["compile", "eager", {"devices": 2, "steps": 6}],
     ]
     torchrun("lightning_worker.py", 2, "suite", str(out), json.dumps(scenarios), timeout=600)
     return out

@@ -628,6 +628,23 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
             gan = DPGAN(MLPGenerator(hidden=64), MLPDiscriminator(hidden=64), lr_g=1e-3, lr_d=1e-3)
             t.fit(gan, datamodule=GaussianMixtureDataModule("grid", num_samples=20_000, batch_size=64))
 
+    elif scenario == "compile":  # torch.compile(DPGAN) under the strategy, as a user writes it; or the same run eager
+        import torch._inductor.config as inductor_config
+
+        torch.manual_seed(0)
+        gan = DPGAN(MLPGenerator(latent_dim=16, hidden=128, output_scale=4.0), MLPDiscriminator(hidden=128), lr_g=3e-3, lr_d=3e-3,
+                    ema_decay=0.99, optimizer_kwargs={"betas": (0.5, 0.9)})  # the command line's model
+        # consensus and logs every 2 steps: the step's gossip, consensus measurement and logging all run
+        t = trainer(out, decentralized(opts, consensus_every=2), devices, max_steps=int(opts["steps"]), callbacks=[SaveReplica(out)],
+                    log_every_n_steps=2)
+        data = GaussianMixtureDataModule("grid", num_samples=4000, batch_size=64)
+        # inductor draws its own random numbers unless told to take eager's: then both runs draw the same noise
+        with inductor_config.patch(fallback_random=True):
+            t.fit(torch.compile(gan) if opts.get("compile") == "1" else gan, datamodule=data)
+        with open(os.path.join(out, f"compiled_rank{t.global_rank}.json"), "w") as f:
+            json.dump(compiled_functions(), f)
+        torch._dynamo.reset()  # the next scenario compiles nothing of this one
+
     elif scenario == "grid":  # DPGAN with OptimisticAdam on the grid of 25 Gaussians
         strategy = decentralized(opts, consensus_every=int(opts.get("consensus_every", 50)))
         callbacks = [SaveReplica(out), Snapshots(out, int(opts.get("snapshot_every", 10**9))), NoiseAtFirstBatch(out)]
@@ -650,6 +667,31 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     _release(t)
+
+
+def compiled_functions() -> list[str]:
+    """The functions of DPGAN and of the step's machinery (optimizer, gossip, guard) that dynamo compiled a frame of."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    import lightning_dpgan.gossip
+
+    names = ["gan", "optim", "gossiper", "guard", "strategy", "mix_sets"]
+    names += [f"gossip.{m.name}" for m in pkgutil.iter_modules(lightning_dpgan.gossip.__path__)]
+    found = []
+    for name in names:
+        module = importlib.import_module(f"lightning_dpgan.{name}")
+        members = [(n, m) for n, m in vars(module).items() if getattr(m, "__module__", None) == module.__name__]
+        functions = [(n, f) for n, f in members if inspect.isfunction(f)]
+        functions += [(f"{n}.{a}", f) for n, c in members if inspect.isclass(c) for a, f in vars(c).items() if inspect.isfunction(f)]
+        for qualname, function in functions:
+            code = inspect.unwrap(function).__code__
+            if _debug_get_cache_entry_list(code):
+                found.append(f"{name}.{qualname}")
+    return found
 
 
 def _release(t: pl.Trainer) -> None:
