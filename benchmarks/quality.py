@@ -13,6 +13,8 @@ builds it from runs already there (for example, runs made on several machines). 
 ``DIAGNOSES`` below, which a plain run leaves out:
 
     python benchmarks/quality.py grid25 --settings dposg_complete_graph_optimisticadam --seeds 1 2 -- loss.r1=0.1
+    python benchmarks/quality.py default --settings dposg_ring_optimisticadam dposg_ring_int8_choco \
+        dposg_ring_sign_choco dposg_ring_top_1_choco --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -41,7 +43,13 @@ DIAGNOSES = {
     # W = J/n: replicas exactly averaged after every local step, so any gap left to DDP is the local step's
     "DPOSG, complete graph (OptimisticAdam)": ["topology=complete"],
 }
-ALL_SETTINGS = {**SETTINGS, **DIAGNOSES}
+#: run only when named with --settings: compressed gossip (CHOCO) at its default consensus step, against DPOSG
+COMPRESSIONS = {
+    "DPOSG, ring, int8 CHOCO": ["compression=int8"],
+    "DPOSG, ring, sign CHOCO": ["compression=sign"],
+    "DPOSG, ring, top-1 % CHOCO": ["compression=topk"],
+}
+ALL_SETTINGS = {**SETTINGS, **DIAGNOSES, **COMPRESSIONS}
 #: PacGAN (Lin et al., 2018), Table 1, grid of 25 Gaussians: modes, % high-quality samples
 PACGAN_GRID = {"GAN": (17.3, 94.8), "ALI": (24.1, 95.7), "PacGAN4": (24.8, 93.6)}
 MIXTURES = ("default", "grid25", "ring8")  # the default job trains on grid-25
@@ -144,7 +152,7 @@ def main() -> None:
             unknown = set(args.settings) - {slug(s) for s in ALL_SETTINGS}
             if unknown:
                 parser.error(f"unknown --settings {sorted(unknown)}; choose from {[slug(s) for s in ALL_SETTINGS]}")
-            settings = [s for s in [*settings, *DIAGNOSES] if slug(s) in args.settings]
+            settings = [s for s in [*settings, *DIAGNOSES, *COMPRESSIONS] if slug(s) in args.settings]
         jobs += [(experiment, setting, seed) for setting in settings for seed in args.seeds]
     if not args.collect:
         with ThreadPoolExecutor(args.parallel) as pool:

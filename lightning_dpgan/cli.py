@@ -320,7 +320,7 @@ def prepare(verb: str, cfg: DictConfig) -> DictConfig:
     if cfg.logger._target_.endswith("TensorBoardLogger") and not any(
         importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")
     ):
-        raise UsageError("logger=tensorboard needs tensorboard, which is not installed: pip install 'lightning-dpgan[tensorboard]'")
+        raise UsageError("logger=tensorboard needs tensorboard, which is not installed: pip install tensorboard (the 'tensorboard' extra)")
     if checkpoint is not None:
         check_checkpoint(verb, cfg, model, checkpoint)
     if verb == "fit":
@@ -805,6 +805,9 @@ def fit_summary(cfg: DictConfig, run_dir: str, seconds: float, world_size: int) 
     communication = (
         f"{cfg.topology.name}, gossip_rounds={cfg.gossip_rounds}" if _is_decentralized(cfg) else cfg.strategy._target_.rsplit(".", 1)[-1]
     )
+    gossip = compression_options(cfg) if _is_decentralized(cfg) else None
+    if gossip is not None:
+        communication += f", compression={gossip.compression} with consensus step {gossip.resolved_consensus_step():g}"
     files = sorted(
         name for name in os.listdir(run_dir) if not name.startswith(".") and not name.endswith(".tmp")
     )
@@ -880,15 +883,22 @@ def print_topology(cfg: DictConfig, run_dir: str | None = None) -> None:
             print(f"{label}:\n{topology.matrix(phase)}")
     for key, value in topology.summary(rounds).items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
-    if cfg.get("compression") not in (None, "none"):  # CHOCO's gamma, and what Theorem 2 guarantees on this graph
-        from lightning_dpgan.gossip.options import GossipOptions
-
-        gossip = GossipOptions(
-            compression=cfg.compression,
-            topk_fraction=OmegaConf.select(cfg, "strategy.gossip.topk_fraction", default=0.01),
-            consensus_step=OmegaConf.select(cfg, "strategy.gossip.consensus_step", default=None),
-        )
+    gossip = compression_options(cfg)
+    if gossip is not None:  # CHOCO's gamma, and what Theorem 2 guarantees on this graph
         print(f"consensus_step (CHOCO's gamma): {gossip.describe_consensus_step(topology)}")
+
+
+def compression_options(cfg: DictConfig) -> Any:
+    """The gossip options of a compressed run (for its consensus step), or ``None``."""
+    from lightning_dpgan.gossip.options import GossipOptions
+
+    if cfg.get("compression") in (None, "none"):
+        return None
+    return GossipOptions(
+        compression=cfg.compression,
+        topk_fraction=OmegaConf.select(cfg, "strategy.gossip.topk_fraction", default=0.01),
+        consensus_step=OmegaConf.select(cfg, "strategy.gossip.consensus_step", default=None),
+    )
 
 
 TASKS: dict[str, Callable[[DictConfig, str], None]] = {"fit": fit, "validate": validate, "sample": sample, "topology": print_topology}

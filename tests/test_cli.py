@@ -202,7 +202,8 @@ def test_image_folder_at_another_size_than_the_model_is_refused_and_sampling_nee
 
 def test_the_summary_says_what_was_measured(tmp_path):
     proc = run([*CLI, "fit", "devices=2", "max_steps=60", "evaluation.enabled=false", "trainer.enable_progress_bar=false",
-                f"output_dir={tmp_path}"], timeout=240)
+                "compression=topk", f"output_dir={tmp_path}"], timeout=240)
+    assert "(ring, gossip_rounds=1, compression=topk with consensus step 0.02, OptimisticAdam)" in proc.stdout
     (line,) = [line for line in proc.stdout.splitlines() if "consensus distance:" in line]
     assert "not measured" not in line and "generator" in line, line  # from metrics.csv, every 50 steps
     assert " 1 modes" not in proc.stdout

@@ -61,7 +61,7 @@ class ShardedDataModule(pl.LightningDataModule):
         for package in self.needs:
             if importlib.util.find_spec(package) is None:
                 raise ValueError(
-                    f"{type(self).__name__} needs {package}, which is not installed: pip install 'lightning-dpgan[data]'"
+                    f"{type(self).__name__} needs {package}, which is not installed: pip install scikit-learn mlxtend (the 'data' extra)"
                 )
         check_int("batch_size", batch_size, 1)
         check_int("val_size", val_size, 0)
