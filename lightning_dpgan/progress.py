@@ -2,6 +2,9 @@
 
 A worker's shard of a small dataset is an epoch of a few steps (digits on 8 workers: 5), and runs are measured in
 steps (``max_steps``), so a bar that restarts every epoch says nothing about how far the run is.
+
+Each update draws the bar once, with its numbers: where the output is not a terminal (a log file, a batch job),
+every draw is a line of its own, so the step and its losses come together and an epoch's start or end draws nothing.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ class StepProgressBar(TQDMProgressBar):
             super().on_train_epoch_start(trainer)
             return
         bar = self.train_progress_bar
-        if bar.total != trainer.max_steps:
+        if bar.total != trainer.max_steps:  # the first epoch (or a resumed run's): the bar starts where the run is
             bar.reset(total=trainer.max_steps)
             bar.initial = 0
-            bar.set_description("Steps")
-        self._set(trainer)
+            bar.set_description("Steps", refresh=False)
+            self._set(trainer)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -34,13 +37,15 @@ class StepProgressBar(TQDMProgressBar):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
         if self._should_update(trainer.global_step, trainer.max_steps):
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             self._set(trainer)
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.train_progress_bar.disable:
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # the bar goes on
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            super().on_train_epoch_end(trainer, pl_module)
+        elif not self.train_progress_bar.disable:  # the bar goes on; the next update draws these numbers
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
 
     def _set(self, trainer: pl.Trainer) -> None:
         if not self.train_progress_bar.disable:

@@ -258,3 +258,47 @@ def test_the_progress_bar_counts_toward_max_steps_not_per_epoch(tmp_path):
                          enable_model_summary=False, callbacks=[StepProgressBar(), Watch()], default_root_dir=tmp_path)
     trainer.fit(DPGAN(MLPGenerator(hidden=8), MLPDiscriminator(hidden=8)), datamodule=GaussianMixtureDataModule(num_samples=320, batch_size=64))
     assert seen == [(12, step) for step in range(1, 13)], seen
+
+
+def test_fabric_state_keys_like_the_strategys_records_come_back_as_saved(tmp_path):
+    """A user's ``step`` (or ``rank``, ``token``, ...) overwrote the replica's own record, and ``fabric.load`` then
+    refused the file as another checkpoint's; ``load`` also handed back the strategy's records as the user's."""
+    import json
+
+    from helpers import lightning_script
+
+    lightning_script("fabric_state_keys.py", str(tmp_path), timeout=240)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["remainder"] == result["user"]  # exactly what was saved beside the model and optimizer
+        weights = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, value in weights["saved"].items():
+            torch.testing.assert_close(weights["loaded"][name], value, rtol=0, atol=0)  # this rank's own replica
+        assert "'lightning_dpgan' is written by lightning_dpgan" in (tmp_path / f"clash{rank}.txt").read_text()
+    first, second = (next(iter(torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["saved"].values())) for r in range(2))
+    assert not torch.equal(first, second)  # two replicas, each restored to its own
+
+
+def test_in_a_log_file_each_progress_update_is_one_line_with_both_losses(tmp_path, capsys):
+    """Where the output is not a terminal (here: pytest's capture), each tqdm draw is a line: one per step, none
+    twice (the step, then its numbers, were two draws; an epoch's start and end drew again), and the numbers are
+    both players' losses. Epochs of 5 steps, so the bar crosses two epoch ends."""
+    import re
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_dpgan import DPGAN
+    from lightning_dpgan.data import GaussianMixtureDataModule
+    from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
+    from lightning_dpgan.progress import StepProgressBar
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=12, logger=CSVLogger(tmp_path), log_every_n_steps=2,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[StepProgressBar()])
+    trainer.fit(DPGAN(MLPGenerator(hidden=8), MLPDiscriminator(hidden=8)), datamodule=GaussianMixtureDataModule(num_samples=320, batch_size=64))
+    lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().out) if line.startswith("Steps:")]
+    steps = [int(re.search(r"\| (\d+)/12 ", line).group(1)) for line in lines]
+    assert steps[:-1] == list(range(13)), steps  # the last line is tqdm's own, when the bar closes
+    assert steps[-1] == 12
+    for line in lines[3:]:  # from step 2, the first the logger writes
+        assert "loss_d=" in line and "loss_g=" in line, line
