@@ -6,8 +6,10 @@
 * ``model="local"``: every replica is evaluated on its own samples; the logs hold the mean and the worst.
 
 Metrics live in this callback, not in the LightningModule, so they are never gossiped, averaged or
-checkpointed. Every rank calls ``compute()`` (a collective), and noise comes from a dedicated seeded generator,
-so evaluating does not change the training run. Pictures and ``evaluation.csv`` go to ``output_dir`` (the
+checkpointed. Every rank calls ``compute()`` (a collective). The noise is :func:`evaluation_noise`: the same
+``num_samples`` vectors at every evaluation, split over the ranks, and the same ones ``validate`` scores a
+checkpoint with, so a run's last evaluation and ``validate`` on its checkpoint agree; it comes from its own seeded
+generator, so evaluating does not change the training run. Pictures and ``evaluation.csv`` go to ``output_dir`` (the
 logger's folder by default) on rank 0, and images are also sent to TensorBoard or wandb when those log.
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -157,9 +158,11 @@ class GANEvaluation(pl.Callback):
         if not self.is_mixture and not self._real_done:
             split = (trainer.global_rank, world_size) if self.model == "consensus" else (0, 1)
             self._add_real_images(trainer.datamodule, pl_module.device, *split)
+        noise = evaluation_noise(self.seed, self.num_samples, pl_module.latent_dim)
+        if self.model == "consensus":
+            noise = noise.tensor_split(world_size)[trainer.global_rank]  # the ranks score num_samples together
         with self._consensus(trainer, generator):
-            per_rank = math.ceil(self.num_samples / world_size) if self.model == "consensus" else self.num_samples
-            samples = self._generate(generator, pl_module, per_rank, trainer.global_step, trainer.global_rank)
+            samples = self._generate(generator, pl_module, noise)
         if not self._all_finite(trainer, samples):
             # a diverged replica: the strategy stops the run within a few steps; scoring NaN would only raise
             rank_zero_warn(f"evaluation at step {trainer.global_step} skipped: the generator's samples are not finite")
@@ -169,12 +172,13 @@ class GANEvaluation(pl.Callback):
         # a strategy whose replicas differ (DecentralizedStrategy) says how far apart they are
         consensus = trainer.strategy.measure_consensus() if hasattr(trainer.strategy, "measure_consensus") and world_size > 1 else {}
         logged.update({f"consensus/{k}": v for k, v in consensus.items()})
+        shown, title = self._picture_samples(trainer, samples)
         if trainer.is_global_zero:
             self.history.append({"step": trainer.global_step, "train_s": train_s, **logged})
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"eval/{k}" if not k.startswith("consensus/") else k: v for k, v in logged.items()}, step=trainer.global_step)
-            self._save_picture(trainer, samples)
-            self._write_history()  # after every evaluation: a run stopped early keeps what it measured
+            self._save_picture(trainer, shown, title)
+            self._write_history(trainer)  # after every evaluation: a run stopped early keeps what it measured
         self._evaluating_s += time.perf_counter() - started
         return logged
 
@@ -191,9 +195,11 @@ class GANEvaluation(pl.Callback):
         self._build_metrics(datamodule, pl_module.device, sync=False)
         if not self.is_mixture:
             self._add_real_images(datamodule, pl_module.device, 0, 1)
-        samples = self._generate(self._generator(pl_module), pl_module, self.num_samples, 0, 0)
+        noise = evaluation_noise(self.seed, self.num_samples, pl_module.latent_dim)
+        samples = self._generate(self._generator(pl_module), pl_module, noise)
         if picture is not None:
-            save_samples_picture(samples, self.dataset, picture, f"{self.num_samples} samples")
+            shown = f"all {self.num_samples} scored samples" if self.is_mixture else f"the first {min(64, self.num_samples)} of {self.num_samples} scored samples"
+            save_samples_picture(samples, self.dataset, picture, f"{shown}")
         return self._score(samples)
 
     def _generator(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -239,16 +245,33 @@ class GANEvaluation(pl.Callback):
                 for t, s in zip(tensors, saved):
                     t.copy_(s)
 
-    def _generate(self, generator: nn.Module, pl_module: pl.LightningModule, n: int, step: int, rank: int) -> Tensor:
-        noise_source = torch.Generator(device=pl_module.device).manual_seed(self.seed + 1_000_003 * rank + 7919 * step)
+    @staticmethod
+    def _generate(generator: nn.Module, pl_module: pl.LightningModule, noise: Tensor) -> Tensor:
         was_training = generator.training
         generator.eval()
         try:
             with torch.no_grad():
-                noise = torch.randn(n, pl_module.latent_dim, device=pl_module.device, generator=noise_source)
+                noise = noise.to(pl_module.device)
                 return torch.cat([generator(chunk) for chunk in noise.split(512)]).float()
         finally:
             generator.train(was_training)
+
+    def _picture_samples(self, trainer: pl.Trainer, samples: Tensor) -> tuple[Tensor, str]:
+        """What the picture shows, and its title saying so (a collective for a mixture's consensus evaluation).
+
+        A mixture's scatter shows every scored sample: the ranks' shares are gathered. An image grid shows the first
+        64, which rank 0 holds (the shares are consecutive slices of the same noise ``validate`` uses)."""
+        step = f"step {trainer.global_step}"
+        if self.model == "local":
+            return samples, f"{step}: rank {trainer.global_rank}'s replica, {len(samples)} samples"
+        if not self.is_mixture:
+            return samples, f"{step}: the first {min(64, len(samples))} of {self.num_samples} scored samples"
+        if trainer.world_size > 1:  # each rank's share in its place, zeros elsewhere, summed: exact
+            start = int(torch.arange(self.num_samples).tensor_split(trainer.world_size)[trainer.global_rank][0]) if len(samples) else 0
+            everything = torch.zeros(self.num_samples, *samples.shape[1:], dtype=samples.dtype, device=samples.device)
+            everything[start : start + len(samples)] = samples
+            samples = trainer.strategy.reduce(everything, reduce_op="sum")
+        return samples, f"{step}: all {len(samples)} scored samples"
 
     def _add_real_images(self, datamodule: Any, device: torch.device, rank: int, world_size: int) -> None:
         """FID's real statistics; ranks split the images when the metric is synchronised (each is seen once)."""
@@ -262,11 +285,11 @@ class GANEvaluation(pl.Callback):
         self._real_done = True
 
     # ------------------------------------------------------------------ pictures
-    def _save_picture(self, trainer: pl.Trainer, samples: Tensor) -> None:
+    def _save_picture(self, trainer: pl.Trainer, samples: Tensor, title: str) -> None:
         assert self.output_dir is not None
         os.makedirs(self.output_dir, exist_ok=True)
         path = os.path.join(self.output_dir, f"samples_step{trainer.global_step:07d}.png")
-        save_samples_picture(samples, self.dataset, path, f"step {trainer.global_step}")
+        save_samples_picture(samples, self.dataset, path, title)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 from torchvision.io import read_image
@@ -275,7 +298,7 @@ class GANEvaluation(pl.Callback):
             elif isinstance(logger, WandbLogger):
                 logger.log_image("samples", [path], step=trainer.global_step)
 
-    def _write_history(self) -> None:
+    def _write_history(self, trainer: pl.Trainer | None = None) -> None:
         assert self.output_dir is not None
         keys = list(dict.fromkeys(k for row in self.history for k in row))
         path = os.path.join(self.output_dir, "evaluation.csv")
@@ -284,21 +307,46 @@ class GANEvaluation(pl.Callback):
             writer.writeheader()
             writer.writerows(self.history)
         os.replace(path + ".tmp", path)  # readers never see a half-written table
-        curves = {k: [(row["step"], row[k]) for row in self.history if k in row] for k in keys if k.startswith("consensus/")}
+        curves = (_logged_consensus(trainer) if trainer is not None else {}) or {
+            k: [(row["step"], row[k]) for row in self.history if k in row] for k in keys if k.startswith("consensus/")
+        }
         if curves:
             _plot_consensus(curves, os.path.join(self.output_dir, "consensus.png"))
+
+
+def evaluation_noise(seed: int, n: int, latent_dim: int) -> Tensor:
+    """The ``n`` latent vectors an evaluation scores: ``torch.randn`` on the CPU from ``seed`` alone.
+
+    Every evaluation of a run draws the same vectors (its curve follows the model, not the noise); the ranks of a
+    consensus evaluation take consecutive shares of them; ``validate`` scores a checkpoint with all of them. So the
+    last evaluation of a run and ``validate`` on its ``last.ckpt`` score the same samples, on any device.
+    """
+    return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _logged_consensus(trainer: pl.Trainer) -> dict[str, list[tuple[float, float]]]:
+    """The consensus distances in the CSV logger's ``metrics.csv``: the strategy's, every ``consensus_every``
+    steps it logs, and the evaluations'. Empty without a CSV logger (the evaluations' own rows are plotted then)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            logger.save()  # rows the logger still buffers (flush_logs_every_n_steps) go to the file first
+            rows = _read_rows(os.path.join(logger.log_dir, "metrics.csv"))
+            keys = dict.fromkeys(k for row in rows for k in row if k.startswith("consensus/"))
+            return {k: [(row["step"], row[k]) for row in rows if k in row and "step" in row] for k in keys}
+    return {}
 
 
 def _read_rows(path: str) -> list[dict[str, float]]:
     if not os.path.isfile(path):
         return []
     with open(path, newline="") as f:
-        return [{k: int(float(v)) if k == "step" else float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        return [{k: int(float(v)) if k == "step" else float(v) for k, v in row.items() if k and v not in ("", None)} for row in csv.DictReader(f)]
 
 
 def save_samples_picture(samples: Tensor, dataset: str, path: str, title: str = "") -> None:
-    """A scatter over the true modes (mixtures) or an 8×8 grid of the first 64 images, titled, as a PNG large
-    enough to see (small images are enlarged without smoothing)."""
+    """A scatter of every sample over the true modes (mixtures) or an 8×8 grid of the first 64 images, as a PNG large
+    enough to see (small images are enlarged without smoothing). ``title`` should say which samples these are; it
+    is also the PNG's ``Title`` text (``PIL.Image.open(path).text``)."""
     if dataset in MIXTURES:
         _scatter(samples.detach().cpu().numpy(), dataset, path, title)
         return
@@ -315,7 +363,7 @@ def save_samples_picture(samples: Tensor, dataset: str, path: str, title: str = 
     ax.set_axis_off()
     ax.set_title(f"{dataset}: {title}" if title else dataset)
     fig.tight_layout()
-    fig.savefig(path + ".tmp", dpi=100, format="png")
+    fig.savefig(path + ".tmp", dpi=100, format="png", metadata={"Title": ax.get_title()})
     plt.close(fig)
     os.replace(path + ".tmp", path)
 
@@ -328,17 +376,20 @@ def _scatter(points: Any, mixture: str, path: str, title: str) -> None:
 
     modes, _ = mixture_modes(mixture)
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.4, label="generated")
-    ax.scatter(modes[:, 0], modes[:, 1], s=40, marker="x", color="red", label="true modes")
+    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.4, label=f"generated ({len(points)})")
+    ax.scatter(modes[:, 0], modes[:, 1], s=40, marker="x", color="red", label=f"true modes ({len(modes)})")
     limit = 1.0 + abs(modes).max() * 1.15
-    ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect="equal", title=title)
+    ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect="equal", xlabel="x₁ (first coordinate)", ylabel="x₂ (second coordinate)")
+    ax.set_title(f"{mixture}: {title}" if title else mixture, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
-    fig.savefig(path + ".tmp", dpi=100, format="png")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp", dpi=100, format="png", metadata={"Title": ax.get_title(), "Description": f"{len(points)} points"})
     plt.close(fig)
     os.replace(path + ".tmp", path)
 
 
 def _plot_consensus(curves: dict[str, list[tuple[float, float]]], path: str) -> None:
+    """One line per submodule; a marker per point only when there are few (a run logs one every 50 steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,9 +398,11 @@ def _plot_consensus(curves: dict[str, list[tuple[float, float]]], path: str) -> 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
         steps, values = zip(*points)
-        ax.plot(steps, [max(v, 1e-30) for v in values], marker="o", label=name.removeprefix("consensus/"))
+        ax.plot(steps, [max(v, 1e-30) for v in values], marker="o" if len(steps) <= 40 else None, label=name.removeprefix("consensus/"))
     ax.set(yscale="log", xlabel="optimizer step", ylabel="mean_i ||x_i - mean(x)||²", title="consensus distance")
     ax.legend()
-    fig.savefig(path + ".tmp", dpi=100, format="png")
+    # the PNG says which steps it plots (PIL: Image.open(path).text["Description"])
+    described = "; ".join(f"{name}: steps {' '.join(str(int(s)) for s, _ in points)}" for name, points in curves.items())
+    fig.savefig(path + ".tmp", dpi=100, format="png", metadata={"Description": described})
     plt.close(fig)
     os.replace(path + ".tmp", path)

@@ -14,7 +14,7 @@ from lightning_dpgan.models import MLPGenerator
 
 from conftest import EVALUATE
 
-N, STEPS, SAMPLES, SEED = 4, EVALUATE["steps"], EVALUATE["samples"], 1234
+N, SAMPLES, SEED = 4, EVALUATE["samples"], 1234
 
 
 def ends(out: Path, n: int = N) -> list[dict[str, torch.Tensor]]:
@@ -32,8 +32,9 @@ def generator_from(state: dict[str, torch.Tensor]) -> MLPGenerator:
     return g.eval()
 
 
-def samples(g: MLPGenerator, n: int, rank: int, step: int) -> np.ndarray:
-    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(SEED + 1_000_003 * rank + 7919 * step))
+def samples(g: MLPGenerator, n: int) -> np.ndarray:
+    """The evaluation's samples: ``n`` normal vectors from the evaluation's seed, whatever the step or rank."""
+    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(SEED))
     with torch.no_grad():
         return g(noise).numpy()
 
@@ -55,7 +56,7 @@ def test_consensus_evaluation_scores_the_average_model_and_leaves_training_alone
             assert torch.equal(value, evaluated[r][key]), (r, key)
     average = {k: sum(s[k] for s in evaluated) / N for k in evaluated[0] if k.startswith("generator.")}
     g = generator_from(average)
-    points = np.concatenate([samples(g, SAMPLES // N, r, STEPS) for r in range(N)])
+    points = samples(g, SAMPLES)  # the ranks' shares together
     table = rows(tmp_path / "eval_consensus" / "eval" / "evaluation.csv")
     assert [int(row["step"]) for row in table] == [10, 20, 30]
     modes, quality = modes_and_quality(points)
@@ -69,7 +70,7 @@ def test_consensus_evaluation_scores_the_average_model_and_leaves_training_alone
 
 def test_local_evaluation_reports_mean_and_worst_replica(suite4):
     replicas = ends(suite4 / "eval_local")
-    per_replica = [modes_and_quality(samples(generator_from(replicas[r]), SAMPLES, r, STEPS)) for r in range(N)]
+    per_replica = [modes_and_quality(samples(generator_from(replicas[r]), SAMPLES)) for r in range(N)]
     last = rows(suite4 / "eval_local" / "eval" / "evaluation.csv")[-1]
     quality = [q for _, q in per_replica]
     assert float(last["high_quality_mean"]) == pytest.approx(np.mean(quality))
@@ -110,8 +111,7 @@ def test_image_evaluation_reports_the_fid_of_the_average_model(suite2):
     g.load_state_dict(state)
     g.eval()
     with torch.no_grad():
-        fake = torch.cat([g(torch.randn(100, 16, generator=torch.Generator().manual_seed(SEED + 1_000_003 * r + 7919 * 20)))
-                          for r in range(2)])
+        fake = g(torch.randn(200, 16, generator=torch.Generator().manual_seed(SEED)))  # both ranks' 100
     data = DigitsDataModule(batch_size=32, val_size=360)
     data.setup()
     real = torch.stack([data.val_set[i][0] for i in range(len(data.val_set))])
@@ -186,3 +186,63 @@ def test_a_run_stopped_early_keeps_its_evaluations(tmp_path):
         trainer.fit(gan, datamodule=GaussianMixtureDataModule("grid", num_samples=2000, batch_size=64))
     assert [int(row["step"]) for row in rows(tmp_path / "evaluation.csv")] == [2, 4]
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
+
+
+# ---------------------------------------------------------------------- the command line, as a user runs it
+@pytest.fixture(scope="module")
+def fit_then_validate(tmp_path_factory):
+    """``fit`` with the command line's defaults where a worker's epoch is 48 batches (the defaults' 4 workers x 512
+    samples; here 2 x 1024), consensus every 25 steps, evaluated once, at the end; then ``validate`` on its
+    ``last.ckpt``."""
+    import sys
+
+    from helpers import run
+
+    cli = [sys.executable, "-m", "lightning_dpgan"]
+    root = tmp_path_factory.mktemp("fit_then_validate")
+    fit = run([*cli, "fit", "devices=2", "batch_size=1024", "max_steps=300", "strategy.consensus_every=25",
+               f"hydra.run.dir={root / 'run'}"], timeout=400)
+    validate = run([*cli, "validate", f"ckpt_path={root / 'run' / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={root / 'validate'}"],
+                   timeout=200)
+    return root, fit, validate
+
+
+def test_validate_on_last_ckpt_reports_what_fits_last_evaluation_did(fit_then_validate):
+    """The same checkpoint, the same 2,500 noise vectors (``evaluation_noise``: fit's 2 ranks score a share each,
+    validate all in one process): the same modes and high-quality fraction. They drew different noise, and
+    reported 13 modes against 11."""
+    import json
+
+    root, _, _ = fit_then_validate
+    last = rows(root / "run" / "evaluation.csv")[-1]
+    validated = json.loads((root / "validate" / "validate.json").read_text())
+    assert int(last["step"]) == 300
+    assert float(last["high_quality"]) > 0.05  # enough samples near modes for the numbers to say something
+    assert validated["modes"] == float(last["modes"])
+    assert validated["high_quality"] == pytest.approx(float(last["high_quality"]), abs=1.5 / 2500)  # a sample at most
+    assert validated["reverse_kl"] == pytest.approx(float(last["reverse_kl"]), abs=1e-3)
+
+
+def test_the_defaults_give_no_lightning_warnings_about_validation_or_logging(fit_then_validate):
+    """No validation loader the model has no step for, and a log interval no longer than a worker's epoch."""
+    _, fit, _ = fit_then_validate
+    output = fit.stdout + fit.stderr
+    assert "val_dataloader" not in output and "validation_step" not in output, output[-3000:]
+    assert "log_every_n_steps" not in output, output[-3000:]
+
+
+def test_the_pictures_say_what_they_show(fit_then_validate):
+    """``consensus.png`` plots metrics.csv's consensus rows (every 25 steps here, and the evaluation's), not only
+    evaluation.csv's one row; ``samples_step*.png`` shows and names all 2,500 scored samples, from both ranks."""
+    from PIL import Image
+
+    root, _, _ = fit_then_validate
+    logged = rows(root / "run" / "metrics.csv")
+    steps = [row["step"] for row in logged if row.get("consensus/generator")]
+    assert len(steps) >= 12 and len(rows(root / "run" / "evaluation.csv")) == 1
+    described = Image.open(root / "run" / "consensus.png").text["Description"]
+    assert f"consensus/generator: steps {' '.join(steps)}" in described, described
+    picture = Image.open(root / "run" / "samples_step0000300.png").text
+    assert "all 2500 scored samples" in picture["Title"] and picture["Description"] == "2500 points", picture
+    validated = Image.open(root / "validate" / "samples.png").text
+    assert "all 2500 scored samples" in validated["Title"] and validated["Description"] == "2500 points", validated

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
+from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
 from lightning_dpgan.checks import check_int
 from lightning_dpgan.data.resumable import ResumableDataLoader
@@ -48,7 +48,10 @@ class ShardedDataModule(pl.LightningDataModule):
     Args:
         batch_size: per rank.
         shard: ``"iid"`` or ``"by_label"`` (see :mod:`lightning_dpgan.data.sharding`).
-        val_size: samples held out (the same ones on every rank, chosen by ``seed``) as real data for evaluation.
+        val_size: samples held out (the same ones on every rank, chosen by ``seed``) as real data for evaluation:
+            ``val_set``, which :class:`~lightning_dpgan.evaluation.GANEvaluation` reads. There is no
+            ``val_dataloader``: the package's models have no ``validation_step``, and Lightning warns about a loader
+            that no step reads (a subclass that adds a validation step adds the loader beside it).
         num_workers: DataLoader workers.
         seed: the split and the shards.
     """
@@ -138,7 +141,3 @@ class ShardedDataModule(pl.LightningDataModule):
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return (sampler.epoch + 1, 0) if batches >= trainer.num_training_batches else (sampler.epoch, batches)
 
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_set is None:
-            return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=collate)
