@@ -325,12 +325,14 @@ def evaluation_noise(seed: int, n: int, latent_dim: int) -> Tensor:
 
 
 def _logged_consensus(trainer: pl.Trainer) -> dict[str, list[tuple[float, float]]]:
-    """The consensus distances in the CSV logger's ``metrics.csv``: the strategy's, every ``consensus_every``
-    steps it logs, and the evaluations'. Empty without a CSV logger (the evaluations' own rows are plotted then)."""
+    """The strategy's consensus distances in the CSV logger's ``metrics.csv``, every ``consensus_every`` steps (of
+    the state it mixes). The evaluations' rows measure the live parameters, another quantity: they are left out
+    unless the strategy logged none. Empty without a CSV logger (the evaluations' own rows are plotted then)."""
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
             logger.save()  # rows the logger still buffers (flush_logs_every_n_steps) go to the file first
             rows = _read_rows(os.path.join(logger.log_dir, "metrics.csv"))
+            rows = [row for row in rows if not any(k.startswith("eval/") for k in row)] or rows
             keys = dict.fromkeys(k for row in rows for k in row if k.startswith("consensus/"))
             return {k: [(row["step"], row[k]) for row in rows if k in row and "step" in row] for k in keys}
     return {}
@@ -398,8 +400,12 @@ def _plot_consensus(curves: dict[str, list[tuple[float, float]]], path: str) -> 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
         steps, values = zip(*points)
-        ax.plot(steps, [max(v, 1e-30) for v in values], marker="o" if len(steps) <= 40 else None, label=name.removeprefix("consensus/"))
-    ax.set(yscale="log", xlabel="optimizer step", ylabel="mean_i ||x_i - mean(x)||²", title="consensus distance")
+        ax.plot(steps, values, marker="o" if len(steps) <= 40 else None, label=name.removeprefix("consensus/"))
+    positive = [v for points in curves.values() for _, v in points if v > 0]
+    if positive:  # logarithmic; linear near 0 when a value is 0 (2 replicas of a ring mix to their exact average)
+        zeros = len(positive) < sum(len(points) for points in curves.values())
+        ax.set_yscale("symlog", linthresh=min(positive)) if zeros else ax.set_yscale("log")
+    ax.set(xlabel="optimizer step", ylabel="mean_i ||x_i - mean(x)||²", title="consensus distance")
     ax.legend()
     # the PNG says which steps it plots (PIL: Image.open(path).text["Description"])
     described = "; ".join(f"{name}: steps {' '.join(str(int(s)) for s, _ in points)}" for name, points in curves.items())

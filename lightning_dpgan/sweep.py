@@ -2,8 +2,9 @@
 
 A Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``): when the sweep ends it reads each job folder's
 ``evaluation.csv``, labels each job by the overrides that differ between jobs (``topology=ring``, ...), and writes
-``comparison.png`` into the sweep folder: quality (high-quality samples for mixtures, FID for images) on the left,
-the generator's consensus distance on the right, one line per job.
+``comparison.png`` into the sweep folder, one line per job: for mixtures the modes covered and the high-quality
+fraction side by side (the fraction alone rewards mode collapse: a generator on one mode puts most samples near
+it), for images FID; then the generator's consensus distance.
 """
 
 from __future__ import annotations
@@ -36,25 +37,34 @@ def plot_sweep(sweep_dir: str) -> str | None:
         return None
     labels = _labels(list(jobs))
     first = next(iter(jobs.values()))[0]
-    quality, quality_label = ("fid", "FID (lower is better)") if "fid" in first else ("high_quality", "high-quality samples")
+    if "fid" in first:
+        panels = [("fid", "FID (lower is better)")]
+    else:  # both: coverage, and how many samples are near a mode
+        panels = [("modes", "modes covered (higher is better)"), ("high_quality", "high-quality samples (within 3σ of a mode)")]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 4.2))
+    last_values = []
+    for ax, (key, label) in zip(axes, panels):
+        for name, rows in jobs.items():
+            values = [float(r[key]) if r.get(key) else float("nan") for r in rows]
+            ax.plot([float(r["step"]) for r in rows], values, marker="o", label=labels[name])
+        ax.set(xlabel="step", ylabel=label, title=f"{key} of the consensus model")
+        last_values.append(f"{key}: " + ", ".join(f"{labels[n]} {float(rows[-1][key]):.4g}" for n, rows in jobs.items() if rows[-1].get(key)))
+    right = axes[-1]
     for name, rows in jobs.items():
-        steps = [float(r["step"]) for r in rows]
-        left.plot(steps, [float(r[quality]) if r.get(quality) else float("nan") for r in rows], marker="o", label=labels[name])
         consensus = [float(r["consensus/generator"]) if r.get("consensus/generator") else float("nan") for r in rows]
-        right.plot(steps, [max(v, 1e-30) for v in consensus], marker="o", label=labels[name])
-    left.set(xlabel="step", ylabel=quality_label, title="quality of the consensus model")
+        right.plot([float(r["step"]) for r in rows], [max(v, 1e-30) for v in consensus], marker="o", label=labels[name])
     right.set(xlabel="step", ylabel="mean_i ||x_i - mean(x)||²", yscale="log", title="consensus distance (generator)")
-    left.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle(os.path.basename(os.path.normpath(sweep_dir)))
     fig.tight_layout()
     path = os.path.join(sweep_dir, "comparison.png")
-    fig.savefig(path + ".tmp", dpi=100, format="png")
+    # the PNG names what it compares, each job's last value per panel (PIL: Image.open(path).text["Description"])
+    fig.savefig(path + ".tmp", dpi=100, format="png", metadata={"Description": "; ".join(last_values)})
     plt.close(fig)
     os.replace(path + ".tmp", path)
     return path

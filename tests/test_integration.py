@@ -302,3 +302,23 @@ def test_in_a_log_file_each_progress_update_is_one_line_with_both_losses(tmp_pat
     assert steps[-1] == 12
     for line in lines[3:]:  # from step 2, the first the logger writes
         assert "loss_d=" in line and "loss_g=" in line, line
+
+
+def test_the_sweep_comparison_shows_modes_beside_the_high_quality_fraction(tmp_path):
+    """A ring collapsed onto one mode (high-quality fraction 0.87) looked better than an exponential graph covering
+    18 modes (0.41) when only the fraction was plotted; the modes panel shows the collapse. Job folders as a ``-m``
+    sweep names them, with evaluation.csv as fit writes it."""
+    from PIL import Image
+
+    from lightning_dpgan.sweep import plot_sweep
+
+    header = "step,train_s,modes,high_quality,reverse_kl,consensus/generator,consensus/discriminator\n"
+    jobs = {"0_devices=4,topology=ring": ["1000,10,3,0.52,1.9,0.01,0.02", "2000,20,1,0.87,3.2,0.001,0.002"],
+            "1_devices=4,topology=exponential": ["1000,10,12,0.30,0.8,0.01,0.02", "2000,20,18,0.41,0.3,0.001,0.002"]}
+    for name, lines in jobs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "evaluation.csv").write_text(header + "\n".join(lines) + "\n")
+    path = plot_sweep(str(tmp_path))
+    described = Image.open(path).text["Description"]
+    assert described == "modes: topology=ring 1, topology=exponential 18; high_quality: topology=ring 0.87, topology=exponential 0.41"
+    assert Image.open(path).size[0] >= 1500  # three panels: modes, high-quality fraction, consensus distance

@@ -34,6 +34,7 @@ def sweep_command(sweep: dict, choice: dict[str, object]) -> list[str]:
 def test_sweep_runs_one_combination_offline(tmp_path):
     sweep = yaml.safe_load((RECIPES / "sweep_topologies.yaml").read_text())
     assert set(sweep["parameters"]) == {"topology", "gossip_rounds", "devices"}
+    assert sweep["metric"] == {"name": "eval/modes", "goal": "maximize"}  # not eval/high_quality: it rewards collapse
     choice = {"topology": "torus", "gossip_rounds": 3, "devices": 4}
     assert all(value in sweep["parameters"][key]["values"] for key, value in choice.items())
     env = worker_env()
