@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Carry the cluster benchmarks to a lent machine and run them there (docs/cluster.md, "On a lent machine").
+# Carry the cluster benchmarks to a machine with a core per host and run them there (docs/cluster.md, "On a machine
+# with a core per host").
 #
-#   bash benchmarks/lent_machine.sh prepare   # here, in the repo root, README's venv active: writes .devcarry/
-#   . benchmarks/lent_machine.sh env          # there, in the repo root: then run the benchmarks from /tmp
+#   bash benchmarks/core_per_host.sh prepare   # here, in the repo root, README's venv active: writes .devcarry/
+#   . benchmarks/core_per_host.sh env          # there, in the repo root: then run the benchmarks from /tmp
 #
-# The lent machines have torch, lightning and torchmetrics but no hydra/omegaconf/torch-fidelity, no iproute2 and
-# no network. `prepare` packs what is missing: the project as a wheel, the pure-Python packages copied from this
+# For a machine with torch, lightning and torchmetrics but no hydra/omegaconf/torch-fidelity, no iproute2 and no
+# network. `prepare` packs what is missing: the project as a wheel, the pure-Python packages copied from this
 # venv, and `ip`/`tc` with their libraries behind wrappers that pass the libraries to the loader alone (through
-# LD_LIBRARY_PATH they would reach every worker that `ip netns exec` starts). Name `.devcarry` in the run's carry.
+# LD_LIBRARY_PATH they would reach every worker that `ip netns exec` starts). Copy `.devcarry` with the repository.
 
 case "${1:-}" in
 prepare)
@@ -28,7 +29,7 @@ prepare)
     for tool in ip tc; do
         binary=$(command -v "$tool")
         cp -L "$binary" "$carry/iproute/$tool.bin"
-        # every library but glibc's and zlib, which the lent machine has
+        # every library but glibc's and zlib, which the other machine has
         ldd "$binary" | awk '$3 ~ /^\// {print $3}' | grep -vE '/lib(c|m|z|pthread|dl)\.so' |
             xargs -r -I{} cp -L {} "$carry/iproute/lib/"
         cat >"$carry/bin/$tool" <<'EOF'
@@ -57,6 +58,6 @@ env)
     cd /tmp
     ;;
 *)
-    echo "usage: bash benchmarks/lent_machine.sh prepare | . benchmarks/lent_machine.sh env" >&2
+    echo "usage: bash benchmarks/core_per_host.sh prepare | . benchmarks/core_per_host.sh env" >&2
     ;;
 esac
