@@ -33,7 +33,16 @@ from typing_extensions import override
 
 from lightning_dpgan.gossip import DistributedTransport, GossipEngine, GossipOptions
 from lightning_dpgan.gossiper import Gossiper, point_anchors_at_parameters
-from lightning_dpgan.replicas import atomic_save, consensus_restart_reason, replica_set_of, safe_load
+from lightning_dpgan.replicas import (
+    CHECKPOINT_KEY,
+    REPLICA_KEY,
+    atomic_save,
+    consensus_restart_reason,
+    replica_contents,
+    replica_own,
+    replica_set_of,
+    safe_load,
+)
 from lightning_dpgan.seeding import rng_state, set_rng_state
 from lightning_dpgan.strategy import PatientObserver, check_master_port_free, close_gossip_group, die_with_parent, gossip_group
 from lightning_dpgan.topology import Topology
@@ -122,6 +131,7 @@ class DecentralizedFabricStrategy(DDPStrategy):
         return optimizer
 
     @override
+    @torch.compiler.disable  # as the Trainer strategy's: a compiled step function must not trace the gossip
     def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, **kwargs)  # an anchored optimizer mixes inside its step
         self.gossiper.after_step(optimizer, output)  # type: ignore[arg-type]
@@ -189,7 +199,7 @@ class DecentralizedFabricStrategy(DDPStrategy):
                 write(main)
             return
         step = engine.steps
-        self.gossiper.save_set(path, step, main, {**replica, "rng_states": rng_state(self.root_device.type == "cuda")}, self, write)
+        self.gossiper.save_set(path, step, main, replica, self, write, own={"rng_states": rng_state(self.root_device.type == "cuda")})
 
     @override
     def load_checkpoint(
@@ -206,7 +216,8 @@ class DecentralizedFabricStrategy(DDPStrategy):
         if replica is None and isinstance(checkpoint, dict) and replica_set_of(checkpoint) is not None:
             reason = consensus_restart_reason(replica_set_of(checkpoint), self.gossiper.engine.world_size)  # type: ignore[arg-type, union-attr]
             rank_zero_warn(f"Loading {path}: {reason}; every replica restarts from the consensus model.")
-        source = replica if replica is not None else checkpoint
+        # what the user saved: our replica entry and the main file's set record are not theirs
+        source = replica_contents(replica) if replica is not None else {k: v for k, v in checkpoint.items() if k != CHECKPOINT_KEY}
         if not state or not isinstance(state, dict):
             return super().load_checkpoint(path, state, strict, weights_only=True) if state else source
         remaining = dict(source)
@@ -221,7 +232,7 @@ class DecentralizedFabricStrategy(DDPStrategy):
             else:
                 state[name] = value
         if replica is not None:
-            set_rng_state(remaining.pop("rng_states"))
+            set_rng_state(replica_own(replica)["rng_states"] if REPLICA_KEY in replica else remaining.pop("rng_states"))
         else:
             point_anchors_at_parameters([o for o in state.values() if isinstance(o, Optimizer)])
         return remaining

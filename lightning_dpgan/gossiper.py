@@ -33,10 +33,12 @@ from lightning_dpgan.replicas import (
     CHECKPOINT_KEY,
     CheckpointError,
     ReplicaSet,
+    check_free_key,
     main_meta,
     read_replica,
     remove_other_sets,
     remove_set,
+    replica_own,
     replica_path,
     replica_set_of,
     write_replica,
@@ -259,21 +261,32 @@ class Gossiper:
             self.stopped = Stop(self.engine.steps, origin_step, origin_rank, int(StopReason.NONFINITE), detail)
             raise NonFiniteError(nonfinite_message(self.player(detail), origin_rank, origin_step, self.engine.steps))
 
-    def save_set(self, filepath: _PATH, step: int, checkpoint: dict[str, Any], replica: dict[str, Any], collectives: Collectives, write_main: Any) -> None:
+    def save_set(
+        self,
+        filepath: _PATH,
+        step: int,
+        checkpoint: dict[str, Any],
+        replica: dict[str, Any],
+        collectives: Collectives,
+        write_main: Any,
+        own: dict[str, Any] | None = None,
+    ) -> None:
         """Commit ``checkpoint`` (the main file, by rank 0, through ``write_main(checkpoint)``) and each rank's
-        ``replica`` as one set: replicas first, then the main file, then older sets of the same path go.
+        ``replica`` as one set: replicas first, then the main file, then older sets of the same path go. ``own``: the
+        strategy's entries of the replica, kept apart from the user's.
 
         Any rank's write may fail (a full disk): the ranks agree after each write, so that every rank raises the same
         :class:`CheckpointError`, the new set's files go, and the sets written before stay."""
         assert self.engine is not None and self.topology is not None
         token = collectives.broadcast(uuid.uuid4().hex[:8] if collectives.is_global_zero else None)
         replica_set = ReplicaSet(self.run_id, int(step), token, self.engine.world_size, self.topology.name)
+        check_free_key(checkpoint, CHECKPOINT_KEY)
         checkpoint[CHECKPOINT_KEY] = main_meta(replica_set, self.engine.state_dict())
-        replica = {**replica, GOSSIP_REPLICA_KEY: self.engine.replica_state()}
+        own = {**(own or {}), GOSSIP_REPLICA_KEY: self.engine.replica_state()}
         rank, is_zero = collectives.global_rank, collectives.is_global_zero
         undo = lambda: remove_set(filepath, replica_set, rank, is_zero)  # noqa: E731
         started = time.monotonic()
-        failure = _failure_of(lambda: write_replica(filepath, replica_set, rank, replica), replica_path(filepath, replica_set, rank))
+        failure = _failure_of(lambda: write_replica(filepath, replica_set, rank, replica, own), replica_path(filepath, replica_set, rank))
         # every replica is on disk before the main file commits the set; the others may take as long to write theirs
         allowance = 2 * (time.monotonic() - started)
         self._agree("replicas written", failure, collectives, allowance, undo)
@@ -358,7 +371,7 @@ class Gossiper:
         # CHOCO's copies belong to particular neighbours: the graph itself must match, not its name (a torus of
         # another shape, a random_regular of another seed keep theirs). Every rank reads the same main file, so all
         # refuse alike. A checkpoint from before graphs were recorded cannot tell: its copies start afresh
-        gossip_replica = replica.get(GOSSIP_REPLICA_KEY, {})
+        gossip_replica = replica_own(replica).get(GOSSIP_REPLICA_KEY, {})
         graph = checkpoint[CHECKPOINT_KEY]["gossip"].get("graph")
         if self.options.compression is not None and gossip_replica.get("choco_copies") and graph != self.topology.fingerprint():
             if graph is not None:

@@ -29,6 +29,9 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
 CHECKPOINT_KEY = "decentralized"  # the main checkpoint's entry describing its replica set
+#: a replica file's own entry: its set, its rank and what the strategy alone keeps (the gossip engine's state, a
+#: Fabric replica's random streams), apart from what the user saved, so that neither overwrites the other
+REPLICA_KEY = "lightning_dpgan"
 
 
 class CheckpointError(ValueError):
@@ -159,8 +162,31 @@ def _size(n: int | None) -> str:
     return f"{value:.1f} TB"
 
 
-def write_replica(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, contents: dict[str, Any]) -> None:
-    atomic_save({**asdict(replica_set), "rank": rank, **contents}, replica_path(checkpoint_path, replica_set, rank))
+def write_replica(
+    checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, contents: dict[str, Any], own: dict[str, Any] | None = None
+) -> None:
+    """Rank ``rank``'s file of the set: ``contents`` as given, and under :data:`REPLICA_KEY` the set, the rank and
+    ``own`` (the strategy's entries)."""
+    check_free_key(contents, REPLICA_KEY)
+    meta = {**asdict(replica_set), "rank": rank, **(own or {})}
+    atomic_save({**contents, REPLICA_KEY: meta}, replica_path(checkpoint_path, replica_set, rank))
+
+
+def check_free_key(state: dict[str, Any], key: str) -> None:
+    """A checkpoint entry this package writes must not also be the user's (``ValueError`` naming it)."""
+    if key in state:
+        raise ValueError(f"the checkpoint entry {key!r} is written by lightning_dpgan; name your entry otherwise")
+
+
+def replica_own(replica: dict[str, Any]) -> dict[str, Any]:
+    """What the strategy keeps in a replica file (an older file keeps it among the user's entries)."""
+    own = replica.get(REPLICA_KEY)
+    return own if isinstance(own, dict) else replica
+
+
+def replica_contents(replica: dict[str, Any]) -> dict[str, Any]:
+    """A replica file's entries as they were saved, without the strategy's."""
+    return {k: v for k, v in replica.items() if k != REPLICA_KEY}
 
 
 def remove_set(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, is_global_zero: bool) -> None:
@@ -238,7 +264,8 @@ def read_replica(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, mma
     expected = {**asdict(replica_set), "rank": rank}
     if not isinstance(replica, dict):
         raise CheckpointError(f"replica file {path!r} is not a replica (a {type(replica).__name__}, not a dict)")
-    wrong = {k: replica.get(k) for k, v in expected.items() if replica.get(k) != v}
+    own = replica_own(replica)
+    wrong = {k: own.get(k) for k, v in expected.items() if own.get(k) != v}
     if wrong:
         raise CheckpointError(
             f"replica file {path!r} belongs to another checkpoint ({', '.join(f'{k}={v!r}' for k, v in wrong.items())};"

@@ -211,7 +211,7 @@ def test_a_resume_checks_the_graph_not_its_name(tmp_path):
     engine = written.connect(16, 0, transport=object())
     replica_set = ReplicaSet("run", 5, "tok", 16, "torus")
     copies = torch.arange(15.0).view(5, 3)  # its own copy and four neighbours'
-    write_replica(path, replica_set, 0, {GOSSIP_REPLICA_KEY: {"choco_copies": [copies]}})
+    write_replica(path, replica_set, 0, {}, own={GOSSIP_REPLICA_KEY: {"choco_copies": [copies]}})
     checkpoint = {CHECKPOINT_KEY: main_meta(replica_set, engine.state_dict())}
 
     def resume(topology, checkpoint):

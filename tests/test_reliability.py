@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_dpgan.replicas import CheckpointError, ReplicaSet, check_set, read_main, read_replica, replica_set_of
+from lightning_dpgan.replicas import REPLICA_KEY, CheckpointError, ReplicaSet, check_set, read_main, read_replica, replica_set_of
 
 from helpers import WORKERS, call_cli, free_port, group_alive, run, worker_env
 
@@ -96,7 +96,8 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_before_any_worker(fitted, tm
         extra = ["model.generator.hidden=64"]
     elif damage == "mixed_set":  # rank 1's replica from another set (step 20), as a crash mid-write once left it
         replica = torch.load(set_folder(ckpt) / "rank1.pt", weights_only=True)
-        torch.save({**replica, "step": 20, "token": "0000abcd"}, set_folder(ckpt) / "rank1.pt")
+        replica[REPLICA_KEY] = {**replica[REPLICA_KEY], "step": 20, "token": "0000abcd"}
+        torch.save(replica, set_folder(ckpt) / "rank1.pt")
     else:
         (set_folder(ckpt) / "rank1.pt").unlink()
     status, _, err = call_cli("fit", f"ckpt_path={ckpt}", "devices=2", f"hydra.run.dir={tmp_path / 'out'}", *extra)
@@ -252,7 +253,7 @@ def test_replica_checks_name_what_does_not_match(tmp_path):
 
     first = ReplicaSet("run-a", 10, "aaaa", 2, "ring")
     write_replica(tmp_path / "c.ckpt", first, 0, {"state_dict": {}})
-    assert read_replica(tmp_path / "c.ckpt", first, 0)["rank"] == 0
+    assert read_replica(tmp_path / "c.ckpt", first, 0)[REPLICA_KEY]["rank"] == 0
     # the same step and token, written by another run: the run id tells them apart
     with pytest.raises(CheckpointError, match=r"belongs to another checkpoint \(run_id='run-a'; the main file expects run_id='run-b'\)"):
         read_replica(tmp_path / "c.ckpt", ReplicaSet("run-b", 10, "aaaa", 2, "ring"), 0)
