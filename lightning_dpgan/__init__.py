@@ -6,16 +6,27 @@ Importing the package registers the strategy names with Lightning: ``Trainer(str
 
 from __future__ import annotations
 
-from lightning_dpgan._version import __version__
-from lightning_dpgan.fabric import DecentralizedFabricStrategy
-from lightning_dpgan.gan import DPGAN
-from lightning_dpgan.gossip import GossipEngine, GossipOptions, GossipPeerError
-from lightning_dpgan.guard import NonFiniteError, NonFiniteGuard
-from lightning_dpgan.mix_sets import AnchoredOptimizer
-from lightning_dpgan.optim import OptimisticAdam, OptimisticSGD
-from lightning_dpgan.replicas import CheckpointError
-from lightning_dpgan.strategy import DecentralizedStrategy
-from lightning_dpgan.topology import Topology, TopologyError, build_topology
+import os as _os
+
+# The checkout's top-level conf/ is the subpackage lightning_dpgan.conf (pyproject's package-dir). Installed, it sits
+# inside the package; imported from a checkout (python -m lightning_dpgan run from the clone's root, which shadows an
+# installed wheel), the package's folder has no conf/, so the root is searched for it too.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "conf")) and _os.path.isfile(
+    _os.path.join(_checkout, "conf", "config.yaml")
+):
+    __path__.append(_checkout)
+
+from lightning_dpgan._version import __version__  # noqa: E402
+from lightning_dpgan.fabric import DecentralizedFabricStrategy  # noqa: E402
+from lightning_dpgan.gan import DPGAN  # noqa: E402
+from lightning_dpgan.gossip import GossipEngine, GossipOptions, GossipPeerError  # noqa: E402
+from lightning_dpgan.guard import NonFiniteError, NonFiniteGuard  # noqa: E402
+from lightning_dpgan.mix_sets import AnchoredOptimizer  # noqa: E402
+from lightning_dpgan.optim import OptimisticAdam, OptimisticSGD  # noqa: E402
+from lightning_dpgan.replicas import CheckpointError  # noqa: E402
+from lightning_dpgan.strategy import DecentralizedStrategy  # noqa: E402
+from lightning_dpgan.topology import Topology, TopologyError, build_topology  # noqa: E402
 
 __all__ = [
     "AnchoredOptimizer",

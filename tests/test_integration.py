@@ -322,3 +322,22 @@ def test_the_sweep_comparison_shows_modes_beside_the_high_quality_fraction(tmp_p
     described = Image.open(path).text["Description"]
     assert described == "modes: topology=ring 1, topology=exponential 18; high_quality: topology=ring 0.87, topology=exponential 0.41"
     assert Image.open(path).size[0] >= 1500  # three panels: modes, high-quality fraction, consensus distance
+
+
+def test_a_checkout_finds_its_configs_without_the_editable_install(tmp_path):
+    """From a clone's root, ``python -m lightning_dpgan`` imports the source tree (it shadows an installed wheel),
+    whose configs sit at the root (conf/), not in the package: the editable install's finder maps them, and
+    without it (a wheel installed beside a clone) the package itself must find them."""
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "for name in [n for n in sys.modules if n.startswith('lightning_dpgan')]: del sys.modules[name]\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from lightning_dpgan import cli\n"
+        "import lightning_dpgan.conf\n"
+        "print(lightning_dpgan.conf.__file__)\n"
+        "cli.main(['topology', 'topology=ring', 'devices=4'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=worker_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0] == str(ROOT / "conf" / "__init__.py") and "rho(W^t)" in proc.stdout
