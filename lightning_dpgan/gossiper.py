@@ -25,7 +25,8 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dpgan.checks import check_bool, check_int
-from lightning_dpgan.gossip import GossipEngine, GossipOptions, GossipPeerError, Stop, StopReason, Transport, build_engine
+from lightning_dpgan.gossip import GossipEngine, GossipOptions, GossipPeerError, Stop, StopReason, Transport
+from lightning_dpgan.gossip.registry import engine_class
 from lightning_dpgan.gossip.transport import peer_failure
 from lightning_dpgan.guard import NonFiniteError, first_nonfinite, nonfinite_message
 from lightning_dpgan.mix_sets import AnchoredOptimizer, MixSet, build_mix_set, metric_prefixes, own_buffers, own_parameters, submodule_names
@@ -100,6 +101,7 @@ class Gossiper:
 
     # ------------------------------------------------------------------ set-up
     def build_topology(self, world_size: int) -> Topology:
+        """The graph, checked once here against the gossip variant (a launcher calls this before any worker)."""
         self.topology = build_topology(self.topology_spec, world_size, **self.topology_options)
         self.options.check_topology(self.topology)
         return self.topology
@@ -108,7 +110,7 @@ class Gossiper:
         if self.topology is None or self.topology.world_size != world_size:
             self.build_topology(world_size)
         assert self.topology is not None
-        self.engine = build_engine(self.topology, rank, self.options, transport)
+        self.engine = engine_class(self.options)(self.topology, rank, transport, self.options)  # topology checked above
         return self.engine
 
     def align(self, module: nn.Module, rank: int) -> None:

@@ -16,12 +16,13 @@ import torch
 from lightning_dpgan.gossip import GossipOptions, GossipPeerError, StopReason, build_engine, dense_mix
 from lightning_dpgan.gossip.buffers import Plan
 from lightning_dpgan.gossip.control import HEADER_BYTES
-from lightning_dpgan.gossip.engine import PeerTimeout
+from lightning_dpgan.gossip.base import PeerTimeout
 from lightning_dpgan.gossip.options import PEER_TIMEOUT_FLOOR_S, PEER_TIMEOUT_STEPS
 from lightning_dpgan.gossip.transport import schedule
 from lightning_dpgan.topology import build_topology, ring
 
 from fake_transport import run_ranks
+from stale_replay import ReplayedStale
 from helpers import torchrun
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
@@ -460,9 +461,8 @@ def _stale_consensus(topo, staleness: int, steps: int, seed: int, x0: np.ndarray
     from reference import delivery_schedule
 
     def body(rank, transport):
-        e = build_engine(topo, rank, GossipOptions(staleness=staleness), transport)
         schedule = delivery_schedule(topo.world_size, staleness, seed)
-        e.delivery = lambda sender, tag: schedule(rank, sender, tag)
+        e = ReplayedStale(topo, rank, transport, GossipOptions(staleness=staleness), lambda sender, tag: schedule(rank, sender, tag))
         x = torch.tensor(x0[rank])
         for _ in range(steps):
             e.step([x])
@@ -526,3 +526,69 @@ def test_staleness_is_refused_where_it_cannot_work():
     with pytest.raises(ValueError, match="staleness=2 keeps receives posted ahead of sends .* NCCL does not"):
         build_engine(ring(4), 0, GossipOptions(staleness=2), transport=object()).step([torch.zeros(3, device="meta")])
     assert type(build_engine(ring(4), 0, GossipOptions(staleness=0), transport=object())).__name__ == "SynchronousGossip"
+
+
+# ---------------------------------------------------------------------- the package's shape
+def _gossip_imports() -> dict[str, set[str]]:
+    """Each module of lightning_dpgan/gossip/ (``__init__`` for the package) -> the modules of gossip/ it imports,
+    at any depth in its code: a lazy import inside a function counts as much as one at the top."""
+    import ast
+
+    import lightning_dpgan.gossip as package
+
+    folder = Path(package.__file__).parent
+    names = {path.stem for path in folder.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        edges = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = "lightning_dpgan.gossip" if node.level else (node.module or "")
+                if node.level and node.module:
+                    base += "." + node.module
+                if base == "lightning_dpgan.gossip":  # the package itself, or a submodule by name
+                    edges.update(a.name if a.name in names else "__init__" for a in node.names)
+                elif base.startswith("lightning_dpgan.gossip."):
+                    edges.add(base.split(".")[2])
+            elif isinstance(node, ast.Import):
+                edges.update(a.name.split(".")[2] for a in node.names if a.name.startswith("lightning_dpgan.gossip."))
+    return graph
+
+
+def test_the_gossip_package_imports_no_module_in_a_circle():
+    """``import lightning_dpgan.gossip`` walks a graph without a cycle: a variant imports the base, the registry
+    imports the variants, and no module reaches back (nor needs a lazy import to avoid it)."""
+    graph = _gossip_imports()
+    assert graph["registry"] >= {"base", "synchronous", "stale", "choco", "none"} and "registry" not in graph["base"]
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for other in sorted(graph.get(module, ())):
+            assert state.get(other) != 1, f"import circle: {' -> '.join(path + [module, other])}"
+            if other not in state:
+                visit(other, path + [module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+
+
+def test_each_variant_is_named_by_its_options_and_registered():
+    """``GossipOptions.variant`` picks the variant by its fields, in the order the settings override each other, and
+    the registry builds that class (a variant added is one class and one line in ``ENGINES``)."""
+    from lightning_dpgan.gossip import ENGINES, GossipEngine
+
+    cases = {
+        "synchronous": GossipOptions(),
+        "overlapped": GossipOptions(overlap=True),
+        "stale": GossipOptions(staleness=1),
+        "choco": GossipOptions(compression="int8"),
+        "none": GossipOptions(mixing=False, compression="int8"),
+    }
+    for name, options in cases.items():
+        assert options.variant == name
+        engine = build_engine(ring(4), 0, options, transport=object())
+        assert type(engine) is ENGINES[name] and isinstance(engine, GossipEngine)
+    assert set(ENGINES) == set(cases)

@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_dpgan.gossip.base import GossipEngine
 from lightning_dpgan.gossip.buffers import Bucket, Plan
 from lightning_dpgan.gossip.compression import Compressor, build_compressor
 from lightning_dpgan.gossip.control import HEADER_BYTES
-from lightning_dpgan.gossip.engine import GossipEngine
 from lightning_dpgan.gossip.options import GossipOptions
 from lightning_dpgan.gossip.transport import Transport
 from lightning_dpgan.topology import Topology
@@ -54,7 +55,6 @@ class ChocoGossip(GossipEngine):
     """Compressed gossip (``GossipOptions(compression=...)``) on a static topology, one round per mixing step."""
 
     def __init__(self, topology: Topology, rank: int, transport: Transport, options: GossipOptions) -> None:
-        options.check_topology(topology)
         super().__init__(topology, rank, transport, options)
         assert options.compression is not None
         self.compressor: Compressor = build_compressor(options.compression, options.topk_fraction)
@@ -66,10 +66,11 @@ class ChocoGossip(GossipEngine):
         self._copies: dict[tuple[int, ...], tuple[Plan, list[_Copies]]] = {}
         self._restored: list[Tensor] = []  # copies read from a checkpoint, taken by the plans in the order they come
 
+    @override
     @torch.no_grad()
     def step(self, tensors: Sequence[Tensor]) -> None:
         self._begin_step()
-        if self.world_size == 1 or not tensors or not self.mixes_now():
+        if not self.mixes_now() or self._nothing_to_exchange(tensors, 1):
             return
         entries = self._copies_of(tensors)
         posted = []
@@ -96,19 +97,23 @@ class ChocoGossip(GossipEngine):
             entry.bucket.unpack()
         self.phase += 1
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """With the graph's fingerprint: the copies belong to particular neighbours, and a resume checks them."""
         return {**super().state_dict(), "graph": self.topology.fingerprint()}
 
+    @override
     def replica_state(self) -> dict[str, Any]:
         """The public copies, per bucket in the order the plans were first mixed (each replica's own)."""
         taken = [entry.copies.clone() for _, entries in self._copies.values() for entry in entries]
         return {"choco_copies": taken + [t.clone() for t in self._restored]}  # restored ones not mixed yet stay
 
+    @override
     def load_replica_state(self, state: dict[str, Any]) -> None:
         self._copies.clear()
         self._restored = list(state.get("choco_copies", []))
 
+    @override
     def forget(self) -> None:
         self._copies.clear()
         super().forget()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from lightning_dpgan.checks import check_bool, check_choice, check_int, check_number
-from lightning_dpgan.topology import MAX_ROUNDS
+from lightning_dpgan.topology import MAX_ROUNDS, TopologyError
 
 #: names of the wire dtypes; None, "fp32" and "float32" send the tensors' own dtype
 WIRE_DTYPE_NAMES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
@@ -136,19 +136,31 @@ class GossipOptions:
             check_number("peer_timeout (seconds; None follows the run)", self.peer_timeout, 0, low_open=True)
         check_number("startup_timeout (seconds)", self.startup_timeout, 0, low_open=True)
 
+    @property
+    def variant(self) -> str:
+        """The name of the engine variant these options ask for
+        (:data:`~lightning_dpgan.gossip.registry.ENGINES`): ``"none"`` without mixing, else ``"choco"`` with a
+        compression, ``"stale"`` with staleness, ``"overlapped"`` with overlap, and ``"synchronous"`` otherwise."""
+        if not self.mixing:
+            return "none"
+        if self.compression is not None:
+            return "choco"
+        if self.staleness:
+            return "stale"
+        return "overlapped" if self.overlap else "synchronous"
+
     def check_topology(self, topology: Any) -> None:
-        """Staleness and compression keep one state per neighbour (its newest message, its public copy) and talk to
+        """Whether the graph suits :attr:`variant`, checked once, where the topology is built for these options.
+
+        The stale and CHOCO variants keep one state per neighbour (its newest message, its public copy) and talk to
         their neighbours point to point: they need a static graph. Raises
         :class:`~lightning_dpgan.topology.TopologyError` for a time-varying one, and warns for a ``consensus_step``
         above :meth:`default_consensus_step` (not refused: the bound is measured, Theorem 2's is far below it)."""
-        needs = (
-            f"staleness={self.staleness} needs" if self.staleness
-            else f"compression={self.compression!r} keeps a copy of every neighbour, so it needs" if self.compression
-            else None
-        )
+        needs = {
+            "stale": f"staleness={self.staleness} needs",
+            "choco": f"compression={self.compression!r} keeps a copy of every neighbour, so it needs",
+        }.get(self.variant)
         if needs and topology.is_time_varying:
-            from lightning_dpgan.topology import TopologyError
-
             raise TopologyError(f"{needs} a static topology; {topology.name!r} changes its neighbours every round")
         safe = self.default_consensus_step()
         if self.compression is not None and self.consensus_step is not None and self.consensus_step > safe:

@@ -7,7 +7,7 @@ With staleness ``s``, the mix of step ``k`` on worker ``i`` is::
 where ``x_j^(m)`` is the message of neighbour ``j``'s step ``m`` (its anchors after its update of step ``m``) and
 ``m_j`` is the newest such message ``i`` holds (a neighbour ahead may already have sent a newer one than ``k``). A worker waits only when a neighbour's newest message is more than
 ``s`` steps old. The weights are those of ``W``; ``s = 0`` would be DPOSG as written (that case is
-:class:`~lightning_dpgan.gossip.engine.SynchronousGossip`, bit for bit).
+:class:`~lightning_dpgan.gossip.synchronous.SynchronousGossip`, bit for bit).
 
 Every message carries its step (:mod:`.control`): a message is received once, into a slot, and taken as the
 neighbour's newest copy; a copy is mixed again on later steps until a newer one replaces it. Sends and receives
@@ -24,23 +24,23 @@ only mixes, and goes on skipping until no neighbour is ahead: a host up to ``s +
 keeps their pace by contributing fewer gradients, instead of holding everyone to its own pace (docs/guide.md:
 catching up).
 
-``trace``, when set to a list, gets one entry per step: ``(step, skipped, [{neighbour: step of the message mixed},
-one per stream])``, all a replay needs (tests/reference.py). ``delivery`` lets a test or a simulation decide when a
-message is taken: ``delivery(sender, tag)`` is the step at which this worker takes sender's message of step
-``tag``, from ``tag`` to ``tag + s``; ``None`` takes each as soon as it has arrived.
+When a message is taken is decided in one method, :meth:`StaleGossip._takes_now` (as soon as it has arrived), and
+what a mix uses is formed in one, :meth:`StaleGossip._combine`: a subclass that replays a seeded delivery schedule or
+records which message each mix used overrides those (tests/stale_replay.py), not this class.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_dpgan.gossip.base import GossipEngine
 from lightning_dpgan.gossip.buffers import Bucket, Plan, payload
-from lightning_dpgan.gossip.engine import GossipEngine
 from lightning_dpgan.gossip.options import GossipOptions
 from lightning_dpgan.gossip.transport import GossipPeerError, Posted, Transport
 from lightning_dpgan.topology import Topology
@@ -75,27 +75,24 @@ class StaleGossip(GossipEngine):
     """Bounded-staleness gossip (``GossipOptions(staleness=s)``, ``s >= 1``) on a static topology, one round a step."""
 
     def __init__(self, topology: Topology, rank: int, transport: Transport, options: GossipOptions) -> None:
-        options.check_topology(topology)
         super().__init__(topology, rank, transport, options)
         self.staleness = options.staleness
         self.lag_steps = options.staleness  # a stop is announced this much earlier
-        self.delivery: Callable[[int, int], int] | None = None
         self._nb = self._neighbours[0]
         self._streams: dict[int, list[_Stream]] = {}  # id(plan) -> one stream per bucket
         self._first_step = 0  # messages before this step were never sent to this worker (it started here)
         self.catch_up = options.catch_up
         self.skipped = 0
-        self.trace: list[tuple[int, bool, list[dict[int, int]]]] | None = None
         self._catching_up = False
         self._skipping = False  # the step in progress computed nothing
         self._waited_at = 0  # the last step whose mix waited for a neighbour's message
 
     # ------------------------------------------------------------------ the step
+    @override
     @torch.no_grad()
     def step(self, tensors: Sequence[Tensor]) -> None:
         self._begin_step()
-        if self.world_size == 1 or not tensors:
-            self.phase += 1
+        if self._nothing_to_exchange(tensors, 1):
             return
         if not self._first_step:
             self._first_step = self.steps
@@ -107,14 +104,13 @@ class StaleGossip(GossipEngine):
         required = max(self.steps - self.staleness, self._first_step)
         for stream in streams:
             self._take(stream, required)
-        if self.trace is not None:
-            self.trace.append((self.steps, self._skipping, [dict(stream.newest_tag) for stream in streams]))
         for stream in streams:
             self._combine(stream)
             stream.bucket.unpack()
         self._skipping = False
         self.phase += 1
 
+    @override
     def skips_next_step(self) -> bool:
         """With ``catch_up``: whether the coming step should skip its computation and only mix. A worker starts skipping
         when a neighbour is ``s`` steps ahead (that neighbour waits for this worker's next message) and its own last
@@ -125,7 +121,7 @@ class StaleGossip(GossipEngine):
         ahead = -self.staleness
         for streams in self._streams.values():
             for stream in streams:
-                self._take(stream, required=-1)  # whatever has arrived (and ``delivery`` allows), without waiting
+                self._take(stream, required=-1)  # whatever :meth:`_takes_now` takes, without waiting
                 ahead = max(ahead, max(stream.newest_tag.values(), default=self.steps) - self.steps)
         if ahead <= 0 or self.steps - self._waited_at <= self.staleness:
             self._catching_up = False
@@ -135,6 +131,7 @@ class StaleGossip(GossipEngine):
         self.skipped += self._skipping
         return self._skipping
 
+    @override
     def flush(self) -> None:
         """Take every message the neighbours have sent so far (they are all at this step: a checkpoint, the end)."""
         for streams in self._streams.values():
@@ -144,6 +141,7 @@ class StaleGossip(GossipEngine):
                     while stream.taken[peer] < stream.sent:
                         self._take_one(stream, peer, forced=True)
 
+    @override
     def close(self) -> None:
         """The end of training: after :meth:`flush`, fill each neighbour's receives still posted with end messages,
         and take theirs, so that no operation is left waiting on the wire."""
@@ -163,6 +161,7 @@ class StaleGossip(GossipEngine):
         self._streams.clear()
         self.transport.close()
 
+    @override
     def forget(self) -> None:
         self._streams.clear()
         self.transport.close()
@@ -223,24 +222,22 @@ class StaleGossip(GossipEngine):
         stream.slots[peer].append(_Slot(message, self.transport.post_receive(message, peer, stream.number)))
 
     def _take(self, stream: _Stream, required: int) -> None:
-        """Take, from every in-neighbour, the messages that have arrived (and that ``delivery`` allows), waiting only
-        while its newest is older than step ``required``."""
+        """Take, from every in-neighbour, the messages :meth:`_takes_now` takes, and wait only while its newest is
+        older than step ``required``."""
         for peer in self._nb.receive_from:
             while True:
                 slot = stream.slots[peer][0]
                 behind = stream.newest_tag[peer] < required
-                if not behind and self.delivery is not None:
-                    if stream.newest_tag[peer] >= self.steps:
-                        break  # the next message is of a later step: not due before that step
-                    self.transport.wait(slot.posted, self.timeout(), self.phase)
-                    tag = self.control.peek(slot.message)
-                    if tag == _END or self.delivery(peer, tag) > self.steps:
-                        break  # arrived, but the schedule hands it over later
-                elif not behind and (not self.transport.done(slot.posted) or self.control.peek(slot.message) == _END):
-                    break  # not arrived yet, or the neighbour has finished (its end messages are taken at close)
+                if not behind and not self._takes_now(stream, peer, slot):
+                    break
                 if behind and not self.transport.done(slot.posted):
                     self._waited_at = self.steps  # this worker waits on a neighbour: it is not the one holding others back
                 self._take_one(stream, peer, forced=behind)
+
+    def _takes_now(self, stream: _Stream, peer: int, slot: _Slot) -> bool:
+        """Whether to take a neighbour's next message now, when no wait is needed: once it has arrived, unless the
+        neighbour has finished (its end messages are taken at :meth:`close`). Never waits."""
+        return self.transport.done(slot.posted) and self.control.peek(slot.message) != _END
 
     def _take_one(self, stream: _Stream, peer: int, forced: bool) -> None:
         slot = stream.slots[peer].popleft()

@@ -23,6 +23,7 @@ from lightning_dpgan.topology import build_topology
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reference import delivery_schedule  # noqa: E402
+from stale_replay import ReplayedStale  # noqa: E402
 
 SHAPES = [((3, 5), "float64"), ((7,), "float64"), ((2, 2, 2), "float32"), ((11,), "float32")]
 
@@ -61,10 +62,12 @@ def run_cases(out_dir: str, cases: list[dict], rank: int, world: int, group: dis
         topology = build_topology(case["topology"], world, **case.get("options", {}))
         chunking = {"chunk_bytes": case["chunk_bytes"]} if "chunk_bytes" in case else {}  # else the default
         options = GossipOptions(rounds=case["rounds"], wire_dtype=case.get("wire_dtype"), staleness=case.get("staleness", 0), **chunking)
-        engine = build_engine(topology, rank, options, DistributedTransport(rank, group, options.chunk_bytes))
-        if case.get("staleness"):
+        transport = DistributedTransport(rank, group, options.chunk_bytes)
+        if case.get("staleness"):  # each message taken at its seeded step
             schedule = delivery_schedule(world, case["staleness"], case["schedule"])
-            engine.delivery = lambda sender, tag, schedule=schedule: schedule(rank, sender, tag)
+            engine = ReplayedStale(topology, rank, transport, options, lambda sender, tag, schedule=schedule: schedule(rank, sender, tag))
+        else:
+            engine = build_engine(topology, rank, options, transport)
         tensors = [torch.from_numpy(a).to(device) for a in case_tensors(index, rank, case)]
         if case.get("strided"):
             tensors[0] = tensors[0].t().contiguous().t()  # the same values, stored column by column

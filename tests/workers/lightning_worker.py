@@ -39,6 +39,7 @@ from lightning_dpgan.signals import StopOnSigterm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reference import delivery_schedule  # noqa: E402
+from stale_replay import ReplayedStale  # noqa: E402
 
 
 def digits(with_index: bool = False) -> TensorDataset:
@@ -319,7 +320,7 @@ class DeliverOnSchedule(Callback):
     def setup(self, trainer: pl.Trainer, module: Any, stage: str) -> None:
         schedule = delivery_schedule(trainer.world_size, self.staleness, self.seed)
         rank = trainer.global_rank
-        trainer.strategy.engine.delivery = lambda sender, tag: schedule(rank, sender, tag)
+        ReplayedStale.replacing(trainer.strategy).delivery = lambda sender, tag: schedule(rank, sender, tag)
 
 
 class GossipTrace(Callback):
@@ -330,7 +331,7 @@ class GossipTrace(Callback):
         self.out = out
 
     def setup(self, trainer: pl.Trainer, module: Any, stage: str) -> None:
-        trainer.strategy.engine.trace = []
+        ReplayedStale.replacing(trainer.strategy)
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         with open(os.path.join(self.out, f"trace_rank{trainer.global_rank}.json"), "w") as f:
@@ -435,7 +436,7 @@ def fabric_bilinear(out: str, opts: dict[str, str], steps: int, save_at: int | N
     fabric.launch()
     slow = fabric.global_rank == int(opts.get("slow_rank", -1))
     if opts.get("trace") == "1":
-        fabric.strategy.engine.trace = []
+        ReplayedStale.replacing(fabric.strategy)
     game = BilinearGame(opts["optimizer"], float(opts["lr"]), **json.loads(opts.get("kwargs", "{}")))
     optimizer = game.configure_optimizers()
     game, optimizer = fabric.setup(game, optimizer)
