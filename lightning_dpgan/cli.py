@@ -30,7 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_dpgan.checks import check_int
+from lightning_dpgan.checks import check_choice, check_int
 from lightning_dpgan.topology import MAX_WORLD_SIZE
 
 CONFIG_PACKAGE = "lightning_dpgan.conf"
@@ -129,8 +129,7 @@ def parse_command(argv: list[str]) -> Command:
     if _is_hydra_flag(rest[0]):  # shell completion calls ``lightning-dpgan -sc query=bash``: no verb
         rest = ["fit", *rest]
     command.verb, args = rest[0], rest[1:]
-    if command.verb not in VERBS:
-        raise UsageError(f"unknown verb {command.verb!r}; allowed: {', '.join(VERBS)}")
+    check_choice("verb", command.verb, VERBS, error=UsageError)
     if args[:1] == [RUN_CONFIG_FLAG] and len(args) == 2:
         command.run_config = args[1]
         return command
@@ -350,7 +349,7 @@ def check_launch(cfg: DictConfig, datamodule: Any) -> None:
     the data holds a batch."""
     import torch
 
-    from lightning_dpgan.strategy import check_master_port_free, master_port_from_env
+    from lightning_dpgan.processes import check_master_port_free, master_port_from_env
 
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -432,8 +431,7 @@ def with_scaled_learning_rates(cfg: DictConfig) -> DictConfig:
     from lightning_dpgan.gan import check_learning_rate
 
     scaling = cfg.get("lr_scaling")
-    if scaling not in LR_SCALINGS:
-        raise UsageError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {scaling!r}")
+    check_choice("lr_scaling", scaling, LR_SCALINGS, error=UsageError)
     for key in ("lr_g", "lr_d"):
         if key in cfg.model:
             _check(key, lambda: check_learning_rate(key, cfg.model[key]))  # name the value given, not the scaled one

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from lightning_dpgan.checks import check_int
+from lightning_dpgan.checks import check_choice, check_int
 from lightning_dpgan.data.gaussians import MIXTURES, mixture_modes
 from lightning_dpgan.metrics.image_quality import (
     ensure_inception_weights,
@@ -78,8 +78,7 @@ class GANEvaluation(pl.Callback):
         seed: int = 1234,
         inception_weights: str | None = None,
     ) -> None:
-        if model not in MODELS:
-            raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+        check_choice("evaluation model", model, MODELS)
         for name, value, low in (("every_n_steps", every_n_steps, 0), ("num_samples", num_samples, 1), ("num_real", num_real, 2)):
             check_int(name, value, low)
         self.dataset, self.every_n_steps, self.num_samples, self.model = dataset, every_n_steps, num_samples, model

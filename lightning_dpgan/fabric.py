@@ -14,7 +14,6 @@ with :class:`~lightning_dpgan.NonFiniteError`. Fabric has no SIGTERM handling of
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import timedelta
 from typing import Any, Literal
 
 import torch
@@ -22,7 +21,6 @@ from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
 from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from lightning.fabric.strategies.strategy import TBroadcast
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
@@ -31,8 +29,9 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_dpgan.gossip import DistributedTransport, GossipEngine, GossipOptions
-from lightning_dpgan.gossiper import Gossiper, point_anchors_at_parameters
+from lightning_dpgan.gossip import GossipOptions
+from lightning_dpgan.gossip_strategy import CONSENSUS_EVERY, GossipStrategyMixin
+from lightning_dpgan.gossiper import point_anchors_at_parameters
 from lightning_dpgan.replicas import (
     CHECKPOINT_KEY,
     REPLICA_KEY,
@@ -43,23 +42,37 @@ from lightning_dpgan.replicas import (
     replica_set_of,
     safe_load,
 )
+from lightning_dpgan.processes import PatientObserver
 from lightning_dpgan.seeding import rng_state, set_rng_state
-from lightning_dpgan.strategy import PatientObserver, check_master_port_free, close_gossip_group, die_with_parent, gossip_group
 from lightning_dpgan.topology import Topology
 
 
-class DecentralizedFabricStrategy(DDPStrategy):
+class _PatientLauncher(_SubprocessScriptLauncher):
+    """Fabric's popen launcher with a :class:`~lightning_dpgan.processes.PatientObserver`."""
+
+    @override
+    def launch(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            PatientObserver(self.procs).start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+
+class DecentralizedFabricStrategy(GossipStrategyMixin, DDPStrategy):
     """Decentralized training by gossip for Fabric. Arguments as :class:`~lightning_dpgan.DecentralizedStrategy`'s
     (``consensus_every`` fills :attr:`consensus_distance`; a Fabric loop logs what it likes)."""
 
     strategy_name = "decentralized"
+    popen_launcher, patient_launcher = _SubprocessScriptLauncher, _PatientLauncher
 
     def __init__(
         self,
         topology: str | Topology = "ring",
         gossip: GossipOptions | Mapping[str, Any] | None = None,
         topology_options: Mapping[str, Any] | None = None,
-        consensus_every: int = 0,
+        consensus_every: int = CONSENSUS_EVERY,
         mix_buffers: bool = True,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -69,7 +82,7 @@ class DecentralizedFabricStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        gossiper = Gossiper(topology, gossip, topology_options, consensus_every, mix_buffers)
+        timeout = self._gossip_timeout(topology, gossip, topology_options, consensus_every, mix_buffers)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -77,42 +90,17 @@ class DecentralizedFabricStrategy(DDPStrategy):
             checkpoint_io=checkpoint_io,
             precision=precision,
             process_group_backend=process_group_backend,
-            timeout=timedelta(seconds=gossiper.options.startup_timeout),
+            timeout=timeout,
             start_method=start_method,
         )
-        self.gossiper = gossiper
         self._module: nn.Module | None = None
         self._optimizers: list[Optimizer] = []
-        self._gossip_group: torch.distributed.ProcessGroup | None = None
-
-    @property
-    def engine(self) -> GossipEngine | None:
-        return self.gossiper.engine
-
-    @property
-    def consensus_distance(self) -> dict[str, float]:
-        return self.gossiper.consensus_distance
-
-    @override
-    def _configure_launcher(self) -> None:
-        # the launching process, before any worker starts: a bad world size or a taken port is said now
-        self.gossiper.build_topology(self.num_nodes * self.num_processes)
-        super()._configure_launcher()
-        if type(self._launcher) is _SubprocessScriptLauncher:
-            self._launcher = _PatientLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally and self.num_nodes == 1 and self.num_processes > 1:
-            check_master_port_free()
 
     @override
     def setup_environment(self) -> None:
-        if self.cluster_environment is not None and self.cluster_environment.creates_processes_externally:
-            die_with_parent()
+        self._die_with_launcher()
         super().setup_environment()
-        self._gossip_group, world_size = gossip_group(self._get_process_group_backend(), self._timeout)
-        transport = DistributedTransport(self.global_rank, self._gossip_group, self.gossiper.options.chunk_bytes)
-        self.gossiper.connect(world_size, self.global_rank, transport)
-        if world_size > 1:
-            self.gossiper.run_id = self.broadcast(self.gossiper.run_id)
+        self._connect_gossip()
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -147,24 +135,9 @@ class DecentralizedFabricStrategy(DDPStrategy):
         self.gossiper.catch_up(optimizer)
         return True
 
-    # ------------------------------------------------------------------ collectives
+    # ------------------------------------------------------------------ collectives (the others: GossipStrategyMixin)
     # Fabric's (fabric.barrier, fabric.save, ...): after the warm-up bounded by the peer timeout, and a worker that
     # does not come is named (GossipPeerError), as in the gossip.
-    @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        with self.gossiper.collective("barrier"):
-            super().barrier(*args, **kwargs)
-
-    @override
-    def broadcast(self, obj: TBroadcast, src: int = 0) -> TBroadcast:
-        with self.gossiper.collective("broadcast"):
-            return super().broadcast(obj, src)
-
-    @override
-    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
-        with self.gossiper.collective("all_gather"):
-            return super().all_gather(tensor, group, sync_grads)
-
     @override
     def all_reduce(self, tensor: torch.Tensor, group: Any | None = None, reduce_op: Any = "mean") -> torch.Tensor:
         with self.gossiper.collective("all_reduce"):
@@ -237,15 +210,6 @@ class DecentralizedFabricStrategy(DDPStrategy):
             point_anchors_at_parameters([o for o in state.values() if isinstance(o, Optimizer)])
         return remaining
 
-    @override
-    def teardown(self) -> None:
-        self.gossiper.detach()
-        if self.engine is not None:
-            self.engine.forget()
-        close_gossip_group(self._gossip_group)
-        self._gossip_group = None
-        super().teardown()
-
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
@@ -253,19 +217,6 @@ class DecentralizedFabricStrategy(DDPStrategy):
             strategy_registry.register(
                 name, cls, description=f"Decentralized gossip strategy with start_method '{start_method}'", start_method=start_method
             )
-
-
-class _PatientLauncher(_SubprocessScriptLauncher):
-    """Fabric's popen launcher with a :class:`~lightning_dpgan.strategy.PatientObserver`."""
-
-    @override
-    def launch(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-            PatientObserver(self.procs).start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
 
 
 if "decentralized" not in STRATEGY_REGISTRY:

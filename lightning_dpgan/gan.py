@@ -16,7 +16,6 @@ With ``n_critic > 1`` only every ``n_critic``-th iteration gives G a gradient; t
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -31,7 +30,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from typing_extensions import Self, override
 
-from lightning_dpgan.checks import check_int, check_number
+from lightning_dpgan.checks import check_choice, check_int, check_number
 from lightning_dpgan.losses import GANLoss, build_loss, gradient_penalty, r1_penalty
 from lightning_dpgan.optim import OPTIMIZERS
 from lightning_dpgan.seeding import seed_for_rank
@@ -86,16 +85,15 @@ class DPGAN(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}, or a callable")
+        if isinstance(optimizer, str):
+            check_choice("optimizer (a name, or a callable)", optimizer, OPTIMIZERS)
         for name, lr in (("lr_g", lr_g), ("lr_d", lr_d)):
             check_learning_rate(name, lr)
         check_int("n_critic", n_critic, 1)
         if ema_decay is not None:
             check_number("ema_decay (or None)", ema_decay, 0, 1)
         latent_dim = latent_dim if latent_dim is not None else getattr(generator, "latent_dim", None)
-        if not isinstance(latent_dim, int) or latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer (or the generator's latent_dim), got {latent_dim!r}")
+        check_int("latent_dim (or the generator's latent_dim)", latent_dim, 1)
         if scheduler is not None and not callable(scheduler):
             raise ValueError(f"scheduler must be a callable taking the optimizer, or None, got {scheduler!r}")
         optimizer, optimizer_kwargs = _named_optimizer(optimizer, optimizer_kwargs)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_dpgan.checks import check_number
+from lightning_dpgan.checks import check_choice, check_number
 
 
 @dataclass
@@ -42,8 +42,7 @@ LOSSES = ("ns", "hinge", "wgan-gp")
 
 def build_loss(name: str, gradient_penalty: float = 10.0, r1: float = 0.0) -> GANLoss:
     """``r1``: weight γ of the R1 penalty ``γ/2 · E_real ||∇ₓD(x)||²`` added to D's loss, for any loss family."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")
+    check_choice("loss", name, LOSSES)
     check_number("gradient_penalty", gradient_penalty, 0)
     check_number("r1", r1, 0)
     return GANLoss(name, float(gradient_penalty) if name == "wgan-gp" else 0.0, float(r1))

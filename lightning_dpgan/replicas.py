@@ -28,14 +28,12 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
+from lightning_dpgan.loading import CheckpointError, is_local, safe_load
+
 CHECKPOINT_KEY = "decentralized"  # the main checkpoint's entry describing its replica set
 #: a replica file's own entry: its set, its rank and what the strategy alone keeps (the gossip engine's state, a
 #: Fabric replica's random streams), apart from what the user saved, so that neither overwrites the other
 REPLICA_KEY = "lightning_dpgan"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or replica file that cannot be used; the message names the file and why."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,7 @@ def atomic_save(obj: Any, path: _PATH) -> None:
     write that fails (a full disk) leaves the old file and raises :class:`CheckpointError` (:func:`write_error`)."""
     path = os.fspath(path)
     fs = get_filesystem(path)
-    if not _is_local(path):
+    if not is_local(path):
         with fs.transaction, fs.open(path, "wb") as f:
             torch.save(obj, f)
         return
@@ -193,7 +191,7 @@ def remove_set(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, is_gl
     """Remove a set that was not committed (a write failed): each rank its own file, rank 0 the folder, and the
     ``.replicas`` folder too if nothing else is left in it."""
     folder = set_folder(checkpoint_path, replica_set)
-    if not _is_local(folder):
+    if not is_local(folder):
         return
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         os.remove(os.path.join(folder, f"rank{rank}.pt"))
@@ -210,7 +208,7 @@ def remove_other_sets(checkpoint_path: _PATH, keep: ReplicaSet | None, rank: int
     other ranks deleting their files at the same moment.
     """
     root = f"{checkpoint_path}.replicas"
-    if not _is_local(root):
+    if not is_local(root):
         fs = get_filesystem(root)
         if is_global_zero and keep is None:
             with contextlib.suppress(FileNotFoundError):
@@ -231,32 +229,6 @@ def remove_other_sets(checkpoint_path: _PATH, keep: ReplicaSet | None, rank: int
 
 
 # ---------------------------------------------------------------------- reading
-def safe_load(path: _PATH, what: str = "checkpoint", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, with one :class:`CheckpointError` for every way a file can
-    be unusable: missing, unreadable, truncated, not a torch file, or holding objects other than data."""
-    path = os.fspath(path)
-    fs = get_filesystem(path)
-    try:
-        if _is_local(path) and mmap:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        with fs.open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} {path!r} not found") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{what} {path!r} is a directory, not a checkpoint file") from None
-    except PermissionError:
-        raise CheckpointError(f"{what} {path!r} cannot be read (permission denied)") from None
-    except Exception as err:  # UnpicklingError (code, or not data), RuntimeError (truncated, not a zip), EOFError
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "Weights only load failed" in first or "weights_only" in first:
-            raise CheckpointError(
-                f"{what} {path!r} holds objects other than tensors and plain data, which are never loaded (they could "
-                f"run code); only checkpoints written by Lightning and this package can be used"
-            ) from None
-        raise CheckpointError(f"{what} {path!r} is not a readable checkpoint ({type(err).__name__}: {first})") from None
-
-
 def read_replica(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, mmap: bool = False) -> dict[str, Any]:
     """Rank ``rank``'s replica of the set, checked against it; :class:`CheckpointError` if missing or from another set."""
     path = replica_path(checkpoint_path, replica_set, rank)
@@ -346,10 +318,6 @@ def state_dict_difference(expected: dict[str, Any], found: dict[str, Any]) -> st
 
 def consensus_restart_reason(replica_set: ReplicaSet, world_size: int) -> str:
     return f"it was written by {replica_set.world_size} workers and this run has {world_size}"
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
 
 
 def _fsync_folder(folder: str) -> None:

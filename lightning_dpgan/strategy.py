@@ -24,23 +24,13 @@ with the Fabric strategy; what each step mixes is decided in :mod:`lightning_dpg
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import fcntl
 import os
-import signal
-import socket
-import sys
-import tempfile
-import time
 from collections.abc import Callable, Mapping
-from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
-from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
@@ -56,17 +46,31 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_dpgan.gossip import DistributedTransport, GossipEngine, GossipOptions, Stop, StopReason
-from lightning_dpgan.gossiper import Gossiper, point_anchors_at_parameters
+from lightning_dpgan.gossip import GossipOptions, StopReason
+from lightning_dpgan.gossip_strategy import CONSENSUS_EVERY, GossipStrategyMixin
+from lightning_dpgan.gossiper import point_anchors_at_parameters
+from lightning_dpgan.processes import PatientObserver
 from lightning_dpgan.replicas import atomic_save, consensus_restart_reason, read_main, remove_other_sets, replica_set_of
 from lightning_dpgan.seeding import rng_state, set_rng_state
 from lightning_dpgan.signals import replace_sigterm_notifier, skip_step_broadcast
 from lightning_dpgan.topology import Topology
 
-_PR_SET_PDEATHSIG = 1
 
 
-class DecentralizedStrategy(DDPStrategy):
+class _PatientLauncher(_SubprocessScriptLauncher):
+    """Lightning's popen launcher with a :class:`PatientObserver`."""
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            PatientObserver(self.procs).start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+
+class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
     """Decentralized data-parallel training by gossip over a communication graph.
 
     Args:
@@ -83,6 +87,7 @@ class DecentralizedStrategy(DDPStrategy):
     """
 
     strategy_name = "decentralized"
+    popen_launcher, patient_launcher = _SubprocessScriptLauncher, _PatientLauncher
     #: the strategy sets each rank's random streams itself (after the initial broadcast); see DPGAN.setup
     seeds_per_rank = True
 
@@ -91,7 +96,7 @@ class DecentralizedStrategy(DDPStrategy):
         topology: str | Topology = "ring",
         gossip: GossipOptions | Mapping[str, Any] | None = None,
         topology_options: Mapping[str, Any] | None = None,
-        consensus_every: int = 50,
+        consensus_every: int = CONSENSUS_EVERY,
         mix_buffers: bool = True,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -101,7 +106,7 @@ class DecentralizedStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        gossiper = Gossiper(topology, gossip, topology_options, consensus_every, mix_buffers)
+        timeout = self._gossip_timeout(topology, gossip, topology_options, consensus_every, mix_buffers)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -109,52 +114,16 @@ class DecentralizedStrategy(DDPStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
-            timeout=timedelta(seconds=gossiper.options.startup_timeout),
+            timeout=timeout,
             start_method=start_method,
         )
-        self.gossiper = gossiper
         self._pending_replica: dict[str, Any] | None = None
         self._pending_consensus_restart = False
-        self._gossip_group: torch.distributed.ProcessGroup | None = None
-
-    @property
-    def gossip(self) -> GossipOptions:
-        return self.gossiper.options
-
-    @property
-    def topology(self) -> Topology | None:
-        return self.gossiper.topology
-
-    @property
-    def engine(self) -> GossipEngine | None:
-        return self.gossiper.engine
-
-    @property
-    def consensus_distance(self) -> dict[str, float]:
-        """Latest consensus distance per top-level submodule, identical on every rank."""
-        return self.gossiper.consensus_distance
-
-    @property
-    def stopped(self) -> Stop | None:
-        """The stop every rank took, once taken (a SIGTERM or a non-finite value)."""
-        return self.gossiper.stopped
 
     # ------------------------------------------------------------------ launch and process group
     @override
-    def _configure_launcher(self) -> None:
-        # Runs in the launching process before any worker starts: the place to reject a bad world size or port.
-        self.gossiper.build_topology(self.num_nodes * self.num_processes)
-        super()._configure_launcher()
-        if type(self._launcher) is _SubprocessScriptLauncher:
-            self._launcher = _PatientLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
-        starts_workers = self._launcher is not None and not self.cluster_environment.creates_processes_externally
-        if starts_workers and self.num_nodes == 1 and self.num_processes > 1:
-            check_master_port_free()
-
-    @override
     def setup_environment(self) -> None:
-        if self.cluster_environment is not None and self.cluster_environment.creates_processes_externally:
-            die_with_parent()
+        self._die_with_launcher()
         if self.num_nodes * self.num_processes == 1:
             # One worker has no one to talk to: skip the process group, so reduce/barrier/sync_dist cost
             # nothing and a one-process fit runs at a plain Trainer's speed.
@@ -162,10 +131,7 @@ class DecentralizedStrategy(DDPStrategy):
             self.set_world_ranks()
         else:
             super().setup_environment()
-        self._gossip_group, world_size = gossip_group(self._get_process_group_backend(), self._timeout)
-        self.gossiper.connect(world_size, self.global_rank, DistributedTransport(self.global_rank, self._gossip_group, self.gossip.chunk_bytes))
-        if world_size > 1:
-            self.gossiper.run_id = self.broadcast(self.gossiper.run_id)
+        self._connect_gossip()
 
     @property
     @override
@@ -321,24 +287,7 @@ class DecentralizedStrategy(DDPStrategy):
         if self._pending_consensus_restart:
             point_anchors_at_parameters(self.optimizers)  # rank 0's optimizer state came with the main file
 
-    # ------------------------------------------------------------------ collectives
-    # Lightning's own (checkpoints, callbacks, sync_dist): after the warm-up bounded by the peer timeout, and a worker
-    # that does not come is named (GossipPeerError), as in the gossip.
-    @override
-    def barrier(self, name: str | None = None) -> None:
-        with self.gossiper.collective(f"barrier {name!r}" if name else "barrier"):
-            super().barrier(name)
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        with self.gossiper.collective("broadcast"):
-            return super().broadcast(obj, src)
-
-    @override
-    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
-        with self.gossiper.collective("all_gather"):
-            return super().all_gather(tensor, group, sync_grads)
-
+    # ------------------------------------------------------------------ collectives (the others: GossipStrategyMixin)
     @override
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
         with self.gossiper.collective("reduce"):
@@ -376,15 +325,6 @@ class DecentralizedStrategy(DDPStrategy):
         where = f"checkpoint {saved}" if saved else "no checkpoint (no ModelCheckpoint callback)"
         rank_zero_info(f"stopped at step {trainer.global_step} on SIGTERM: every rank finished it; {where}")
 
-    @override
-    def teardown(self) -> None:
-        self.gossiper.detach()
-        if self.engine is not None:
-            self.engine.forget()  # after an error the peers may be gone: nothing left to wait for
-        close_gossip_group(self._gossip_group)
-        self._gossip_group = None
-        super().teardown()
-
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -406,122 +346,6 @@ def _save_last_checkpoint(trainer: pl.Trainer) -> str | None:
     trainer.save_checkpoint(path)
     callback.last_model_path = path
     return path
-
-
-def gossip_group(backend: str, timeout: timedelta | None) -> tuple[torch.distributed.ProcessGroup | None, int]:
-    """The gossip's own process group (and the world size), over connections of its own, so that the framework's
-    collectives never queue behind a mix still on the wire to the same peer. ``None`` for one process."""
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if world_size == 1:
-        return None, 1
-    return torch.distributed.new_group(backend=backend, timeout=timeout), world_size
-
-
-def close_gossip_group(group: torch.distributed.ProcessGroup | None) -> None:
-    if group is not None and torch.distributed.is_initialized():
-        with contextlib.suppress(Exception):  # local for gloo; after an error the peers may be gone
-            torch.distributed.destroy_process_group(group)
-
-
-#: how long rank 0 has to say which worker failed, after one of the workers it launched has failed, before
-#: everything still running is killed
-REPORT_GRACE_S = 15.0
-
-
-class PatientObserver(_ChildProcessObserver):
-    """Lightning's observer of the workers rank 0 launched kills every process, rank 0 included, within 5 s of one
-    worker failing: often before rank 0 has said which one (the others fail a moment later, on losing it). This one
-    gives rank 0 ``REPORT_GRACE_S`` to report and exit first (its workers die with it, :func:`die_with_parent`),
-    and only then kills what is still running, as Lightning's does."""
-
-    def __init__(self, child_processes: list[Any]) -> None:
-        super().__init__(main_pid=os.getpid(), child_processes=child_processes, sleep_period=1)
-        self._failed_at: float | None = None
-
-    @override
-    def _run(self) -> bool:
-        codes = [proc.poll() for proc in self._child_processes]
-        if all(code == 0 for code in codes):
-            return True
-        if not any(codes):
-            return False
-        if self._failed_at is None:
-            self._failed_at = time.monotonic()
-        if time.monotonic() - self._failed_at < REPORT_GRACE_S:
-            return False
-        return super()._run()
-
-
-class _PatientLauncher(_SubprocessScriptLauncher):
-    """Lightning's popen launcher with a :class:`PatientObserver`."""
-
-    @override
-    def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-            PatientObserver(self.procs).start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
-
-
-def die_with_parent() -> None:
-    """A worker started by a launcher (Lightning's popen, torchrun, SLURM) dies with it, never living on as an
-    orphan: Linux delivers SIGKILL when the parent exits, also to a worker stopped with SIGSTOP."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the parent was already gone before the request took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-#: ports this process holds a lock on (the file descriptors): a run keeps its MASTER_PORT to itself until it exits
-_PORT_LOCKS: dict[int, int] = {}
-
-
-def master_port_from_env() -> int | None:
-    """``MASTER_PORT`` as a port number (``None`` when unset); ``ValueError`` naming it when it is not one. Port 0
-    would let rank 0 listen anywhere while the other ranks wait at a port nobody holds."""
-    value = os.environ.get("MASTER_PORT")
-    if value is None or value == "":
-        return None
-    try:
-        port = int(value)
-    except ValueError:
-        port = -1
-    if not 1 <= port <= 65535:
-        raise ValueError(f"MASTER_PORT must be a port number in [1, 65535], got {value!r}; or unset it to let Lightning pick a free one")
-    return port
-
-
-def check_master_port_free() -> None:
-    """Before Lightning starts workers on one machine: a ``MASTER_PORT`` that another program holds would make rank 0
-    fail after a long rendezvous wait while the others wait on. Say so now instead (``RuntimeError``).
-
-    A run that has not yet opened its port (still starting) holds a lock on it instead, which this process then
-    takes until it exits: two runs started together on one explicit port cannot both pass."""
-    try:
-        port = master_port_from_env()
-    except ValueError as err:
-        raise RuntimeError(str(err)) from None
-    if port is None or port in _PORT_LOCKS:
-        return  # unset: Lightning picks a free one
-    advice = "choose a free port, or unset MASTER_PORT to let Lightning pick one"
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("", port))
-        except OSError as err:
-            raise RuntimeError(f"MASTER_PORT={port} is already in use on this machine ({err.strerror}); {advice}") from None
-    fd = os.open(os.path.join(tempfile.gettempdir(), f"lightning_dpgan-port-{port}.lock"), os.O_CREAT | os.O_RDWR, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise RuntimeError(f"MASTER_PORT={port} is already in use on this machine (another run is starting on it); {advice}") from None
-    _PORT_LOCKS[port] = fd
 
 
 if "decentralized" not in StrategyRegistry:

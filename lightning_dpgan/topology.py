@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_dpgan.checks import check_int
+from lightning_dpgan.checks import check_choice, check_int
 
 _TOL = 1e-8
 #: the most workers a topology is built for: every process builds and checks the dense n x n W, which past this
@@ -32,6 +32,7 @@ MAX_WORLD_SIZE = 1024
 #: the most gossip rounds per step: each round sends every neighbour the whole model, so 1000 rounds is 1000 times
 #: the traffic of the default; a denser graph (exponential, one_peer_exponential) mixes faster for fewer bytes
 MAX_ROUNDS = 1000
+WEIGHTS = ("auto", "uniform", "metropolis")
 
 
 class TopologyError(ValueError):
@@ -273,6 +274,7 @@ def _validate_connected(name: str, mats: Sequence[np.ndarray]) -> None:
 # ---------------------------------------------------------------------- weights
 def _weights_from_neighbours(name: str, nbrs: Sequence[set[int]], weights: str) -> np.ndarray:
     """Mixing weights for an undirected graph: ``uniform`` (regular graphs) or Metropolis-Hastings."""
+    check_choice("weights", weights, WEIGHTS, error=TopologyError)
     n = len(nbrs)
     degrees = [len(s) for s in nbrs]
     if weights == "auto":
@@ -287,12 +289,10 @@ def _weights_from_neighbours(name: str, nbrs: Sequence[set[int]], weights: str) 
         for i, s in enumerate(nbrs):
             for j in s:
                 w[i, j] = 1.0 / (degrees[i] + 1)
-    elif weights == "metropolis":
+    else:  # metropolis
         for i, s in enumerate(nbrs):
             for j in s:
                 w[i, j] = 1.0 / (1 + max(degrees[i], degrees[j]))
-    else:
-        raise TopologyError(f"weights must be one of 'auto', 'uniform', 'metropolis'; got {weights!r}")
     w[np.diag_indices(n)] = 1.0 - w.sum(axis=1)
     return w
 
@@ -501,8 +501,7 @@ def build_topology(name: str | Topology, world_size: int, **options: Any) -> Top
                 f"topology {name.name!r} was built for {name.world_size} workers but the world size is {world_size}"
             )
         return name
-    if name not in TOPOLOGIES:
-        raise TopologyError(f"unknown topology {name!r}; allowed: {', '.join(TOPOLOGIES)}")
+    check_choice("topology", name, TOPOLOGIES, error=TopologyError)
     try:
         return TOPOLOGIES[name](world_size, **options)
     except TypeError as err:  # an option the constructor does not take

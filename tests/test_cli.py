@@ -237,7 +237,7 @@ def test_the_summary_says_what_was_measured(tmp_path):
         (["fit", "model.lr_d=inf"], "lr_d must be a finite number >= 0, got inf"),
         (["fit", "wire_dtype=int8"], "unknown wire_dtype 'int8'"),
         (["fit", "strategy.gossip.peer_timeout=0"], "peer_timeout (seconds; None follows the run) must be a finite number > 0"),
-        (["fit", "lr_scaling=linear"], "lr_scaling must be one of none, sqrt, got 'linear'"),
+        (["fit", "lr_scaling=linear"], "unknown lr_scaling 'linear'; allowed: none, sqrt"),
         (["fit", "staleness=2", "topology=one_peer_exponential"], "staleness=2 needs a static topology; 'one_peer_exponential'"),
         (["fit", "compression=sign", "topology=one_peer_exponential"], "compression='sign' keeps a copy of every neighbour"),
         (["fit", "compression=int8", "wire_dtype=bf16"], "compression='int8' sends its own format: leave wire_dtype unset"),

@@ -158,7 +158,7 @@ def test_image_scores_separate_a_trained_generator_from_an_untrained_one():
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [({"model": "mean"}, "model must be one of consensus, local, got 'mean'"), ({"num_samples": 0}, "num_samples must be an integer >= 1")],
+    [({"model": "mean"}, "unknown evaluation model 'mean'; allowed: consensus, local"), ({"num_samples": 0}, "num_samples must be an integer >= 1")],
 )
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

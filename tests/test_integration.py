@@ -129,7 +129,7 @@ def _image_folder(root: Path) -> Path:
 
 
 IMAGES = ["dataset=imagefolder", "dataset.image_size=32", "model=dcgan", "model.generator.image_size=32",
-          "model.discriminator.image_size=32", "devices=2"]
+          "model.discriminator.image_size=32", "devices=2", "batch_size=4"]
 
 
 def test_images_without_inception_weights_are_refused_before_any_worker(tmp_path, no_cached_inception):

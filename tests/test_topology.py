@@ -161,7 +161,7 @@ BAD = [
     (lambda: T.ring(0), r"'ring': world size must be an integer >= 1, got 0"),
     (lambda: T.random_regular(5, degree=3), r"world size x degree must be even, got 5 x 3"),
     (lambda: T.random_regular(4, degree=4), r"degree must be an integer in \[0, 3\], got 4"),
-    (lambda: T.ring(6, weights="max"), r"weights must be one of 'auto', 'uniform', 'metropolis'; got 'max'"),
+    (lambda: T.ring(6, weights="max"), r"unknown weights 'max'; allowed: auto, uniform, metropolis"),
     (lambda: T.custom(matrix=[[0.5, 0.5], [0.2, 0.8]]), r"column 0 sums to 0.7; W must be doubly stochastic"),
     (lambda: T.custom(matrix=[[1.2, -0.2], [-0.2, 1.2]]), r"W\[0,1\] = -0.2 is negative; weights must be >= 0"),
     (lambda: T.custom(matrix=[[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.3, 0.2, 0.5]]), r"a static W must be symmetric"),

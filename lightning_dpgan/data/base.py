@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
-from lightning_dpgan.checks import check_int
+from lightning_dpgan.checks import check_choice, check_int
 from lightning_dpgan.data.resumable import ResumableDataLoader
 from lightning_dpgan.data.sharding import SHARDS, ShardSampler
 
@@ -69,8 +69,7 @@ class ShardedDataModule(pl.LightningDataModule):
         check_int("batch_size", batch_size, 1)
         check_int("val_size", val_size, 0)
         check_int("num_workers", num_workers, 0)
-        if shard not in SHARDS:
-            raise ValueError(f"unknown shard {shard!r}; allowed: {', '.join(SHARDS)}")
+        check_choice("shard", shard, SHARDS)
         self.batch_size, self.shard, self.val_size, self.num_workers, self.seed = batch_size, shard, val_size, num_workers, seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lightning_dpgan.checks import check_int
+from lightning_dpgan.checks import check_choice, check_int
 from lightning_dpgan.data.base import InMemoryDataset, ShardedDataModule
 
 MIXTURES = ("ring", "grid")
@@ -20,13 +20,12 @@ MIXTURES = ("ring", "grid")
 
 def mixture_modes(name: str) -> tuple[np.ndarray, float]:
     """The modes ``(K, 2)`` and the common standard deviation of mixture ``name``."""
+    check_choice("mixture", name, MIXTURES)
     if name == "ring":
         angles = 2 * np.pi * np.arange(8) / 8
         return np.stack([np.cos(angles), np.sin(angles)], axis=1), 0.01
-    if name == "grid":
-        axis = np.arange(-4.0, 5.0, 2.0)
-        return np.array([(a, b) for a in axis for b in axis]), 0.05
-    raise ValueError(f"unknown mixture {name!r}; allowed: {', '.join(MIXTURES)}")
+    axis = np.arange(-4.0, 5.0, 2.0)  # grid
+    return np.array([(a, b) for a in axis for b in axis]), 0.05
 
 
 def sample_mixture(name: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

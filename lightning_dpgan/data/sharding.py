@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from lightning_dpgan.checks import check_choice
+
 SHARDS = ("iid", "by_label")
 
 
@@ -25,8 +27,7 @@ def shard_indices(
     ``iid``: a seeded permutation cut into ``num_replicas`` near-equal parts. ``by_label``: the sorted distinct
     labels cut into ``num_replicas`` contiguous groups; a rank owns every sample of its labels.
     """
-    if shard not in SHARDS:
-        raise ValueError(f"unknown shard {shard!r}; allowed: {', '.join(SHARDS)}")
+    check_choice("shard", shard, SHARDS)
     if not 0 <= rank < num_replicas:
         raise ValueError(f"rank must be in [0, {num_replicas}), got {rank!r}")
     if shard == "iid":

@@ -11,6 +11,7 @@ import os
 import numpy as np
 from torch.utils.data import Dataset
 
+from lightning_dpgan.checks import check_choice
 from lightning_dpgan.data.base import ShardedDataModule
 
 DATASETS = ("mnist", "cifar10", "imagefolder")
@@ -36,8 +37,7 @@ class TorchvisionDataModule(ShardedDataModule):
         **kwargs: int,
     ) -> None:
         super().__init__(batch_size=batch_size, shard=shard, val_size=val_size, **kwargs)
-        if name not in DATASETS:
-            raise ValueError(f"unknown torchvision dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        check_choice("torchvision dataset", name, DATASETS)
         if name == "imagefolder" and image_size is None:
             raise ValueError("imagefolder needs image_size (the images are resized and center-cropped to it)")
         self.name, self.root, self.download, self.image_size = name, os.fspath(root), download, image_size

@@ -90,7 +90,7 @@ def to_unit_range(images: Tensor) -> Tensor:
 
 
 def _read_state_dict(path: str) -> dict[str, Tensor]:
-    from lightning_dpgan.replicas import CheckpointError, safe_load
+    from lightning_dpgan.loading import CheckpointError, safe_load
 
     try:
         state = safe_load(path, "Inception weights file")

@@ -11,14 +11,15 @@ import math
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from lightning_dpgan.checks import check_choice
+
 #: image size -> (base map size, number of stride-2 stages)
 STAGES = {8: (2, 2), 28: (7, 2), 32: (4, 3), 64: (4, 4)}
 NORMS = ("batch", "spectral", "none")
 
 
 def _stages(image_size: int) -> tuple[int, int]:
-    if image_size not in STAGES:
-        raise ValueError(f"DCGAN image_size must be one of {', '.join(map(str, STAGES))}, got {image_size!r}")
+    check_choice("DCGAN image_size", image_size, STAGES)
     return STAGES[image_size]
 
 
@@ -51,8 +52,7 @@ class DCGANDiscriminator(nn.Module):
     def __init__(self, image_size: int = 32, channels: int = 3, width: int = 64, norm: str = "batch") -> None:
         super().__init__()
         base, stages = _stages(image_size)
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        check_choice("norm", norm, NORMS)
         self.image_shape = (channels, image_size, image_size)
         wrap = spectral_norm if norm == "spectral" else (lambda m: m)
         layers: list[nn.Module] = []

@@ -1,0 +1,121 @@
+"""What the Trainer's and Fabric's decentralized strategies share: one base, placed before their DDP strategy.
+
+Lightning's Trainer and Fabric each have their own ``DDPStrategy``, with the launch, the process group and the
+collectives the two frameworks rely on; the decentralized strategies subclass each (``isinstance`` checks, the
+``DistributedSampler`` and ``sync_dist`` key off them) and add the same things on top, which live here once: the
+``Gossiper`` and its options, the launching process's checks, the gossip's own process group, collectives bounded
+like a gossip exchange, and the teardown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from lightning_dpgan.gossip import DistributedTransport, GossipEngine, GossipOptions, Stop
+from lightning_dpgan.gossiper import Gossiper
+from lightning_dpgan.processes import check_master_port_free, close_gossip_group, die_with_parent, gossip_group
+from lightning_dpgan.topology import Topology
+
+#: steps between consensus measurements (a collective), by default in both strategies
+CONSENSUS_EVERY = 50
+
+
+class GossipStrategyMixin:
+    """Gossip on top of a DDP strategy (Lightning's or Fabric's), which must come after it in the bases.
+
+    A subclass calls :meth:`_gossip_timeout` before its DDP ``__init__`` (the process group's timeout is the gossip's
+    start-up timeout), names its framework's popen launcher and the patient one that replaces it, and calls
+    :meth:`_die_with_launcher` and :meth:`_connect_gossip` around its DDP ``setup_environment``.
+    """
+
+    gossiper: Gossiper
+    popen_launcher: type  # the framework's popen launcher ...
+    patient_launcher: type  # ... and its subclass that lets rank 0 name a failed worker before the rest are killed
+    _gossip_group: torch.distributed.ProcessGroup | None = None
+
+    def _gossip_timeout(
+        self,
+        topology: str | Topology,
+        gossip: GossipOptions | Mapping[str, Any] | None,
+        topology_options: Mapping[str, Any] | None,
+        consensus_every: int,
+        mix_buffers: bool,
+    ) -> timedelta:
+        self.gossiper = Gossiper(topology, gossip, topology_options, consensus_every, mix_buffers)
+        self._gossip_group = None
+        return timedelta(seconds=self.gossiper.options.startup_timeout)
+
+    @property
+    def gossip(self) -> GossipOptions:
+        return self.gossiper.options
+
+    @property
+    def topology(self) -> Topology | None:
+        return self.gossiper.topology
+
+    @property
+    def engine(self) -> GossipEngine | None:
+        return self.gossiper.engine
+
+    @property
+    def consensus_distance(self) -> dict[str, float]:
+        """Latest consensus distance per top-level submodule, identical on every rank."""
+        return self.gossiper.consensus_distance
+
+    @property
+    def stopped(self) -> Stop | None:
+        """The stop every rank took, once taken (a SIGTERM or a non-finite value)."""
+        return self.gossiper.stopped
+
+    # ------------------------------------------------------------------ launch and process group
+    def _configure_launcher(self) -> None:
+        # Runs in the launching process before any worker starts: the place to reject a bad world size or port.
+        self.gossiper.build_topology(self.num_nodes * self.num_processes)  # type: ignore[attr-defined]
+        super()._configure_launcher()  # type: ignore[misc]
+        launcher = self._launcher  # type: ignore[attr-defined]
+        if type(launcher) is self.popen_launcher:
+            self._launcher = self.patient_launcher(self.cluster_environment, self.num_processes, self.num_nodes)  # type: ignore[attr-defined]
+        starts_workers = self._launcher is not None and not self.cluster_environment.creates_processes_externally  # type: ignore[attr-defined]
+        if starts_workers and self.num_nodes == 1 and self.num_processes > 1:  # type: ignore[attr-defined]
+            check_master_port_free()
+
+    def _die_with_launcher(self) -> None:
+        """A worker a launcher started dies with it (start of ``setup_environment``)."""
+        environment = self.cluster_environment  # type: ignore[attr-defined]
+        if environment is not None and environment.creates_processes_externally:
+            die_with_parent()
+
+    def _connect_gossip(self) -> None:
+        """The gossip's own process group and engine, and one run id for the checkpoints of every rank."""
+        self._gossip_group, world_size = gossip_group(self._get_process_group_backend(), self._timeout)  # type: ignore[attr-defined]
+        rank = self.global_rank  # type: ignore[attr-defined]
+        self.gossiper.connect(world_size, rank, DistributedTransport(rank, self._gossip_group, self.gossip.chunk_bytes))
+        if world_size > 1:
+            self.gossiper.run_id = self.broadcast(self.gossiper.run_id)
+
+    # ------------------------------------------------------------------ collectives
+    # The framework's own (checkpoints, callbacks, sync_dist): after the warm-up bounded by the peer timeout, and a
+    # worker that does not come is named (GossipPeerError), as in the gossip.
+    def barrier(self, name: str | None = None) -> None:
+        with self.gossiper.collective(f"barrier {name!r}" if name else "barrier"):
+            super().barrier(name)  # type: ignore[misc]
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        with self.gossiper.collective("broadcast"):
+            return super().broadcast(obj, src)  # type: ignore[misc]
+
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        with self.gossiper.collective("all_gather"):
+            return super().all_gather(tensor, group, sync_grads)  # type: ignore[misc]
+
+    def teardown(self) -> None:
+        self.gossiper.detach()
+        if self.engine is not None:
+            self.engine.forget()  # after an error the peers may be gone: nothing left to wait for
+        close_gossip_group(self._gossip_group)
+        self._gossip_group = None
+        super().teardown()  # type: ignore[misc]

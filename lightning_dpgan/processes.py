@@ -1,0 +1,127 @@
+"""The processes of a decentralized run, shared by the Trainer and the Fabric strategy: the gossip's own process
+group, workers that die with their launcher, a launcher's observer that lets rank 0 name a failed worker first, and
+a ``MASTER_PORT`` checked and held before any worker starts. Framework-neutral: nothing here knows Lightning's
+Trainer or Fabric."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+from typing_extensions import override
+
+_PR_SET_PDEATHSIG = 1
+
+
+def gossip_group(backend: str, timeout: timedelta | None) -> tuple[torch.distributed.ProcessGroup | None, int]:
+    """The gossip's own process group (and the world size), over connections of its own, so that the framework's
+    collectives never queue behind a mix still on the wire to the same peer. ``None`` for one process."""
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world_size == 1:
+        return None, 1
+    return torch.distributed.new_group(backend=backend, timeout=timeout), world_size
+
+
+def close_gossip_group(group: torch.distributed.ProcessGroup | None) -> None:
+    if group is not None and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # local for gloo; after an error the peers may be gone
+            torch.distributed.destroy_process_group(group)
+
+
+#: how long rank 0 has to say which worker failed, after one of the workers it launched has failed, before
+#: everything still running is killed
+REPORT_GRACE_S = 15.0
+
+
+class PatientObserver(_ChildProcessObserver):
+    """Lightning's observer of the workers rank 0 launched kills every process, rank 0 included, within 5 s of one
+    worker failing: often before rank 0 has said which one (the others fail a moment later, on losing it). This one
+    gives rank 0 ``REPORT_GRACE_S`` to report and exit first (its workers die with it, :func:`die_with_parent`),
+    and only then kills what is still running, as Lightning's does."""
+
+    def __init__(self, child_processes: list[Any]) -> None:
+        super().__init__(main_pid=os.getpid(), child_processes=child_processes, sleep_period=1)
+        self._failed_at: float | None = None
+
+    @override
+    def _run(self) -> bool:
+        codes = [proc.poll() for proc in self._child_processes]
+        if all(code == 0 for code in codes):
+            return True
+        if not any(codes):
+            return False
+        if self._failed_at is None:
+            self._failed_at = time.monotonic()
+        if time.monotonic() - self._failed_at < REPORT_GRACE_S:
+            return False
+        return super()._run()
+
+
+def die_with_parent() -> None:
+    """A worker started by a launcher (Lightning's popen, torchrun, SLURM) dies with it, never living on as an
+    orphan: Linux delivers SIGKILL when the parent exits, also to a worker stopped with SIGSTOP."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent was already gone before the request took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: ports this process holds a lock on (the file descriptors): a run keeps its MASTER_PORT to itself until it exits
+_PORT_LOCKS: dict[int, int] = {}
+
+
+def master_port_from_env() -> int | None:
+    """``MASTER_PORT`` as a port number (``None`` when unset); ``ValueError`` naming it when it is not one. Port 0
+    would let rank 0 listen anywhere while the other ranks wait at a port nobody holds."""
+    value = os.environ.get("MASTER_PORT")
+    if value is None or value == "":
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise ValueError(f"MASTER_PORT must be a port number in [1, 65535], got {value!r}; or unset it to let Lightning pick a free one")
+    return port
+
+
+def check_master_port_free() -> None:
+    """Before Lightning starts workers on one machine: a ``MASTER_PORT`` that another program holds would make rank 0
+    fail after a long rendezvous wait while the others wait on. Say so now instead (``RuntimeError``).
+
+    A run that has not yet opened its port (still starting) holds a lock on it instead, which this process then
+    takes until it exits: two runs started together on one explicit port cannot both pass."""
+    try:
+        port = master_port_from_env()
+    except ValueError as err:
+        raise RuntimeError(str(err)) from None
+    if port is None or port in _PORT_LOCKS:
+        return  # unset: Lightning picks a free one
+    advice = "choose a free port, or unset MASTER_PORT to let Lightning pick one"
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as err:
+            raise RuntimeError(f"MASTER_PORT={port} is already in use on this machine ({err.strerror}); {advice}") from None
+    fd = os.open(os.path.join(tempfile.gettempdir(), f"lightning_dpgan-port-{port}.lock"), os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RuntimeError(f"MASTER_PORT={port} is already in use on this machine (another run is starting on it); {advice}") from None
+    _PORT_LOCKS[port] = fd
