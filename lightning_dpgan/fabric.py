@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from lightning_dpgan.gossip import GossipOptions
 from lightning_dpgan.gossip_strategy import CONSENSUS_EVERY, GossipStrategyMixin
-from lightning_dpgan.gossiper import point_anchors_at_parameters
+from lightning_dpgan.gossiper import Gossiper, point_anchors_at_parameters
 from lightning_dpgan.replicas import (
     CHECKPOINT_KEY,
     REPLICA_KEY,
@@ -82,7 +82,7 @@ class DecentralizedFabricStrategy(GossipStrategyMixin, DDPStrategy):
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        timeout = self._gossip_timeout(topology, gossip, topology_options, consensus_every, mix_buffers)
+        timeout = self._gossip_timeout(Gossiper(topology, gossip, topology_options, consensus_every, mix_buffers))
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,

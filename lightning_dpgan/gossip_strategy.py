@@ -9,7 +9,6 @@ like a gossip exchange, and the teardown.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -37,17 +36,11 @@ class GossipStrategyMixin:
     patient_launcher: type  # ... and its subclass that lets rank 0 name a failed worker before the rest are killed
     _gossip_group: torch.distributed.ProcessGroup | None = None
 
-    def _gossip_timeout(
-        self,
-        topology: str | Topology,
-        gossip: GossipOptions | Mapping[str, Any] | None,
-        topology_options: Mapping[str, Any] | None,
-        consensus_every: int,
-        mix_buffers: bool,
-    ) -> timedelta:
-        self.gossiper = Gossiper(topology, gossip, topology_options, consensus_every, mix_buffers)
+    def _gossip_timeout(self, gossiper: Gossiper) -> timedelta:
+        """Take ``gossiper``; the process group's timeout is its start-up timeout."""
+        self.gossiper = gossiper
         self._gossip_group = None
-        return timedelta(seconds=self.gossiper.options.startup_timeout)
+        return timedelta(seconds=gossiper.options.startup_timeout)
 
     @property
     def gossip(self) -> GossipOptions:

@@ -48,7 +48,7 @@ from typing_extensions import override
 
 from lightning_dpgan.gossip import GossipOptions, StopReason
 from lightning_dpgan.gossip_strategy import CONSENSUS_EVERY, GossipStrategyMixin
-from lightning_dpgan.gossiper import point_anchors_at_parameters
+from lightning_dpgan.gossiper import Gossiper, point_anchors_at_parameters
 from lightning_dpgan.processes import PatientObserver
 from lightning_dpgan.replicas import atomic_save, consensus_restart_reason, read_main, remove_other_sets, replica_set_of
 from lightning_dpgan.seeding import rng_state, set_rng_state
@@ -106,7 +106,7 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        timeout = self._gossip_timeout(topology, gossip, topology_options, consensus_every, mix_buffers)
+        timeout = self._gossip_timeout(Gossiper(topology, gossip, topology_options, consensus_every, mix_buffers))
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
