@@ -172,7 +172,8 @@ def test_a_fabric_loop_equals_the_dposg_equations_and_resumes_exactly(suite4, co
     resume is exact only if every replica's public copies came back with it."""
     out = suite4 / ("fabric_bilinear" if compression is None else f"fabric_bilinear_{compression}")
     z = bilinear_result(out)
-    mixing = ring(N).matrix() if compression is None else choco_mix(ring(N).matrix(), sign, 0.5)
+    gamma = GossipOptions(compression="sign").resolved_consensus_step()  # the engine's default step for sign
+    mixing = ring(N).matrix() if compression is None else choco_mix(ring(N).matrix(), sign, gamma)
     expected = dposg(bilinear_gradient, start(), mixing, 6, 0.05, ((0.5, 0.9), 1e-8))
     np.testing.assert_allclose(z, expected, atol=1e-10, rtol=0)
     assert np.abs(z - z.mean(0)).max() > 1e-6  # the replicas differ: each was trained on its own game
