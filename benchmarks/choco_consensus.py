@@ -1,4 +1,8 @@
-"""How CHOCO's consensus step ``gamma`` was chosen for each compressor (``GossipOptions.consensus_step``'s defaults).
+"""CHOCO's consensus step ``gamma`` against noise: how much consensus each compressor keeps while workers move.
+
+The defaults of ``GossipOptions.consensus_step`` are no longer chosen from this table (300 noisy steps hide the
+divergence that thousands of rounds of pure gossip show): they come from the long-horizon runs in docs/log.md
+("Compressed gossip that always converges") and ``tests/test_choco_convergence.py`` checks them.
 
     python benchmarks/choco_consensus.py
 
