@@ -6,16 +6,28 @@ Importing the package registers the strategy names with Lightning: ``Trainer(str
 
 from __future__ import annotations
 
+import importlib.util as _importlib_util
 import os as _os
+import sys as _sys
 
 # The checkout's top-level conf/ is the subpackage lightning_dpgan.conf (pyproject's package-dir). Installed, it sits
 # inside the package; imported from a checkout (python -m lightning_dpgan run from the clone's root, which shadows an
-# installed wheel), the package's folder has no conf/, so the root is searched for it too.
-_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "conf")) and _os.path.isfile(
-    _os.path.join(_checkout, "conf", "config.yaml")
+# installed wheel), the package's folder has no conf/: that one subpackage is then registered from the root (and
+# nothing else of the checkout becomes importable as lightning_dpgan.*).
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_checkout_conf = _os.path.join(_os.path.dirname(_here), "conf")
+if (
+    "lightning_dpgan.conf" not in _sys.modules
+    and not _os.path.isdir(_os.path.join(_here, "conf"))
+    and _importlib_util.find_spec("lightning_dpgan.conf") is None
+    and _os.path.isfile(_os.path.join(_checkout_conf, "config.yaml"))
 ):
-    __path__.append(_checkout)
+    _spec = _importlib_util.spec_from_file_location(
+        "lightning_dpgan.conf", _os.path.join(_checkout_conf, "__init__.py"), submodule_search_locations=[_checkout_conf]
+    )
+    if _spec is not None and _spec.loader is not None:
+        conf = _sys.modules["lightning_dpgan.conf"] = _importlib_util.module_from_spec(_spec)
+        _spec.loader.exec_module(conf)
 
 from lightning_dpgan._version import __version__  # noqa: E402
 from lightning_dpgan.fabric import DecentralizedFabricStrategy  # noqa: E402

@@ -210,18 +210,31 @@ PATH_KEYS = ("ckpt_path", "output_dir", "hydra.run.dir", "hydra.sweep.dir", "dat
 #: a run's overrides that name where it is, not what it is: never carried into its resume
 PLACE_KEYS = ("ckpt_path", "output_dir", "hydra.run.dir", "hydra.sweep.dir")
 RUN_OVERRIDES = "overrides.yaml"  # beside config.yaml: the command line a resume composes again
-_PLAIN_PATH = re.compile(r"[\w/.\-+@%*?~]*")
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_/.\-+@%*?]*")  # what Hydra's grammar reads unquoted as one value
+#: what a run's overrides.yaml may not hold: it comes from the run folder, which may come from anyone
+_BUILDING = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 
 
 def quote_paths(overrides: Sequence[str]) -> list[str]:
-    """``ckpt_path=/runs/multirun/x/0_topology=ring/...`` as ``ckpt_path='...'``, so that a path is one value."""
+    """``ckpt_path=/runs/multirun/x/0_topology=ring/...`` as ``ckpt_path='...'``, so that a path is one value.
+
+    In Hydra's quoted strings a backslash escapes only a quote or the backslashes before one (or before the closing
+    quote), so only those are escaped: :func:`_unquote` reads the value back the same way."""
     quoted = []
     for override in overrides:
         key, eq, value = override.partition("=")
         if eq and key.lstrip("+~") in PATH_KEYS and value[:1] not in ("'", '"') and not _PLAIN_PATH.fullmatch(value):
-            override = f"{key}='{value.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'"
+            escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
+            override = f"{key}='{escaped}'"
         quoted.append(override)
     return quoted
+
+
+def _unquote(value: str) -> str:
+    if len(value) < 2 or value[0] != value[-1] or value[0] not in ("'", '"'):
+        return value
+    quote = value[0]
+    return re.sub(r"(\\+)(" + quote + r"|$)", lambda m: m.group(1)[: len(m.group(1)) // 2] + m.group(2), value[1:-1])
 
 
 def override_key(override: str) -> str:
@@ -230,12 +243,7 @@ def override_key(override: str) -> str:
 
 def _override_value(overrides: Sequence[str], key: str) -> str | None:
     values = [o.partition("=")[2] for o in overrides if override_key(o) == key]
-    if not values:
-        return None
-    value = values[-1]
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in ("'", '"'):
-        value = value[1:-1].replace(chr(92) + value[0], value[0]).replace(chr(92) * 2, chr(92))
-    return value
+    return _unquote(values[-1]) if values else None
 
 
 def with_run_overrides(verb: str, overrides: list[str]) -> list[str]:
@@ -259,6 +267,12 @@ def with_run_overrides(verb: str, overrides: list[str]) -> list[str]:
         raise UsageError(f"{saved}: not a readable list of overrides ({type(err).__name__})") from None
     if not isinstance(stored, list) or not all(isinstance(o, str) for o in stored):
         raise UsageError(f"{saved}: not a list of overrides")
+    for override in stored:  # a run folder may come from anyone: what it composes may only choose and set values
+        if any(word in override for word in _BUILDING) or override_key(override).startswith("hydra."):
+            raise UsageError(
+                f"{saved}: the override {override!r} would build or configure objects of its own (it could run code); "
+                "a run's overrides may only choose config options and set values"
+            )
     given = {override_key(o) for o in overrides}
     place = [] if "hydra.run.dir" in given else [quote_paths([f"hydra.run.dir={run_dir}"])[0]]
     return [o for o in stored if override_key(o) not in given | set(PLACE_KEYS)] + overrides + place

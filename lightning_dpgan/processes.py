@@ -118,7 +118,10 @@ def check_master_port_free() -> None:
             probe.bind(("", port))
         except OSError as err:
             raise RuntimeError(f"MASTER_PORT={port} is already in use on this machine ({err.strerror}); {advice}") from None
-    fd = os.open(os.path.join(tempfile.gettempdir(), f"lightning_dpgan-port-{port}.lock"), os.O_CREAT | os.O_RDWR, 0o666)
+    try:  # one lock file per user: another user's file may not be writable; flock needs only a descriptor
+        fd = os.open(os.path.join(tempfile.gettempdir(), f"lightning_dpgan-{os.getuid()}-port-{port}.lock"), os.O_CREAT | os.O_RDONLY, 0o600)
+    except OSError:
+        return  # no lock to be had here: the bind check above is all there is
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -249,7 +249,7 @@ def read_replica(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, mma
 def read_main(checkpoint_path: _PATH, mmap: bool = False) -> dict[str, Any]:
     """A Lightning checkpoint file, checked to be one (a dict with ``state_dict`` and ``global_step``)."""
     checkpoint = safe_load(checkpoint_path, "checkpoint", mmap=mmap)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) or "global_step" not in checkpoint:
         raise CheckpointError(f"checkpoint {os.fspath(checkpoint_path)!r} is not a Lightning checkpoint (no state_dict/global_step)")
     return checkpoint
 
@@ -258,8 +258,8 @@ def replica_set_of(checkpoint: dict[str, Any], path: _PATH | None = None) -> Rep
     """The replica set a main file commits, ``None`` for a checkpoint without one (written by one process, or by
     another strategy); :class:`CheckpointError` for one whose record is damaged."""
     meta = checkpoint.get(CHECKPOINT_KEY)
-    if meta is None:
-        return None
+    if meta is None or (isinstance(meta, dict) and ("run_id" not in meta or "token" not in meta)):
+        return None  # no set (one process, another strategy), or 0.1.0's record, which named none: a consensus model
     where = f"checkpoint {os.fspath(path)!r}" if path is not None else "the checkpoint"
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: its replica set record is a {type(meta).__name__}, not a dict")

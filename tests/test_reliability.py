@@ -196,6 +196,38 @@ def test_a_run_config_may_only_build_what_the_config_groups_build(fitted, tmp_pa
     assert not marker.exists()
 
 
+def test_a_run_folders_overrides_may_only_choose_and_set_values(fitted, tmp_path):
+    """The resume line composes the run's overrides.yaml again; one from someone else must not build an object of
+    its own (Hydra instantiates a nested _target_), nor reconfigure Hydra."""
+    run_dir, _ = fitted
+    copy, ckpt = copy_run(run_dir, tmp_path)
+    marker = tmp_path / "ran"
+    for override in (f"+model.extra={{_target_:os.system,_args_:['touch {marker}']}}", "hydra.job.chdir=true"):
+        (copy / "overrides.yaml").write_text(f"- devices=2\n- {json.dumps(override)}\n")
+        proc = run([*CLI, "fit", f"ckpt_path={ckpt}", "max_steps=41"], timeout=120, check=False)
+        one_error(proc.returncode, proc.stderr, "would build or configure objects of its own (it could run code)")
+        assert not marker.exists() and "Initializing distributed" not in proc.stdout + proc.stderr
+
+
+def test_a_checkpoint_of_the_first_release_still_loads_as_a_consensus_model(fitted, tmp_path):
+    """0.1.0 recorded its replica set without run_id and step: such a file is a consensus model to start from."""
+    run_dir, _ = fitted
+    copy, ckpt = copy_run(run_dir, tmp_path)
+    main = torch.load(ckpt, weights_only=True)
+    old = main["decentralized"]
+    main["decentralized"] = {"token": old["token"], "world_size": 2, "topology": "ring", "gossip_rounds": 1, "gossip": {}}
+    torch.save(main, ckpt)
+    assert replica_set_of(main) is None and check_set(ckpt, 2) is None
+
+
+def test_a_main_file_whose_state_dict_is_no_dict_is_refused(fitted, tmp_path):
+    run_dir, _ = fitted
+    copy, ckpt = copy_run(run_dir, tmp_path)
+    torch.save({"state_dict": [1], "global_step": 0}, ckpt)
+    status, _, err = call_cli("sample", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'out'}")
+    one_error(status, err, "is not a Lightning checkpoint (no state_dict/global_step)")
+
+
 def _serve(folder: Path):
     """An http server on 127.0.0.1 for ``folder``, in a thread; returns (server, base URL)."""
     import functools
