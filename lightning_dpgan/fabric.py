@@ -22,7 +22,6 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
 from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.fabric.strategies.registry import _StrategyRegistry
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.utilities.types import _PATH, Optimizable
 from torch import nn
@@ -42,7 +41,7 @@ from lightning_dpgan.replicas import (
     replica_set_of,
     safe_load,
 )
-from lightning_dpgan.processes import PatientObserver
+from lightning_dpgan.processes import launch_watched
 from lightning_dpgan.seeding import rng_state, set_rng_state
 from lightning_dpgan.topology import Topology
 
@@ -52,12 +51,7 @@ class _PatientLauncher(_SubprocessScriptLauncher):
 
     @override
     def launch(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-            PatientObserver(self.procs).start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
+        return launch_watched(self, function, args, kwargs)
 
 
 class DecentralizedFabricStrategy(GossipStrategyMixin, DDPStrategy):

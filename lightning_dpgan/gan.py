@@ -126,10 +126,11 @@ class DPGAN(pl.LightningModule):
         weights_only: bool | None = None,
         **kwargs: Any,
     ) -> Self:
-        """Lightning's, always reading the checkpoint as data: Lightning unpickles a URL (``weights_only=False``)
-        and follows ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` unless told, and either would run a tampered file's code."""
+        """Lightning's, always reading the checkpoint as data: Lightning unpickles a URL (its default for URLs is not
+        weights-only) and follows ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` unless told, and either would run a tampered
+        file's code."""
         if weights_only is False:
-            raise ValueError("DPGAN checkpoints are read as data only (weights_only=True); weights_only=False is not allowed")
+            raise ValueError("DPGAN checkpoints are read as data only: weights_only must be True or None, got False")
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs)
 
     @override

@@ -14,11 +14,13 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import torch
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from typing_extensions import override
 
 _PR_SET_PDEATHSIG = 1
@@ -66,6 +68,17 @@ class PatientObserver(_ChildProcessObserver):
         if time.monotonic() - self._failed_at < REPORT_GRACE_S:
             return False
         return super()._run()
+
+
+def launch_watched(launcher: Any, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """What Lightning's and Fabric's popen launchers do in ``launch``, with a :class:`PatientObserver` instead of
+    theirs (both strategies' launchers call this)."""
+    launcher.cluster_environment.validate_settings(num_devices=launcher.num_processes, num_nodes=launcher.num_nodes)
+    if not launcher.cluster_environment.creates_processes_externally:
+        launcher._call_children_scripts()
+        PatientObserver(launcher.procs).start()
+    _set_num_threads_if_needed(num_processes=launcher.num_processes)
+    return function(*args, **kwargs)
 
 
 def die_with_parent() -> None:

@@ -31,7 +31,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -49,7 +48,7 @@ from typing_extensions import override
 from lightning_dpgan.gossip import GossipOptions, StopReason
 from lightning_dpgan.gossip_strategy import CONSENSUS_EVERY, GossipStrategyMixin
 from lightning_dpgan.gossiper import Gossiper, point_anchors_at_parameters
-from lightning_dpgan.processes import PatientObserver
+from lightning_dpgan.processes import launch_watched
 from lightning_dpgan.replicas import atomic_save, consensus_restart_reason, read_main, remove_other_sets, replica_set_of
 from lightning_dpgan.seeding import rng_state, set_rng_state
 from lightning_dpgan.signals import replace_sigterm_notifier, skip_step_broadcast
@@ -62,12 +61,7 @@ class _PatientLauncher(_SubprocessScriptLauncher):
 
     @override
     def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-            PatientObserver(self.procs).start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
+        return launch_watched(self, function, args, kwargs)
 
 
 class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
