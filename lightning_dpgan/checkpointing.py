@@ -41,3 +41,26 @@ class FinalModelCheckpoint(ModelCheckpoint):
         if "best_k_models" in state:
             state["best_k_models"] = {moved(path): score for path, score in state["best_k_models"].items()}
         super().load_state_dict(state)
+
+    @override
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        """Lightning's ``ckpt_path="last"`` takes the newest *file* of these; this hook (private: Lightning has no
+        public one for it) gives it the newest *step*, which a copied or moved folder's times do not show."""
+        newest = newest_last(str(self.dirpath)) if self.dirpath else None
+        return {newest} if newest else super()._find_last_checkpoints(trainer)
+
+
+def newest_last(folder: str) -> str | None:
+    """The ``last*.ckpt`` in ``folder`` at the highest step (a folder written before it moved may hold
+    ``last.ckpt`` and a newer ``last-v1.ckpt``; a copy's file time says nothing), or ``None``; a file that is no
+    checkpoint raises :class:`~lightning_dpgan.loading.CheckpointError`."""
+    from lightning_dpgan.replicas import read_main
+
+    steps = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.startswith("last") and name.endswith(".ckpt"):
+            path = os.path.join(folder, name)
+            steps[path] = read_main(path, mmap=True).get("global_step")
+    if not steps:
+        return None
+    return max(steps, key=lambda path: (int(steps[path]) if isinstance(steps[path], int) else -1, os.path.getmtime(path)))

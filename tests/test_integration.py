@@ -147,12 +147,15 @@ def test_images_without_inception_weights_are_refused_before_any_worker(tmp_path
 
 
 def test_images_with_a_weights_file_or_evaluation_off_pass_the_checks(tmp_path, inception_weights, no_cached_inception):
-    from lightning_dpgan.cli import compose_run, prepare
+    from hydra import compose, initialize_config_module
+
+    from lightning_dpgan.command.checks import prepare
 
     folder = _image_folder(tmp_path / "images")
     for extra in ([f"evaluation.inception_weights={inception_weights}"], ["evaluation.enabled=false"]):
-        cfg, _ = compose_run("fit", [*IMAGES, f"dataset.root={folder}", *extra])
-        prepare("fit", cfg)  # raises UsageError otherwise
+        with initialize_config_module("lightning_dpgan.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[*IMAGES, f"dataset.root={folder}", *extra])
+        prepare("fit", cfg, str(tmp_path))  # raises UsageError otherwise
 
 
 def test_a_download_without_network_is_refused_before_any_worker(tmp_path):

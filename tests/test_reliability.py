@@ -411,7 +411,7 @@ def test_resuming_last_in_a_moved_run_folder_goes_on_from_its_newest_checkpoint(
     assert older, sorted(p.name for p in checkpoints.iterdir())
     shutil.copy(older[0], checkpoints / "last.ckpt")
     shutil.copytree(f"{older[0]}.replicas", checkpoints / "last.ckpt.replicas")
-    from lightning_dpgan.cli import newest_last
+    from lightning_dpgan.checkpointing import newest_last
 
     assert newest_last(str(checkpoints)) == str(checkpoints / "last-v1.ckpt")
     proc = run([*CLI, "fit", *args, "max_steps=61", "ckpt_path=last", f"hydra.run.dir={again}"], timeout=240)
