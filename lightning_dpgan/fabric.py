@@ -13,12 +13,10 @@ with :class:`~lightning_dpgan.NonFiniteError`. Fabric has no SIGTERM handling of
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from lightning.fabric.accelerators import Accelerator
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
 from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.fabric.strategies.registry import _StrategyRegistry
@@ -28,9 +26,8 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_dpgan.gossip import GossipOptions
-from lightning_dpgan.gossip_strategy import CONSENSUS_EVERY, GossipStrategyMixin
-from lightning_dpgan.gossiper import Gossiper, point_anchors_at_parameters
+from lightning_dpgan.gossip_strategy import DDP_ARGUMENTS, GossipStrategyMixin
+from lightning_dpgan.gossiper import point_anchors_at_parameters
 from lightning_dpgan.replicas import (
     CHECKPOINT_KEY,
     REPLICA_KEY,
@@ -43,7 +40,6 @@ from lightning_dpgan.replicas import (
 )
 from lightning_dpgan.processes import launch_watched
 from lightning_dpgan.seeding import rng_state, set_rng_state
-from lightning_dpgan.topology import Topology
 
 
 class _PatientLauncher(_SubprocessScriptLauncher):
@@ -55,46 +51,15 @@ class _PatientLauncher(_SubprocessScriptLauncher):
 
 
 class DecentralizedFabricStrategy(GossipStrategyMixin, DDPStrategy):
-    """Decentralized training by gossip for Fabric. Arguments as :class:`~lightning_dpgan.DecentralizedStrategy`'s
-    (``consensus_every`` fills :attr:`consensus_distance`; a Fabric loop logs what it likes)."""
+    """Decentralized training by gossip for Fabric. Arguments as :class:`~lightning_dpgan.DecentralizedStrategy`'s,
+    with Fabric's ``precision`` for ``precision_plugin`` (``consensus_every`` fills :attr:`consensus_distance`; a Fabric
+    loop logs what it likes)."""
 
     strategy_name = "decentralized"
     popen_launcher, patient_launcher = _SubprocessScriptLauncher, _PatientLauncher
-
-    def __init__(
-        self,
-        topology: str | Topology = "ring",
-        gossip: GossipOptions | Mapping[str, Any] | None = None,
-        topology_options: Mapping[str, Any] | None = None,
-        consensus_every: int = CONSENSUS_EVERY,
-        mix_buffers: bool = True,
-        accelerator: Accelerator | None = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: ClusterEnvironment | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision: Precision | None = None,
-        process_group_backend: str | None = None,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
-    ) -> None:
-        timeout = self._gossip_timeout(Gossiper(topology, gossip, topology_options, consensus_every, mix_buffers))
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision=precision,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-        )
-        self._module: nn.Module | None = None
-        self._optimizers: list[Optimizer] = []
-
-    @override
-    def setup_environment(self) -> None:
-        self._die_with_launcher()
-        super().setup_environment()
-        self._connect_gossip()
+    ddp_arguments = DDP_ARGUMENTS | {"precision"}
+    _module: nn.Module | None = None  # set up by setup_module
+    _optimizers: list[Optimizer]  # set up by setup_module, filled by setup_optimizer
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -116,8 +81,7 @@ class DecentralizedFabricStrategy(GossipStrategyMixin, DDPStrategy):
     @torch.compiler.disable  # as the Trainer strategy's: a compiled step function must not trace the gossip
     def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, **kwargs)  # an anchored optimizer mixes inside its step
-        self.gossiper.after_step(optimizer, output)  # type: ignore[arg-type]
-        self.gossiper.due_stop()  # raises NonFiniteError on every rank at the agreed step
+        self.gossiper.after_step(optimizer, output)  # type: ignore[arg-type]  # NonFiniteError on every rank at the agreed step
         return output
 
     def catch_up(self, optimizer: Any) -> bool:

@@ -9,8 +9,9 @@ like a gossip exchange, and the teardown.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -21,26 +22,53 @@ from lightning_dpgan.topology import Topology
 
 #: steps between consensus measurements (a collective), by default in both strategies
 CONSENSUS_EVERY = 50
+#: the arguments of the frameworks' DDPStrategy that both strategies take (each adds its precision argument);
+#: the others are for the DDP wrapper, which gossip does without, and ``timeout`` is ``gossip.startup_timeout``
+DDP_ARGUMENTS = frozenset({"accelerator", "parallel_devices", "cluster_environment", "checkpoint_io", "process_group_backend", "start_method"})
 
 
 class GossipStrategyMixin:
     """Gossip on top of a DDP strategy (Lightning's or Fabric's), which must come after it in the bases.
 
-    A subclass calls :meth:`_gossip_timeout` before its DDP ``__init__`` (the process group's timeout is the gossip's
-    start-up timeout), names its framework's popen launcher and the patient one that replaces it, and calls
-    :meth:`_die_with_launcher` and :meth:`_connect_gossip` around its DDP ``setup_environment``.
+    The constructor takes the gossip's arguments, and passes the framework's DDP arguments (:data:`DDP_ARGUMENTS`
+    and :attr:`ddp_arguments`) on by keyword, with the gossip's start-up timeout as the process group's. A subclass
+    names its framework's popen launcher and the patient one that replaces it.
+
+    Args:
+        topology: a name from :data:`lightning_dpgan.topology.TOPOLOGIES`, or a built :class:`Topology`.
+        gossip: how replicas gossip (:class:`~lightning_dpgan.gossip.GossipOptions`, or a dict of its fields):
+            rounds ``t``, wire dtype, overlap, timeouts, ...
+        topology_options: extra arguments for the named topology (``shape`` for a torus, ``degree``/``seed``
+            for random_regular, ``matrix``/``edges`` for custom, ``weights``).
+        consensus_every: measure the consensus distance every this many steps of each optimizer (0: never).
+        mix_buffers: also mix floating-point buffers such as BatchNorm running statistics.
+        ddp: the framework's ``DDPStrategy`` arguments, by keyword: ``accelerator``, ``parallel_devices``,
+            ``cluster_environment``, ``checkpoint_io``, ``process_group_backend``, ``start_method`` (``"popen"``), and
+            ``precision_plugin`` (Trainer) or ``precision`` (Fabric).
     """
 
     gossiper: Gossiper
     popen_launcher: type  # the framework's popen launcher ...
     patient_launcher: type  # ... and its subclass that lets rank 0 name a failed worker before the rest are killed
+    #: the DDP arguments this framework's strategy takes
+    ddp_arguments: ClassVar[frozenset[str]] = DDP_ARGUMENTS
     _gossip_group: torch.distributed.ProcessGroup | None = None
 
-    def _gossip_timeout(self, gossiper: Gossiper) -> timedelta:
-        """Take ``gossiper``; the process group's timeout is its start-up timeout."""
-        self.gossiper = gossiper
-        self._gossip_group = None
-        return timedelta(seconds=gossiper.options.startup_timeout)
+    def __init__(
+        self,
+        topology: str | Topology = "ring",
+        gossip: GossipOptions | Mapping[str, Any] | None = None,
+        topology_options: Mapping[str, Any] | None = None,
+        consensus_every: int = CONSENSUS_EVERY,
+        mix_buffers: bool = True,
+        **ddp: Any,
+    ) -> None:
+        unknown = sorted(set(ddp) - self.ddp_arguments)
+        if unknown:
+            allowed = ", ".join(sorted(self.ddp_arguments))
+            raise TypeError(f"{type(self).__name__} got unexpected argument(s) {', '.join(unknown)}; allowed besides the gossip's: {allowed}")
+        self.gossiper = Gossiper(topology, gossip, topology_options, consensus_every, mix_buffers)
+        super().__init__(timeout=timedelta(seconds=self.gossiper.options.startup_timeout), **ddp)  # type: ignore[call-arg]
 
     @property
     def gossip(self) -> GossipOptions:
@@ -66,7 +94,8 @@ class GossipStrategyMixin:
 
     # ------------------------------------------------------------------ launch and process group
     def _configure_launcher(self) -> None:
-        # Runs in the launching process before any worker starts: the place to reject a bad world size or port.
+        # Runs in the launching process before any worker starts: the place to reject a bad world size or port (the
+        # frameworks have no public hook there, nor a public way to hand the strategy another launcher).
         self.gossiper.build_topology(self.num_nodes * self.num_processes)  # type: ignore[attr-defined]
         super()._configure_launcher()  # type: ignore[misc]
         launcher = self._launcher  # type: ignore[attr-defined]
@@ -76,15 +105,16 @@ class GossipStrategyMixin:
         if starts_workers and self.num_nodes == 1 and self.num_processes > 1:  # type: ignore[attr-defined]
             check_master_port_free()
 
-    def _die_with_launcher(self) -> None:
-        """A worker a launcher started dies with it (start of ``setup_environment``)."""
+    def setup_environment(self) -> None:
+        """A worker a launcher started dies with it; after the framework's process group, the gossip's own group and
+        engine, and one run id for the checkpoints of every rank."""
         environment = self.cluster_environment  # type: ignore[attr-defined]
         if environment is not None and environment.creates_processes_externally:
             die_with_parent()
-
-    def _connect_gossip(self) -> None:
-        """The gossip's own process group and engine, and one run id for the checkpoints of every rank."""
-        self._gossip_group, world_size = gossip_group(self._get_process_group_backend(), self._timeout)  # type: ignore[attr-defined]
+        super().setup_environment()  # type: ignore[misc]
+        # the backend the framework's group uses, chosen for the device where none was asked for: no public getter
+        backend = self._get_process_group_backend()  # type: ignore[attr-defined]
+        self._gossip_group, world_size = gossip_group(backend, timedelta(seconds=self.gossip.startup_timeout))
         rank = self.global_rank  # type: ignore[attr-defined]
         self.gossiper.connect(world_size, rank, DistributedTransport(rank, self._gossip_group, self.gossip.chunk_bytes))
         if world_size > 1:

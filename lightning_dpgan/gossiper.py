@@ -131,7 +131,7 @@ class Gossiper:
                 f"{setting} counts the steps of one mixed optimizer; this module steps {len(self._optimizers)} "
                 "(fuse the players into one optimizer, as DPGAN does, or leave every=1 and staleness=0)"
             )
-        self._hooks = [o.register_anchor_hook(self._mix_anchors) for o in self._optimizers if isinstance(o, AnchoredOptimizer)]
+        self._hooks = [o.register_anchor_hook(self._mix) for o in self._optimizers if isinstance(o, AnchoredOptimizer)]
         self.stopped, self._nonfinite, self._signalled, self._signal_announced = None, None, False, False
 
     def detach(self) -> None:
@@ -140,20 +140,22 @@ class Gossiper:
         self._hooks, self._mix_sets, self._step_counts = [], {}, {}
 
     # ------------------------------------------------------------------ around each optimizer step
-    def after_step(self, optimizer: Optimizer, output: Any) -> dict[str, float]:
+    def after_step(self, optimizer: Optimizer, output: Any) -> tuple[dict[str, float], Stop | None]:
         """After ``optimizer.step()``: mix an optimizer without anchors, check the loss it returned, measure consensus
-        every ``consensus_every`` steps (returned, per submodule). Then :meth:`due_stop` says whether to stop."""
+        every ``consensus_every`` steps. Returns the consensus just measured (per submodule; usually none) and the
+        stop every rank takes after this step, once (a non-finite value raises :class:`NonFiniteError` instead)."""
         assert self.engine is not None
         mix_set = self._mix_set(optimizer)
         if not mix_set.anchored:
-            self._mix(mix_set, mix_set.params)
+            self._mix(optimizer, mix_set.params)
         if isinstance(output, Tensor) and not bool(torch.isfinite(output.detach()).all()):
             self._announce_nonfinite(len(submodule_names(self._module)))  # "the loss"
         count = self._step_counts.get(id(optimizer), 0) + 1
         self._step_counts[id(optimizer)] = count
+        consensus = {}
         if self.consensus_every and count % self.consensus_every == 0 and self.engine.world_size > 1:
-            return self._record_consensus(mix_set.state(optimizer), mix_set.group_ids)
-        return {}
+            consensus = self._record_consensus(mix_set.state(optimizer), mix_set.group_ids)
+        return consensus, self._due_stop()
 
     def skips_step(self) -> bool:
         """Whether the coming step should only mix (``catch_up``: a neighbour is waiting on this replica); then
@@ -172,8 +174,7 @@ class Gossiper:
         """A SIGTERM arrived: announced with the next step's mix."""
         self._signalled = True
 
-    def due_stop(self) -> Stop | None:
-        """The stop every rank takes after this step, once (a non-finite value raises :class:`NonFiniteError`)."""
+    def _due_stop(self) -> Stop | None:
         assert self.engine is not None
         stop = self.engine.due_stop()
         if stop is None or self.stopped is not None:
@@ -187,12 +188,12 @@ class Gossiper:
         names = submodule_names(self._module) if self._module is not None else []
         return "the loss" if group >= len(names) else f"the {names[group]}"
 
-    def _mix_anchors(self, optimizer: Optimizer, anchors: list[Tensor]) -> None:
-        """The anchor hook: mix the anchors the optimizer just updated, before it extrapolates from them."""
-        self._mix(self._mix_set(optimizer), anchors)
-
-    def _mix(self, mix_set: MixSet, state: list[Tensor]) -> None:
+    def _mix(self, optimizer: Optimizer, state: list[Tensor]) -> None:
+        """Mix ``optimizer``'s state (with its buffers): its anchors, as its anchor hook, just updated and before it
+        extrapolates from them; or its parameters after its step. The non-finite check and a SIGTERM's stop ride on
+        the mix."""
         assert self.engine is not None
+        mix_set = self._mix_set(optimizer)
         if self._nonfinite is None:
             bad = first_nonfinite(state)
             if bad is not None:

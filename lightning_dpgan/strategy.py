@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -45,14 +44,13 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_dpgan.gossip import GossipOptions, StopReason
-from lightning_dpgan.gossip_strategy import CONSENSUS_EVERY, GossipStrategyMixin
-from lightning_dpgan.gossiper import Gossiper, point_anchors_at_parameters
+from lightning_dpgan.gossip import StopReason
+from lightning_dpgan.gossip_strategy import DDP_ARGUMENTS, GossipStrategyMixin
+from lightning_dpgan.gossiper import point_anchors_at_parameters
 from lightning_dpgan.processes import launch_watched
 from lightning_dpgan.replicas import atomic_save, consensus_restart_reason, read_main, remove_other_sets, replica_set_of
 from lightning_dpgan.seeding import rng_state, set_rng_state
 from lightning_dpgan.signals import replace_sigterm_notifier, skip_step_broadcast
-from lightning_dpgan.topology import Topology
 
 
 
@@ -67,65 +65,30 @@ class _PatientLauncher(_SubprocessScriptLauncher):
 class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
     """Decentralized data-parallel training by gossip over a communication graph.
 
-    Args:
-        topology: a name from :data:`lightning_dpgan.topology.TOPOLOGIES`, or a built :class:`Topology`.
-        gossip: how replicas gossip (:class:`~lightning_dpgan.gossip.GossipOptions`, or a dict of its fields):
-            rounds ``t``, wire dtype, overlap, timeouts, ...
-        topology_options: extra arguments for the named topology (``shape`` for a torus, ``degree``/``seed``
-            for random_regular, ``matrix``/``edges`` for custom, ``weights``).
-        consensus_every: log the consensus distance every this many steps of each optimizer (0: never).
-        mix_buffers: also mix floating-point buffers such as BatchNorm running statistics.
-
-    The other arguments are :class:`~lightning.pytorch.strategies.DDPStrategy`'s; its ``timeout`` is
-    ``gossip.startup_timeout``.
+    Arguments as :class:`~lightning_dpgan.gossip_strategy.GossipStrategyMixin`'s: ``topology``, ``gossip``,
+    ``topology_options``, ``consensus_every`` (logged as ``consensus/<submodule>``), ``mix_buffers``; then, by keyword,
+    :class:`~lightning.pytorch.strategies.DDPStrategy`'s ``accelerator``, ``parallel_devices``,
+    ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``, ``process_group_backend`` and ``start_method``;
+    its ``timeout`` is ``gossip.startup_timeout``.
     """
 
     strategy_name = "decentralized"
     popen_launcher, patient_launcher = _SubprocessScriptLauncher, _PatientLauncher
+    ddp_arguments = DDP_ARGUMENTS | {"precision_plugin"}
     #: the strategy sets each rank's random streams itself (after the initial broadcast); see DPGAN.setup
     seeds_per_rank = True
-
-    def __init__(
-        self,
-        topology: str | Topology = "ring",
-        gossip: GossipOptions | Mapping[str, Any] | None = None,
-        topology_options: Mapping[str, Any] | None = None,
-        consensus_every: int = CONSENSUS_EVERY,
-        mix_buffers: bool = True,
-        accelerator: pl.accelerators.Accelerator | None = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: ClusterEnvironment | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision_plugin: Precision | None = None,
-        process_group_backend: str | None = None,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
-    ) -> None:
-        timeout = self._gossip_timeout(Gossiper(topology, gossip, topology_options, consensus_every, mix_buffers))
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-        )
-        self._pending_replica: dict[str, Any] | None = None
-        self._pending_consensus_restart = False
+    _pending_replica: dict[str, Any] | None = None  # this rank's replica, read by load_checkpoint until restored
+    _pending_consensus_restart = False  # resuming every replica from the consensus model
 
     # ------------------------------------------------------------------ launch and process group
     @override
-    def setup_environment(self) -> None:
-        self._die_with_launcher()
+    def setup_distributed(self) -> None:
         if self.num_nodes * self.num_processes == 1:
-            # One worker has no one to talk to: skip the process group, so reduce/barrier/sync_dist cost
-            # nothing and a one-process fit runs at a plain Trainer's speed.
-            Strategy.setup_environment(self)
+            # One worker has no one to talk to: no process group, so reduce/barrier/sync_dist cost nothing and a
+            # one-process fit runs at a plain Trainer's speed.
             self.set_world_ranks()
-        else:
-            super().setup_environment()
-        self._connect_gossip()
+            return
+        super().setup_distributed()
 
     @property
     @override
@@ -136,7 +99,8 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         # DDPStrategy.setup minus the DDP wrapper and minus its state sync outside fitting, which would overwrite
-        # distinct replicas in a validate/test after fit.
+        # distinct replicas in a validate/test after fit: Lightning has no hook to skip that sync (nor a public
+        # accessor for sync_batchnorm's _layer_sync), so its few lines are repeated here.
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         fitting = trainer.state.fn == TrainerFn.FITTING
@@ -151,12 +115,8 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
             self.gossiper.attach(self.lightning_module, self.optimizers)
-            if self.gossip.catch_up and self.lightning_module.automatic_optimization:
-                raise ValueError(
-                    "catch_up=True replaces a training_step by a mix only, which Lightning's automatic optimization "
-                    "would skip without stepping: set automatic_optimization = False in the module (as DPGAN does), "
-                    "or leave catch_up=False"
-                )
+            if self.gossip.catch_up:
+                self._install_catch_up()
 
     @override
     def configure_ddp(self) -> None:
@@ -165,20 +125,30 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
         self.gossiper.align(self.model, self.global_rank)
 
     # ------------------------------------------------------------------ the step
-    @override
-    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        if self.gossiper.skips_step():  # catch_up: a neighbour waits on this replica, which only mixes this step
-            self._catch_up()
-            return None
-        return super().training_step(*args, **kwargs)
+    def _install_catch_up(self) -> None:
+        """With ``catch_up`` only: this strategy's training step asks first whether to only mix (the hook is an
+        instance attribute, so that without ``catch_up`` the step is Lightning's own, unchecked)."""
+        module = self.lightning_module
+        if module.automatic_optimization:
+            raise ValueError(
+                "catch_up=True replaces a training_step by a mix only, which Lightning's automatic optimization "
+                "would skip without stepping: set automatic_optimization = False in the module (as DPGAN does), "
+                "or leave catch_up=False"
+            )
+        compute = super().training_step
 
-    def _catch_up(self) -> None:
-        """The step without computation; schedulers stepped every step advance with it, as they would have."""
-        (optimizer,) = self._lightning_optimizers  # attach() allows one optimizer with staleness
-        self.gossiper.catch_up(optimizer)
-        for config in self.lightning_module.trainer.lr_scheduler_configs:
-            if config.interval == "step" and config.frequency == 1:
-                config.scheduler.step()
+        def training_step(*args: Any, **kwargs: Any) -> STEP_OUTPUT:
+            if not self.gossiper.skips_step():
+                return compute(*args, **kwargs)
+            # a neighbour waits on this replica, which only mixes this step; schedulers stepped every step advance
+            # with it, as they would have
+            self.gossiper.catch_up(module.optimizers())  # attach() allows one optimizer with staleness
+            for config in module.trainer.lr_scheduler_configs:
+                if config.interval == "step" and config.frequency == 1:
+                    config.scheduler.step()
+            return None
+
+        self.training_step = training_step  # type: ignore[method-assign]
 
     @override
     # With manual optimization (DPGAN) the optimizer steps inside training_step, which torch.compile(model) compiles:
@@ -192,13 +162,15 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
         model: pl.LightningModule | nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
-        output = Strategy.optimizer_step(self, optimizer, closure, model, **kwargs)  # an anchored one mixes inside
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)  # an anchored one mixes inside
+        consensus, stop = self.gossiper.after_step(optimizer, output)  # a non-finite value raises here
         module = self.lightning_module
-        for name, value in self.gossiper.after_step(optimizer, output).items():
-            if module is not None and module._current_fx_name is not None and module._trainer is not None:
+        for name, value in consensus.items():
+            # Lightning has no public "may this hook log": its own check reads _current_fx_name
+            if module._current_fx_name is not None:
                 module.log(f"consensus/{name}", value, on_step=True, on_epoch=False, sync_dist=False)
-        if self.gossiper.due_stop() is not None:  # a SIGTERM (a non-finite value raises in due_stop)
-            # Lightning ends the batch, then raises SIGTERMException on every rank; on_exception saves the checkpoint
+        if stop is not None:  # a SIGTERM: Lightning ends the batch, then raises SIGTERMException on every rank, and
+            # on_exception saves the checkpoint; received_sigterm has no public setter (its signal handler sets it)
             module.trainer._signal_connector.received_sigterm = True
         return output
 

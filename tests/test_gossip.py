@@ -18,7 +18,7 @@ from lightning_dpgan.gossip.buffers import Plan
 from lightning_dpgan.gossip.control import HEADER_BYTES
 from lightning_dpgan.gossip.base import PeerTimeout
 from lightning_dpgan.gossip.options import PEER_TIMEOUT_FLOOR_S, PEER_TIMEOUT_STEPS
-from lightning_dpgan.gossip.transport import schedule
+from lightning_dpgan.gossip.transport import SEGMENT_CHUNKS, SEGMENTS, schedule, segment_count
 from lightning_dpgan.topology import build_topology, ring
 
 from fake_transport import run_ranks
@@ -266,6 +266,22 @@ def test_segments_cut_the_tensors_and_the_message_without_gaps(count, bounds):
         inner = [HEADER_BYTES + b * size for b in bounds[1:-1]]
         message = HEADER_BYTES + -(-30 * size // 8) * 8  # the payload padded to 8 bytes
         assert [s.message_bytes(dtype) for s in segments] == list(zip([0, *inner], [*inner, message]))
+
+
+@pytest.mark.parametrize(
+    "payload_bytes,device,chunk_bytes,count",
+    [
+        (4 * 1024, "cpu", 1024, 1),  # 4 chunks: one segment of at least SEGMENT_CHUNKS chunks
+        (12 * 1024, "cpu", 1024, 3),
+        (1 << 30, "cpu", 1024, 8),  # at most SEGMENTS
+        (1000, "cpu", 1024, 1),  # less than a chunk
+        (1 << 30, "cpu", None, 1),  # whole messages: nothing to hide the passes behind
+        (1 << 30, "cuda", 1024, 1),  # NCCL sends whole buffers
+    ],
+)
+def test_the_transport_cuts_a_round_into_segments_of_several_chunks(payload_bytes, device, chunk_bytes, count):
+    assert segment_count(payload_bytes, torch.device(device), chunk_bytes) == count
+    assert (SEGMENTS, SEGMENT_CHUNKS) == (8, 4)
 
 
 def test_a_tensor_that_is_not_contiguous_keeps_its_bucket_whole():

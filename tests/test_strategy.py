@@ -242,6 +242,9 @@ def test_two_nodes_by_torchrun(tmp_path):
         ({"gossip": 3}, ValueError, r"gossip must be a GossipOptions, a dict of its fields, or None, got 3"),
         ({"consensus_every": -1}, ValueError, r"consensus_every must be an integer >= 0, got -1"),
         ({"mix_buffers": "yes"}, ValueError, r"mix_buffers must be True or False, got 'yes'"),
+        # the DDP wrapper's arguments would be ignored, and the timeout is the gossip's start-up timeout
+        ({"find_unused_parameters": True}, TypeError, r"DecentralizedStrategy got unexpected argument\(s\) find_unused_parameters; allowed besides the gossip's: accelerator, checkpoint_io"),
+        ({"timeout": 5, "precision": None}, TypeError, r"unexpected argument\(s\) precision, timeout; allowed .* precision_plugin, process_group_backend, start_method$"),
     ],
 )
 def test_bad_strategy_arguments(kwargs, error, message):
@@ -285,9 +288,28 @@ def test_one_process_fit_equals_plain_trainer(tmp_path):
         trainer.fit(model, DataLoader(digits(), batch_size=32, shuffle=True))
         return model.state_dict()
 
-    plain, decentralized = fit("auto"), fit(DecentralizedStrategy("ring", gossip=GossipOptions(rounds=3)))
+    strategy = DecentralizedStrategy("ring", gossip=GossipOptions(rounds=3))
+    plain, decentralized = fit("auto"), fit(strategy)
     for key, value in plain.items():
         assert torch.equal(value, decentralized[key]), key
+    assert "training_step" not in vars(strategy)  # without catch_up the step is Lightning's own, unchecked
+
+
+def test_both_strategies_take_the_gossip_arguments_and_their_framework_s_ddp_ones():
+    from lightning.fabric.plugins import Precision as FabricPrecision
+    from lightning.pytorch.plugins.precision import Precision
+
+    from lightning_dpgan.fabric import DecentralizedFabricStrategy
+
+    gossip = dict(topology="torus", gossip={"rounds": 2}, topology_options={"shape": (2, 2)}, consensus_every=7, mix_buffers=False)
+    trainer = DecentralizedStrategy(**gossip, precision_plugin=Precision(), process_group_backend="gloo", start_method="spawn")
+    fabric = DecentralizedFabricStrategy(**gossip, precision=FabricPrecision(), process_group_backend="gloo", start_method="spawn")
+    for strategy in (trainer, fabric):
+        assert strategy.gossip.rounds == 2 and strategy.gossiper.consensus_every == 7 and not strategy.gossiper.mix_buffers
+        assert strategy.gossiper.topology_options == {"shape": (2, 2)} and strategy._start_method == "spawn"
+        assert strategy.process_group_backend == "gloo" and strategy._timeout.total_seconds() == strategy.gossip.startup_timeout
+    with pytest.raises(TypeError, match=r"DecentralizedFabricStrategy got unexpected argument\(s\) precision_plugin"):
+        DecentralizedFabricStrategy(precision_plugin=Precision())
 
 
 def test_a_training_step_talks_to_its_neighbours_only(suite4):

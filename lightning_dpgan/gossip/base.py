@@ -74,12 +74,47 @@ class PeerTimeout:
 
 @dataclass
 class AllAverage:
-    """One bucket's posted all_reduce, and the all_gather of the headers that travels with it."""
+    """One bucket's exact average over all workers: :meth:`post` puts its all_reduce on the wire (and the all_gather
+    of the headers that travels with a mix's), :meth:`land` waits for it and leaves the average in the flat buffer."""
 
     bucket: Bucket
     posted: list[Posted]
     reduced: Tensor  # the flat buffer itself or its wire-dtype copy
     headers: Tensor | None  # every rank's header (a complete graph's step), or None for a plain average
+    unpack: bool  # copy the average back into the tensors
+
+    @classmethod
+    def post(cls, engine: GossipEngine, bucket: Bucket, with_headers: bool, pack: bool, unpack: bool) -> AllAverage:
+        """Pack the bucket (``pack``) and post its all_reduce in the wire dtype; with ``with_headers`` the all_gather
+        of every rank's header too (a complete graph's mix checks the steps with it). Nothing waits yet."""
+        if pack:
+            bucket.pack()
+        wire_dtype = engine._wire_dtype(bucket)
+        reduced = bucket.flat if wire_dtype == bucket.dtype else bucket.scratch("send", wire_dtype).copy_(bucket.flat)
+        posted = [engine.transport.all_reduce(reduced)]
+        headers = None
+        if with_headers:
+            engine.control.write(bucket.message, engine.steps)
+            headers = engine._headers_buffer(bucket.device)
+            posted.append(engine.transport.all_gather(headers, bucket.message[:HEADER_BYTES]))
+            headers = headers.view(engine.world_size, HEADER_BYTES)
+        engine.messages_sent += 1
+        return cls(bucket, posted, reduced, headers, unpack)
+
+    def land(self, engine: GossipEngine) -> None:
+        """Wait, and leave the average in the flat buffer (and the tensors, with ``unpack``). A mix's wait is a
+        neighbour's (the peer timeout); a plain average's is a collective's."""
+        timeout = engine.timeout() if self.headers is not None else engine.collective_timeout
+        for posted in self.posted:
+            engine.transport.wait(posted, timeout, engine.phase)
+        flat = self.bucket.flat
+        if self.reduced is not flat:
+            flat.copy_(self.reduced)
+        flat.div_(engine.world_size)
+        if self.headers is not None:
+            engine._check_tags(engine.control.read(self.headers), list(range(engine.world_size)))
+        if self.unpack:
+            self.bucket.unpack()
 
 
 class GossipEngine:
@@ -250,9 +285,7 @@ class GossipEngine:
         if self.world_size == 1:
             return out
         for bucket in Plan(out).buckets:
-            bucket.pack()
-            self._land_average(self._post_average(bucket, with_headers=False))
-            bucket.unpack()
+            AllAverage.post(self, bucket, with_headers=False, pack=True, unpack=True).land(self)
         return out
 
     @torch.no_grad()
@@ -288,32 +321,9 @@ class GossipEngine:
         self.transport.wait(self.transport.all_reduce(total), self.collective_timeout, self.phase)
         return total.cpu() / self.world_size
 
-    def _post_average(self, bucket: Bucket, with_headers: bool) -> AllAverage:
-        """Post the all_reduce of a packed bucket in the wire dtype, and with ``with_headers`` the all_gather of every
-        rank's header (a complete graph's mix checks the steps with it); nothing waits yet."""
-        wire_dtype = self._wire_dtype(bucket)
-        reduced = bucket.flat if wire_dtype == bucket.dtype else bucket.scratch("send", wire_dtype).copy_(bucket.flat)
-        posted = [self.transport.all_reduce(reduced)]
-        headers = None
-        if with_headers:
-            self.control.write(bucket.message, self.steps)
-            headers = self._gathered_headers.get(bucket.device)
-            if headers is None:
-                headers = self._gathered_headers[bucket.device] = torch.empty(self.world_size * HEADER_BYTES, dtype=torch.uint8, device=bucket.device)
-            posted.append(self.transport.all_gather(headers, bucket.message[:HEADER_BYTES]))
-            headers = headers.view(self.world_size, HEADER_BYTES)
-        self.messages_sent += 1
-        return AllAverage(bucket, posted, reduced, headers)
-
-    def _land_average(self, exchange: AllAverage) -> None:
-        """Wait for a posted average and leave it in the bucket's flat buffer (a mix's wait is a neighbour's: the
-        peer timeout; a plain average's is a collective's)."""
-        timeout = self.timeout() if exchange.headers is not None else self.collective_timeout
-        for posted in exchange.posted:
-            self.transport.wait(posted, timeout, self.phase)
-        flat = exchange.bucket.flat
-        if exchange.reduced is not flat:
-            flat.copy_(exchange.reduced)
-        flat.div_(self.world_size)
-        if exchange.headers is not None:
-            self._check_tags(self.control.read(exchange.headers), list(range(self.world_size)))
+    def _headers_buffer(self, device: torch.device) -> Tensor:
+        """Every rank's header, gathered (one buffer per device, reused)."""
+        headers = self._gathered_headers.get(device)
+        if headers is None:
+            headers = self._gathered_headers[device] = torch.empty(self.world_size * HEADER_BYTES, dtype=torch.uint8, device=device)
+        return headers

@@ -7,7 +7,8 @@ only copy before sending. Buffers are kept with the bucket, so repeated mixes of
 optimizer anchors) allocate nothing.
 
 On CPU a bucket is also cut into a few segments (:class:`Segment`), so that a mix can send the first part while
-it still casts the rest, and combine each part as it arrives (see ``GossipEngine``).
+it still casts the rest, and combine each part as it arrives; how many is the transport's decision
+(:func:`~lightning_dpgan.gossip.transport.segment_count`).
 """
 
 from __future__ import annotations

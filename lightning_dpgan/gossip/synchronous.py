@@ -9,9 +9,10 @@ overlapped variant only lands a step's first round one step later (:meth:`Synchr
 :meth:`SynchronousGossip.finish_mix`) and adds the correction ``W^t x - x`` instead of overwriting.
 
 Each round every worker sends its packed tensors to its out-neighbours and combines what its in-neighbours sent
-(:mod:`.combine`); a complete graph is one ``all_reduce`` instead. On CPU a round goes in up to
-``SEGMENTS`` segments: every receive is posted first, then each segment is packed (or cast) and sent in turn, and
-each is combined as soon as it has arrived. On hosts sharing cores the passes over the data then run while the
+(:mod:`.combine`); a complete graph is one ``all_reduce`` instead. A round is one object (:class:`_Round`, or
+:class:`~lightning_dpgan.gossip.base.AllAverage`): posted, then landed. On CPU it goes in segments, cut by the
+transport (:func:`~lightning_dpgan.gossip.transport.segment_count`): every receive is posted first, then each
+segment is packed (or cast) and sent in turn, and each is combined as soon as it has arrived. On hosts sharing cores the passes over the data then run while the
 wire is busy, not before and after it. An optional wire dtype (bf16/fp16) applies to
 the bytes on the wire only: the local copy and the sum stay in the tensors' own precision.
 """
@@ -29,18 +30,14 @@ from lightning_dpgan.gossip.base import AllAverage, GossipEngine
 from lightning_dpgan.gossip.buffers import Bucket, Plan, Segment, payload
 from lightning_dpgan.gossip.combine import Into, combine, lerps
 from lightning_dpgan.gossip.options import GossipOptions
-from lightning_dpgan.gossip.transport import Posted, Transport
+from lightning_dpgan.gossip.transport import Posted, Transport, post_segments, segment_count
 from lightning_dpgan.topology import Neighbours, Topology
-
-#: most segments a CPU round is cut into: enough to hide all but an eighth of the passes over the data behind the
-#: wire; and each at least this many chunks, so that a small message is not cut into calls that cost more CPU than
-#: they hide
-SEGMENTS, SEGMENT_CHUNKS = 8, 4
 
 
 @dataclass
 class _Round:
-    """One bucket's posted gossip round, until its result is combined ``into`` its destination."""
+    """One bucket's gossip round with its in-neighbours: :meth:`post` puts it on the wire, :meth:`land` waits for it
+    and combines it, segment by segment, ``into`` its destination."""
 
     bucket: Bucket
     received: Tensor  # messages, one row per in-neighbour
@@ -52,18 +49,66 @@ class _Round:
     wire_dtype: torch.dtype
     unpack: bool  # copy each combined segment of the flat buffer back into the tensors
 
+    @classmethod
+    def post(cls, engine: SynchronousGossip, bucket: Bucket, into: Into, pack: bool, unpack: bool) -> _Round:
+        """Post the round of the current phase; nothing waits yet. With ``pack`` each segment is packed from the
+        tensors just before it goes (straight into the message, for a lerp whose wire dtype is not the tensors')."""
+        phase = engine.phase % engine.topology.period
+        nb = engine._neighbours[phase]
+        wire_dtype = engine._wire_dtype(bucket)
+        segments = bucket.segments(segment_count(bucket.numel * wire_dtype.itemsize, bucket.device, engine.options.chunk_bytes))
+        received = bucket.messages("received", wire_dtype, len(nb.receive_from))
+        message = bucket.send_message(wire_dtype)
+        engine.control.write(message, engine.steps)
+        send = payload(message, bucket.numel, wire_dtype)  # the flat buffer itself when the wire has its dtype
+        # where the tensors are packed: the flat buffer (a combine into it needs x), or, for a lerp into the tensors,
+        # straight the message; then the flat buffer is cast into the message, where the wire has a dtype of its own
+        packs_message = pack and into == "tensors"
+        pack_into = send if packs_message else bucket.flat if pack else None
+        cast = wire_dtype != bucket.dtype and not packs_message
+
+        def prepare(k: int) -> None:
+            segment = segments[k]
+            if pack_into is not None:
+                torch._foreach_copy_(segment.pieces(pack_into), segment.tensors())
+            if cast:
+                send[segment.start : segment.stop].copy_(bucket.flat[segment.start : segment.stop])
+
+        spans = [segment.message_bytes(wire_dtype) for segment in segments]
+        posted = post_segments(engine.transport, message, received, spans, nb.send_to, nb.receive_from, prepare)
+        engine.messages_sent += len(nb.send_to)
+        weights = engine._round_weights(bucket, phase)
+        return cls(bucket, received, nb, weights, segments, posted, into, wire_dtype, unpack)
+
+    def land(self, engine: SynchronousGossip) -> None:
+        """Wait for each segment (its receives, and its sends: the flat buffer may be what was sent) and combine it."""
+        timeout = engine.timeout()
+        nb, bucket = self.neighbours, self.bucket
+        rows = payload(self.received, bucket.numel, self.wire_dtype)
+        for k, (segment, posted) in enumerate(zip(self.segments, self.posted)):
+            for p in posted:
+                engine.transport.wait(p, timeout, engine.phase)
+            if k == 0:  # the headers came with the first segment
+                engine._check_tags(engine.control.read(self.received), nb.receive_from)
+            combine(segment, rows, nb.self_weight, self.weights, nb.receive_weights, self.into)
+            if self.unpack:  # set for "flat" rounds only
+                torch._foreach_copy_(segment.tensors(), segment.pieces(bucket.flat))
+
 
 class PendingMix:
-    """A mix on the wire, from :meth:`SynchronousGossip.start_mix` until :meth:`SynchronousGossip.finish_mix`: its
-    first round posted, and the packed tensors as they were when it started (``x``), from which the correction is
-    formed."""
+    """A mix on the wire, from posting its first round until it has landed (:meth:`SynchronousGossip.start_mix`,
+    :meth:`SynchronousGossip.finish_mix`): the rounds still to land, and, for a started mix, the packed tensors as
+    they were when it started (``x``), from which the correction is formed."""
 
-    def __init__(self, plan: Plan, rounds: int, posted: list[_Round | AllAverage], snapshots: list[Tensor] | None) -> None:
+    def __init__(
+        self, plan: Plan, rounds: int, posted: list[_Round] | list[AllAverage], unpack: bool, snapshots: list[Tensor] | None
+    ) -> None:
         self.plan = plan
-        self.rounds = rounds  # rounds still to run, the posted one included
+        self.rounds = rounds  # rounds still to land, the posted one included
         self.posted = posted
+        self.unpack = unpack  # the last round goes back into the tensors
         # x as it was at the start, when rounds after the first overwrite the flat buffer (None: a one-round mix
-        # adds its correction straight into the tensors)
+        # adds its correction straight into the tensors, or the mix overwrites them)
         self.snapshots = snapshots
 
 
@@ -81,29 +126,17 @@ class SynchronousGossip(GossipEngine):
     def mix(self, tensors: Sequence[Tensor], rounds: int | None = None) -> None:
         """Replace every worker's tensors by ``W^t`` times the stacked tensors, in place.
 
-        Rounds combine into the packed flat buffer, which is then unpacked; a one-round mix with one in-neighbour
-        (one-peer exponential) is a lerp straight into the tensors instead, with nothing to pack or unpack.
+        Rounds combine into the packed flat buffer, each segment of the last one unpacked as it lands; a one-round
+        mix with one in-neighbour (one-peer exponential) is a lerp straight into the tensors instead, with nothing to
+        pack or unpack.
         """
         rounds = rounds or self.options.rounds
         plan = self._plan_for(tensors, rounds)
         if plan is None:
             return
-        if self.topology.is_complete:  # one exact average whatever t
-            for bucket in plan.buckets:
-                bucket.pack()
-            self._run(plan, [self._post_average(bucket, with_headers=True) for bucket in plan.buckets], 1, rounds)
-            for bucket in plan.buckets:
-                bucket.unpack()
-            return
         nb = self._neighbours[self.phase % self.topology.period]
         into: Into = "tensors" if rounds == 1 and lerps(nb.self_weight, nb.receive_weights) else "flat"
-        unpack = into == "flat"  # the last round's segments go back into the tensors as they are combined
-        # a lerp into the tensors with a wire dtype of its own casts straight from them: nothing to pack
-        posted: list[_Round | AllAverage] = [
-            self._post_round(b, into, pack=unpack or self._wire_dtype(b) == b.dtype, unpack=unpack and rounds == 1)
-            for b in plan.buckets
-        ]
-        self._run(plan, posted, rounds, unpack=unpack)
+        self._land(self._post(plan, rounds, into, started=False))
 
     @torch.no_grad()
     def start_mix(self, tensors: Sequence[Tensor], rounds: int | None = None) -> PendingMix | None:
@@ -121,16 +154,13 @@ class SynchronousGossip(GossipEngine):
         for bucket in plan.buckets:
             bucket.pack()
         self._plans.mark_in_flight(plan)
-        if self.topology.is_complete:  # one exact average whatever t
-            snapshots = [b.scratch("snapshot", b.dtype).copy_(b.flat) for b in plan.buckets]
-            self.phase += rounds
-            return PendingMix(plan, 1, [self._post_average(b, with_headers=True) for b in plan.buckets], snapshots)
-        # one round: the received rows combine into the correction, from the flat buffer that still holds x
-        snapshots = None if rounds == 1 else [b.scratch("snapshot", b.dtype).copy_(b.flat) for b in plan.buckets]
-        into: Into = "correction" if rounds == 1 else "flat"
-        posted: list[_Round | AllAverage] = [self._post_round(b, into, pack=False, unpack=False) for b in plan.buckets]
-        self.phase += 1
-        return PendingMix(plan, rounds, posted, snapshots)
+        # one round of neighbours: the received rows combine into the correction, from the flat buffer that still
+        # holds x; otherwise x is kept aside, as the rounds (or the average) overwrite the flat buffer
+        into: Into = "correction" if rounds == 1 and not self.topology.is_complete else "flat"
+        snapshots = [b.scratch("snapshot", b.dtype).copy_(b.flat) for b in plan.buckets] if into == "flat" else None
+        pending = self._post(plan, rounds, into, started=True)
+        pending.snapshots = snapshots
+        return pending
 
     @torch.no_grad()
     def finish_mix(self, pending: PendingMix | None) -> None:
@@ -138,7 +168,7 @@ class SynchronousGossip(GossipEngine):
         if pending is None:
             return
         self._plans.release(pending.plan)
-        self._finish_rounds(pending.plan, pending.posted, pending.rounds)
+        self._land(pending)
         if pending.snapshots is None:
             return  # the one round already added the correction
         for bucket, snapshot in zip(pending.plan.buckets, pending.snapshots):
@@ -156,91 +186,29 @@ class SynchronousGossip(GossipEngine):
                 raise ValueError(f"gossip averages floating-point tensors only, got one of dtype {bucket.dtype}")
         return plan
 
-    def _run(
-        self, plan: Plan, posted: list[_Round | AllAverage], rounds: int, phases: int | None = None, unpack: bool = False
-    ) -> None:
-        """Finish the posted first round and run the others; the phase moves on by ``phases`` (default: rounds)."""
-        self.phase += phases if phases is not None else 1
-        self._finish_rounds(plan, posted, rounds, unpack)
+    def _post(self, plan: Plan, rounds: int, into: Into, started: bool) -> PendingMix:
+        """Post a mix's first round (a complete graph's one exact average, whatever ``rounds``), and move the phase
+        on. A started mix was packed already and keeps its result in the flat buffer; a mix packs as it posts, and
+        its last round goes back into the tensors."""
+        if self.topology.is_complete:  # one exact average whatever t
+            averages = [AllAverage.post(self, b, with_headers=True, pack=not started, unpack=not started) for b in plan.buckets]
+            self.phase += rounds
+            return PendingMix(plan, 1, averages, not started, None)
+        unpack = not started and into == "flat"
+        posted = [_Round.post(self, b, into, pack=not started, unpack=unpack and rounds == 1) for b in plan.buckets]
+        self.phase += 1
+        return PendingMix(plan, rounds, posted, unpack, None)
 
-    def _finish_rounds(self, plan: Plan, posted: list[_Round | AllAverage], rounds: int, unpack: bool = False) -> None:
-        """Apply the posted round, then post and apply the remaining ``rounds - 1``, each into the flat buffer (the
-        last one also unpacked into the tensors, segment by segment, with ``unpack``)."""
-        for exchange in posted:
-            self._apply(exchange)
-        for r in range(1, rounds):
-            last = r == rounds - 1
-            exchanges = [self._post_round(b, "flat", pack=False, unpack=unpack and last) for b in plan.buckets]
-            self.phase += 1
-            for exchange in exchanges:
-                self._apply(exchange)
-
-    def _segments(self, bucket: Bucket, wire_dtype: torch.dtype) -> list[Segment]:
-        """How a round of this bucket is cut: on CPU, with chunked messages, into up to ``SEGMENTS`` of at least
-        ``SEGMENT_CHUNKS`` chunks each; whole otherwise (NCCL sends whole buffers, and with whole messages, as on
-        loopback, there is no wire to hide behind)."""
-        chunk = self.options.chunk_bytes
-        if bucket.device.type != "cpu" or chunk is None:
-            return bucket.segments(1)
-        payload_bytes = bucket.numel * wire_dtype.itemsize
-        return bucket.segments(min(SEGMENTS, payload_bytes // (SEGMENT_CHUNKS * chunk)))
-
-    def _post_round(self, bucket: Bucket, into: Into, pack: bool, unpack: bool) -> _Round:
-        """Post one round's messages for the current phase; nothing waits yet. Each segment is packed from the
-        tensors first (``pack``) and cast to the wire dtype. A whole round posts its receives and sends together
-        (NCCL needs them in one group); a segmented one (CPU) posts every receive, then each segment's sends as soon
-        as that segment is ready."""
-        phase = self.phase % self.topology.period
-        nb = self._neighbours[phase]
-        wire_dtype = self._wire_dtype(bucket)
-        segments = self._segments(bucket, wire_dtype)
-        received = bucket.messages("received", wire_dtype, len(nb.receive_from))
-        message = bucket.send_message(wire_dtype)
-        self.control.write(message, self.steps)
-        send = payload(message, bucket.numel, wire_dtype) if wire_dtype != bucket.dtype else None
-        if len(segments) == 1:
-            self._prepare(segments[0], send, into, pack)
-            posted = [self.transport.exchange(message, received, nb.send_to, nb.receive_from)]
-        else:
-            spans = [segment.message_bytes(wire_dtype) for segment in segments]
-            receives = [self.transport.exchange(None, received[:, lo:hi], (), nb.receive_from) for lo, hi in spans]
-            posted = []
-            for segment, (low, high), receive in zip(segments, spans, receives):
-                self._prepare(segment, send, into, pack)
-                posted.append(receive + self.transport.exchange(message[low:high], None, nb.send_to, ()))
-        self.messages_sent += len(nb.send_to)
-        weights = self._round_weights(bucket, phase)
-        return _Round(bucket, received, nb, weights, segments, posted, into, wire_dtype, unpack)
-
-    @staticmethod
-    def _prepare(segment: Segment, send: Tensor | None, into: Into, pack: bool) -> None:
-        """Make a segment of the outgoing message: pack it from the tensors (``pack``), then cast it into ``send``
-        (``None``: the message is the flat buffer itself)."""
-        flat = segment.bucket.flat
-        if pack:
-            torch._foreach_copy_(segment.pieces(flat), segment.tensors())
-        if send is None:
-            return
-        if into == "tensors" and not pack:  # nothing was packed: cast straight from the tensors
-            torch._foreach_copy_(segment.pieces(send), segment.tensors())
-        else:
-            send[segment.start : segment.stop].copy_(flat[segment.start : segment.stop])
-
-    def _apply(self, exchange: _Round | AllAverage) -> None:
-        if isinstance(exchange, AllAverage):
-            self._land_average(exchange)
-            return
-        timeout = self.timeout()
-        nb, bucket = exchange.neighbours, exchange.bucket
-        rows = payload(exchange.received, bucket.numel, exchange.wire_dtype)
-        for k, (segment, posted) in enumerate(zip(exchange.segments, exchange.posted)):
-            for p in posted:  # the segment's receives, and its sends: the flat buffer may be what was sent
-                self.transport.wait(p, timeout, self.phase)
-            if k == 0:  # the headers came with the first segment
-                self._check_tags(self.control.read(exchange.received), nb.receive_from)
-            combine(segment, rows, nb.self_weight, exchange.weights, nb.receive_weights, exchange.into)
-            if exchange.unpack:  # set for "flat" rounds only
-                torch._foreach_copy_(segment.tensors(), segment.pieces(bucket.flat))
+    def _land(self, pending: PendingMix) -> None:
+        """Land the posted round, then post and land the others, each into the flat buffer (the last one also into
+        the tensors, segment by segment, when the mix unpacks)."""
+        for r in range(pending.rounds):
+            if r:
+                last = pending.unpack and r == pending.rounds - 1
+                pending.posted = [_Round.post(self, b, "flat", pack=False, unpack=last) for b in pending.plan.buckets]
+                self.phase += 1
+            for exchange in pending.posted:
+                exchange.land(self)
 
 
 class OverlappedGossip(SynchronousGossip):

@@ -3,8 +3,9 @@
 :class:`Transport` is what the engine needs; :class:`DistributedTransport` does it with ``torch.distributed``
 (gloo or NCCL). Tests hand the engine an in-process transport instead (``tests/fake_transport.py``).
 
-On CPU (gloo) a message goes out in chunks of ``chunk_bytes``, the chunks to and from all neighbours posted
-together, every receive before any send. Why:
+Every cut of a message happens here: on CPU (gloo) a round's message goes in up to ``SEGMENTS`` segments
+(:func:`segment_count`, :func:`post_segments`), each made and sent in turn, and each exchange goes out in chunks of
+``chunk_bytes``, the chunks to and from all neighbours posted together, every receive before any send. Why:
 
 * gloo serves the operations posted to one peer in order, so one large send posted before the matching receive
   makes the two directions of a link take turns; interleaved chunks keep both busy (docs/wire.md);
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, Protocol
@@ -130,6 +131,50 @@ class Transport(Protocol):
         ...
 
 
+#: most segments a CPU round is cut into: enough to hide all but an eighth of the passes over the data behind the
+#: wire; and each at least this many chunks, so that a small message is not cut into calls that cost more CPU than
+#: they hide
+SEGMENTS, SEGMENT_CHUNKS = 8, 4
+
+
+def chunk_size(device: torch.device, chunk_bytes: int | None) -> int | None:
+    """The bytes a message on ``device`` is cut into: ``chunk_bytes`` on CPU (gloo), ``None`` (whole) otherwise, as
+    NCCL sends whole buffers."""
+    return chunk_bytes if device.type == "cpu" else None
+
+
+def segment_count(payload_bytes: int, device: torch.device, chunk_bytes: int | None) -> int:
+    """How many segments a round's message is cut into: with chunks, up to ``SEGMENTS`` of at least
+    ``SEGMENT_CHUNKS`` chunks each; one otherwise (with whole messages, as on loopback, there is no wire to hide
+    behind)."""
+    chunk = chunk_size(device, chunk_bytes)
+    return 1 if chunk is None else max(1, min(SEGMENTS, payload_bytes // (SEGMENT_CHUNKS * chunk)))
+
+
+def post_segments(
+    transport: Transport,
+    message: Tensor,
+    received: Tensor,
+    spans: Sequence[tuple[int, int]],
+    send_to: Sequence[int],
+    receive_from: Sequence[int],
+    prepare: Callable[[int], None],
+) -> list[list[Posted]]:
+    """Post one round's messages cut into segments (byte ``spans`` of the message), each segment's receives and sends.
+
+    One segment goes out whole, its receives and sends posted together (NCCL needs them in one group); several
+    (CPU) post every receive first, then each segment's sends as soon as ``prepare(k)`` has made segment ``k``."""
+    if len(spans) == 1:
+        prepare(0)
+        return [transport.exchange(message, received, send_to, receive_from)]
+    receives = [transport.exchange(None, received[:, low:high], (), receive_from) for low, high in spans]
+    posted = []
+    for k, ((low, high), receive) in enumerate(zip(spans, receives)):
+        prepare(k)
+        posted.append(receive + transport.exchange(message[low:high], None, send_to, ()))
+    return posted
+
+
 def chunk_ranges(numel: int, chunk_elements: int | None) -> list[tuple[int, int]]:
     if chunk_elements is None or numel <= chunk_elements:
         return [(0, numel)]
@@ -162,7 +207,7 @@ class DistributedTransport:
         row = {peer: k for k, peer in enumerate(receive_from)}
         like = send if send is not None else received
         assert like is not None
-        chunking = self.chunk_bytes if like.device.type == "cpu" else None
+        chunking = chunk_size(like.device, self.chunk_bytes)
         ranges = chunk_ranges(like.shape[-1], None if chunking is None else max(1, chunking // like.element_size()))
         ops: list[dist.P2POp] = []
         peers: list[int] = []
