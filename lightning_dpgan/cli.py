@@ -161,8 +161,10 @@ def run_hydra(hydra_args: list[str]) -> None:
         fail(f"run directory {err.filename!r} cannot be written ({err.strerror}); set output_dir=<a writable folder>")
     finally:
         from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.hydra_config import HydraConfig
 
-        GlobalHydra.instance().clear()  # the next main() in this process (a test) composes afresh
+        GlobalHydra.instance().clear()  # the next main() in this process (a test) composes afresh, and a Trainer
+        HydraConfig.instance().cfg = None  # built later in it is not taken for a worker of this run
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_dpgan.checks import check_bool, check_int
+from lightning_dpgan.checks import check_bool, check_choice, check_int
 from lightning_dpgan.gossip import GossipEngine, GossipOptions, GossipPeerError, Stop, StopReason, Transport
 from lightning_dpgan.gossip.registry import engine_class
 from lightning_dpgan.gossip.transport import peer_failure
@@ -75,8 +75,8 @@ class Gossiper:
         consensus_every: int,
         mix_buffers: bool,
     ) -> None:
-        if not isinstance(topology, Topology) and topology not in TOPOLOGIES:
-            raise TopologyError(f"unknown topology {topology!r}; allowed: {', '.join(TOPOLOGIES)}")
+        if not isinstance(topology, Topology):
+            check_choice("topology", topology, TOPOLOGIES, error=TopologyError)
         self.options = GossipOptions.build(dict(gossip) if isinstance(gossip, Mapping) else gossip)
         self.consensus_every = check_int("consensus_every", consensus_every, 0)
         self.mix_buffers = check_bool("mix_buffers", mix_buffers)

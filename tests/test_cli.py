@@ -143,6 +143,12 @@ def test_multirun_gives_every_job_its_own_directory(tmp_path):
     again = run([*shlex.split(resume), "max_steps=25"], timeout=240)
     assert "on 2 processes (exponential, gossip_rounds=1" in again.stdout, again.stdout[-2000:]
     assert torch.load(jobs[1].parent / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 25
+    # the same sweep again with ckpt_path=last: Lightning resolves it in each job's own folder
+    proc = run([*CLI, "fit", "-m", "topology=ring,exponential", *TINY, "max_steps=20", f"output_dir={tmp_path}",
+                f"hydra.sweep.dir={sweep}", "ckpt_path=last"], timeout=300)
+    for path in jobs:
+        assert f"Restoring states from the checkpoint path at {path.parent / 'checkpoints' / 'last.ckpt'}" in proc.stdout + proc.stderr
+    assert sorted((tmp_path / "multirun").glob("*/*/config.yaml")) == jobs  # no new job folders
 
 
 def test_the_printed_resume_line_resumes_the_run_it_names(tmp_path):
@@ -163,21 +169,25 @@ def test_the_printed_resume_line_resumes_the_run_it_names(tmp_path):
     assert config["dataset"]["_target_"].endswith("DigitsDataModule") and config["max_steps"] == 20
 
 
-def test_shell_completion_and_hydra_flags_after_the_verb(tmp_path):
+def test_shell_completion_and_hydra_flags_after_the_verb(monkeypatch):
     def query(line: str) -> str:
-        env = {**worker_env(), "COMP_LINE": line}
-        return run([*CLI, "-sc", "query=bash"], timeout=60, env=env).stdout
+        monkeypatch.setenv("COMP_LINE", line)
+        status, out, err = call_cli("-sc", "query=bash")  # in this process: nothing starts
+        assert status == 0, err
+        return out
 
     assert query("lightning-dpgan ").split() == ["fit", "validate", "sample", "topology"]
     assert query("lightning-dpgan f").split() == ["fit"]
     assert "topology=ring" in query("lightning-dpgan fit topology=").split()
+    monkeypatch.delenv("COMP_LINE")
     script = str(Path(sys.executable).parent / "lightning-dpgan")  # the command the hook is installed for
     assert run([script, "-sc", "install=bash"], timeout=60).stdout.rstrip().endswith("hydra_bash_completion lightning-dpgan")
-    cfg = yaml.safe_load(run([*CLI, "fit", "experiment=grid25", "--cfg", "job"], timeout=60).stdout)
-    assert cfg["verb"] == "fit" and cfg["devices"] == 8  # the experiment's 8 workers
+    status, out, _ = call_cli("fit", "experiment=grid25", "--cfg", "job")
+    cfg = yaml.safe_load(out)
+    assert status == 0 and cfg["verb"] == "fit" and cfg["devices"] == 8  # the experiment's 8 workers
     for flags in (["--info"], ["--hydra-help"]):
-        proc = run([*CLI, "fit", *flags], timeout=60)
-        assert "Traceback" not in proc.stderr and proc.stdout.strip(), flags
+        status, out, err = call_cli("fit", *flags)
+        assert status == 0 and "Traceback" not in err and out.strip(), flags
 
 
 def test_image_folder_at_another_size_than_the_model_is_refused_and_sampling_needs_no_metric(tmp_path):

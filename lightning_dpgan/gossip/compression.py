@@ -30,6 +30,7 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_dpgan.checks import check_choice
 from lightning_dpgan.gossip.options import CHUNK, COMPRESSIONS  # noqa: F401 - CHUNK: elements per scale, re-exported
 
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -142,10 +143,7 @@ class Sign(Compressor):
 
 
 def build_compressor(name: str, topk_fraction: float) -> Compressor:
-    if name == "int8":
-        return Int8()
+    check_choice("compression", name, COMPRESSIONS)
     if name == "topk":
         return TopK(topk_fraction)
-    if name == "sign":
-        return Sign()
-    raise ValueError(f"unknown compression {name!r}; allowed: none, {', '.join(COMPRESSIONS)}")
+    return Int8() if name == "int8" else Sign()

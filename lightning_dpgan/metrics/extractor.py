@@ -14,6 +14,8 @@ from importlib import resources
 import torch
 from torch import Tensor, nn
 
+from lightning_dpgan.checks import check_choice
+
 #: dataset -> image size
 EXTRACTOR_DATASETS = {"digits": 8, "mnist5k": 28}
 NUM_FEATURES = 64
@@ -24,9 +26,7 @@ class DigitClassifier(nn.Module):
 
     def __init__(self, image_size: int) -> None:
         super().__init__()
-        if image_size not in (8, 28):
-            raise ValueError(f"DigitClassifier image_size must be 8 or 28, got {image_size!r}")
-        self.image_size = image_size
+        self.image_size = check_choice("DigitClassifier image_size", image_size, (8, 28))
         pool = nn.MaxPool2d(2)
         layers: list[nn.Module] = [nn.Conv2d(1, 16, 3, padding=1), nn.ReLU()]
         if image_size == 28:
@@ -48,9 +48,8 @@ class FrozenExtractor(nn.Module):
 
     def __init__(self, classifier: DigitClassifier, output: str) -> None:
         super().__init__()
-        if output not in ("features", "logits"):
-            raise ValueError(f"output must be 'features' or 'logits', got {output!r}")
-        self.classifier, self.output = classifier.eval().requires_grad_(False), output
+        self.output = check_choice("output", output, ("features", "logits"))
+        self.classifier = classifier.eval().requires_grad_(False)
         self.num_features = NUM_FEATURES if output == "features" else 10
 
     def train(self, mode: bool = True) -> FrozenExtractor:
