@@ -101,16 +101,17 @@ class Gossiper:
 
     # ------------------------------------------------------------------ set-up
     def build_topology(self, world_size: int) -> Topology:
-        """The graph, checked once here against the gossip variant (a launcher calls this before any worker)."""
-        self.topology = build_topology(self.topology_spec, world_size, **self.topology_options)
-        self.options.check_topology(self.topology)
+        """The graph, built and checked against the gossip variant once per world size (the CLI's checks, the
+        launcher and ``connect`` all ask for it)."""
+        if self.topology is None or self.topology.world_size != world_size:
+            topology = build_topology(self.topology_spec, world_size, **self.topology_options)
+            self.options.check_topology(topology)
+            self.topology = topology
         return self.topology
 
     def connect(self, world_size: int, rank: int, transport: Transport) -> GossipEngine:
-        if self.topology is None or self.topology.world_size != world_size:
-            self.build_topology(world_size)
-        assert self.topology is not None
-        self.engine = engine_class(self.options)(self.topology, rank, transport, self.options)  # topology checked above
+        topology = self.build_topology(world_size)
+        self.engine = engine_class(self.options)(topology, rank, transport, self.options)  # topology checked there
         return self.engine
 
     def align(self, module: nn.Module, rank: int) -> None:
