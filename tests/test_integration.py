@@ -307,6 +307,25 @@ def test_in_a_log_file_each_progress_update_is_one_line_with_both_losses(tmp_pat
         assert "loss_d=" in line and "loss_g=" in line, line
 
 
+def test_in_a_log_file_a_long_run_draws_about_a_hundred_progress_lines(tmp_path, capsys):
+    """A line every step was 3,800 lines for the main job; off a terminal the bar draws every max_steps / 100."""
+    import re
+
+    import lightning.pytorch as pl
+
+    from lightning_dpgan import DPGAN
+    from lightning_dpgan.data import GaussianMixtureDataModule
+    from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
+    from lightning_dpgan.progress import StepProgressBar
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=300, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, callbacks=[StepProgressBar()])
+    trainer.fit(DPGAN(MLPGenerator(hidden=8), MLPDiscriminator(hidden=8)), datamodule=GaussianMixtureDataModule(num_samples=320, batch_size=64))
+    lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().out) if line.startswith("Steps:")]
+    steps = [int(re.search(r"\| (\d+)/300 ", line).group(1)) for line in lines]
+    assert steps[:-1] == list(range(0, 301, 3)), steps  # the last line is tqdm's own, when the bar closes
+
+
 def test_the_sweep_comparison_shows_modes_beside_the_high_quality_fraction(tmp_path):
     """A ring collapsed onto one mode (high-quality fraction 0.87) looked better than an exponential graph covering
     18 modes (0.41) when only the fraction was plotted; the modes panel shows the collapse. Job folders as a ``-m``
