@@ -177,20 +177,8 @@ class DPGAN(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
         noise = torch.randn(real.shape[0], self.latent_dim, device=real.device, dtype=real.dtype)
-        fake = self.generator(noise)
-        if self.loss.r1:
-            real = real.detach().requires_grad_(True)  # R1 differentiates D's scores by the real inputs
-        real_scores = self.discriminator(real)
-        loss_d = self.loss.discriminator(real_scores, self.discriminator(fake.detach()))
-        if self.loss.gradient_penalty:
-            loss_d = loss_d + self.loss.gradient_penalty * gradient_penalty(self.discriminator, real, fake)
-        if self.loss.r1:
-            loss_d = loss_d + self.loss.r1 / 2 * r1_penalty(real_scores, real)
-        total = loss_d
-        if update_g:
-            # G's loss through a frozen copy of D's function: its gradient reaches G and stops at D's parameters
-            loss_g = self.loss.generator(frozen_forward(self.discriminator, fake))
-            total = total + loss_g
+        loss_d, loss_g = player_losses(self.generator, self.discriminator, self.loss, real, noise, update_g)
+        total = loss_d if loss_g is None else loss_d + loss_g
         # One backward for both players at the same z: ∇_D L_D lands in D, ∇_G L_G in G. One pass also keeps DDP's
         # reducer (CPOSG baseline) and AMP's grad scaler to their one-backward-per-step contract.
         self.manual_backward(total)
@@ -239,6 +227,27 @@ def _named_optimizer(
     if func in names and not getattr(optimizer, "args", ()):
         return names[func], {**getattr(optimizer, "keywords", {}), **(kwargs or {})}
     return optimizer, dict(kwargs or {})
+
+
+def player_losses(
+    generator: nn.Module, discriminator: nn.Module, loss: GANLoss, real: Tensor, noise: Tensor, update_g: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Both players' losses at the same parameters: ``(L_D, L_G)``, ``L_G`` ``None`` on a discriminator-only
+    iteration. ``L_D`` reaches D's parameters only (the fake batch is detached) and ``L_G`` G's only (through
+    :func:`frozen_forward`), so one backward of their sum gives each player the gradient of its own loss. DPGAN's
+    step and the many-replica simulator (:mod:`lightning_dpgan.sim`, through ``torch.func``) both call this."""
+    fake = generator(noise)
+    if loss.r1:
+        real = real.detach().requires_grad_(True)  # R1 differentiates D's scores by the real inputs
+    real_scores = discriminator(real)
+    loss_d = loss.discriminator(real_scores, discriminator(fake.detach()))
+    if loss.gradient_penalty:
+        loss_d = loss_d + loss.gradient_penalty * gradient_penalty(discriminator, real, fake)
+    if loss.r1:
+        loss_d = loss_d + loss.r1 / 2 * r1_penalty(real_scores, real)
+    # G's loss through a frozen copy of D's function: its gradient reaches G and stops at D's parameters
+    loss_g = loss.generator(frozen_forward(discriminator, fake)) if update_g else None
+    return loss_d, loss_g
 
 
 def frozen_forward(module: nn.Module, x: Tensor) -> Tensor:
