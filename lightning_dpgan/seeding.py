@@ -15,10 +15,14 @@ import numpy as np
 import torch
 
 
+def rank_seed(base: int, rank: int) -> int:
+    """``rank``'s seed from the run's ``base`` seed: deterministic, different per rank."""
+    return (base + 1_000_003 * rank) % (2**32)
+
+
 def seed_for_rank(rank: int) -> None:
     """Reseed Python, numpy and torch from the global seed and ``rank`` (deterministic, different per rank)."""
-    base = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
-    seed = (base + 1_000_003 * rank) % (2**32)
+    seed = rank_seed(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())), rank)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

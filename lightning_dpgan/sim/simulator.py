@@ -41,6 +41,7 @@ from lightning_dpgan.gan import DPGAN, player_losses
 from lightning_dpgan.gossip.combine import lerps
 from lightning_dpgan.mix_sets import AnchoredOptimizer
 from lightning_dpgan.optim import OPTIMIZERS
+from lightning_dpgan.seeding import rank_seed
 from lightning_dpgan.topology import Topology, build_topology
 
 STREAMS = ("exact", "fast")
@@ -51,7 +52,7 @@ MIXING = ("auto", "dense", "sparse", "engine")
 def replica_streams(world_size: int, seed: int = 0) -> list[torch.Generator]:
     """One generator per replica in the state :func:`~lightning_dpgan.seeding.seed_for_rank` leaves torch's global
     one in on that rank, when ``PL_GLOBAL_SEED`` is ``seed``."""
-    return [torch.Generator().manual_seed((seed + 1_000_003 * rank) % (2**32)) for rank in range(world_size)]
+    return [torch.Generator().manual_seed(rank_seed(seed, rank)) for rank in range(world_size)]
 
 
 class _Players(nn.Module):
