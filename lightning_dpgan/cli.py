@@ -20,7 +20,7 @@ from importlib import resources
 from omegaconf import DictConfig
 
 from lightning_dpgan.checks import check_choice
-from lightning_dpgan.command.errors import UsageError
+from lightning_dpgan.command.errors import UsageError, fail
 
 CONFIG_PACKAGE = "lightning_dpgan.conf"
 VERBS = {
@@ -74,11 +74,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UsageError as err:
         fail(str(err))
     run_hydra(hydra_args)
-
-
-def fail(message: str, status: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(status)
 
 
 def parse_command(argv: list[str]) -> Command:

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_dpgan.command.checks import Run, instantiate, is_decentralized
+from lightning_dpgan.command.errors import fail
 from lightning_dpgan.command.folders import resume_line
 
 
@@ -64,8 +65,7 @@ def fit(run: Run, worker: bool = False) -> None:
     except (NonFiniteError, GossipPeerError, CheckpointError) as err:
         if quiet:
             sys.exit(1)  # rank 0 says it once
-        print(f"error: {type(err).__name__}: {err}" if isinstance(err, GossipPeerError) else f"error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, CheckpointError) else 1)
+        fail(f"{type(err).__name__}: {err}" if isinstance(err, GossipPeerError) else str(err), 2 if isinstance(err, CheckpointError) else 1)
     finally:
         finish_wandb(cfg)
     if trainer.is_global_zero and rank_zero_only.rank == 0:
