@@ -37,6 +37,21 @@ BILINEAR_CONVERGENCE = {"t1": {"rounds": 1}, "t3": {"rounds": 3}, "t1_overlap": 
                         "t1_every4": {"rounds": 1, "gossip_every": 4}}
 EVALUATE = {"steps": 30, "samples": 400}
 
+# The runs that several tests share, by fixture: the tests that use one run in one xdist worker (``--dist
+# loadgroup``), so that each run is made once, not once per worker.
+SHARED_RUNS = {"suite4": "suites", "suite2": "suites", "fitted": "fitted", "gossip_runs": "gossip",
+               "real_run": "simulator", "inception_weights": "inception", "fit_then_validate": "validate"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        groups = sorted({group for fixture, group in SHARED_RUNS.items() if fixture in item.fixturenames})
+        if item.path.name == "test_cluster.py":  # the emulated cluster's namespaces and bridge have fixed names
+            groups.append("cluster")
+        if groups:
+            item.add_marker(pytest.mark.xdist_group("+".join(groups)))
+
 
 def suite4_scenarios(out: Path) -> list[list]:
     sync, overlap = out / "resume_sync", out / "resume_overlap"

@@ -123,14 +123,6 @@ def test_resume_at_another_world_size_starts_from_consensus(suite4, suite2):
         assert max_diff(replica, consensus) == 0.0
 
 
-def test_killed_worker_stops_the_rest_naming_it(tmp_path):
-    start = time.monotonic()
-    proc = lightning_script("lightning_worker.py", "kill", str(tmp_path), "timeout=20", "rank=2", timeout=180, check=False)
-    assert proc.returncode != 0
-    assert time.monotonic() - start < 120
-    assert "GossipPeerError" in proc.stderr and "with rank 2 failed" in proc.stderr
-
-
 @pytest.mark.parametrize("strategy", ["decentralized", "ddp"])
 def test_sigterm_to_rank_zero_stops_every_rank_at_the_same_step(tmp_path, strategy):
     """Rank 0 is signalled at step 5 while the others wait for it in a gossip exchange (or DDP's all-reduce).
