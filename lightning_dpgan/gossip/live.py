@@ -1,0 +1,287 @@
+"""``LiveGossip``: synchronous DPOSG whose members may leave while it runs (``GossipOptions(membership="live")``).
+
+Each step is :class:`~lightning_dpgan.gossip.synchronous.SynchronousGossip`'s. When a wait fails, because a
+neighbour died, stayed silent past the peer timeout, or another worker opened a new generation, the worker takes
+part in the agreement (:class:`~lightning_dpgan.gossip.membership.Membership`) and recovers from there:
+
+* Synchronous gossip leaves the survivors at most one mix apart where every survivor is within two hops of the worker
+  that left: the neighbours of the dead worker could not complete the mix it never sent (``c - 1``); the workers
+  farther away could. ``c``, the change step, is one past the furthest any survivor got.
+* The survivors that completed only ``c - 2`` complete mix ``c - 1`` with ``W_fold``, the old matrix restricted to
+  the survivors, each lost neighbour's weight on the diagonal (:func:`~lightning_dpgan.topology.fold`). The workers
+  that had completed it used exactly their ``W_fold`` rows already (they had no lost neighbour), so mix ``c - 1`` is
+  ``W_fold`` on every survivor: symmetric, hence doubly stochastic, and the survivors' average is kept. Their
+  neighbours send them what they mixed with: the workers ahead their previous message, which each keeps (one copy of
+  the mixed tensors more), the workers level their current one.
+* From mix ``c`` on every survivor mixes with the graph of the same family rebuilt for the survivors, on the
+  generation's own gloo group.
+
+Survivors further apart (a ring of 6 or more, say) would need the messages of several past steps; that is refused
+with one error naming the spread (docs/membership.md: what is left).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_dpgan.gossip.buffers import Plan, message_bytes
+from lightning_dpgan.gossip.membership import Generation, LiveTransport, Membership, MembershipChange, PeerLost
+from lightning_dpgan.gossip.options import GossipOptions
+from lightning_dpgan.gossip.synchronous import SynchronousGossip
+from lightning_dpgan.gossip.transport import GossipPeerError, Transport, post_segments, segment_count
+from lightning_dpgan.topology import Topology, fold, neighbours_in
+
+log = logging.getLogger(__name__)
+
+
+class MembershipError(GossipPeerError):
+    """The members cannot go on: this worker was left out, or the survivors are too far apart to recover exactly."""
+
+#: the tag of the messages that finish the mix under way at a change
+_RESYNC_TAG = 7
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change of members: at mix ``step`` (the first on the new graph), ``left`` (ids) had left, leaving
+    ``members`` on ``topology`` (``fallback``: why a ring, where the family did not fit)."""
+
+    step: int
+    left: tuple[int, ...]
+    members: tuple[int, ...]
+    topology: str
+    fallback: str | None = None
+
+    def describe(self) -> str:
+        who = ", ".join(map(str, self.left))
+        ring = f" (a ring: {self.fallback})" if self.fallback else ""
+        return f"step {self.step}: worker(s) {who} left; {len(self.members)} go on ({', '.join(map(str, self.members))}) on {self.topology}{ring}"
+
+
+class LiveGossip(SynchronousGossip):
+    """Synchronous gossip that goes on without a worker that left (see the module's docstring)."""
+
+    def __init__(self, topology: Topology, rank: int, transport: Transport, options: GossipOptions) -> None:
+        super().__init__(topology, rank, transport, options)
+        self.me = rank  # this worker's id: its rank at the start
+        self.membership: Membership | None = None
+        self.changes: list[Change] = []
+        self._rebuild: Callable[[int], tuple[Topology, str | None]] | None = None
+        self._kept: tuple[list[Tensor], list[Tensor]] | None = None  # (this step's tensors, the previous step's)
+        self._abandoned: list[Transport] = []
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return self.membership.generation.members if self.membership is not None else tuple(range(self.world_size))
+
+    @property
+    def reconfigured(self) -> bool:
+        """Whether the members changed: the default process group then has a worker that left."""
+        return bool(self.changes)
+
+    def go_live(self, membership: Membership, rebuild: Callable[[int], tuple[Topology, str | None]]) -> None:
+        """Watch the members from now on; ``rebuild(n)`` is the graph of the run's family for ``n`` workers."""
+        assert isinstance(self.transport, LiveTransport) or hasattr(self.transport, "group")
+        group = getattr(self.transport, "group", None)
+        self.membership, self._rebuild = membership, rebuild
+        self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, membership.changing.is_set)
+
+    # ------------------------------------------------------------------ the step
+    @override
+    def step(self, tensors: Sequence[Tensor]) -> None:
+        self._begin_step()
+        if not self.mixes_now():
+            return
+        if self.membership is None:
+            self.mix(tensors)
+            return
+        self._keep(tensors)
+        phase, failure = self.phase, None
+        while True:
+            try:
+                if failure is not None and self._change(failure, tensors):
+                    return  # this step's mix was finished with W_fold
+                self.mix(tensors)
+                return
+            except MembershipError:
+                raise
+            except GossipPeerError as err:  # a neighbour lost, or another worker lost one: agree again
+                self.phase, failure = phase, err
+                self._restore(tensors)
+
+    def _keep(self, tensors: Sequence[Tensor]) -> None:
+        """Keep this step's tensors before they are mixed, and the previous step's: what the neighbours may need
+        again after a change."""
+        if self._kept is None or len(self._kept[0]) != len(tensors):
+            self._kept = ([t.detach().clone() for t in tensors], [t.detach().clone() for t in tensors])
+        else:
+            current, previous = self._kept
+            self._kept = (previous, current)  # the older copy becomes this step's
+        torch._foreach_copy_(self._kept[0], [t.detach() for t in tensors])
+
+    def _restore(self, tensors: Sequence[Tensor]) -> None:
+        assert self._kept is not None
+        with torch.no_grad():
+            torch._foreach_copy_(list(tensors), self._kept[0])
+        self._plans.clear()
+
+    @override
+    def close(self) -> None:
+        super().close()
+        if self.membership is not None:
+            self.membership.close()
+
+    # ------------------------------------------------------------------ a change of members
+    def _change(self, err: GossipPeerError, tensors: Sequence[Tensor]) -> bool:
+        """Agree on the members after ``err``, move to their group and graph, and finish the mix under way where
+        this worker is behind. Returns whether this step's mix is done."""
+        assert self.membership is not None and self._rebuild is not None
+        old_members, old_w = self.members, self.topology.matrix(0)
+        dead = ()
+        if isinstance(err, PeerLost) and err.closed and err.peer is not None:
+            dead = (old_members[err.peer],)  # its connection closed: the process is gone, no need to wait for silence
+        if not isinstance(err, MembershipChange):
+            log.warning("worker %d: %s; agreeing on the members again", self.me, err)
+        completed = self.steps - 1
+        generation = self.membership.agree(completed, dead, self.timeout.seconds())
+        if self.me not in generation.members:
+            raise MembershipError(f"worker {self.me} was left out of the members agreed on at mix {generation.change_step} (it was silent)")
+        left = tuple(m for m in old_members if m not in generation.members)
+        spread = generation.change_step - min(generation.completed.values())
+        if spread > 2:
+            raise MembershipError(
+                f"worker(s) {', '.join(map(str, left))} left and the survivors are {spread - 1} mixes apart at mix "
+                f"{generation.change_step}; live membership recovers survivors at most one mix apart (every one within "
+                "two hops of the one that left; docs/membership.md)"
+            )
+        topology, fallback = self._rebuild(len(generation.members))
+        old_transport = self.transport
+        self._settle(old_transport, old_members, generation, tensors)
+        group = self.membership.group(generation, self.timeout.seconds())
+        self.rank = generation.members.index(self.me)
+        self.topology = topology
+        self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, self.membership.changing.is_set)
+        self._neighbours = [topology.neighbours(self.rank, p) for p in range(topology.period)]
+        self._weights.clear()
+        self._gathered_headers.clear()
+        self._plans.clear()
+        keep = [old_members.index(m) for m in generation.members]
+        done = self._finish_under_way(fold(old_w, keep), generation, tensors)
+        self._abandoned.append(old_transport)  # its watcher threads may still hold works of the old group
+        change = Change(generation.change_step, left, generation.members, topology.name, fallback)
+        self.changes.append(change)
+        log.warning("worker %d: membership %s", self.me, change.describe())
+        return done
+
+    def _settle(self, old: Transport, old_members: Sequence[int], generation: Generation, tensors: Sequence[Tensor]) -> None:
+        """Answer, on the old group, the exchange that the neighbours one mix ahead posted to this worker and that it
+        never reached: their messages are taken into scratch, and scratch sent back, in the same pieces and order.
+        Nothing is mixed from them; it only leaves no operation of the old group pending, whose waiting thread would
+        otherwise outlive the run (and abort the interpreter at its exit)."""
+        c = generation.change_step
+        if generation.completed[self.me] != c - 2:
+            return
+        me = old_members.index(self.me)
+        ahead = tuple(
+            j for j in self._old_neighbours(me) if old_members[j] in generation.completed and generation.completed[old_members[j]] == c - 1
+        )
+        if not ahead:
+            return
+        posted = []
+        for bucket in Plan(list(tensors)).buckets:
+            wire_dtype = self._wire_dtype(bucket)
+            count = segment_count(bucket.numel * wire_dtype.itemsize, bucket.device, self.options.chunk_bytes)
+            spans = [segment.message_bytes(wire_dtype) for segment in bucket.segments(count)]
+            message = torch.zeros(message_bytes(bucket.numel, wire_dtype), dtype=torch.uint8, device=bucket.device)
+            received = torch.empty((len(ahead), message.numel()), dtype=torch.uint8, device=bucket.device)
+            posted += post_segments(old, message, received, spans, ahead, ahead, lambda k: None)
+        for batch in posted:
+            for p in batch:
+                with contextlib.suppress(GossipPeerError):
+                    old.wait(p, self.timeout(), self.phase)
+
+    def _old_neighbours(self, me: int) -> tuple[int, ...]:
+        nb = self._neighbours[0]
+        return tuple(sorted(set(nb.send_to) | set(nb.receive_from)))
+
+    @torch.no_grad()
+    def _finish_under_way(self, w_fold: np.ndarray, generation: Generation, tensors: Sequence[Tensor]) -> bool:
+        """Mix ``c - 1`` with ``W_fold`` for the survivors that had not completed it: each neighbour of such a
+        survivor sends it the tensors of that step (a worker ahead its kept previous ones). Returns whether this
+        worker was one of them (its step's mix is then done)."""
+        assert self._kept is not None
+        c, members = generation.change_step, generation.members
+        behind = [generation.completed[m] == c - 2 for m in members]
+        mine = self.rank
+        # what this worker mixed, or would have, at step c - 1: its tensors now if behind, its previous ones if ahead
+        source = Plan(list(tensors) if behind[mine] else self._kept[1])
+        flats = [bucket.pack().clone() for bucket in source.buckets]
+        posted = []
+        for k in range(len(members)):
+            if k != mine and behind[k] and w_fold[k, mine] > 0:
+                posted += [self.transport.exchange(flat, None, (k,), (), _RESYNC_TAG) for flat in flats]
+        received: list[tuple[int, list[Tensor]]] = []
+        if behind[mine]:
+            for j in np.flatnonzero(w_fold[mine] > 0):
+                if j != mine:
+                    rows = [torch.empty((1, flat.numel()), dtype=flat.dtype, device=flat.device) for flat in flats]
+                    posted += [self.transport.exchange(None, row, (), (int(j),), _RESYNC_TAG) for row in rows]
+                    received.append((int(j), rows))
+        for batch in posted:
+            for p in batch:
+                self.transport.wait(p, self.timeout(), self.phase)
+        if not behind[mine]:
+            return False
+        plan = Plan(list(tensors))
+        for b, bucket in enumerate(plan.buckets):
+            bucket.flat.copy_(flats[b]).mul_(w_fold[mine, mine])
+            for j, rows in received:
+                bucket.flat.add_(rows[b][0], alpha=float(w_fold[mine, j]))
+            bucket.unpack()
+        self.phase += 1
+        return True
+
+    def summary(self) -> str:
+        """The changes of members, in one line."""
+        return "; ".join(change.describe() for change in self.changes) or "no change of members"
+
+    def report(self) -> None:
+        """The end of the run: the lowest member lists the changes."""
+        if self.changes and self.me == self.members[0]:
+            log.warning("membership changes in this run: %s", self.summary())
+
+    # ------------------------------------------------------------------ the framework's collectives, after a change
+    def barrier(self) -> None:
+        self.transport.wait(self.transport.all_reduce(torch.zeros(1)), self.collective_timeout, self.phase)
+
+    def all_gather_tensor(self, tensor: Tensor) -> Tensor:
+        """Every member's ``tensor``, stacked in member order."""
+        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        self.transport.wait(self.transport.all_gather(out.view(-1), tensor.contiguous().view(-1)), self.collective_timeout, self.phase)
+        return out
+
+    def all_reduce_tensor(self, tensor: Tensor) -> Tensor:
+        out = tensor.detach().clone()
+        self.transport.wait(self.transport.all_reduce(out), self.collective_timeout, self.phase)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int) -> Any:
+        """``obj`` of the worker whose id is ``src`` (the lowest member's where that one left)."""
+        root = self.members.index(src) if src in self.members else 0
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) if self.rank == root else torch.empty(0, dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.long)
+        self.transport.wait(self.transport.broadcast(size, root), self.collective_timeout, self.phase)
+        if self.rank != root:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        self.transport.wait(self.transport.broadcast(data, root), self.collective_timeout, self.phase)
+        return obj if self.rank == root else pickle.loads(data.numpy().tobytes())

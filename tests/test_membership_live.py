@@ -1,0 +1,112 @@
+"""Live membership (``GossipOptions(membership="live")``) with real gloo processes: a worker killed with SIGKILL
+mid-run, the others agreeing on who is left through the c10d store and going on from their replicas.
+
+The workers are plain processes, one per node, started as a user starts one by hand (``MASTER_ADDR``,
+``MASTER_PORT``, ``RANK``, ``WORLD_SIZE`` and torchrun's ``GROUP_RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, which
+Lightning's torchelastic environment reads): torchrun's single agent would kill every worker when one dies, and
+Lightning's own launcher too (docs/membership.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import WORKERS, free_port, worker_env
+from reference import dposg
+
+sys.path.insert(0, str(WORKERS))
+from lightning_worker import BILINEAR_DIM, BilinearGame, bilinear_matrices  # noqa: E402
+
+from lightning_dpgan.topology import fold, ring
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL and gloo over loopback: Linux only")
+
+N, STEPS, LR, ADAM = 4, 60, 0.05, ((0.5, 0.9), 1e-8)
+
+
+def start_by_hand(out: Path, n: int, *opts: str) -> list[subprocess.Popen]:
+    port, procs = free_port(), []
+    for rank in range(n):
+        env = {**worker_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(n), "RANK": str(rank),
+               "GROUP_RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+        with open(out / f"stderr_rank{rank}.txt", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, str(WORKERS / "lightning_worker.py"), "live_leave", str(out), *opts],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=err))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.wait(timeout=max(0.1, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def bilinear_gradient(z: np.ndarray) -> np.ndarray:
+    _, parts = bilinear_matrices(N)  # each worker keeps its own game, by its rank at the start
+    x, y = z[:, :BILINEAR_DIM], z[:, BILINEAR_DIM:]
+    return np.concatenate([np.einsum("rij,rj->ri", parts, y), -np.einsum("rij,ri->rj", parts, x)], axis=1)
+
+
+def embedded(w: np.ndarray, keep: list[int]) -> np.ndarray:
+    """A survivors' matrix in the 4-worker reference: the one that left keeps its own row, touching no one."""
+    full = np.eye(N)
+    full[np.ix_(keep, keep)] = w
+    return full
+
+
+def test_survivors_of_a_kill_go_on_and_equal_the_dposg_reference(tmp_path):
+    """4 workers on a ring, optimistic Adam on the split bilinear game; rank 2 kills itself at step 20 of 60. Ranks 0,
+    1 and 3 reach step 60 with no reload and no relaunch, and their replicas equal DPOSG in numpy: ring(4) up to the
+    mix rank 2 last took part in, W_fold (ring(4) without rank 2, its weight on the diagonal) until the recorded change
+    step, ring(3) from it."""
+    kill_at, survivors = 20, [0, 1, 3]
+    opts = [f"steps={STEPS}", f"kill=2", f"at={kill_at}", "optimizer=optimistic_adam", f"lr={LR}", "timeout=10",
+            'kwargs={"betas": [0.5, 0.9]}']
+    started = time.monotonic()
+    codes = wait_all(start_by_hand(tmp_path, N, *opts), timeout=120)
+    elapsed = time.monotonic() - started
+    stderr = {r: (tmp_path / f"stderr_rank{r}.txt").read_text() for r in range(N)}
+    assert codes[2] == -9, stderr[2][-3000:]
+    for r in survivors:
+        assert codes[r] == 0, f"rank {r} exited {codes[r]}:\n{stderr[r][-4000:]}"
+    records = {r: json.loads((tmp_path / f"changes_rank{r}.json").read_text()) for r in survivors}
+    assert {r: rec["global_step"] for r, rec in records.items()} == {r: STEPS for r in survivors}
+    changes = {json.dumps(rec["changes"]) for rec in records.values()}
+    assert len(changes) == 1, records  # every survivor went through the same change
+    (change,) = records[0]["changes"]
+    assert change["left"] == [2] and change["members"] == survivors and change["topology"] == "ring"
+    c = change["step"]
+    assert kill_at + 1 <= c <= kill_at + 2, change  # rank 2 completed 20 mixes; the survivors at most one more
+    for r in survivors:  # every member logged who left and when, and the lowest listed it at the end
+        assert f"step {c}: worker(s) 2 left; 3 go on (0, 1, 3) on ring" in stderr[r], stderr[r][-3000:]
+    assert "membership changes in this run" in stderr[0]
+
+    game = BilinearGame("optimistic_adam", LR)
+    z0 = np.tile(np.concatenate([game.x.detach().numpy(), game.y.detach().numpy()]), (N, 1))
+    w4, w_fold, w3 = ring(N).matrix(), fold(ring(N).matrix(), survivors), ring(3).matrix()
+    mixes = [w4 if m <= kill_at else embedded(w_fold, survivors) if m < c else embedded(w3, survivors) for m in range(1, STEPS + 1)]
+    expected = dposg(bilinear_gradient, z0, mixes, STEPS, LR, ADAM)[survivors]
+    got = np.stack([np.concatenate([s["x"].numpy(), s["y"].numpy()]) for s in
+                    (torch.load(tmp_path / f"end_rank{r}.pt", weights_only=True) for r in survivors)])
+    np.testing.assert_allclose(got, expected, atol=1e-10, rtol=0)
+    # the test tells the rules apart: no fold, or no change at all, ends elsewhere
+    no_fold = [w4 if m <= kill_at else embedded(w3, survivors) for m in range(1, STEPS + 1)]
+    assert np.abs(got - dposg(bilinear_gradient, z0, no_fold, STEPS, LR, ADAM)[survivors]).max() > 1e-6 or c == kill_at + 1
+    assert np.abs(got - dposg(bilinear_gradient, z0, w4, STEPS, LR, ADAM)[survivors]).max() > 1e-6
+    # the survivors step again within seconds of the kill (the goal is 10 s on gloo), not after the peer timeout
+    killed = float((tmp_path / "killed_rank2.txt").read_text())
+    resumed = max(rec["step_ends"][c - 1] for rec in records.values())  # every survivor has done mix c, on ring(3)
+    assert resumed - killed < 10, resumed - killed
+    print(f"run {elapsed:.1f} s; change step {c}; every survivor finished step {c} {resumed - killed:.2f} s after the kill")
