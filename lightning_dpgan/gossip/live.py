@@ -79,6 +79,7 @@ class LiveGossip(SynchronousGossip):
         self._rebuild: Callable[[int], tuple[Topology, str | None]] | None = None
         self._kept: tuple[list[Tensor], list[Tensor]] | None = None  # (this step's tensors, the previous step's)
         self._abandoned: list[Transport] = []
+        self._failure: GossipPeerError | None = None  # a collective that failed between steps: agree at the next one
 
     @property
     def members(self) -> tuple[int, ...]:
@@ -94,7 +95,7 @@ class LiveGossip(SynchronousGossip):
         assert isinstance(self.transport, LiveTransport) or hasattr(self.transport, "group")
         group = getattr(self.transport, "group", None)
         self.membership, self._rebuild = membership, rebuild
-        self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, membership.changing.is_set)
+        self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, membership.changing.is_set, self.timeout.seconds)
 
     # ------------------------------------------------------------------ the step
     @override
@@ -106,7 +107,7 @@ class LiveGossip(SynchronousGossip):
             self.mix(tensors)
             return
         self._keep(tensors)
-        phase, failure = self.phase, None
+        phase, failure, self._failure = self.phase, self._failure, None
         while True:
             try:
                 if failure is not None and self._change(failure, tensors):
@@ -141,6 +142,20 @@ class LiveGossip(SynchronousGossip):
         if self.membership is not None:
             self.membership.close()
 
+    @override
+    def consensus_distance(self, tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int) -> Tensor:
+        """As every engine's; where a worker left during it, NaN, and the members are agreed on at the next step."""
+        try:
+            return super().consensus_distance(tensors, group_ids, num_groups)
+        except MembershipError:
+            raise
+        except GossipPeerError as err:
+            if self.membership is None:
+                raise
+            log.warning("worker %d: consensus not measured at step %d (%s); agreeing on the members at the next step", self.me, self.steps, err)
+            self._failure = err
+            return torch.full((num_groups,), float("nan"), dtype=torch.float64)
+
     # ------------------------------------------------------------------ a change of members
     def _change(self, err: GossipPeerError, tensors: Sequence[Tensor]) -> bool:
         """Agree on the members after ``err``, move to their group and graph, and finish the mix under way where
@@ -170,7 +185,7 @@ class LiveGossip(SynchronousGossip):
         group = self.membership.group(generation, self.timeout.seconds())
         self.rank = generation.members.index(self.me)
         self.topology = topology
-        self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, self.membership.changing.is_set)
+        self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, self.membership.changing.is_set, self.timeout.seconds)
         self._neighbours = [topology.neighbours(self.rank, p) for p in range(topology.period)]
         self._weights.clear()
         self._gathered_headers.clear()

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch._C._distributed_c10d import AllgatherOptions
 
 from lightning_dpgan.gossip.transport import (
     DistributedTransport,
@@ -76,9 +76,11 @@ class LiveTransport(DistributedTransport):
     watcher thread per peer while this thread polls ``interrupted`` (a new generation opened elsewhere), and a failure
     is raised at once, naming the generation's peer, without the failure reports of a fixed run."""
 
-    def __init__(self, rank: int, group: Any, chunk_bytes: int | None, interrupted: Callable[[], bool]) -> None:
+    def __init__(
+        self, rank: int, group: Any, chunk_bytes: int | None, interrupted: Callable[[], bool], timeout: Callable[[], float]
+    ) -> None:
         super().__init__(rank, group, chunk_bytes)
-        self.interrupted = interrupted
+        self.interrupted, self.timeout = interrupted, timeout
         self._waiters: dict[int, _Watcher] = {}
 
     def _watched(self, works: list[Any], peer: int | None, what: str) -> Posted:
@@ -114,28 +116,43 @@ class LiveTransport(DistributedTransport):
         (posted,) = self.exchange(None, received, (), (peer,), stream)
         return posted
 
+    # Collectives run on the group's own threads, and say when they are done: they are polled here, with no thread of
+    # ours waiting, and bounded by the peer timeout, so that one a departure leaves pending ends on its own.
+    def _bounded(self, options: Any) -> Any:
+        options.timeout = timedelta(seconds=self.timeout())
+        return options
+
     def all_reduce(self, tensor: Tensor) -> Posted:
-        return self._watched([self.group.allreduce([tensor])], None, "all_reduce")
+        return Posted([self.group.allreduce([tensor], self._bounded(dist.AllreduceOptions()))], None, "all_reduce")
 
     def all_gather(self, output: Tensor, tensor: Tensor) -> Posted:
-        return self._watched([self.group._allgather_base(output, tensor)], None, "all_gather")
+        return Posted([self.group._allgather_base(output, tensor, self._bounded(AllgatherOptions()))], None, "all_gather")
 
     def broadcast(self, tensor: Tensor, src: int) -> Posted:
-        options = dist.BroadcastOptions()
+        options = self._bounded(dist.BroadcastOptions())
         options.rootRank = src
-        return self._watched([self.group.broadcast([tensor], options)], src, "broadcast")
+        return Posted([self.group.broadcast([tensor], options)], src, "broadcast")
 
     def wait(self, posted: Posted, timeout: timedelta | None, gossip_round: int) -> None:
         if posted.completed:
             return
-        assert posted.arrived is not None
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
-        while not posted.arrived.wait(POLL_S):
+        if posted.arrived is None:  # a collective
+            done = lambda wait: all(work.is_completed() for work in posted.works) or bool(time.sleep(wait))  # noqa: E731
+        else:
+            done = posted.arrived.wait
+        while not done(POLL_S):
             if self.interrupted():
                 raise MembershipChange(f"rank {self.rank}: the members are being agreed on again")
             if deadline is not None and time.monotonic() > deadline:
                 who = "a peer" if posted.peer is None else f"rank {posted.peer}"
                 raise PeerLost(f"rank {self.rank}: {posted.what} with {who} got nothing within {timeout}", posted.peer, False)
+        if posted.arrived is None:
+            try:
+                for work in posted.works:
+                    work.wait()  # done: returns at once, or raises what failed
+            except Exception as err:  # noqa: BLE001 - gloo raises RuntimeError or DistBackendError
+                posted.error = err
         if posted.error is not None:
             who = "a peer" if posted.peer is None else f"rank {posted.peer}"
             raise PeerLost(

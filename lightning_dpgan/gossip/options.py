@@ -1,7 +1,7 @@
 """``GossipOptions``: every setting of how replicas gossip, in one frozen object checked once, where it is built.
 
 The strategy, the engine and the command line all take this one object (the CLI's shortcuts ``gossip_rounds=``,
-``wire_dtype=``, ``staleness=``, ``gossip_every=`` and ``compression=`` fill it in), so a setting is validated in one place and a new one is added in one place.
+``wire_dtype=``, ``staleness=``, ``gossip_every=``, ``compression=`` and ``membership=`` fill it in), so a setting is validated in one place and a new one is added in one place.
 No torch here: the command line checks its options before torch is loaded.
 """
 
@@ -183,7 +183,8 @@ class GossipOptions:
         """Whether the graph suits :attr:`variant`, checked once, where the topology is built for these options.
 
         The stale and CHOCO variants keep one state per neighbour (its newest message, its public copy) and talk to
-        their neighbours point to point: they need a static graph. Raises
+        their neighbours point to point, and the live one folds one matrix when a worker leaves: they need a static
+        graph. Raises
         :class:`~lightning_dpgan.topology.TopologyError` for a time-varying one, and warns for a ``consensus_step``
         above :meth:`default_consensus_step` (not refused: the bound is measured, Theorem 2's is far below it)."""
         needs = {
