@@ -42,10 +42,16 @@ def start_by_hand(out: Path, n: int, *opts: str) -> list[subprocess.Popen]:
     return procs
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
+def wait_for(procs: list[subprocess.Popen], ranks: list[int], timeout: float) -> dict[int, int | None]:
+    """The exit codes of ``ranks`` (``None``: still running after ``timeout``); then every process is ended."""
+    deadline, codes = time.monotonic() + timeout, {}
     try:
-        return [p.wait(timeout=max(0.1, deadline - time.monotonic())) for p in procs]
+        for r in ranks:
+            try:
+                codes[r] = procs[r].wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[r] = None
+        return codes
     finally:
         for p in procs:
             if p.poll() is None:
@@ -66,19 +72,20 @@ def embedded(w: np.ndarray, keep: list[int]) -> np.ndarray:
     return full
 
 
-def test_survivors_of_a_kill_go_on_and_equal_the_dposg_reference(tmp_path):
-    """4 workers on a ring, optimistic Adam on the split bilinear game; rank 2 kills itself at step 20 of 60. Ranks 0,
-    1 and 3 reach step 60 with no reload and no relaunch, and their replicas equal DPOSG in numpy: ring(4) up to the
-    mix rank 2 last took part in, W_fold (ring(4) without rank 2, its weight on the diagonal) until the recorded change
-    step, ring(3) from it."""
-    kill_at, survivors = 20, [0, 1, 3]
-    opts = [f"steps={STEPS}", f"kill=2", f"at={kill_at}", "optimizer=optimistic_adam", f"lr={LR}", "timeout=10",
-            'kwargs={"betas": [0.5, 0.9]}']
+@pytest.mark.parametrize("how", ["kill", "silent"])
+def test_survivors_of_a_lost_worker_go_on_and_equal_the_dposg_reference(tmp_path, how):
+    """4 workers on a ring, optimistic Adam on the split bilinear game; at step 20 of 60 rank 2 kills itself
+    (SIGKILL: its connections close) or stops (SIGSTOP: a host gone silent, its connections open, found by the 3 s
+    peer timeout). Ranks 0, 1 and 3 reach step 60 with no reload and no relaunch, and their replicas equal DPOSG in
+    numpy: ring(4) up to the mix rank 2 last took part in, W_fold (ring(4) without rank 2, its weight on the diagonal)
+    until the recorded change step, ring(3) from it."""
+    kill_at, survivors, timeout = 20, [0, 1, 3], 3.0
+    opts = [f"steps={STEPS}", f"kill=2", f"at={kill_at}", "optimizer=optimistic_adam", f"lr={LR}", f"timeout={timeout}",
+            'kwargs={"betas": [0.5, 0.9]}', *(["sig=STOP"] if how == "silent" else [])]
     started = time.monotonic()
-    codes = wait_all(start_by_hand(tmp_path, N, *opts), timeout=120)
+    codes = wait_for(start_by_hand(tmp_path, N, *opts), survivors, timeout=120)
     elapsed = time.monotonic() - started
     stderr = {r: (tmp_path / f"stderr_rank{r}.txt").read_text() for r in range(N)}
-    assert codes[2] == -9, stderr[2][-3000:]
     for r in survivors:
         assert codes[r] == 0, f"rank {r} exited {codes[r]}:\n{stderr[r][-4000:]}"
     records = {r: json.loads((tmp_path / f"changes_rank{r}.json").read_text()) for r in survivors}
@@ -108,5 +115,5 @@ def test_survivors_of_a_kill_go_on_and_equal_the_dposg_reference(tmp_path):
     # the survivors step again within seconds of the kill (the goal is 10 s on gloo), not after the peer timeout
     killed = float((tmp_path / "killed_rank2.txt").read_text())
     resumed = max(rec["step_ends"][c - 1] for rec in records.values())  # every survivor has done mix c, on ring(3)
-    assert resumed - killed < 10, resumed - killed
+    assert resumed - killed < (10 if how == "kill" else timeout + 5), resumed - killed
     print(f"run {elapsed:.1f} s; change step {c}; every survivor finished step {c} {resumed - killed:.2f} s after the kill")

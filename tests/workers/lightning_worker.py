@@ -614,7 +614,8 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
     elif scenario == "live_leave":  # membership="live", one process per node started by hand: rank `kill` dies at `at`
         steps, nodes = int(opts["steps"]), int(opts.get("nodes", 4))
         strategy = decentralized({**opts, "membership": "live"}, consensus_every=int(opts.get("consensus_every", 0)))
-        callbacks = [SaveReplica(out), RecordChanges(out), KillRank(int(opts["kill"]), int(opts["at"]))]
+        sig = signal.SIGSTOP if opts.get("sig") == "STOP" else signal.SIGKILL  # STOP: a host gone silent
+        callbacks = [SaveReplica(out), RecordChanges(out), KillRank(int(opts["kill"]), int(opts["at"]), sig)]
         t = trainer(out, strategy, 1, num_nodes=nodes, max_steps=steps, callbacks=callbacks, default_root_dir=out)
         batches = DataLoader(TensorDataset(torch.zeros(steps * nodes, 1)), batch_size=1)
         t.fit(BilinearGame(opts["optimizer"], float(opts["lr"]), **json.loads(opts.get("kwargs", "{}"))), batches)
