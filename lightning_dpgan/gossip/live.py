@@ -4,20 +4,18 @@ Each step is :class:`~lightning_dpgan.gossip.synchronous.SynchronousGossip`'s. W
 neighbour died, stayed silent past the peer timeout, or another worker opened a new generation, the worker takes
 part in the agreement (:class:`~lightning_dpgan.gossip.membership.Membership`) and recovers from there:
 
-* Synchronous gossip leaves the survivors at most one mix apart where every survivor is within two hops of the worker
-  that left: the neighbours of the dead worker could not complete the mix it never sent (``c - 1``); the workers
-  farther away could. ``c``, the change step, is one past the furthest any survivor got.
-* The survivors that completed only ``c - 2`` complete mix ``c - 1`` with ``W_fold``, the old matrix restricted to
-  the survivors, each lost neighbour's weight on the diagonal (:func:`~lightning_dpgan.topology.fold`). The workers
-  that had completed it used exactly their ``W_fold`` rows already (they had no lost neighbour), so mix ``c - 1`` is
-  ``W_fold`` on every survivor: symmetric, hence doubly stochastic, and the survivors' average is kept. Their
-  neighbours send them what they mixed with: the workers ahead their previous message, which each keeps (one copy of
-  the mixed tensors more), the workers level their current one.
+* A worker completes a mix only once each neighbour has sent it its message, so live neighbours are never more than
+  one mix apart; a survivor ``d`` hops from the worker that left may be ``d - 1`` mixes ahead of its neighbours. The
+  change step ``c`` is one past the furthest any survivor got.
+* Every mix ``m < c`` that a survivor had not completed, it completes with ``W_fold``: the old matrix restricted to
+  the survivors, each lost neighbour's weight on the diagonal (:func:`~lightning_dpgan.topology.fold`), training on
+  between them as usual. A survivor that had completed ``m`` had no lost neighbour then, so it used exactly its
+  ``W_fold`` row: every mix from the departure to ``c - 1`` is ``W_fold`` on every survivor (symmetric, hence doubly
+  stochastic; the survivors' average is kept). A neighbour one mix ahead sends its previous message again right
+  after the change (each worker keeps it: one copy of the mixed tensors more); the others send theirs when they get
+  to that mix (:meth:`LiveGossip._fold_mix`).
 * From mix ``c`` on every survivor mixes with the graph of the same family rebuilt for the survivors, on the
   generation's own gloo group.
-
-Survivors further apart (a ring of 6 or more, say) would need the messages of several past steps; that is refused
-with one error naming the spread (docs/membership.md: what is left).
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ from lightning_dpgan.gossip.membership import Generation, LiveTransport, Members
 from lightning_dpgan.gossip.options import GossipOptions
 from lightning_dpgan.gossip.synchronous import SynchronousGossip
 from lightning_dpgan.gossip.transport import GossipPeerError, Transport, post_segments, segment_count
-from lightning_dpgan.topology import Topology, fold, neighbours_in
+from lightning_dpgan.topology import Topology, fold
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +78,7 @@ class LiveGossip(SynchronousGossip):
         self._kept: tuple[list[Tensor], list[Tensor]] | None = None  # (this step's tensors, the previous step's)
         self._abandoned: list[Transport] = []
         self._failure: GossipPeerError | None = None  # a collective that failed between steps: agree at the next one
+        self._catching_up: tuple[np.ndarray, Generation] | None = None  # (W_fold, the generation) until its change step
 
     @property
     def members(self) -> tuple[int, ...]:
@@ -112,7 +111,11 @@ class LiveGossip(SynchronousGossip):
             try:
                 if failure is not None and self._change(failure, tensors):
                     return  # this step's mix was finished with W_fold
-                self.mix(tensors)
+                if self._catching_up is not None and self.steps < self._catching_up[1].change_step:
+                    self._fold_mix(tensors)  # a mix begun before the change: W_fold, as every survivor does it
+                else:
+                    self._catching_up = None
+                    self.mix(tensors)
                 return
             except MembershipError:
                 raise
@@ -172,13 +175,6 @@ class LiveGossip(SynchronousGossip):
         if self.me not in generation.members:
             raise MembershipError(f"worker {self.me} was left out of the members agreed on at mix {generation.change_step} (it was silent)")
         left = tuple(m for m in old_members if m not in generation.members)
-        spread = generation.change_step - min(generation.completed.values())
-        if spread > 2:
-            raise MembershipError(
-                f"worker(s) {', '.join(map(str, left))} left and the survivors are {spread - 1} mixes apart at mix "
-                f"{generation.change_step}; live membership recovers survivors at most one mix apart (every one within "
-                "two hops of the one that left; docs/membership.md)"
-            )
         topology, fallback = self._rebuild(len(generation.members))
         old_transport = self.transport
         self._settle(old_transport, old_members, generation, tensors)
@@ -191,7 +187,8 @@ class LiveGossip(SynchronousGossip):
         self._gathered_headers.clear()
         self._plans.clear()
         keep = [old_members.index(m) for m in generation.members]
-        done = self._finish_under_way(fold(old_w, keep), generation, tensors)
+        self._catching_up = (fold(old_w, keep), generation)
+        done = self._resend(tensors)
         self._abandoned.append(old_transport)  # its watcher threads may still hold works of the old group
         change = Change(generation.change_step, left, generation.members, topology.name, fallback)
         self.changes.append(change)
@@ -203,13 +200,9 @@ class LiveGossip(SynchronousGossip):
         never reached: their messages are taken into scratch, and scratch sent back, in the same pieces and order.
         Nothing is mixed from them; it only leaves no operation of the old group pending, whose waiting thread would
         otherwise outlive the run (and abort the interpreter at its exit)."""
-        c = generation.change_step
-        if generation.completed[self.me] != c - 2:
-            return
+        mine, completed = generation.completed[self.me], generation.completed
         me = old_members.index(self.me)
-        ahead = tuple(
-            j for j in self._old_neighbours(me) if old_members[j] in generation.completed and generation.completed[old_members[j]] == c - 1
-        )
+        ahead = tuple(j for j in self._old_neighbours(me) if completed.get(old_members[j], -1) == mine + 1)
         if not ahead:
             return
         posted = []
@@ -230,41 +223,55 @@ class LiveGossip(SynchronousGossip):
         return tuple(sorted(set(nb.send_to) | set(nb.receive_from)))
 
     @torch.no_grad()
-    def _finish_under_way(self, w_fold: np.ndarray, generation: Generation, tensors: Sequence[Tensor]) -> bool:
-        """Mix ``c - 1`` with ``W_fold`` for the survivors that had not completed it: each neighbour of such a
-        survivor sends it the tensors of that step (a worker ahead its kept previous ones). Returns whether this
-        worker was one of them (its step's mix is then done)."""
-        assert self._kept is not None
-        c, members = generation.change_step, generation.members
-        behind = [generation.completed[m] == c - 2 for m in members]
-        mine = self.rank
-        # what this worker mixed, or would have, at step c - 1: its tensors now if behind, its previous ones if ahead
-        source = Plan(list(tensors) if behind[mine] else self._kept[1])
-        flats = [bucket.pack().clone() for bucket in source.buckets]
-        posted = []
-        for k in range(len(members)):
-            if k != mine and behind[k] and w_fold[k, mine] > 0:
-                posted += [self.transport.exchange(flat, None, (k,), (), _RESYNC_TAG) for flat in flats]
-        received: list[tuple[int, list[Tensor]]] = []
-        if behind[mine]:
-            for j in np.flatnonzero(w_fold[mine] > 0):
-                if j != mine:
-                    rows = [torch.empty((1, flat.numel()), dtype=flat.dtype, device=flat.device) for flat in flats]
-                    posted += [self.transport.exchange(None, row, (), (int(j),), _RESYNC_TAG) for row in rows]
-                    received.append((int(j), rows))
+    def _resend(self, tensors: Sequence[Tensor]) -> bool:
+        """Right after a change: send the neighbours one mix behind this worker its previous tensors (its message of
+        the mix it completed last, which they have yet to complete); then, where this worker is behind the change
+        step, do its mix under way now (:meth:`_fold_mix`). Returns whether this step's mix is done."""
+        assert self._kept is not None and self._catching_up is not None
+        w_fold, generation = self._catching_up
+        mine = generation.completed[self.me]
+        behind = [k for k, m in enumerate(generation.members) if generation.completed[m] == mine - 1 and w_fold[k, self.rank] > 0]
+        posted = self._post_fold(Plan(self._kept[1]), behind, ())[0] if behind else []
+        done = self.steps < generation.change_step
+        if done:
+            self._fold_mix(tensors)
         for batch in posted:
             for p in batch:
                 self.transport.wait(p, self.timeout(), self.phase)
-        if not behind[mine]:
-            return False
+        return done
+
+    @torch.no_grad()
+    def _fold_mix(self, tensors: Sequence[Tensor]) -> None:
+        """Mix ``m = steps`` with ``W_fold``, a mix begun before the change: this worker's tensors go to the neighbours
+        that have not completed ``m``, and it takes from each neighbour its tensors of step ``m``, which a neighbour
+        that had completed it sent right after the change (:meth:`_resend`)."""
+        assert self._catching_up is not None
+        w_fold, generation = self._catching_up
+        m, members = self.steps, generation.members
+        send_to = [k for k, member in enumerate(members) if k != self.rank and generation.completed[member] < m and w_fold[k, self.rank] > 0]
+        receive_from = [int(j) for j in np.flatnonzero(w_fold[self.rank] > 0) if j != self.rank]
         plan = Plan(list(tensors))
+        posted, received = self._post_fold(plan, send_to, receive_from)
+        for batch in posted:
+            for p in batch:
+                self.transport.wait(p, self.timeout(), self.phase)
         for b, bucket in enumerate(plan.buckets):
-            bucket.flat.copy_(flats[b]).mul_(w_fold[mine, mine])
-            for j, rows in received:
-                bucket.flat.add_(rows[b][0], alpha=float(w_fold[mine, j]))
+            bucket.flat.mul_(float(w_fold[self.rank, self.rank]))
+            for j, row in zip(receive_from, received[b]):
+                bucket.flat.add_(row, alpha=float(w_fold[self.rank, j]))
             bucket.unpack()
         self.phase += 1
-        return True
+
+    def _post_fold(self, plan: Plan, send_to: Sequence[int], receive_from: Sequence[int]) -> tuple[list[list[Any]], list[Tensor]]:
+        """Post the plan's packed tensors to ``send_to`` and a receive of each bucket from ``receive_from``, on the
+        tag of the mixes begun before the change (in step order between any two workers, as gloo keeps them)."""
+        posted, received = [], []
+        for bucket in plan.buckets:
+            flat = bucket.pack()
+            rows = torch.empty((len(receive_from), flat.numel()), dtype=flat.dtype, device=flat.device)
+            posted.append(self.transport.exchange(flat, rows, send_to, receive_from, _RESYNC_TAG))
+            received.append(rows)
+        return posted, received
 
     def summary(self) -> str:
         """The changes of members, in one line."""
