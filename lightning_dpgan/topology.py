@@ -219,8 +219,9 @@ def fold(w: np.ndarray, keep: Sequence[int]) -> np.ndarray:
     stochastic; a symmetric ``W`` folds to a symmetric, so doubly stochastic, matrix (docs/guide.md: live
     membership)."""
     keep = list(keep)
+    dropped = [j for j in range(w.shape[0]) if j not in set(keep)]
     folded = np.array(w[np.ix_(keep, keep)], dtype=np.float64)
-    folded[np.diag_indices(len(keep))] += 1.0 - folded.sum(axis=1)
+    folded[np.diag_indices(len(keep))] += w[np.ix_(keep, dropped)].sum(axis=1)  # exactly 0 without a lost neighbour
     return folded
 
 
