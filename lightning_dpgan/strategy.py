@@ -297,6 +297,8 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
+        if isinstance(self.engine, LiveGossip):
+            self.engine.report()  # a stop or a failure ends the fit without on_train_end
         stop = self.stopped
         if not isinstance(exception, SIGTERMException) or stop is None or stop.reason != StopReason.SIGNAL:
             return

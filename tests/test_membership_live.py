@@ -83,11 +83,13 @@ def test_survivors_of_a_lost_worker_go_on_and_equal_the_dposg_reference(tmp_path
     timeout). The others reach step 60 with no reload and no relaunch, and their replicas equal DPOSG in numpy:
     ring(n) up to the mix rank 2 last took part in, W_fold (ring(n) without rank 2, its weight on the diagonal) until
     the recorded change step, ring(n - 1) from it. On a ring of 4 the survivors are one mix apart at the change; on a
-    ring of 6 two (rank 5, three hops away, had got one mix further than ranks 0 and 4)."""
+    ring of 6 two (rank 5, three hops away, had got one mix further than ranks 0 and 4). After the silent one, rank 0
+    is sent SIGTERM at step 40: the stop, agreed through the gossip of the new group, ends every survivor after one
+    step, as in a fixed run."""
     kill_at, timeout = 20, 3.0
     survivors = [r for r in range(n) if r != 2]
     opts = [f"steps={STEPS}", f"kill=2", f"at={kill_at}", "optimizer=optimistic_adam", f"lr={LR}", f"timeout={timeout}",
-            'kwargs={"betas": [0.5, 0.9]}', *(["sig=STOP"] if how == "silent" else [])]
+            'kwargs={"betas": [0.5, 0.9]}', *(["sig=STOP", "sigterm_at=40"] if how == "silent" else [])]
     started = time.monotonic()
     codes = wait_for(start_by_hand(tmp_path, n, *opts, f"nodes={n}"), survivors, timeout=120)
     elapsed = time.monotonic() - started
@@ -95,7 +97,15 @@ def test_survivors_of_a_lost_worker_go_on_and_equal_the_dposg_reference(tmp_path
     for r in survivors:
         assert codes[r] == 0, f"rank {r} exited {codes[r]}:\n{stderr[r][-4000:]}"
     records = {r: json.loads((tmp_path / f"changes_rank{r}.json").read_text()) for r in survivors}
-    assert {r: rec["global_step"] for r, rec in records.items()} == {r: STEPS for r in survivors}
+    steps = {rec["global_step"] for rec in records.values()}
+    assert len(steps) == 1, records  # every survivor ended after the same step
+    steps = steps.pop()
+    if how == "silent":
+        stopped = [json.loads((tmp_path / f"stopped_rank{r}.json").read_text()) for r in survivors]
+        assert {s["exception"] for s in stopped} == {"SIGTERMException"} and {s["step"] for s in stopped} == {steps}
+        assert 40 < steps < STEPS
+    else:
+        assert steps == STEPS
     changes = {json.dumps(rec["changes"]) for rec in records.values()}
     assert len(changes) == 1, records  # every survivor went through the same change
     (change,) = records[0]["changes"]
@@ -110,15 +120,15 @@ def test_survivors_of_a_lost_worker_go_on_and_equal_the_dposg_reference(tmp_path
     z0 = np.tile(np.concatenate([game.x.detach().numpy(), game.y.detach().numpy()]), (n, 1))
     grad, w_old, w_new = bilinear_gradient(n), ring(n).matrix(), embedded(ring(n - 1).matrix(), survivors, n)
     w_fold = embedded(fold(w_old, survivors), survivors, n)
-    mixes = [w_old if m <= kill_at else w_fold if m < c else w_new for m in range(1, STEPS + 1)]
-    expected = dposg(grad, z0, mixes, STEPS, LR, ADAM)[survivors]
+    mixes = [w_old if m <= kill_at else w_fold if m < c else w_new for m in range(1, steps + 1)]
+    expected = dposg(grad, z0, mixes, steps, LR, ADAM)[survivors]
     got = np.stack([np.concatenate([s["x"].numpy(), s["y"].numpy()]) for s in
                     (torch.load(tmp_path / f"end_rank{r}.pt", weights_only=True) for r in survivors)])
     np.testing.assert_allclose(got, expected, atol=1e-10, rtol=0)
     # the test tells the rules apart: no fold, or no change at all, ends elsewhere
-    no_fold = [w_old if m <= kill_at else w_new for m in range(1, STEPS + 1)]
-    assert np.abs(got - dposg(grad, z0, no_fold, STEPS, LR, ADAM)[survivors]).max() > 1e-6 or c == kill_at + 1
-    assert np.abs(got - dposg(grad, z0, w_old, STEPS, LR, ADAM)[survivors]).max() > 1e-6
+    no_fold = [w_old if m <= kill_at else w_new for m in range(1, steps + 1)]
+    assert np.abs(got - dposg(grad, z0, no_fold, steps, LR, ADAM)[survivors]).max() > 1e-6 or c == kill_at + 1
+    assert np.abs(got - dposg(grad, z0, w_old, steps, LR, ADAM)[survivors]).max() > 1e-6
     # the survivors step again within seconds of the kill (the goal is 10 s on gloo), not after the peer timeout
     killed = float((tmp_path / "killed_rank2.txt").read_text())
     resumed = max(rec["step_ends"][c - 1] for rec in records.values())  # every survivor has done mix c, on ring(3)

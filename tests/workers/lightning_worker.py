@@ -370,6 +370,11 @@ class RecordChanges(Callback):
         with open(os.path.join(self.out, f"changes_rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"changes": changes, "steps": engine.steps, "global_step": trainer.global_step, "step_ends": self.ends}, f)
 
+    def on_exception(self, trainer: pl.Trainer, module: Any, exception: BaseException) -> None:
+        """A stop (SIGTERM) ends the fit without on_train_end: the record and the replica as they are."""
+        self.on_train_end(trainer, module)
+        SaveReplica(self.out)._save(trainer, module)
+
 
 class DieInSetup(Callback):
     """Rank ``rank`` exits at once in ``setup``, after the process group is up and the others wait for it."""
@@ -616,6 +621,8 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
         strategy = decentralized({**opts, "membership": "live"}, consensus_every=int(opts.get("consensus_every", 0)))
         sig = signal.SIGSTOP if opts.get("sig") == "STOP" else signal.SIGKILL  # STOP: a host gone silent
         callbacks = [SaveReplica(out), RecordChanges(out), KillRank(int(opts["kill"]), int(opts["at"]), sig)]
+        if "sigterm_at" in opts:  # after the change: rank 0's SIGTERM still stops every member at one step
+            callbacks.append(SigtermRankZeroWhileOthersWait(out, int(opts["sigterm_at"])))
         t = trainer(out, strategy, 1, num_nodes=nodes, max_steps=steps, callbacks=callbacks, default_root_dir=out)
         batches = DataLoader(TensorDataset(torch.zeros(steps * nodes, 1)), batch_size=1)
         t.fit(BilinearGame(opts["optimizer"], float(opts["lr"]), **json.loads(opts.get("kwargs", "{}"))), batches)
