@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 
 
 class MembershipError(GossipPeerError):
-    """The members cannot go on: this worker was left out, or the survivors are too far apart to recover exactly."""
+    """This worker cannot go on with the members: it was left out of them (it was silent past the peer timeout)."""
 
-#: the tag of the messages that finish the mix under way at a change
+
+#: the tag of the messages of the mixes begun before a change (:meth:`LiveGossip._fold_mix`)
 _RESYNC_TAG = 7
 
 
@@ -91,8 +92,7 @@ class LiveGossip(SynchronousGossip):
 
     def go_live(self, membership: Membership, rebuild: Callable[[int], tuple[Topology, str | None]]) -> None:
         """Watch the members from now on; ``rebuild(n)`` is the graph of the run's family for ``n`` workers."""
-        assert isinstance(self.transport, LiveTransport) or hasattr(self.transport, "group")
-        group = getattr(self.transport, "group", None)
+        group = getattr(self.transport, "group", None)  # generation 0: the gossip's own group over every rank
         self.membership, self._rebuild = membership, rebuild
         self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, membership.changing.is_set, self.timeout.seconds)
 
@@ -124,14 +124,15 @@ class LiveGossip(SynchronousGossip):
                 self._restore(tensors)
 
     def _keep(self, tensors: Sequence[Tensor]) -> None:
-        """Keep this step's tensors before they are mixed, and the previous step's: what the neighbours may need
-        again after a change."""
-        if self._kept is None or len(self._kept[0]) != len(tensors):
-            self._kept = ([t.detach().clone() for t in tensors], [t.detach().clone() for t in tensors])
+        """Keep this mix's tensors before they are mixed, and the previous mix's: what the neighbours may need again
+        after a change. The copy of two mixes ago is reused where it has the same shapes (one fused optimizer; two
+        alternating ones, whose mixes alternate too)."""
+        previous, older = self._kept if self._kept is not None else (None, None)
+        if older is None or [t.shape for t in older] != [t.shape for t in tensors] or [t.dtype for t in older] != [t.dtype for t in tensors]:
+            older = [t.detach().clone() for t in tensors]
         else:
-            current, previous = self._kept
-            self._kept = (previous, current)  # the older copy becomes this step's
-        torch._foreach_copy_(self._kept[0], [t.detach() for t in tensors])
+            torch._foreach_copy_(older, [t.detach() for t in tensors])
+        self._kept = (older, previous if previous is not None else [t.detach().clone() for t in tensors])
 
     def _restore(self, tensors: Sequence[Tensor]) -> None:
         assert self._kept is not None
