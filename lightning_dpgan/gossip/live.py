@@ -191,6 +191,9 @@ class LiveGossip(SynchronousGossip):
         self._catching_up = (fold(old_w, keep), generation)
         done = self._resend(tensors)
         self._abandoned.append(old_transport)  # its watcher threads may still hold works of the old group
+        if not left:  # a wait timed out on a worker that was only slow: the same members, on a group of their own
+            log.warning("worker %d: nobody left; the same %d members go on from mix %d", self.me, len(generation.members), generation.change_step)
+            return done
         change = Change(generation.change_step, left, generation.members, topology.name, fallback)
         self.changes.append(change)
         log.warning("worker %d: membership %s", self.me, change.describe())
