@@ -254,6 +254,7 @@ def test_the_summary_says_what_was_measured(tmp_path):
         (["fit", "compression=zip"], "unknown compression 'zip'; allowed: none, int8, topk, sign"),
         (["fit", "gossip_every=0"], "every (optimizer steps per mix) must be an integer >= 1, got 0"),
         (["fit", "membership=elastic"], "unknown membership 'elastic'; allowed: fixed, live"),
+        (["fit", "membership=live"], "membership=live needs one worker per launcher, got devices=4"),
         (["fit", "membership=live", "compression=int8"], "membership='live' needs compression=None, got compression='int8'"),
         (["fit", "membership=live", "staleness=2"], "membership='live' needs staleness=0, got staleness=2"),
         (["fit", "membership=live", "gossip_every=4"], "membership='live' needs every=1, got every=4"),
