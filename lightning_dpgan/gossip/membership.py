@@ -203,6 +203,11 @@ class Membership:
     """
 
     def __init__(self, scope: str, me: int, members: Sequence[int], address: tuple[str, int] | None = None) -> None:
+        if address is None and not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
+            raise RuntimeError(
+                "membership='live' agrees on the members in the run's c10d store at MASTER_ADDR:MASTER_PORT, and this "
+                "worker has no MASTER_ADDR or MASTER_PORT: start it with torchrun, Lightning's launchers, or both set"
+            )
         host, port = address or (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
         timeout = timedelta(seconds=STORE_TIMEOUT_S)
         self.store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
