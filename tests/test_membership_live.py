@@ -88,7 +88,7 @@ def test_survivors_of_a_lost_worker_go_on_and_equal_the_dposg_reference(tmp_path
     step, as in a fixed run."""
     kill_at, timeout = 20, 10.0 if how == "kill" else 4.0  # a kill closes connections: found without the timeout
     survivors = [r for r in range(n) if r != 2]
-    opts = [f"steps={STEPS}", f"kill=2", f"at={kill_at}", "optimizer=optimistic_adam", f"lr={LR}", f"timeout={timeout}",
+    opts = [f"steps={STEPS}", "kill=2", f"at={kill_at}", "optimizer=optimistic_adam", f"lr={LR}", f"timeout={timeout}",
             'kwargs={"betas": [0.5, 0.9]}', *(["sig=STOP", "sigterm_at=40"] if how == "silent" else [])]
     started = time.monotonic()
     codes = wait_for(start_by_hand(tmp_path, n, *opts, f"nodes={n}"), survivors, timeout=120)

@@ -174,7 +174,10 @@ class LiveGossip(SynchronousGossip):
         completed = self.steps - 1
         generation = self.membership.agree(completed, dead, self.timeout.seconds())
         if self.me not in generation.members:
-            raise MembershipError(f"worker {self.me} was left out of the members agreed on at mix {generation.change_step} (it was silent)")
+            raise MembershipError(
+                f"worker {self.me} was left out of the members agreed on at mix {generation.change_step} (it was silent "
+                "past the peer timeout)"
+            )
         left = tuple(m for m in old_members if m not in generation.members)
         topology, fallback = self._rebuild(len(generation.members))
         old_transport = self.transport
@@ -182,7 +185,9 @@ class LiveGossip(SynchronousGossip):
         group = self.membership.group(generation, self.timeout.seconds())
         self.rank = generation.members.index(self.me)
         self.topology = topology
-        self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, self.membership.changing.is_set, self.timeout.seconds)
+        self.transport = LiveTransport(
+            self.rank, group, self.options.chunk_bytes, self.membership.changing.is_set, self.timeout.seconds
+        )
         self._neighbours = [topology.neighbours(self.rank, p) for p in range(topology.period)]
         self._weights.clear()
         self._gathered_headers.clear()
@@ -192,21 +197,23 @@ class LiveGossip(SynchronousGossip):
         done = self._resend(tensors)
         self._abandoned.append(old_transport)  # its watcher threads may still hold works of the old group
         if not left:  # a wait timed out on a worker that was only slow: the same members, on a group of their own
-            log.warning("worker %d: nobody left; the same %d members go on from mix %d", self.me, len(generation.members), generation.change_step)
+            log.warning(
+                "worker %d: nobody left; the same %d members go on from mix %d", self.me, len(generation.members), generation.change_step
+            )
             return done
         change = Change(generation.change_step, left, generation.members, topology.name, fallback)
         self.changes.append(change)
         log.warning("worker %d: membership %s", self.me, change.describe())
         return done
 
-    def _settle(self, old: Transport, old_members: Sequence[int], generation: Generation, tensors: Sequence[Tensor]) -> None:
+    def _settle(self, transport: Transport, old_members: Sequence[int], generation: Generation, tensors: Sequence[Tensor]) -> None:
         """Answer, on the old group, the exchange that the neighbours one mix ahead posted to this worker and that it
         never reached: their messages are taken into scratch, and scratch sent back, in the same pieces and order.
         Nothing is mixed from them; it only leaves no operation of the old group pending, whose waiting thread would
         otherwise outlive the run (and abort the interpreter at its exit)."""
         mine, completed = generation.completed[self.me], generation.completed
-        me = old_members.index(self.me)
-        ahead = tuple(j for j in self._old_neighbours(me) if completed.get(old_members[j], -1) == mine + 1)
+        old = self._neighbours[0]  # this worker's neighbours in the old graph, by their old ranks
+        ahead = tuple(j for j in sorted({*old.send_to, *old.receive_from}) if completed.get(old_members[j], -1) == mine + 1)
         if not ahead:
             return
         posted = []
@@ -216,15 +223,11 @@ class LiveGossip(SynchronousGossip):
             spans = [segment.message_bytes(wire_dtype) for segment in bucket.segments(count)]
             message = torch.zeros(message_bytes(bucket.numel, wire_dtype), dtype=torch.uint8, device=bucket.device)
             received = torch.empty((len(ahead), message.numel()), dtype=torch.uint8, device=bucket.device)
-            posted += post_segments(old, message, received, spans, ahead, ahead, lambda k: None)
+            posted += post_segments(transport, message, received, spans, ahead, ahead, lambda k: None)
         for batch in posted:
             for p in batch:
                 with contextlib.suppress(GossipPeerError):
-                    old.wait(p, self.timeout(), self.phase)
-
-    def _old_neighbours(self, me: int) -> tuple[int, ...]:
-        nb = self._neighbours[0]
-        return tuple(sorted(set(nb.send_to) | set(nb.receive_from)))
+                    transport.wait(p, self.timeout(), self.phase)
 
     @torch.no_grad()
     def _resend(self, tensors: Sequence[Tensor]) -> bool:
