@@ -134,3 +134,40 @@ def test_survivors_of_a_lost_worker_go_on_and_equal_the_dposg_reference(tmp_path
     resumed = max(rec["step_ends"][c - 1] for rec in records.values())  # every survivor has done mix c, on ring(3)
     assert resumed - killed < (10 if how == "kill" else timeout + 5), resumed - killed
     print(f"run {elapsed:.1f} s; change step {c}; every survivor finished step {c} {resumed - killed:.2f} s after the kill")
+
+
+def test_the_agreement_drops_a_silent_member_and_every_survivor_reads_one_set():
+    """Three members on an in-process store: one stops beating (a host gone silent), one is reported dead by a
+    survivor (its connection closed); the survivors, agreeing from two threads at once, read the same set, the change
+    step one past the furthest, and nobody waits for the silent one longer than its timeout plus the grace."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from lightning_dpgan.gossip.membership import GRACE_S, Membership
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    address = ("127.0.0.1", server.port)
+    members = [Membership("t", i, range(4), address) for i in range(4)]
+    members[2].close()  # stops beating: silent
+    members[3].close()
+    timeout, results = 0.3, {}
+    time.sleep(timeout)  # their last beats are older than the timeout
+    started = time.monotonic()
+
+    def agree(i: int, completed: int, dead: tuple[int, ...]) -> None:
+        results[i] = members[i].agree(completed, dead, timeout)
+
+    threads = [threading.Thread(target=agree, args=(0, 21, ())), threading.Thread(target=agree, args=(1, 20, (3,)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    elapsed = time.monotonic() - started
+    assert results[0] == results[1], results
+    assert results[0].members == (0, 1) and results[0].completed == {0: 21, 1: 20} and results[0].change_step == 22
+    assert results[0].number == 1 and members[0].generation == results[0]
+    assert elapsed < GRACE_S + timeout + 2, elapsed
+    for m in members:
+        m.close()
