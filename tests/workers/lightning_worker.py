@@ -366,7 +366,7 @@ class RecordChanges(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, module: Any) -> None:
         engine = trainer.strategy.engine
-        changes = [{"step": c.step, "left": list(c.left), "members": list(c.members), "topology": c.topology} for c in engine.changes]
+        changes = [{"step": c.step, "left": list(c.left), "members": list(c.members), "topology": c.topology} for c in getattr(engine, "changes", [])]
         with open(os.path.join(self.out, f"changes_rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"changes": changes, "steps": engine.steps, "global_step": trainer.global_step, "step_ends": self.ends}, f)
 
@@ -618,7 +618,7 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
 
     elif scenario == "live_leave":  # membership="live", one process per node started by hand: rank `kill` dies at `at`
         steps, nodes = int(opts["steps"]), int(opts.get("nodes", 4))
-        strategy = decentralized({**opts, "membership": "live"}, consensus_every=int(opts.get("consensus_every", 0)))
+        strategy = decentralized({"membership": "live", **opts}, consensus_every=int(opts.get("consensus_every", 0)))
         sig = signal.SIGSTOP if opts.get("sig") == "STOP" else signal.SIGKILL  # STOP: a host gone silent
         callbacks = [SaveReplica(out), RecordChanges(out), KillRank(int(opts["kill"]), int(opts["at"]), sig)]
         if "sigterm_at" in opts:  # after the change: rank 0's SIGTERM still stops every member at one step
