@@ -119,19 +119,28 @@ class GossipStrategyMixin:
         self.gossiper.connect(world_size, rank, DistributedTransport(rank, self._gossip_group, self.gossip.chunk_bytes))
         if world_size > 1:
             self.gossiper.run_id = self.broadcast(self.gossiper.run_id)
+            self.gossiper.go_live(rank)
 
     # ------------------------------------------------------------------ collectives
     # The framework's own (checkpoints, callbacks, sync_dist): after the warm-up bounded by the peer timeout, and a
     # worker that does not come is named (GossipPeerError), as in the gossip.
+    # After a change of members (membership="live") they go through the generation's group instead: the default
+    # group holds a worker that left.
     def barrier(self, name: str | None = None) -> None:
+        if (live := self.gossiper.live_engine) is not None:
+            return live.barrier()
         with self.gossiper.collective(f"barrier {name!r}" if name else "barrier"):
             super().barrier(name)  # type: ignore[misc]
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if (live := self.gossiper.live_engine) is not None:
+            return live.broadcast_object(obj, src)
         with self.gossiper.collective("broadcast"):
             return super().broadcast(obj, src)  # type: ignore[misc]
 
     def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        if (live := self.gossiper.live_engine) is not None:
+            return live.all_gather_tensor(tensor)  # one row per member
         with self.gossiper.collective("all_gather"):
             return super().all_gather(tensor, group, sync_grads)  # type: ignore[misc]
 

@@ -26,6 +26,8 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dpgan.checks import check_bool, check_choice, check_int
 from lightning_dpgan.gossip import GossipEngine, GossipOptions, GossipPeerError, Stop, StopReason, Transport
+from lightning_dpgan.gossip.live import LiveGossip
+from lightning_dpgan.gossip.membership import Membership
 from lightning_dpgan.gossip.registry import engine_class
 from lightning_dpgan.gossip.transport import peer_failure
 from lightning_dpgan.guard import NonFiniteError, first_nonfinite, nonfinite_message
@@ -45,7 +47,7 @@ from lightning_dpgan.replicas import (
     write_replica,
 )
 from lightning_dpgan.seeding import seed_for_rank
-from lightning_dpgan.topology import TOPOLOGIES, Topology, TopologyError, build_topology
+from lightning_dpgan.topology import TOPOLOGIES, Topology, TopologyError, build_topology, rebuild
 
 #: a replica file's entry for what its gossip engine alone holds (CHOCO's public copies)
 GOSSIP_REPLICA_KEY = "gossip_replica"
@@ -113,6 +115,21 @@ class Gossiper:
         topology = self.build_topology(world_size)
         self.engine = engine_class(self.options)(topology, rank, transport, self.options)  # topology checked there
         return self.engine
+
+    def go_live(self, rank: int) -> None:
+        """With ``membership="live"``: watch the members through the run's c10d store from now on (after
+        :attr:`run_id` is shared: it scopes the store's keys)."""
+        engine = self.engine
+        if isinstance(engine, LiveGossip) and engine.world_size > 1:
+            membership = Membership(self.run_id, rank, range(engine.world_size))
+            engine.go_live(membership, lambda n: rebuild(self.topology_spec, n, **self.topology_options))
+
+    @property
+    def live_engine(self) -> LiveGossip | None:
+        """The engine, once the members have changed: the framework's collectives then go through its group, as the
+        default group holds a worker that left."""
+        engine = self.engine
+        return engine if isinstance(engine, LiveGossip) and engine.reconfigured else None
 
     def align(self, module: nn.Module, rank: int) -> None:
         """Start every replica from rank 0's weights, then give each rank its own random stream."""

@@ -25,6 +25,7 @@ with the Fabric strategy; what each step mixes is decided in :mod:`lightning_dpg
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,6 +46,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dpgan.gossip import StopReason
+from lightning_dpgan.gossip.live import LiveGossip
 from lightning_dpgan.gossip_strategy import DDP_ARGUMENTS, GossipStrategyMixin
 from lightning_dpgan.gossiper import point_anchors_at_parameters
 from lightning_dpgan.processes import launch_watched
@@ -191,6 +193,14 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         engine = self.engine
+        if self.gossiper.live_engine is not None:
+            # a set names its world size and every rank's replica file; one of a changed member set is not written yet
+            warnings.warn(
+                f"checkpoint {filepath} not written: the members changed during the run ({self.gossiper.live_engine.summary()}), "
+                "and checkpoint sets of a changed member set are not supported yet (docs/membership.md)",
+                stacklevel=2,
+            )
+            return
         if engine is None or engine.world_size == 1:
             if self.is_global_zero:
                 self._write_main(checkpoint, filepath, storage_options)
@@ -256,6 +266,8 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
     # ------------------------------------------------------------------ collectives (the others: GossipStrategyMixin)
     @override
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        if (live := self.gossiper.live_engine) is not None and isinstance(tensor, torch.Tensor):
+            return _reduce_over_members(live, tensor, reduce_op)
         with self.gossiper.collective("reduce"):
             return super().reduce(tensor, group, reduce_op)
 
@@ -278,11 +290,15 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
                     f"catch_up: steps each rank only mixed, of {self.engine.steps}: {', '.join(str(int(n)) for n in skipped)}"
                 )
             self.engine.close()
+            if isinstance(self.engine, LiveGossip):
+                self.engine.report()
         super().on_train_end()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)
+        if isinstance(self.engine, LiveGossip):
+            self.engine.report()  # a stop or a failure ends the fit without on_train_end
         stop = self.stopped
         if not isinstance(exception, SIGTERMException) or stop is None or stop.reason != StopReason.SIGNAL:
             return
@@ -301,6 +317,15 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
                 description=f"Decentralized gossip strategy with start_method '{start_method}'",
                 start_method=start_method,
             )
+
+
+def _reduce_over_members(live: LiveGossip, tensor: torch.Tensor, reduce_op: Any) -> torch.Tensor:
+    """Lightning's ``reduce`` over the current members (after a change of members)."""
+    op = str(reduce_op).lower().rsplit(".", 1)[-1]
+    if op not in ("mean", "avg", "sum"):
+        raise ValueError(f"after a change of members, reduce supports reduce_op 'mean' or 'sum', got {reduce_op!r}")
+    total = live.all_reduce_tensor(tensor)
+    return total / live.world_size if op in ("mean", "avg") else total
 
 
 def _save_last_checkpoint(trainer: pl.Trainer) -> str | None:

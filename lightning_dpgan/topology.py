@@ -102,16 +102,7 @@ class Topology:
         return product
 
     def neighbours(self, rank: int, phase: int = 0) -> Neighbours:
-        w = self.matrix(phase)
-        row = w[rank]
-        receive_from = tuple(int(j) for j in np.flatnonzero(row > 0) if j != rank)
-        send_to = tuple(int(j) for j in np.flatnonzero(w[:, rank] > 0) if j != rank)
-        return Neighbours(
-            self_weight=float(row[rank]),
-            receive_from=receive_from,
-            receive_weights=tuple(float(row[j]) for j in receive_from),
-            send_to=send_to,
-        )
+        return neighbours_in(self.matrix(phase), rank)
 
     @property
     def degree(self) -> int:
@@ -207,6 +198,43 @@ class Topology:
             "rho(W^t)": self.rho(rounds),
             "rounds_to_shrink_100x": self.rounds_to_shrink(100.0),
         }
+
+
+def neighbours_in(w: np.ndarray, rank: int) -> Neighbours:
+    """What ``rank`` exchanges in one round of the mixing matrix ``w``."""
+    row = w[rank]
+    receive_from = tuple(int(j) for j in np.flatnonzero(row > 0) if j != rank)
+    send_to = tuple(int(j) for j in np.flatnonzero(w[:, rank] > 0) if j != rank)
+    return Neighbours(
+        self_weight=float(row[rank]),
+        receive_from=receive_from,
+        receive_weights=tuple(float(row[j]) for j in receive_from),
+        send_to=send_to,
+    )
+
+
+def fold(w: np.ndarray, keep: Sequence[int]) -> np.ndarray:
+    """``W`` restricted to the workers ``keep`` (in that order), each dropped neighbour's weight added to the
+    diagonal: what the survivors of a departure mix with while they finish the mixes begun before it. Rows stay
+    stochastic; a symmetric ``W`` folds to a symmetric, so doubly stochastic, matrix (docs/guide.md: live
+    membership)."""
+    keep = list(keep)
+    dropped = [j for j in range(w.shape[0]) if j not in set(keep)]
+    folded = np.array(w[np.ix_(keep, keep)], dtype=np.float64)
+    folded[np.diag_indices(len(keep))] += w[np.ix_(keep, dropped)].sum(axis=1)  # exactly 0 without a lost neighbour
+    return folded
+
+
+def rebuild(name: str | Topology, world_size: int, **options: Any) -> tuple[Topology, str | None]:
+    """The graph of the same family for a new member count, or a ring where the family does not fit it (a torus at a
+    prime count, a built graph, a hypercube off a power of two): ``(topology, why a ring)``."""
+    if isinstance(name, Topology) or name == "custom":
+        family = name.name if isinstance(name, Topology) else name
+        return ring(world_size), f"topology {family!r} was built for a fixed set of workers"
+    try:
+        return build_topology(name, world_size, **options), None
+    except TopologyError as err:
+        return ring(world_size), str(err)
 
 
 # ---------------------------------------------------------------------- stages

@@ -182,3 +182,30 @@ BAD = [
 def test_bad_topology_raises_documented_error(make, message):
     with pytest.raises(TopologyError, match=message):
         make()
+
+
+@pytest.mark.parametrize("name,n,left", [("ring", 4, [2]), ("ring", 8, [3, 4]), ("torus", 9, [4]), ("exponential", 8, [0])])
+def test_a_fold_keeps_every_survivor_doubly_stochastic_and_touches_only_the_lost_neighbours_rows(name, n, left):
+    """``W_fold`` (live membership, docs/guide.md): the survivors' block of ``W``, each lost weight on the diagonal."""
+    w = build_topology(name, n).matrix()
+    keep = [r for r in range(n) if r not in left]
+    folded = T.fold(w, keep)
+    np.testing.assert_allclose(folded, folded.T, atol=1e-15)
+    np.testing.assert_allclose(folded.sum(axis=0), 1.0, atol=1e-15)
+    assert (folded >= 0).all()
+    for i, r in enumerate(keep):
+        lost = w[r, left].sum()
+        assert folded[i, i] == pytest.approx(w[r, r] + lost, abs=1e-15)
+        if lost == 0:  # a survivor with no lost neighbour mixes exactly as before
+            np.testing.assert_array_equal(folded[i], w[r, keep])
+
+
+def test_rebuild_keeps_the_family_or_says_why_a_ring():
+    topology, why = T.rebuild("torus", 6)
+    assert topology.name == "torus" and topology.world_size == 6 and why is None
+    topology, why = T.rebuild("torus", 7)
+    assert topology.name == "ring" and topology.world_size == 7 and "7 has no such factors" in why
+    topology, why = T.rebuild("hypercube", 3)
+    assert topology.name == "ring" and "power-of-two" in why
+    topology, why = T.rebuild(T.ring(5), 4)
+    assert topology.name == "ring" and "built for a fixed set of workers" in why

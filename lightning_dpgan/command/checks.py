@@ -156,7 +156,8 @@ def check_data_fits_model(cfg: DictConfig, datamodule: Any, model: Any) -> None:
 
 def check_launch(cfg: DictConfig, datamodule: Any) -> None:
     """What ``fit`` needs of this machine and its launcher: the accelerator is here, a run of several nodes has a
-    launcher on each, ``MASTER_PORT`` is a free port, and every rank's shard of the data holds a batch."""
+    launcher on each, a live run one worker per launcher, ``MASTER_PORT`` is a free port, and every rank's shard of
+    the data holds a batch."""
     import torch
 
     from lightning_dpgan.processes import check_master_port_free, master_port_from_env
@@ -172,6 +173,12 @@ def check_launch(cfg: DictConfig, datamodule: Any) -> None:
             "this node would wait for the others forever"
         )
     _check(master_port_from_env)
+    if cfg.get("membership", "fixed") == "live" and cfg.devices > 1:
+        raise UsageError(
+            f"membership=live needs one worker per launcher, got devices={cfg.devices}: Lightning's launcher, like "
+            "torchrun's agent, stops every worker it started when one fails. Start one process per host with "
+            "devices=1 (torchrun --nproc-per-node=1 on each, or by hand; docs/guide.md: live membership)"
+        )
     if cfg.devices > 1 and cfg.num_nodes == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         try:
             check_master_port_free()  # Lightning's launcher is about to start workers on this machine

@@ -118,6 +118,8 @@ def fit_summary(cfg: DictConfig, run_dir: str, seconds: float, world_size: int) 
     gossip = compression_options(cfg) if is_decentralized(cfg) else None
     if gossip is not None:
         communication += f", compression={gossip.compression} with consensus step {gossip.resolved_consensus_step():g}"
+    if is_decentralized(cfg) and cfg.get("membership", "fixed") != "fixed":
+        communication += f", membership={cfg.membership}"
     files = sorted(name for name in os.listdir(run_dir) if not name.startswith(".") and not name.endswith(".tmp"))
     samples = [name for name in files if name.startswith("samples_step")]
     shown = [name for name in files if not name.startswith("samples_step")] + ([f"samples_step*.png ({len(samples)})"] if samples else [])

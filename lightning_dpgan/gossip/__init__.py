@@ -5,13 +5,15 @@ packs tensors into reusable messages, ``control`` is the header each message car
 sender knows of), ``transport`` moves messages to and from the neighbours, ``combine`` forms each round's weighted
 sum. ``base`` is the contract every engine variant keeps (:class:`GossipEngine`) and what they share; the variants
 are ``synchronous`` (plain and overlapped), ``stale`` (bounded staleness), ``choco`` (compressed, its compressors in
-``compression``) and ``none`` (no mixing); ``registry`` names them and builds the one the options ask for
+``compression``), ``live`` (synchronous, its members agreed on again when one leaves, through ``membership``) and
+``none`` (no mixing); ``registry`` names them and builds the one the options ask for
 (:func:`build_engine`). ``reference`` is the dense numpy products the tests compare with.
 """
 
 from lightning_dpgan.gossip.base import GossipEngine
 from lightning_dpgan.gossip.choco import ChocoGossip
 from lightning_dpgan.gossip.control import Stop, StopReason
+from lightning_dpgan.gossip.live import LiveGossip
 from lightning_dpgan.gossip.none import NoGossip
 from lightning_dpgan.gossip.options import DEFAULT_CHUNK_BYTES, GossipOptions
 from lightning_dpgan.gossip.reference import dense_mix
@@ -35,6 +37,7 @@ __all__ = [
     "GossipEngine",
     "GossipOptions",
     "GossipPeerError",
+    "LiveGossip",
     "NoGossip",
     "OverlappedGossip",
     "PendingMix",

@@ -1,7 +1,7 @@
 """``GossipOptions``: every setting of how replicas gossip, in one frozen object checked once, where it is built.
 
 The strategy, the engine and the command line all take this one object (the CLI's shortcuts ``gossip_rounds=``,
-``wire_dtype=``, ``staleness=``, ``gossip_every=`` and ``compression=`` fill it in), so a setting is validated in one place and a new one is added in one place.
+``wire_dtype=``, ``staleness=``, ``gossip_every=``, ``compression=`` and ``membership=`` fill it in), so a setting is validated in one place and a new one is added in one place.
 No torch here: the command line checks its options before torch is loaded.
 """
 
@@ -35,6 +35,9 @@ CHUNK = 1024
 TOPK_STEP_PER_FRACTION = 2.0
 #: sign's default ``gamma``: sign stalls at a floor at any step; 0.2 had the lowest floors and smallest rebounds
 SIGN_STEP = 0.2
+#: who takes part in a run: ``"fixed"``, the workers it started with, a lost one ending the run; ``"live"``, the
+#: workers still there, agreed on again whenever one leaves (docs/membership.md)
+MEMBERSHIPS = ("fixed", "live")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,11 @@ class GossipOptions:
             the first steps.
         startup_timeout: seconds for the workers to find each other (rendezvous), and for Lightning's own
             collectives (checkpoints, ``sync_dist``).
+        membership: ``"fixed"``: a worker that dies or stays silent past the peer timeout ends the run
+            (:class:`~lightning_dpgan.gossip.GossipPeerError`). ``"live"``: the others agree on who is left and go
+            on from their replicas, on a graph of the same family rebuilt for them (docs/guide.md: live
+            membership). Needs the plain synchronous variant: one round, no overlap, staleness, local steps or
+            compression, and a static graph.
     """
 
     rounds: int = 1
@@ -90,6 +98,7 @@ class GossipOptions:
     consensus_step: float | None = None
     peer_timeout: float | None = None
     startup_timeout: float = 1800.0
+    membership: str = "fixed"
 
     def __post_init__(self) -> None:
         check_int("gossip rounds (t)", self.rounds, 1, MAX_ROUNDS, why="each round sends every neighbour the whole model")
@@ -135,6 +144,25 @@ class GossipOptions:
         if self.peer_timeout is not None:
             check_number("peer_timeout (seconds; None follows the run)", self.peer_timeout, 0, low_open=True)
         check_number("startup_timeout (seconds)", self.startup_timeout, 0, low_open=True)
+        check_choice("membership", self.membership, MEMBERSHIPS)
+        if self.membership == "live":
+            self._check_live()
+
+    def _check_live(self) -> None:
+        """Live membership recovers from a departure by finishing the one mix that was under way with the folded
+        matrix: each setting below keeps state that spans several mixes (a round in flight, old messages, public
+        copies, local steps), which the recovery does not carry across a change of members yet."""
+        unsupported = {
+            "rounds": (self.rounds, 1, "a departure can cut a mix between its rounds"),
+            "overlap": (self.overlap, False, "a mix in flight during the next step would be lost with the old group"),
+            "staleness": (self.staleness, 0, "old messages of a worker that left would be mixed on"),
+            "every": (self.every, 1, "local steps between mixes are not aligned across a change"),
+            "compression": (self.compression, None, "CHOCO's public copies belong to the old neighbours"),
+            "mixing": (self.mixing, True, "without mixing there is no group to reconfigure"),
+        }
+        for name, (value, needed, why) in unsupported.items():
+            if value != needed:
+                raise ValueError(f"membership='live' needs {name}={needed!r}, got {name}={value!r} ({why})")
 
     @property
     def variant(self) -> str:
@@ -143,6 +171,8 @@ class GossipOptions:
         compression, ``"stale"`` with staleness, ``"overlapped"`` with overlap, and ``"synchronous"`` otherwise."""
         if not self.mixing:
             return "none"
+        if self.membership == "live":
+            return "live"
         if self.compression is not None:
             return "choco"
         if self.staleness:
@@ -153,10 +183,12 @@ class GossipOptions:
         """Whether the graph suits :attr:`variant`, checked once, where the topology is built for these options.
 
         The stale and CHOCO variants keep one state per neighbour (its newest message, its public copy) and talk to
-        their neighbours point to point: they need a static graph. Raises
+        their neighbours point to point, and the live one folds one matrix when a worker leaves: they need a static
+        graph. Raises
         :class:`~lightning_dpgan.topology.TopologyError` for a time-varying one, and warns for a ``consensus_step``
         above :meth:`default_consensus_step` (not refused: the bound is measured, Theorem 2's is far below it)."""
         needs = {
+            "live": "membership='live' folds and rebuilds one matrix, so it needs",
             "stale": f"staleness={self.staleness} needs",
             "choco": f"compression={self.compression!r} keeps a copy of every neighbour, so it needs",
         }.get(self.variant)

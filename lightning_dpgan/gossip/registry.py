@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from lightning_dpgan.gossip.base import GossipEngine
 from lightning_dpgan.gossip.choco import ChocoGossip
+from lightning_dpgan.gossip.live import LiveGossip
 from lightning_dpgan.gossip.none import NoGossip
 from lightning_dpgan.gossip.options import GossipOptions
 from lightning_dpgan.gossip.stale import StaleGossip
@@ -22,6 +23,7 @@ ENGINES: dict[str, type[GossipEngine]] = {
     "overlapped": OverlappedGossip,
     "stale": StaleGossip,
     "choco": ChocoGossip,
+    "live": LiveGossip,
     "none": NoGossip,
 }
 

@@ -348,7 +348,32 @@ class KillRank(Callback):
         if trainer.global_rank == self.rank and trainer.global_step >= self.step:
             with open(os.path.join(trainer.default_root_dir, f"pid_rank{self.rank}.txt"), "w") as f:
                 f.write(str(os.getpid()))
+            with open(os.path.join(trainer.default_root_dir, f"killed_rank{self.rank}.txt"), "w") as f:
+                f.write(repr(time.time()))
             os.kill(os.getpid(), self.sig)
+
+
+class RecordChanges(Callback):
+    """Every surviving rank writes the changes of members it went through (``membership="live"``)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.ends.append(time.time())
+
+    def on_train_end(self, trainer: pl.Trainer, module: Any) -> None:
+        engine = trainer.strategy.engine
+        changes = [{"step": c.step, "left": list(c.left), "members": list(c.members), "topology": c.topology} for c in getattr(engine, "changes", [])]
+        with open(os.path.join(self.out, f"changes_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump({"changes": changes, "steps": engine.steps, "global_step": trainer.global_step, "step_ends": self.ends}, f)
+
+    def on_exception(self, trainer: pl.Trainer, module: Any, exception: BaseException) -> None:
+        """A stop (SIGTERM) ends the fit without on_train_end: the record and the replica as they are."""
+        self.on_train_end(trainer, module)
+        SaveReplica(self.out)._save(trainer, module)
 
 
 class DieInSetup(Callback):
@@ -420,6 +445,7 @@ def decentralized(opts: dict[str, str], topology: str = "ring", **kwargs: Any) -
         compression=opts.get("compression"),
         topk_fraction=float(opts.get("topk_fraction", 0.01)),
         peer_timeout=float(opts["timeout"]) if "timeout" in opts else None,
+        membership=opts.get("membership", "fixed"),
     )
     return DecentralizedStrategy(opts.get("topology", topology), gossip=gossip, **kwargs)
 
@@ -589,6 +615,18 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
         batches = DataLoader(TensorDataset(torch.zeros(steps * devices, 1)), batch_size=1)
         slow = (int(opts["slow_rank"]), float(opts["slow_s"])) if "slow_rank" in opts else None
         t.fit(BilinearGame(opts["optimizer"], float(opts["lr"]), per_batch, slow=slow, **kwargs), batches)
+
+    elif scenario == "live_leave":  # membership="live", one process per node started by hand: rank `kill` dies at `at`
+        steps, nodes = int(opts["steps"]), int(opts.get("nodes", 4))
+        strategy = decentralized({"membership": "live", **opts}, consensus_every=int(opts.get("consensus_every", 0)))
+        sig = signal.SIGSTOP if opts.get("sig") == "STOP" else signal.SIGKILL  # STOP: a host gone silent
+        callbacks = [SaveReplica(out), RecordChanges(out), KillRank(int(opts["kill"]), int(opts["at"]), sig)]
+        if "sigterm_at" in opts:  # after the change: rank 0's SIGTERM still stops every member at one step
+            callbacks.append(SigtermRankZeroWhileOthersWait(out, int(opts["sigterm_at"])))
+        t = trainer(out, strategy, 1, num_nodes=nodes, max_steps=steps, callbacks=callbacks, default_root_dir=out)
+        batches = DataLoader(TensorDataset(torch.zeros(steps * nodes, 1)), batch_size=1)
+        t.fit(BilinearGame(opts["optimizer"], float(opts["lr"]), **json.loads(opts.get("kwargs", "{}"))), batches)
+        return  # no barrier on the default group: it holds a rank that died
 
     elif scenario == "fabric_catch_up":  # the bilinear game in a Fabric loop, a slow rank catching up
         game = fabric_bilinear(out, opts, int(opts["steps"]))

@@ -1,0 +1,316 @@
+"""``LiveGossip``: synchronous DPOSG whose members may leave while it runs (``GossipOptions(membership="live")``).
+
+Each step is :class:`~lightning_dpgan.gossip.synchronous.SynchronousGossip`'s. When a wait fails, because a
+neighbour died, stayed silent past the peer timeout, or another worker opened a new generation, the worker takes
+part in the agreement (:class:`~lightning_dpgan.gossip.membership.Membership`) and recovers from there:
+
+* A worker completes a mix only once each neighbour has sent it its message, so live neighbours are never more than
+  one mix apart; a survivor ``d`` hops from the worker that left may be ``d - 1`` mixes ahead of its neighbours. The
+  change step ``c`` is one past the furthest any survivor got.
+* Every mix ``m < c`` that a survivor had not completed, it completes with ``W_fold``: the old matrix restricted to
+  the survivors, each lost neighbour's weight on the diagonal (:func:`~lightning_dpgan.topology.fold`), training on
+  between them as usual. A survivor that had completed ``m`` had no lost neighbour then, so it used exactly its
+  ``W_fold`` row: every mix from the departure to ``c - 1`` is ``W_fold`` on every survivor (symmetric, hence doubly
+  stochastic; the survivors' average is kept). A neighbour one mix ahead sends its previous message again right
+  after the change (each worker keeps it: one copy of the mixed tensors more); the others send theirs when they get
+  to that mix (:meth:`LiveGossip._fold_mix`).
+* From mix ``c`` on every survivor mixes with the graph of the same family rebuilt for the survivors, on the
+  generation's own gloo group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_dpgan.gossip.buffers import Plan, message_bytes
+from lightning_dpgan.gossip.membership import Generation, LiveTransport, Membership, MembershipChange, PeerLost
+from lightning_dpgan.gossip.options import GossipOptions
+from lightning_dpgan.gossip.synchronous import SynchronousGossip
+from lightning_dpgan.gossip.transport import GossipPeerError, Transport, post_segments, segment_count
+from lightning_dpgan.topology import Topology, fold
+
+log = logging.getLogger(__name__)
+
+
+class MembershipError(GossipPeerError):
+    """This worker cannot go on with the members: it was left out of them (it was silent past the peer timeout)."""
+
+
+#: the tag of the messages of the mixes begun before a change (:meth:`LiveGossip._fold_mix`)
+_RESYNC_TAG = 7
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change of members: at mix ``step`` (the first on the new graph), ``left`` (ids) had left, leaving
+    ``members`` on ``topology`` (``fallback``: why a ring, where the family did not fit)."""
+
+    step: int
+    left: tuple[int, ...]
+    members: tuple[int, ...]
+    topology: str
+    fallback: str | None = None
+
+    def describe(self) -> str:
+        who = ", ".join(map(str, self.left))
+        ring = f" (a ring: {self.fallback})" if self.fallback else ""
+        return f"step {self.step}: worker(s) {who} left; {len(self.members)} go on ({', '.join(map(str, self.members))}) on {self.topology}{ring}"
+
+
+class LiveGossip(SynchronousGossip):
+    """Synchronous gossip that goes on without a worker that left (see the module's docstring)."""
+
+    def __init__(self, topology: Topology, rank: int, transport: Transport, options: GossipOptions) -> None:
+        super().__init__(topology, rank, transport, options)
+        self.me = rank  # this worker's id: its rank at the start
+        self.membership: Membership | None = None
+        self.changes: list[Change] = []
+        self._rebuild: Callable[[int], tuple[Topology, str | None]] | None = None
+        self._kept: tuple[list[Tensor], list[Tensor]] | None = None  # (this step's tensors, the previous step's)
+        self._abandoned: list[Transport] = []
+        self._failure: GossipPeerError | None = None  # a collective that failed between steps: agree at the next one
+        self._catching_up: tuple[np.ndarray, Generation] | None = None  # (W_fold, the generation) until its change step
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return self.membership.generation.members if self.membership is not None else tuple(range(self.world_size))
+
+    @property
+    def reconfigured(self) -> bool:
+        """Whether the members changed: the default process group then has a worker that left."""
+        return bool(self.changes)
+
+    def go_live(self, membership: Membership, rebuild: Callable[[int], tuple[Topology, str | None]]) -> None:
+        """Watch the members from now on; ``rebuild(n)`` is the graph of the run's family for ``n`` workers."""
+        group = getattr(self.transport, "group", None)  # generation 0: the gossip's own group over every rank
+        self.membership, self._rebuild = membership, rebuild
+        self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, membership.changing.is_set, self.timeout.seconds)
+
+    # ------------------------------------------------------------------ the step
+    @override
+    def step(self, tensors: Sequence[Tensor]) -> None:
+        self._begin_step()
+        if not self.mixes_now():
+            return
+        if self.membership is None:
+            self.mix(tensors)
+            return
+        self._keep(tensors)
+        phase, failure, self._failure = self.phase, self._failure, None
+        while True:
+            try:
+                if failure is not None and self._change(failure, tensors):
+                    return  # this step's mix was finished with W_fold
+                if self._catching_up is not None and self.steps < self._catching_up[1].change_step:
+                    self._fold_mix(tensors)  # a mix begun before the change: W_fold, as every survivor does it
+                else:
+                    self._catching_up = None
+                    self.mix(tensors)
+                return
+            except MembershipError:
+                raise
+            except GossipPeerError as err:  # a neighbour lost, or another worker lost one: agree again
+                self.phase, failure = phase, err
+                self._restore(tensors)
+
+    def _keep(self, tensors: Sequence[Tensor]) -> None:
+        """Keep this mix's tensors before they are mixed, and the previous mix's: what the neighbours may need again
+        after a change. The copy of two mixes ago is reused where it has the same shapes (one fused optimizer; two
+        alternating ones, whose mixes alternate too)."""
+        previous, older = self._kept if self._kept is not None else (None, None)
+        if older is None or [t.shape for t in older] != [t.shape for t in tensors] or [t.dtype for t in older] != [t.dtype for t in tensors]:
+            older = [t.detach().clone() for t in tensors]
+        else:
+            torch._foreach_copy_(older, [t.detach() for t in tensors])
+        self._kept = (older, previous if previous is not None else [t.detach().clone() for t in tensors])
+
+    def _restore(self, tensors: Sequence[Tensor]) -> None:
+        assert self._kept is not None
+        with torch.no_grad():
+            torch._foreach_copy_(list(tensors), self._kept[0])
+        self._plans.clear()
+
+    @override
+    def close(self) -> None:
+        super().close()
+        if self.membership is not None:
+            self.membership.close()
+
+    @override
+    def consensus_distance(self, tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int) -> Tensor:
+        """As every engine's; where a worker left during it, NaN, and the members are agreed on at the next step."""
+        try:
+            return super().consensus_distance(tensors, group_ids, num_groups)
+        except MembershipError:
+            raise
+        except GossipPeerError as err:
+            if self.membership is None:
+                raise
+            log.warning("worker %d: consensus not measured at step %d (%s); agreeing on the members at the next step", self.me, self.steps, err)
+            self._failure = err
+            return torch.full((num_groups,), float("nan"), dtype=torch.float64)
+
+    # ------------------------------------------------------------------ a change of members
+    def _change(self, err: GossipPeerError, tensors: Sequence[Tensor]) -> bool:
+        """Agree on the members after ``err``, move to their group and graph, and finish the mix under way where
+        this worker is behind. Returns whether this step's mix is done."""
+        assert self.membership is not None and self._rebuild is not None
+        old_members, old_w = self.members, self.topology.matrix(0)
+        dead = ()
+        if isinstance(err, PeerLost) and err.closed and err.peer is not None:
+            dead = (old_members[err.peer],)  # its connection closed: the process is gone, no need to wait for silence
+        if not isinstance(err, MembershipChange):
+            log.warning("worker %d: %s; agreeing on the members again", self.me, err)
+        completed = self.steps - 1
+        generation = self.membership.agree(completed, dead, self.timeout.seconds())
+        if self.me not in generation.members:
+            raise MembershipError(
+                f"worker {self.me} was left out of the members agreed on at mix {generation.change_step} (it was silent "
+                "past the peer timeout)"
+            )
+        left = tuple(m for m in old_members if m not in generation.members)
+        topology, fallback = self._rebuild(len(generation.members))
+        old_transport = self.transport
+        self._settle(old_transport, old_members, generation, tensors)
+        group = self.membership.group(generation, self.timeout.seconds())
+        self.rank = generation.members.index(self.me)
+        self.topology = topology
+        self.transport = LiveTransport(
+            self.rank, group, self.options.chunk_bytes, self.membership.changing.is_set, self.timeout.seconds
+        )
+        self._neighbours = [topology.neighbours(self.rank, p) for p in range(topology.period)]
+        self._weights.clear()
+        self._gathered_headers.clear()
+        self._plans.clear()
+        keep = [old_members.index(m) for m in generation.members]
+        self._catching_up = (fold(old_w, keep), generation)
+        done = self._resend(tensors)
+        self._abandoned.append(old_transport)  # its watcher threads may still hold works of the old group
+        if not left:  # a wait timed out on a worker that was only slow: the same members, on a group of their own
+            log.warning(
+                "worker %d: nobody left; the same %d members go on from mix %d", self.me, len(generation.members), generation.change_step
+            )
+            return done
+        change = Change(generation.change_step, left, generation.members, topology.name, fallback)
+        self.changes.append(change)
+        log.warning("worker %d: membership %s", self.me, change.describe())
+        return done
+
+    def _settle(self, transport: Transport, old_members: Sequence[int], generation: Generation, tensors: Sequence[Tensor]) -> None:
+        """Answer, on the old group, the exchange that the neighbours one mix ahead posted to this worker and that it
+        never reached: their messages are taken into scratch, and scratch sent back, in the same pieces and order.
+        Nothing is mixed from them; it only leaves no operation of the old group pending, whose waiting thread would
+        otherwise outlive the run (and abort the interpreter at its exit)."""
+        mine, completed = generation.completed[self.me], generation.completed
+        old = self._neighbours[0]  # this worker's neighbours in the old graph, by their old ranks
+        ahead = tuple(j for j in sorted({*old.send_to, *old.receive_from}) if completed.get(old_members[j], -1) == mine + 1)
+        if not ahead:
+            return
+        posted = []
+        for bucket in Plan(list(tensors)).buckets:
+            wire_dtype = self._wire_dtype(bucket)
+            count = segment_count(bucket.numel * wire_dtype.itemsize, bucket.device, self.options.chunk_bytes)
+            spans = [segment.message_bytes(wire_dtype) for segment in bucket.segments(count)]
+            message = torch.zeros(message_bytes(bucket.numel, wire_dtype), dtype=torch.uint8, device=bucket.device)
+            received = torch.empty((len(ahead), message.numel()), dtype=torch.uint8, device=bucket.device)
+            posted += post_segments(transport, message, received, spans, ahead, ahead, lambda k: None)
+        for batch in posted:
+            for p in batch:
+                with contextlib.suppress(GossipPeerError):
+                    transport.wait(p, self.timeout(), self.phase)
+
+    @torch.no_grad()
+    def _resend(self, tensors: Sequence[Tensor]) -> bool:
+        """Right after a change: send the neighbours one mix behind this worker its previous tensors (its message of
+        the mix it completed last, which they have yet to complete); then, where this worker is behind the change
+        step, do its mix under way now (:meth:`_fold_mix`). Returns whether this step's mix is done."""
+        assert self._kept is not None and self._catching_up is not None
+        w_fold, generation = self._catching_up
+        mine = generation.completed[self.me]
+        behind = [k for k, m in enumerate(generation.members) if generation.completed[m] == mine - 1 and w_fold[k, self.rank] > 0]
+        posted = self._post_fold(Plan(self._kept[1]), behind, ())[0] if behind else []
+        done = self.steps < generation.change_step
+        if done:
+            self._fold_mix(tensors)
+        for batch in posted:
+            for p in batch:
+                self.transport.wait(p, self.timeout(), self.phase)
+        return done
+
+    @torch.no_grad()
+    def _fold_mix(self, tensors: Sequence[Tensor]) -> None:
+        """Mix ``m = steps`` with ``W_fold``, a mix begun before the change: this worker's tensors go to the neighbours
+        that have not completed ``m``, and it takes from each neighbour its tensors of step ``m``, which a neighbour
+        that had completed it sent right after the change (:meth:`_resend`)."""
+        assert self._catching_up is not None
+        w_fold, generation = self._catching_up
+        m, members = self.steps, generation.members
+        send_to = [k for k, member in enumerate(members) if k != self.rank and generation.completed[member] < m and w_fold[k, self.rank] > 0]
+        receive_from = [int(j) for j in np.flatnonzero(w_fold[self.rank] > 0) if j != self.rank]
+        plan = Plan(list(tensors))
+        posted, received = self._post_fold(plan, send_to, receive_from)
+        for batch in posted:
+            for p in batch:
+                self.transport.wait(p, self.timeout(), self.phase)
+        for b, bucket in enumerate(plan.buckets):
+            bucket.flat.mul_(float(w_fold[self.rank, self.rank]))
+            for j, row in zip(receive_from, received[b]):
+                bucket.flat.add_(row, alpha=float(w_fold[self.rank, j]))
+            bucket.unpack()
+        self.phase += 1
+
+    def _post_fold(self, plan: Plan, send_to: Sequence[int], receive_from: Sequence[int]) -> tuple[list[list[Any]], list[Tensor]]:
+        """Post the plan's packed tensors to ``send_to`` and a receive of each bucket from ``receive_from``, on the
+        tag of the mixes begun before the change (in step order between any two workers, as gloo keeps them)."""
+        posted, received = [], []
+        for bucket in plan.buckets:
+            flat = bucket.pack()
+            rows = torch.empty((len(receive_from), flat.numel()), dtype=flat.dtype, device=flat.device)
+            posted.append(self.transport.exchange(flat, rows, send_to, receive_from, _RESYNC_TAG))
+            received.append(rows)
+        return posted, received
+
+    def summary(self) -> str:
+        """The changes of members, in one line."""
+        return "; ".join(change.describe() for change in self.changes) or "no change of members"
+
+    def report(self) -> None:
+        """The end of the run: the lowest member lists the changes."""
+        if self.changes and self.me == self.members[0]:
+            log.warning("membership changes in this run: %s", self.summary())
+
+    # ------------------------------------------------------------------ the framework's collectives, after a change
+    def barrier(self) -> None:
+        self.transport.wait(self.transport.all_reduce(torch.zeros(1)), self.collective_timeout, self.phase)
+
+    def all_gather_tensor(self, tensor: Tensor) -> Tensor:
+        """Every member's ``tensor``, stacked in member order."""
+        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        self.transport.wait(self.transport.all_gather(out.view(-1), tensor.contiguous().view(-1)), self.collective_timeout, self.phase)
+        return out
+
+    def all_reduce_tensor(self, tensor: Tensor) -> Tensor:
+        out = tensor.detach().clone()
+        self.transport.wait(self.transport.all_reduce(out), self.collective_timeout, self.phase)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int) -> Any:
+        """``obj`` of the worker whose id is ``src`` (the lowest member's where that one left)."""
+        root = self.members.index(src) if src in self.members else 0
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) if self.rank == root else torch.empty(0, dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.long)
+        self.transport.wait(self.transport.broadcast(size, root), self.collective_timeout, self.phase)
+        if self.rank != root:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        self.transport.wait(self.transport.broadcast(data, root), self.collective_timeout, self.phase)
+        return obj if self.rank == root else pickle.loads(data.numpy().tobytes())

@@ -1,0 +1,278 @@
+"""Live membership: who is in the run, agreed on through the c10d store, with a fresh gloo group per member set.
+
+The engine and the reasons for it are in docs/membership.md. In short:
+
+* every worker keeps a heartbeat in the run's c10d store (the one the launcher hosts at ``MASTER_ADDR:MASTER_PORT``),
+  and a daemon thread watches for the next generation being opened (:class:`Membership`);
+* a worker that loses a neighbour opens generation ``k + 1`` and writes how many mixes it has completed; the others
+  see the key within a heartbeat, stop waiting (:class:`LiveTransport` raises :class:`MembershipChange`) and write
+  theirs. Whoever first sees every old member either written, reported dead (its connection closed) or silent past
+  the peer timeout fixes the member set with ``compare_set``: the store is the one authority, so every worker reads
+  the same set (:meth:`Membership.agree`);
+* each generation gets a ``ProcessGroupGloo`` of its own on ``PrefixStore("…/g{k}/pg/")``: the default group keeps
+  its dead rank forever (:meth:`Membership.group`).
+
+Ids are the workers' ranks at the start of the run; a worker's rank in a generation is its index among the members.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor
+from torch._C._distributed_c10d import AllgatherOptions
+
+from lightning_dpgan.gossip.transport import (
+    DistributedTransport,
+    GossipPeerError,
+    Posted,
+    _first_line,
+    _Watcher,
+    chunk_ranges,
+    chunk_size,
+    schedule,
+)
+
+#: how often a worker writes its heartbeat and looks for a new generation
+HEARTBEAT_S = 0.1
+#: how long a heartbeat must stand still, seen from here, before its own clock may call it silent (a live worker
+#: whose clock runs behind is never dropped)
+GRACE_S = 0.5
+#: how often a waiting worker looks at its neighbours' messages and at the membership flag
+POLL_S = 0.02
+#: bound on one store operation (the store's host may be gone)
+STORE_TIMEOUT_S = 30.0
+
+
+class MembershipChange(GossipPeerError):
+    """Another worker opened a new generation: stop waiting on this one's group and take part in the agreement."""
+
+
+class PeerLost(GossipPeerError):
+    """A wait on a neighbour (``peer``, its rank in the generation; ``None`` for a collective) failed: ``closed``
+    when its connection was closed (the process died), not a timeout."""
+
+    def __init__(self, message: str, peer: int | None, closed: bool) -> None:
+        super().__init__(message)
+        self.peer, self.closed = peer, closed
+
+
+def _closed(err: BaseException) -> bool:
+    text = str(err).lower()
+    return not ("timed out" in text or "timeout" in text) and any(w in text for w in ("closed", "reset", "broken pipe", "eof"))
+
+
+class LiveTransport(DistributedTransport):
+    """:class:`DistributedTransport` on one generation's group, ranks being the generation's: operations go to the
+    group object itself (a generation's group is not registered with ``torch.distributed``), every wait is done by a
+    watcher thread per peer while this thread polls ``interrupted`` (a new generation opened elsewhere), and a failure
+    is raised at once, naming the generation's peer, without the failure reports of a fixed run."""
+
+    def __init__(
+        self, rank: int, group: Any, chunk_bytes: int | None, interrupted: Callable[[], bool], timeout: Callable[[], float]
+    ) -> None:
+        super().__init__(rank, group, chunk_bytes)
+        self.interrupted, self.timeout = interrupted, timeout
+        self._waiters: dict[int, _Watcher] = {}
+
+    def _watched(self, works: list[Any], peer: int | None, what: str) -> Posted:
+        posted = Posted(works, peer, what, arrived=threading.Event())
+        key = -1 if peer is None else peer
+        if key not in self._waiters:
+            self._waiters[key] = _Watcher(f"live gossip waits on rank {peer}")
+        self._waiters[key].watch(posted)
+        return posted
+
+    def exchange(
+        self, send: Tensor | None, received: Tensor | None, send_to: Sequence[int], receive_from: Sequence[int], stream: int = 0
+    ) -> list[Posted]:
+        send_to = send_to if send is not None else ()
+        receive_from = receive_from if received is not None else ()
+        like = send if send is not None else received
+        if like is None or (not send_to and not receive_from):
+            return []
+        row = {peer: k for k, peer in enumerate(receive_from)}
+        chunking = chunk_size(like.device, self.chunk_bytes)
+        ranges = chunk_ranges(like.shape[-1], None if chunking is None else max(1, chunking // like.element_size()))
+        by_peer: dict[int, list[Any]] = {}
+        for kind, peer, chunk in schedule(send_to, receive_from, len(ranges)):
+            start, stop = ranges[chunk]
+            if kind == "send":
+                work = self.group.send([send[start:stop]], peer, stream)  # type: ignore[index]
+            else:
+                work = self.group.recv([received[row[peer], start:stop]], peer, stream)  # type: ignore[index]
+            by_peer.setdefault(peer, []).append(work)
+        return [self._watched(works, peer, "gossip exchange") for peer, works in by_peer.items()]
+
+    def post_receive(self, received: Tensor, peer: int, stream: int = 0) -> Posted:
+        (posted,) = self.exchange(None, received, (), (peer,), stream)
+        return posted
+
+    # Collectives run on the group's own threads, and say when they are done: they are polled here, with no thread of
+    # ours waiting, and bounded by the peer timeout, so that one a departure leaves pending ends on its own.
+    def _bounded(self, options: Any) -> Any:
+        options.timeout = timedelta(seconds=self.timeout())
+        return options
+
+    def all_reduce(self, tensor: Tensor) -> Posted:
+        return Posted([self.group.allreduce([tensor], self._bounded(dist.AllreduceOptions()))], None, "all_reduce")
+
+    def all_gather(self, output: Tensor, tensor: Tensor) -> Posted:
+        return Posted([self.group._allgather_base(output, tensor, self._bounded(AllgatherOptions()))], None, "all_gather")
+
+    def broadcast(self, tensor: Tensor, src: int) -> Posted:
+        options = self._bounded(dist.BroadcastOptions())
+        options.rootRank = src
+        return Posted([self.group.broadcast([tensor], options)], src, "broadcast")
+
+    def wait(self, posted: Posted, timeout: timedelta | None, gossip_round: int) -> None:
+        if posted.completed:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
+        if posted.arrived is None:  # a collective
+            done = lambda wait: all(work.is_completed() for work in posted.works) or bool(time.sleep(wait))  # noqa: E731
+        else:
+            done = posted.arrived.wait
+        while not done(POLL_S):
+            if self.interrupted():
+                raise MembershipChange(f"rank {self.rank}: the members are being agreed on again")
+            if deadline is not None and time.monotonic() > deadline:
+                who = "a peer" if posted.peer is None else f"rank {posted.peer}"
+                raise PeerLost(f"rank {self.rank}: {posted.what} with {who} got nothing within {timeout}", posted.peer, False)
+        if posted.arrived is None:
+            try:
+                for work in posted.works:
+                    work.wait()  # done: returns at once, or raises what failed
+            except Exception as err:  # noqa: BLE001 - gloo raises RuntimeError or DistBackendError
+                posted.error = err
+        if posted.error is not None:
+            who = "a peer" if posted.peer is None else f"rank {posted.peer}"
+            raise PeerLost(
+                f"rank {self.rank}: {posted.what} with {who} failed at gossip round {gossip_round}: {_first_line(posted.error)}",
+                posted.peer,
+                _closed(posted.error),
+            )
+        posted.completed = True
+
+    def close(self) -> None:
+        for waiter in self._waiters.values():
+            waiter.stop()
+        self._waiters.clear()
+        super().close()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One agreed member set: ``members`` (ids, ascending), the mixes each had completed when it was agreed on
+    (``completed``), and its number."""
+
+    number: int
+    members: tuple[int, ...]
+    completed: dict[int, int]
+
+    @property
+    def change_step(self) -> int:
+        """The first mix done on the new graph: one past the furthest any member had got."""
+        return max(self.completed.values()) + 1
+
+
+def silent(beat: float, unchanged_for: float, timeout: float, now: float) -> bool:
+    """Whether a worker is silent past ``timeout``: its heartbeat has stood still here for ``GRACE_S`` (or the
+    timeout, if shorter) and is older than ``timeout`` by its own clock, or has stood still here for ``timeout``."""
+    if unchanged_for < min(GRACE_S, timeout):
+        return False
+    return now - beat > timeout or unchanged_for > timeout
+
+
+class Membership:
+    """This worker's part in agreeing on the run's members (see the module's docstring).
+
+    Args:
+        scope: keeps runs and fits apart in the store (the run id every rank shares).
+        me: this worker's id.
+        members: the ids of generation 0 (every rank of the default group).
+        address: the store's ``(host, port)``; default ``MASTER_ADDR`` and ``MASTER_PORT``.
+    """
+
+    def __init__(self, scope: str, me: int, members: Sequence[int], address: tuple[str, int] | None = None) -> None:
+        if address is None and not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
+            raise RuntimeError(
+                "membership='live' agrees on the members in the run's c10d store at MASTER_ADDR:MASTER_PORT, and this "
+                "worker has no MASTER_ADDR or MASTER_PORT: start it with torchrun, Lightning's launchers, or both set"
+            )
+        host, port = address or (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        timeout = timedelta(seconds=STORE_TIMEOUT_S)
+        self.store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+        self._watch_store = dist.TCPStore(host, port, is_master=False, timeout=timeout)  # one operation at a time each
+        self.prefix, self.me = f"lightning_dpgan/live/{scope}/", me
+        self.generation = Generation(0, tuple(members), {m: 0 for m in members})
+        self.changing = threading.Event()
+        self._closed = threading.Event()
+        self._beat()
+        threading.Thread(target=self._watch, name="lightning_dpgan membership", daemon=True).start()
+
+    def _key(self, number: int, name: str) -> str:
+        return f"{self.prefix}g{number}/{name}"
+
+    def _beat(self, store: Any = None) -> None:
+        (store or self.store).set(f"{self.prefix}hb/{self.me}", repr(time.time()))
+
+    def _watch(self) -> None:
+        while not self._closed.wait(HEARTBEAT_S):
+            try:
+                self._beat(self._watch_store)
+                if not self.changing.is_set() and self._watch_store.check([self._key(self.generation.number + 1, "open")]):
+                    self.changing.set()
+            except Exception:  # the store's host is gone: the members stay as they are (docs/membership.md)
+                return
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def agree(self, completed: int, dead: Sequence[int], timeout: float) -> Generation:
+        """The next generation: this worker has completed ``completed`` mixes and saw ``dead`` (ids) die. Returns when
+        the set is fixed; every worker that reads it reads the same."""
+        old = self.generation
+        number, store = old.number + 1, self.store
+        store.compare_set(self._key(number, "open"), "", "1")  # tells the members that have not noticed yet
+        for peer in dead:
+            store.set(self._key(number, f"dead/{peer}"), "1")
+        store.set(self._key(number, f"alive/{self.me}"), str(completed))
+        seen: dict[int, tuple[str, float]] = {}  # member -> (heartbeat, when it last changed here)
+        fixed = self._key(number, "members")
+        while not store.check([fixed]):
+            now, alive, decided = time.monotonic(), {}, True
+            for member in old.members:
+                if store.check([self._key(number, f"alive/{member}")]):
+                    alive[member] = int(store.get(self._key(number, f"alive/{member}")))
+                elif not store.check([self._key(number, f"dead/{member}")]):
+                    key = f"{self.prefix}hb/{member}"
+                    beat = store.get(key).decode() if store.check([key]) else "0"  # never beat: long silent
+                    if member not in seen or seen[member][0] != beat:
+                        seen[member] = (beat, now)
+                    if not silent(float(beat), now - seen[member][1], timeout, time.time()):
+                        decided = False  # alive and not here yet: wait for it, or for its silence
+            if decided:
+                store.compare_set(fixed, "", json.dumps({"members": sorted(alive), "completed": alive}))
+                break
+            time.sleep(POLL_S)
+        record = json.loads(store.get(fixed))
+        generation = Generation(number, tuple(record["members"]), {int(k): int(v) for k, v in record["completed"].items()})
+        self.generation = generation
+        self.changing.clear()
+        return generation
+
+    def group(self, generation: Generation, timeout: float) -> Any:
+        """The generation's own gloo group (every member must build it within ``timeout``)."""
+        store = dist.PrefixStore(self._key(generation.number, "pg/"), self.store)
+        rank, size = generation.members.index(self.me), len(generation.members)
+        return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout))
+

@@ -1,0 +1,173 @@
+"""Live membership (``GossipOptions(membership="live")``) with real gloo processes: a worker killed with SIGKILL
+mid-run, the others agreeing on who is left through the c10d store and going on from their replicas.
+
+The workers are plain processes, one per node, started as a user starts one by hand (``MASTER_ADDR``,
+``MASTER_PORT``, ``RANK``, ``WORLD_SIZE`` and torchrun's ``GROUP_RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, which
+Lightning's torchelastic environment reads): torchrun's single agent would kill every worker when one dies, and
+Lightning's own launcher too (docs/membership.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import WORKERS, free_port, worker_env
+from reference import dposg
+
+sys.path.insert(0, str(WORKERS))
+from lightning_worker import BILINEAR_DIM, BilinearGame, bilinear_matrices  # noqa: E402
+
+from lightning_dpgan.topology import fold, ring
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL and gloo over loopback: Linux only")
+
+STEPS, LR, ADAM = 60, 0.05, ((0.5, 0.9), 1e-8)
+
+
+def start_by_hand(out: Path, n: int, *opts: str) -> list[subprocess.Popen]:
+    port, procs = free_port(), []
+    for rank in range(n):
+        env = {**worker_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(n), "RANK": str(rank),
+               "GROUP_RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+        with open(out / f"stderr_rank{rank}.txt", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, str(WORKERS / "lightning_worker.py"), "live_leave", str(out), *opts],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=err))
+    return procs
+
+
+def wait_for(procs: list[subprocess.Popen], ranks: list[int], timeout: float) -> dict[int, int | None]:
+    """The exit codes of ``ranks`` (``None``: still running after ``timeout``); then every process is ended."""
+    deadline, codes = time.monotonic() + timeout, {}
+    try:
+        for r in ranks:
+            try:
+                codes[r] = procs[r].wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[r] = None
+        return codes
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def bilinear_gradient(n: int):
+    _, parts = bilinear_matrices(n)  # each worker keeps its own game, by its rank at the start
+
+    def grad(z: np.ndarray) -> np.ndarray:
+        x, y = z[:, :BILINEAR_DIM], z[:, BILINEAR_DIM:]
+        return np.concatenate([np.einsum("rij,rj->ri", parts, y), -np.einsum("rij,ri->rj", parts, x)], axis=1)
+
+    return grad
+
+
+def embedded(w: np.ndarray, keep: list[int], n: int) -> np.ndarray:
+    """A survivors' matrix in the n-worker reference: the one that left keeps its own row, touching no one."""
+    full = np.eye(n)
+    full[np.ix_(keep, keep)] = w
+    return full
+
+
+@pytest.mark.parametrize("n,how", [(4, "kill"), (4, "silent"), (6, "kill")])
+def test_survivors_of_a_lost_worker_go_on_and_equal_the_dposg_reference(tmp_path, n, how):
+    """Workers on a ring, optimistic Adam on the split bilinear game; at step 20 of 60 rank 2 kills itself (SIGKILL:
+    its connections close) or stops (SIGSTOP: a host gone silent, its connections open, found by the 4 s peer
+    timeout). The others reach step 60 with no reload and no relaunch, and their replicas equal DPOSG in numpy:
+    ring(n) up to the mix rank 2 last took part in, W_fold (ring(n) without rank 2, its weight on the diagonal) until
+    the recorded change step, ring(n - 1) from it. On a ring of 4 the survivors are one mix apart at the change; on a
+    ring of 6 two (rank 5, three hops away, had got one mix further than ranks 0 and 4). After the silent one, rank 0
+    is sent SIGTERM at step 40: the stop, agreed through the gossip of the new group, ends every survivor after one
+    step, as in a fixed run."""
+    kill_at, timeout = 20, 10.0 if how == "kill" else 4.0  # a kill closes connections: found without the timeout
+    survivors = [r for r in range(n) if r != 2]
+    opts = [f"steps={STEPS}", "kill=2", f"at={kill_at}", "optimizer=optimistic_adam", f"lr={LR}", f"timeout={timeout}",
+            'kwargs={"betas": [0.5, 0.9]}', *(["sig=STOP", "sigterm_at=40"] if how == "silent" else [])]
+    started = time.monotonic()
+    codes = wait_for(start_by_hand(tmp_path, n, *opts, f"nodes={n}"), survivors, timeout=120)
+    elapsed = time.monotonic() - started
+    stderr = {r: (tmp_path / f"stderr_rank{r}.txt").read_text() for r in range(n)}
+    for r in survivors:
+        assert codes[r] == 0, f"rank {r} exited {codes[r]}:\n{stderr[r][-4000:]}"
+    records = {r: json.loads((tmp_path / f"changes_rank{r}.json").read_text()) for r in survivors}
+    steps = {rec["global_step"] for rec in records.values()}
+    assert len(steps) == 1, records  # every survivor ended after the same step
+    steps = steps.pop()
+    if how == "silent":
+        stopped = [json.loads((tmp_path / f"stopped_rank{r}.json").read_text()) for r in survivors]
+        assert {s["exception"] for s in stopped} == {"SIGTERMException"} and {s["step"] for s in stopped} == {steps}
+        assert 40 < steps < STEPS
+    else:
+        assert steps == STEPS
+    changes = {json.dumps(rec["changes"]) for rec in records.values()}
+    assert len(changes) == 1, records  # every survivor went through the same change
+    (change,) = records[0]["changes"]
+    assert change["left"] == [2] and change["members"] == survivors and change["topology"] == "ring"
+    c = change["step"]
+    assert kill_at + 1 <= c <= kill_at + n // 2, change  # rank 2 completed 20 mixes; a survivor d hops away d - 1 more
+    for r in survivors:  # every member logged who left and when, and the lowest listed it at the end
+        assert f"step {c}: worker(s) 2 left; {n - 1} go on ({', '.join(map(str, survivors))}) on ring" in stderr[r], stderr[r][-3000:]
+    assert "membership changes in this run" in stderr[0]
+
+    game = BilinearGame("optimistic_adam", LR)
+    z0 = np.tile(np.concatenate([game.x.detach().numpy(), game.y.detach().numpy()]), (n, 1))
+    grad, w_old, w_new = bilinear_gradient(n), ring(n).matrix(), embedded(ring(n - 1).matrix(), survivors, n)
+    w_fold = embedded(fold(w_old, survivors), survivors, n)
+    mixes = [w_old if m <= kill_at else w_fold if m < c else w_new for m in range(1, steps + 1)]
+    expected = dposg(grad, z0, mixes, steps, LR, ADAM)[survivors]
+    got = np.stack([np.concatenate([s["x"].numpy(), s["y"].numpy()]) for s in
+                    (torch.load(tmp_path / f"end_rank{r}.pt", weights_only=True) for r in survivors)])
+    np.testing.assert_allclose(got, expected, atol=1e-10, rtol=0)
+    # the test tells the rules apart: no fold, or no change at all, ends elsewhere
+    no_fold = [w_old if m <= kill_at else w_new for m in range(1, steps + 1)]
+    assert np.abs(got - dposg(grad, z0, no_fold, steps, LR, ADAM)[survivors]).max() > 1e-6 or c == kill_at + 1
+    assert np.abs(got - dposg(grad, z0, w_old, steps, LR, ADAM)[survivors]).max() > 1e-6
+    # the survivors step again within seconds of the kill (the goal is 10 s on gloo), not after the peer timeout
+    killed = float((tmp_path / "killed_rank2.txt").read_text())
+    resumed = max(rec["step_ends"][c - 1] for rec in records.values())  # every survivor has done mix c, on ring(3)
+    assert resumed - killed < (10 if how == "kill" else timeout + 5), resumed - killed
+    print(f"run {elapsed:.1f} s; change step {c}; every survivor finished step {c} {resumed - killed:.2f} s after the kill")
+
+
+def test_the_agreement_drops_a_silent_member_and_every_survivor_reads_one_set():
+    """Three members on an in-process store: one stops beating (a host gone silent), one is reported dead by a
+    survivor (its connection closed); the survivors, agreeing from two threads at once, read the same set, the change
+    step one past the furthest, and nobody waits for the silent one longer than its timeout plus the grace."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from lightning_dpgan.gossip.membership import GRACE_S, Membership
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    address = ("127.0.0.1", server.port)
+    members = [Membership("t", i, range(4), address) for i in range(4)]
+    members[2].close()  # stops beating: silent
+    members[3].close()
+    timeout, results = 0.3, {}
+    time.sleep(timeout)  # their last beats are older than the timeout
+    started = time.monotonic()
+
+    def agree(i: int, completed: int, dead: tuple[int, ...]) -> None:
+        results[i] = members[i].agree(completed, dead, timeout)
+
+    threads = [threading.Thread(target=agree, args=(0, 21, ())), threading.Thread(target=agree, args=(1, 20, (3,)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    elapsed = time.monotonic() - started
+    assert results[0] == results[1], results
+    assert results[0].members == (0, 1) and results[0].completed == {0: 21, 1: 20} and results[0].change_step == 22
+    assert results[0].number == 1 and members[0].generation == results[0]
+    assert elapsed < GRACE_S + timeout + 2, elapsed
+    for m in members:
+        m.close()
