@@ -133,6 +133,9 @@ def test_on_shared_cores_ddp_computes_in_step_and_gossip_falls_out_of_step():
     assert iteration_seconds(one_peer, MODEL, fast) == pytest.approx(0.2, rel=1e-12)
     measured = Workload(numel=1_000_000, step_s=0.05, shared_step_s=0.3)  # contention beyond the stretch
     assert iteration_seconds(one_peer, measured, fast) == pytest.approx(0.3, rel=1e-12)
+    # a host's own share of the measured 300 ms is 2/8 of it, 75 ms; at 10 Mbit/s its chain is the longer
+    slowest = Network(hosts=8, bandwidth_bps=10e6, cores=2)
+    assert iteration_seconds(one_peer, measured, slowest) == pytest.approx(0.075 + link(64 + 2 * MB, 10e6), rel=1e-12)
     assert iteration_seconds(Setting.ddp(), measured, fast) == pytest.approx(0.3 + link(14 / 8 * 4 * MB, 1e9), rel=1e-12)
     # as many cores as hosts: a core each
     assert iteration_seconds(one_peer, measured, Network(hosts=8, bandwidth_bps=1e9, cores=8)) == pytest.approx(

@@ -246,6 +246,15 @@ def compute_seconds(workload: Workload, network: Network) -> float:
     return workload.step_s * network.hosts / network.cores
 
 
+def own_compute_seconds(workload: Workload, network: Network) -> float:
+    """One host's own work of a step, on a core: on shared cores the cores were busy for the whole of
+    :func:`compute_seconds` with every host's work, so a host's share is ``cores / hosts`` of it."""
+    shared = compute_seconds(workload, network)
+    if network.cores is None or network.cores >= network.hosts:
+        return shared
+    return shared * network.cores / network.hosts
+
+
 def iteration_seconds(setting: Setting, workload: Workload, network: Network) -> float:
     """Predicted seconds of one iteration.
 
@@ -256,17 +265,18 @@ def iteration_seconds(setting: Setting, workload: Workload, network: Network) ->
       A host waits for its neighbours only, not for everyone, so on shared cores the hosts fall out of step: while
       some wait on their links, others compute on the cores they leave idle. The iteration then takes the longer
       of the cores' bound (every host's step on the shared cores, :func:`compute_seconds`) and one host's chain
-      (its compute alone on a core, ``step_s``, plus its communication). With a core per host the two agree:
-      compute plus communication.
+      (its own work on a core, :func:`own_compute_seconds`, then its communication). With a core per host the
+      two agree: compute plus communication.
     * Overlap and staleness hide the communication behind up to the compute: the longest of the three.
     """
     shared = compute_seconds(workload, network)
+    own = own_compute_seconds(workload, network)
     communication = communication_seconds(setting, workload, network)
     if setting.is_ddp:
         return shared + communication - ddp_hidden_seconds(workload, network, shared, communication)
     if setting.overlap or setting.staleness:
-        return max(shared, workload.step_s, communication)
-    return max(shared, workload.step_s + communication)
+        return max(shared, communication)
+    return max(shared, own + communication)
 
 
 def ddp_hidden_seconds(workload: Workload, network: Network, compute: float, communication: float) -> float:
