@@ -100,5 +100,8 @@ def test_plan_prints_the_alpha_beta_times_bytes_and_rho_of_each_setting(tmp_path
     # the recommendation: the fastest setting that mixes 100-fold within 10 iterations is the overlapped one-peer mix
     advice = next(line for line in lines if line.startswith("recommendation:"))
     assert "one_peer_exponential, t=1, bf16, overlap" in advice
-    assert f"{(0.05 + 1.26 + link(ddp_bytes)) / 0.05:.2f}x DDP's pace" in advice
+    # DDP by halving-doubling: 2 log2(64) = 12 hops, the same bytes; the faster DDP is the one compared with
+    halving = 0.05 + 0.12 + link(ddp_bytes)
+    assert row("DDP (halving-doubling all-reduce)")[0] == pytest.approx(halving, abs=6e-5)
+    assert f"{halving / 0.05:.2f}x the pace of the faster DDP" in advice
     assert np.isfinite(seconds) and not list(tmp_path.iterdir())  # no run directory

@@ -29,6 +29,13 @@ def test_ddp_is_two_n_minus_one_hops_and_two_n_minus_one_over_n_of_the_gradients
     assert bytes_per_iteration(Setting.ddp(), MODEL, 8) == pytest.approx(7 * MB)
 
 
+def test_halving_doubling_moves_the_same_bytes_in_two_log2_n_hops():
+    comm = 6 * 0.002 + link(14 / 8 * 4 * MB)
+    assert iteration_seconds(Setting.ddp("halving_doubling"), MODEL, NET) == pytest.approx(0.05 + comm, rel=1e-12)
+    with pytest.raises(ValueError, match="unknown allreduce 'tree'; allowed: ring, halving_doubling"):
+        Setting.ddp("tree")
+
+
 def test_ring_bf16_sends_two_neighbours_the_header_and_two_bytes_an_element_per_round():
     message = 64 + 2 * MB
     for rounds in (1, 3):
@@ -122,21 +129,23 @@ def test_bad_values_are_refused_naming_them(bad, message):
     assert message in str(err.value)
 
 
-def test_on_shared_cores_ddp_computes_in_step_and_gossip_falls_out_of_step():
+def test_on_shared_cores_hosts_in_step_add_compute_and_communication_and_a_wave_takes_the_longer():
     # 8 hosts on 2 cores: all computing at once, a 50 ms step takes 8 / 2 x 50 = 200 ms
     slow = Network(hosts=8, bandwidth_bps=100e6, cores=2)
     assert iteration_seconds(Setting.ddp(), MODEL, slow) == pytest.approx(0.2 + link(14 / 8 * 4 * MB), rel=1e-12)
-    one_peer = Setting("one_peer_exponential", 1, "bf16")
+    ring = Setting("ring", 1, "bf16")  # undirected: neighbours leave each mix together
+    assert iteration_seconds(ring, MODEL, slow) == pytest.approx(0.2 + link(2 * (64 + 2 * MB)), rel=1e-12)
+    one_peer = Setting("one_peer_exponential", 1, "bf16")  # directed: the hosts can run in a wave
     chain = 0.05 + link(64 + 2 * MB)  # one host's compute alone on a core, then its mix: 221 ms > 200 ms
     assert iteration_seconds(one_peer, MODEL, slow) == pytest.approx(chain, rel=1e-12)
     fast = Network(hosts=8, bandwidth_bps=1e9, cores=2)  # its chain is 67 ms: the cores bound it
     assert iteration_seconds(one_peer, MODEL, fast) == pytest.approx(0.2, rel=1e-12)
     measured = Workload(numel=1_000_000, step_s=0.05, shared_step_s=0.3)  # contention beyond the stretch
     assert iteration_seconds(one_peer, measured, fast) == pytest.approx(0.3, rel=1e-12)
+    assert iteration_seconds(Setting.ddp(), measured, fast) == pytest.approx(0.3 + link(14 / 8 * 4 * MB, 1e9), rel=1e-12)
     # a host's own share of the measured 300 ms is 2/8 of it, 75 ms; at 10 Mbit/s its chain is the longer
     slowest = Network(hosts=8, bandwidth_bps=10e6, cores=2)
     assert iteration_seconds(one_peer, measured, slowest) == pytest.approx(0.075 + link(64 + 2 * MB, 10e6), rel=1e-12)
-    assert iteration_seconds(Setting.ddp(), measured, fast) == pytest.approx(0.3 + link(14 / 8 * 4 * MB, 1e9), rel=1e-12)
     # as many cores as hosts: a core each
     assert iteration_seconds(one_peer, measured, Network(hosts=8, bandwidth_bps=1e9, cores=8)) == pytest.approx(
         0.05 + link(64 + 2 * MB, 1e9), rel=1e-12)

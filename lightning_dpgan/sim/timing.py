@@ -3,9 +3,10 @@
 An α–β model, one message per hop: a hop takes ``α + bytes / β``, with ``α`` the link's latency and ``β`` its rate,
 and the bytes are what a host's link carries, its frames' headers included. What each setting sends:
 
-* **DDP** (a ring all-reduce of the fp32 gradients, gloo's and NCCL's algorithm for large messages): ``2(n − 1)``
-  hops one after another, each moving ``1/n`` of the gradients over every link at once, so ``2(n − 1) α`` plus
-  ``2(n − 1)/n`` of the gradients through each host's link. The gradients are reduced in buckets as the backward
+* **DDP** (a ring all-reduce of the fp32 gradients, gloo's algorithm): ``2(n − 1)`` hops one after another, each
+  moving ``1/n`` of the gradients over every link at once, so ``2(n − 1) α`` plus ``2(n − 1)/n`` of the gradients
+  through each host's link. ``allreduce="halving_doubling"`` is DDP's best case on a link with latency: the same
+  bytes in ``2 ⌈log2 n⌉`` hops. The gradients are reduced in buckets as the backward
   pass produces them (25 MB each, torch's default): all but the last bucket's all-reduce can hide behind the
   backward pass, the last one cannot.
 * **Gossip**: ``t`` rounds per mix, one hop each. In a round a host sends one message to each out-neighbour and
@@ -30,6 +31,7 @@ for a slower neighbour beyond one round.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -47,6 +49,7 @@ DDP_BUCKET_BYTES = 25 * 2**20
 #: the backward pass's share of a training step (forward and backward of both players, about 1 : 2), the part a
 #: DDP bucket's all-reduce can hide behind
 BACKWARD_SHARE = 2 / 3
+ALLREDUCES = ("ring", "halving_doubling")
 
 
 @dataclass(frozen=True)
@@ -130,10 +133,14 @@ class Setting:
     overlap: bool = False
     staleness: int = 0
     every: int = 1
+    #: DDP's all-reduce: ``"ring"`` (gloo's; ``2(n − 1)`` hops) or ``"halving_doubling"`` (``2 ⌈log2 n⌉`` hops,
+    #: the same bytes: the fewest hops a bandwidth-optimal all-reduce takes, DDP's best case on a slow-starting link)
+    allreduce: str = "ring"
 
     @classmethod
-    def ddp(cls) -> Setting:
-        return cls(topology=None)
+    def ddp(cls, allreduce: str = "ring") -> Setting:
+        check_choice("allreduce", allreduce, ALLREDUCES)
+        return cls(topology=None, allreduce=allreduce)
 
     @property
     def is_ddp(self) -> bool:
@@ -149,7 +156,7 @@ class Setting:
 
     def label(self) -> str:
         if self.is_ddp:
-            return "DDP (ring all-reduce)"
+            return f"DDP ({self.allreduce.replace('_', '-')} all-reduce)"
         parts = [str(self.topology), f"t={self.rounds}"]
         if self.compression:
             parts.append(f"{self.compression}" + (f" {self.topk_fraction:.0%}" if self.compression == "topk" else "") + " CHOCO")
@@ -190,13 +197,23 @@ def allreduce_bytes(workload: Workload, hosts: int) -> float:
     return 2 * (hosts - 1) / hosts * workload.gradient_bytes
 
 
-def allreduce_seconds(workload: Workload, network: Network, payload_bytes: float | None = None) -> float:
-    """A ring all-reduce: ``2(n − 1)`` hops of ``α`` and ``1/n`` of the data each."""
+def allreduce_hops(hosts: int, algorithm: str = "ring") -> int:
+    """Sequential hops of an all-reduce: a ring's ``2(n − 1)`` (reduce-scatter, then all-gather, a ``1/n`` piece
+    per hop), or recursive halving then doubling's ``2 ⌈log2 n⌉`` (pieces halving, then doubling)."""
+    if hosts == 1:
+        return 0
+    return 2 * (hosts - 1) if algorithm == "ring" else 2 * math.ceil(math.log2(hosts))
+
+
+def allreduce_seconds(workload: Workload, network: Network, payload_bytes: float | None = None,
+                      algorithm: str = "ring") -> float:
+    """An all-reduce: its hops of ``α``, and ``2(n − 1)/n`` of the data through each host's link (both algorithms
+    move the same bytes)."""
     n = network.hosts
     if n == 1:
         return 0.0
     data = workload.gradient_bytes if payload_bytes is None else payload_bytes
-    return 2 * (n - 1) * network.latency_s + network.link_seconds(2 * (n - 1) / n * data)
+    return allreduce_hops(n, algorithm) * network.latency_s + network.link_seconds(2 * (n - 1) / n * data)
 
 
 def bytes_per_iteration(setting: Setting, workload: Workload, hosts: int) -> float:
@@ -229,7 +246,7 @@ def communication_seconds(setting: Setting, workload: Workload, network: Network
     if n == 1:
         return 0.0
     if setting.is_ddp or _topology(str(setting.topology), n).is_complete:
-        return allreduce_seconds(workload, network) / (1 if setting.is_ddp else setting.every)
+        return allreduce_seconds(workload, network, algorithm=setting.allreduce) / (1 if setting.is_ddp else setting.every)
     degrees = round_degrees(str(setting.topology), n)
     rounds = setting.rounds * network.latency_s + network.link_seconds(
         _mean_over_rounds(setting, n, degrees) * message_bytes(setting, workload))
@@ -255,36 +272,47 @@ def own_compute_seconds(workload: Workload, network: Network) -> float:
     return shared * network.cores / network.hosts
 
 
+def in_step(setting: Setting, hosts: int) -> bool:
+    """Whether the hosts compute at the same moments, every iteration. A collective (DDP, a complete graph) ends at
+    the same moment on every host; on an undirected graph each host waits for the very hosts that wait for it, so
+    neighbours, and through them everyone, leave each mix together. On a directed graph (one-peer exponential) a
+    host waits for one host and sends to another, so the hosts can run out of step, in a wave around the graph."""
+    if setting.is_ddp:
+        return True
+    topology = _topology(str(setting.topology), hosts)
+    return topology.is_complete or not topology.directed
+
+
 def iteration_seconds(setting: Setting, workload: Workload, network: Network) -> float:
     """Predicted seconds of one iteration.
 
-    * DDP: a host computes, then all-reduces (less the buckets hidden behind its backward pass). The all-reduce
-      is a collective of all hosts, so every host leaves it at the same moment and they all compute at once: on
-      shared cores each step takes :func:`compute_seconds`, and the iteration is that plus the all-reduce.
-    * Synchronous gossip: a host computes, then mixes, so an iteration takes its compute plus its communication.
-      A host waits for its neighbours only, not for everyone, so on shared cores the hosts fall out of step: while
-      some wait on their links, others compute on the cores they leave idle. The iteration then takes the longer
-      of the cores' bound (every host's step on the shared cores, :func:`compute_seconds`) and one host's chain
-      (its own work on a core, :func:`own_compute_seconds`, then its communication). With a core per host the
-      two agree: compute plus communication.
-    * Overlap and staleness hide the communication behind up to the compute: the longest of the three.
+    With a core per host a host computes, then communicates: DDP the all-reduce (less the buckets hidden behind
+    its backward pass), gossip ``t`` rounds; overlap and staleness hide communication behind up to the compute.
+
+    On shared cores (the emulated cluster) it matters whether the hosts compute at the same moments
+    (:func:`in_step`). If they do, each step takes :func:`compute_seconds`, every host's work on the shared cores,
+    and the communication follows it. If they run out of step, some compute on the cores that the hosts waiting
+    on their links leave idle: the iteration takes the longer of the cores' bound (:func:`compute_seconds`) and
+    one host's chain (its own work on a core, :func:`own_compute_seconds`, then its communication).
     """
     shared = compute_seconds(workload, network)
-    own = own_compute_seconds(workload, network)
     communication = communication_seconds(setting, workload, network)
     if setting.is_ddp:
-        return shared + communication - ddp_hidden_seconds(workload, network, shared, communication)
+        return shared + communication - ddp_hidden_seconds(workload, network, shared, communication, setting.allreduce)
     if setting.overlap or setting.staleness:
         return max(shared, communication)
-    return max(shared, own + communication)
+    if in_step(setting, network.hosts):
+        return shared + communication
+    return max(shared, own_compute_seconds(workload, network) + communication)
 
 
-def ddp_hidden_seconds(workload: Workload, network: Network, compute: float, communication: float) -> float:
+def ddp_hidden_seconds(workload: Workload, network: Network, compute: float, communication: float,
+                       algorithm: str = "ring") -> float:
     """The part of DDP's all-reduce that runs during the backward pass: every bucket's but the last one's, at most
     the backward pass's time."""
     gradient = workload.gradient_bytes
     last = gradient - (max(0, -(-gradient // DDP_BUCKET_BYTES) - 1)) * DDP_BUCKET_BYTES
-    exposed = allreduce_seconds(workload, network, payload_bytes=last)
+    exposed = allreduce_seconds(workload, network, payload_bytes=last, algorithm=algorithm)
     return max(0.0, min(communication - exposed, BACKWARD_SHARE * compute))
 
 
