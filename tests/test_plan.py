@@ -105,3 +105,18 @@ def test_plan_prints_the_alpha_beta_times_bytes_and_rho_of_each_setting(tmp_path
     assert row("DDP (halving-doubling all-reduce)")[0] == pytest.approx(halving, abs=6e-5)
     assert f"{halving / 0.05:.2f}x the pace of the faster DDP" in advice
     assert np.isfinite(seconds) and not list(tmp_path.iterdir())  # no run directory
+
+
+def test_gossip_is_recommended_only_beyond_the_models_checked_error():
+    from lightning_dpgan.command.plan import Row, recommend
+    from lightning_dpgan.sim.timing import Setting
+
+    ddp = Row(Setting.ddp(), 1.0, 8e6, 0.0, 1)
+    slow_ddp = Row(Setting.ddp("halving_doubling"), 2.0, 8e6, 0.0, 1)
+    near = Row(Setting("exponential", 1, "bf16"), 0.9, 4e6, 0.6, 6)  # 1.11x DDP's pace: within ±15 %
+    drifting = Row(Setting("ring", 1, "bf16"), 0.1, 4e6, 0.99, None)  # fastest, but never mixes enough
+    assert recommend([slow_ddp, ddp, near, drifting]) == (ddp, drifting)
+    clear = Row(Setting("one_peer_exponential", 1, "bf16"), 0.8, 2e6, 1.0, 6)  # 1.25x
+    assert recommend([slow_ddp, ddp, near, clear, drifting]) == (clear, drifting)
+    late = Row(Setting("one_peer_exponential", 1, "bf16", every=4), 0.5, 5e5, 1.0, 24)  # 24 iterations to mix: no
+    assert recommend([ddp, late]) == (ddp, late)
