@@ -23,8 +23,9 @@ bytes on the link, ``frame`` being 38 on Ethernet (header, checksum, preamble, g
 which counts the Ethernet header only.
 
 Compute: one step's seconds on one core, measured (:func:`lightning_dpgan.sim.compute.step_seconds`) or given.
-On the emulated cluster the hosts share the machine's ``cores``; :func:`iteration_seconds` says how the model
-treats them (a collective keeps the hosts in step, gossip lets them fall out of it). Not modelled: TCP's congestion control leaving a shaped link short of its rate with several flows
+On the emulated cluster the hosts share the machine's ``cores``: a step then takes ``shared_step_s``, measured
+where they share them (each setting's run on an unlimited link, its mix's CPU included), or ``step_s`` stretched
+by ``hosts / cores``. Not modelled: TCP's congestion control leaving a shaped link short of its rate with several flows
 (docs/wire.md), stragglers, the CPU that casting and combining take, and the time a host's first message waits
 for a slower neighbour beyond one round.
 """
@@ -263,47 +264,18 @@ def compute_seconds(workload: Workload, network: Network) -> float:
     return workload.step_s * network.hosts / network.cores
 
 
-def own_compute_seconds(workload: Workload, network: Network) -> float:
-    """One host's own work of a step, on a core: on shared cores the cores were busy for the whole of
-    :func:`compute_seconds` with every host's work, so a host's share is ``cores / hosts`` of it."""
-    shared = compute_seconds(workload, network)
-    if network.cores is None or network.cores >= network.hosts:
-        return shared
-    return shared * network.cores / network.hosts
-
-
-def in_step(setting: Setting, hosts: int) -> bool:
-    """Whether the hosts compute at the same moments, every iteration. A collective (DDP, a complete graph) ends at
-    the same moment on every host; on an undirected graph each host waits for the very hosts that wait for it, so
-    neighbours, and through them everyone, leave each mix together. On a directed graph (one-peer exponential) a
-    host waits for one host and sends to another, so the hosts can run out of step, in a wave around the graph."""
-    if setting.is_ddp:
-        return True
-    topology = _topology(str(setting.topology), hosts)
-    return topology.is_complete or not topology.directed
-
-
 def iteration_seconds(setting: Setting, workload: Workload, network: Network) -> float:
-    """Predicted seconds of one iteration.
-
-    With a core per host a host computes, then communicates: DDP the all-reduce (less the buckets hidden behind
-    its backward pass), gossip ``t`` rounds; overlap and staleness hide communication behind up to the compute.
-
-    On shared cores (the emulated cluster) it matters whether the hosts compute at the same moments
-    (:func:`in_step`). If they do, each step takes :func:`compute_seconds`, every host's work on the shared cores,
-    and the communication follows it. If they run out of step, some compute on the cores that the hosts waiting
-    on their links leave idle: the iteration takes the longer of the cores' bound (:func:`compute_seconds`) and
-    one host's chain (its own work on a core, :func:`own_compute_seconds`, then its communication).
-    """
-    shared = compute_seconds(workload, network)
+    """Predicted seconds of one iteration: a host computes, then communicates (DDP: the all-reduce, less the buckets
+    hidden behind its backward pass; gossip: ``t`` rounds); overlap and staleness hide the communication behind up
+    to the compute. On shared cores the compute is :func:`compute_seconds`: a synchronous mix ends at about the same
+    moment on neighbouring hosts, so they compute at the same time, on the same cores."""
+    compute = compute_seconds(workload, network)
     communication = communication_seconds(setting, workload, network)
     if setting.is_ddp:
-        return shared + communication - ddp_hidden_seconds(workload, network, shared, communication, setting.allreduce)
+        return compute + communication - ddp_hidden_seconds(workload, network, compute, communication, setting.allreduce)
     if setting.overlap or setting.staleness:
-        return max(shared, communication)
-    if in_step(setting, network.hosts):
-        return shared + communication
-    return max(shared, own_compute_seconds(workload, network) + communication)
+        return max(compute, communication)
+    return compute + communication
 
 
 def ddp_hidden_seconds(workload: Workload, network: Network, compute: float, communication: float,
