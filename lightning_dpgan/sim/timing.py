@@ -25,15 +25,17 @@ which counts the Ethernet header only.
 Compute: one step's seconds on one core, measured (:func:`lightning_dpgan.sim.compute.step_seconds`) or given.
 On the emulated cluster the hosts share the machine's ``cores``: a step then takes ``shared_step_s``, measured
 where they share them (each setting's run on an unlimited link, its mix's CPU included), or ``step_s`` stretched
-by ``hosts / cores``. Not modelled: TCP's congestion control leaving a shaped link short of its rate with several flows
-(docs/wire.md), stragglers, the CPU that casting and combining take, and the time a host's first message waits
-for a slower neighbour beyond one round.
+by ``hosts / cores``.
+
+Not modelled: TCP's congestion control leaving a shaped link short of its rate with several flows (bbr;
+docs/wire.md), a shaper's burst (``tc tbf`` passes its bucket at once after an idle link), a transfer hidden behind
+other hosts' compute on shared cores, the CPU of casting and combining on hosts with a core each, stragglers.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 
 from lightning_dpgan.checks import check_choice, check_int, check_number
@@ -286,7 +288,3 @@ def ddp_hidden_seconds(workload: Workload, network: Network, compute: float, com
     last = gradient - (max(0, -(-gradient // DDP_BUCKET_BYTES) - 1)) * DDP_BUCKET_BYTES
     exposed = allreduce_seconds(workload, network, payload_bytes=last, algorithm=algorithm)
     return max(0.0, min(communication - exposed, BACKWARD_SHARE * compute))
-
-
-def with_hosts(network: Network, hosts: int) -> Network:
-    return replace(network, hosts=hosts)
