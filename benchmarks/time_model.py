@@ -1,21 +1,25 @@
 """The time model (``lightning_dpgan.sim.timing``) against the emulated cluster: predicted and measured iterations
 per second, side by side.
 
-    sudo python benchmarks/time_model.py --hosts 8 --rates 200mbit 50mbit 10mbit --probe-steps 20
+    sudo python benchmarks/time_model.py --hosts 8 --rates unlimited 200mbit 50mbit 10mbit --probe-steps 20
 
 The workload is ``cluster_bytes.py``'s: the widened digits DCGAN (4.35 MB of fp32 parameters), one worker per
-host, the real command line on every host. Three kinds of run, each on its own emulated cluster:
+host, the real command line on every host. The runs:
 
 * the compute probe: one step of the configured model timed on one process with one thread and no strategy
-  (:func:`lightning_dpgan.sim.compute.step_seconds`), in this process, before any cluster is built;
-* the measurement: per rate and setting, ``cluster_bytes.py``'s speed probe (``--probe-steps`` iterations, seconds
-  per iteration between its two evaluations, evaluations excluded);
-* the prediction: :func:`lightning_dpgan.sim.timing.iteration_seconds` for the same setting, rate and hosts, from
-  the compute probe and the cluster's own description (its MTU; its hosts sharing this machine's cores; no
-  latency, which this kernel cannot emulate).
+  (:func:`lightning_dpgan.sim.compute.step_seconds`), in this process, once (``--compute-again`` repeats it); the
+  model's compute for hosts with a core each (the last column);
+* per setting on an unlimited link: the compute input on these hosts, which share the machine's cores (every host
+  computing and mixing at once, the mix's CPU included);
+* per rate and setting: ``cluster_bytes.py``'s speed probe (``--probe-steps`` iterations, seconds per iteration
+  between its two evaluations, evaluations excluded);
+* the prediction: :func:`lightning_dpgan.sim.timing.iteration_seconds` for the same setting, rate and hosts: the
+  unlimited run's seconds plus the α–β communication on the cluster's links (tbf framing, its MTU, no latency,
+  which this kernel cannot emulate).
 
-Every measured row is saved in ``--out/time_model.json`` as it is taken, so the settings can be run in chunks
-(``--rates``, ``--settings``) and ``--collect`` prints the table from what is there without running anything.
+Every run is saved in ``--out/time_model.json`` as it is taken, so the settings can be run in chunks (``--rates``,
+``--settings``; ``--congestion-control`` rows are kept apart) and repeated; a cell is its fastest run (the machine
+is shared, and others' work only slows a run). ``--collect`` prints the table from what is there.
 """
 
 from __future__ import annotations
@@ -38,9 +42,6 @@ CHECKED = ("DDP, all_reduce", "one-peer exponential, bf16", "ring, bf16", "ring,
 SETTINGS = {name: BYTES_SETTINGS[name] for name in CHECKED}
 #: the probes' evaluations are left out of their time; fewer samples make them end sooner
 PROBE = ["evaluation.num_samples=256"]
-#: no messages at all, on an unlimited link: what the hosts' shared cores allow (a diagnostic, not a checked row)
-CEILING = ("no communication", ["strategy.gossip.mixing=false", "strategy.consensus_every=0"])
-CEILING_KEY = f"unlimited/{slug(CEILING[0])}"
 
 
 def compose(overrides: list[str]) -> object:
@@ -77,6 +78,13 @@ def fastest(saved: dict, key: str) -> dict | None:
     return {**min(runs, key=lambda r: r["s_per_it"]), "runs": len(runs)}
 
 
+def row_key(rate: str, name: str, congestion: str | None) -> str:
+    """A measured row's key: the rate and setting, and the congestion control where one was chosen (a run on an
+    unlimited link is the compute input of every congestion control's rows)."""
+    chosen = f"@{congestion}" if congestion and rate != "unlimited" else ""
+    return f"{rate}/{slug(name)}{chosen}"
+
+
 def predict(name: str, rate: str, hosts: int, saved: dict, mtu: int, cores: int) -> float:
     """Predicted seconds per iteration on the emulated cluster: its tbf links (which count the Ethernet header of a
     frame only) without latency, its hosts sharing ``cores``. The compute is the setting's own run on an unlimited
@@ -103,26 +111,27 @@ def host_line() -> str:
 
 
 def table(saved: dict, hosts: int, cores: int) -> str:
-    probe, ceiling = saved["compute"], fastest(saved, CEILING_KEY)
+    probe = saved["compute"]
     lines = [
         f"{hosts} hosts sharing {cores} cores; {saved.get('host', '')}; compute probe {1e3 * probe['step_s']:.1f} ms a "
-        f"step (one process, one thread), {probe['numel']:,} parameters"
-        + (f"; no messages at all: {1 / ceiling['s_per_it']:.2f} it/s" if ceiling else ""),
+        f"step (one process, one thread), {probe['numel']:,} parameters",
         "",
         "| rate | setting | compute input: it/s on an unlimited link | predicted it/s | measured it/s (runs) "
         "| predicted ÷ measured | what the emulation cannot show |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
+    chosen = sorted({k.split("@")[1] for k in saved["measured"] if "@" in k})
     for rate in saved["rates"]:
-        for name in SETTINGS:
-            row = fastest(saved, f"{rate}/{slug(name)}")
+        for name, congestion in [(n, None) for n in SETTINGS] + [(n, c) for c in chosen for n in SETTINGS]:
+            row = fastest(saved, row_key(rate, name, congestion))
             if row is None:
                 continue
             unlimited = fastest(saved, f"unlimited/{slug(name)}")
             predicted = predict(name, rate, hosts, saved, row["mtu"], cores)
             ratio = row["s_per_it"] / predicted  # predicted it/s ÷ measured it/s
             compute = f"{1 / unlimited['s_per_it']:.2f}" if unlimited else "(probe × hosts / cores)"
-            lines.append(f"| {rate} | {name} | {compute} | {1 / predicted:.2f} | {1 / row['s_per_it']:.2f} ({row['runs']}) "
+            named = name if congestion is None else f"{name}, TCP {congestion}"
+            lines.append(f"| {rate} | {named} | {compute} | {1 / predicted:.2f} | {1 / row['s_per_it']:.2f} ({row['runs']}) "
                          f"| {ratio:.2f} | {cannot_show(name, rate, hosts, saved)} |")
     return "\n".join(lines)
 
@@ -151,7 +160,6 @@ def main() -> None:
     parser.add_argument("--compute-steps", type=int, default=30, help="steps the compute probe times")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/time_model"))
-    parser.add_argument("--ceiling", action="store_true", help="also time training with no messages on an unlimited link")
     parser.add_argument("--compute-again", action="store_true", help="repeat the compute probe (else the saved one is kept)")
     parser.add_argument("--collect", action="store_true", help="only print the table from --out")
     add_link_arguments(parser)
@@ -171,8 +179,6 @@ def main() -> None:
         print(f"compute probe: {json.dumps(saved['compute'])}", file=sys.stderr, flush=True)
         names = [s for s in SETTINGS if args.settings is None or slug(s) in args.settings]
         runs = [(rate, name, SETTINGS[name]) for rate in args.rates for name in names]
-        if args.ceiling:
-            runs.insert(0, ("unlimited", CEILING[0], CEILING[1]))
         for rate, name, overrides in runs:
             run_dir = args.out / slug(name) / rate / time.strftime("%H%M%S")
             with EmulatedCluster(args.hosts, None if rate == "unlimited" else rate, port=29611, **link_options(args)) as cluster:
@@ -182,7 +188,7 @@ def main() -> None:
             load.append(os.getloadavg()[0])
             measured = {"s_per_it": seconds_per_iteration(rows), "congestion_control": congestion, "mtu": args.mtu,
                         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": load}
-            saved["measured"].setdefault(f"{rate}/{slug(name)}", []).append(measured)
+            saved["measured"].setdefault(row_key(rate, name, args.congestion_control), []).append(measured)
             if rate != "unlimited":
                 saved["rates"] = list(dict.fromkeys([*saved["rates"], rate]))
             print(f"{rate} {name}: {1 / measured['s_per_it']:.3f} it/s, load {load}", file=sys.stderr, flush=True)
