@@ -18,9 +18,9 @@ CLI = [sys.executable, "-m", "lightning_dpgan"]
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["hosts=0", "bandwidth=1gbit"], "hosts must be an integer in [2, 1024], got 0"),
-        (["hosts=eight", "bandwidth=1gbit"], "hosts must be an integer in [2, 1024], got 'eight'"),
-        (["hosts=2048", "bandwidth=1gbit"], "hosts must be an integer in [2, 1024], got 2048"),
+        (["hosts=0", "bandwidth=1gbit"], "hosts must be an integer in [2, 512], got 0"),
+        (["hosts=eight", "bandwidth=1gbit"], "hosts must be an integer in [2, 512], got 'eight'"),
+        (["hosts=1024", "bandwidth=1gbit"], "hosts must be an integer in [2, 512], got 1024 (the plan multiplies"),
         (["hosts=8", "bandwidth=fast"], "bandwidth must be a rate such as 100mbit, 1gbit or 10gbit (bits per second, each link and direction), got 'fast'"),
         (["hosts=8", "bandwidth=0gbit"], "got '0gbit'"),
         (["hosts=8", "bandwidth=1gbit", "latency_ms=-5"], "latency_ms must be a finite number >= 0, got -5"),
@@ -30,7 +30,7 @@ CLI = [sys.executable, "-m", "lightning_dpgan"]
         (["bandwidth=1gbit"], "plan needs hosts=...; e.g. plan hosts=64 bandwidth=1gbit latency_ms=30"),
         ([], "plan needs hosts=... and bandwidth=..."),
         # the plan's own keys are checked before Hydra composes anything: the bad model is not reached
-        (["hosts=0", "bandwidth=1gbit", "model=nope"], "hosts must be an integer in [2, 1024], got 0"),
+        (["hosts=0", "bandwidth=1gbit", "model=nope"], "hosts must be an integer in [2, 512], got 0"),
         (["hosts=8", "bandwidth=1gbit", "model=nope"], "unknown model 'nope'; allowed: dcgan, mlp, sngan"),
     ],
 )

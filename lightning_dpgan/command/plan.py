@@ -29,8 +29,10 @@ from typing import Any
 
 from lightning_dpgan.checks import check_int, check_number
 from lightning_dpgan.command.errors import UsageError
-from lightning_dpgan.topology import MAX_ROUNDS, MAX_WORLD_SIZE
+from lightning_dpgan.topology import MAX_ROUNDS
 
+#: the most hosts the plan computes mixing for (dense products of n x n matrices for every candidate's rho)
+MAX_PLAN_HOSTS = 512
 #: the plan's own keys on the command line (the rest are Hydra's overrides: the model and dataset)
 KEYS = ("hosts", "bandwidth", "latency_ms", "compute_ms", "mtu")
 REQUIRED = ("hosts", "bandwidth")
@@ -90,8 +92,9 @@ def split_arguments(overrides: Sequence[str]) -> tuple[Request, list[str]]:
     if missing:
         raise UsageError(f"plan needs {' and '.join(f'{k}=...' for k in missing)}; e.g. plan hosts=64 bandwidth=1gbit "
                          "latency_ms=30")
-    hosts = _checked(lambda: check_int("hosts", _number(given["hosts"]), 2, MAX_WORLD_SIZE,
-                                       why="the plan builds each graph's dense n x n mixing matrix"))
+    hosts = _checked(lambda: check_int("hosts", _number(given["hosts"]), 2, MAX_PLAN_HOSTS,
+                                       why="the plan multiplies each graph's dense n x n mixing matrices: about a "
+                                           "minute at 512 hosts, more than five at 1024"))
     latency_ms = _checked(lambda: check_number("latency_ms", _number(given.get("latency_ms", "0")), 0))
     compute = given.get("compute_ms")
     compute_ms = None if compute is None else _checked(lambda: check_number("compute_ms", _number(compute), 0, low_open=True))
