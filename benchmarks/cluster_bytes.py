@@ -11,8 +11,9 @@ benchmark measures the two apart, side by side:
 * speed, per rate and setting: a run of ``--probe-steps`` on the limited link, seconds per iteration between its two
   evaluations;
 * time to each FID target at each rate: that iteration times those seconds per iteration (evaluations excluded);
-* bytes a host sends per iteration, from the message sizes (``lightning_dpgan.gossip.compression``'s wire sizes,
-  the 64-byte header; DDP: a ring all_reduce of fp32 gradients, ``2 (n - 1) / n`` of them).
+* bytes a host sends per iteration, from the message sizes (``lightning_dpgan.sim.timing.bytes_per_iteration``:
+  the engines' message sizes with their 64-byte header; DDP: a ring all_reduce of fp32 gradients,
+  ``2 (n - 1) / n`` of them).
 """
 
 from __future__ import annotations
@@ -40,24 +41,23 @@ SETTINGS = {
 BASELINE = "one-peer exponential, bf16"
 
 
+def setting_of(overrides: list[str]) -> object:
+    """The time model's description (``lightning_dpgan.sim.timing.Setting``) of a setting's CLI overrides."""
+    from lightning_dpgan.sim.timing import Setting
+
+    value = dict(o.split("=", 1) for o in overrides)
+    if value.get("strategy") == "ddp":
+        return Setting.ddp()
+    return Setting(topology=value["topology"], rounds=int(value.get("gossip_rounds", 1)), wire_dtype=value.get("wire_dtype"),
+                   compression=value.get("compression"), every=int(value.get("gossip_every", 1)))
+
+
 def bytes_per_iteration(setting: str, hosts: int) -> float:
-    """What one host sends per iteration, headers included."""
-    from lightning_dpgan.gossip.compression import build_compressor
-    from lightning_dpgan.gossip.control import HEADER_BYTES
+    """What one host sends per iteration, headers included: the time model's count, from the engines' message sizes."""
+    from lightning_dpgan.sim.timing import Workload
+    from lightning_dpgan.sim.timing import bytes_per_iteration as sent
 
-    overrides = SETTINGS[setting]
-    numel = PARAMETER_BYTES // 4
-    if "strategy=ddp" in overrides:
-        return 2 * (hosts - 1) / hosts * PARAMETER_BYTES
-    value = {o.split("=")[0]: o.split("=")[1] for o in overrides}
-    peers = 1 if value["topology"] == "one_peer_exponential" else 2
-    if "compression" in value:
-        import torch
-
-        payload = build_compressor(value["compression"], 0.01).wire_bytes(numel, torch.float32)
-    else:
-        payload = numel * (2 if value.get("wire_dtype") == "bf16" else 4)
-    return peers * (HEADER_BYTES + payload) / int(value.get("gossip_every", 1))
+    return sent(setting_of(SETTINGS[setting]), Workload(numel=PARAMETER_BYTES // 4, step_s=0.0), hosts)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""``python -m lightning_dpgan <verb> [Hydra overrides]``: ``fit``, ``validate``, ``sample`` and ``topology``.
+"""``python -m lightning_dpgan <verb> [Hydra overrides]``: ``fit``, ``validate``, ``sample``, ``topology`` and ``plan``.
 
 Every run goes through one ``hydra.main``: the verb becomes the ``verb`` key, Hydra composes the configuration and
 makes the run directory, and the task checks the configuration by building its objects once
@@ -28,6 +28,7 @@ VERBS = {
     "validate": "evaluate the consensus model of a checkpoint: ckpt_path=...",
     "sample": "write num_samples samples of a checkpoint as samples.npy and samples.png: ckpt_path=...",
     "topology": "print W, degree, spectral gap and rho(W^t) for topology, devices x num_nodes, gossip_rounds",
+    "plan": "predict seconds per iteration of DDP and gossip settings for the model: hosts=, bandwidth=, latency_ms=",
 }
 HYDRA_FLAGS = ("-m", "--multirun", "-c", "--cfg", "-p", "--package", "--info", "-i", "--resolve", "-sc", "--shell-completion", "--hydra-help")
 #: Hydra's flags that take the word after them (``--info`` only when it is one of its topics)
@@ -38,6 +39,7 @@ EXAMPLES = """examples:
   python -m lightning_dpgan fit experiment=digits strategy=ddp logger=wandb
   python -m lightning_dpgan fit -m topology=ring,torus,exponential
   python -m lightning_dpgan topology topology=exponential devices=16 gossip_rounds=2
+  python -m lightning_dpgan plan hosts=256 bandwidth=1gbit latency_ms=30 experiment=digits
   python -m lightning_dpgan sample ckpt_path=runs/fit/<run>/checkpoints/last.ckpt num_samples=1000
 Hydra's flags (-m, --cfg job, --info, -sc install=bash) go after the verb."""
 #: the job name Lightning's launcher gives the workers it re-runs through Hydra
@@ -121,8 +123,12 @@ def hydra_command_line(command: Command, flags: list[str], overrides: list[str])
 
     if not command.relaunched:
         overrides = with_run_overrides(command.verb, quote_paths(overrides))
-    if command.verb == "topology" and override_value(overrides, "hydra.run.dir") is None:
-        overrides = [*overrides, "hydra.run.dir=."]  # topology reads the configuration only: no run directory
+    if command.verb == "plan":
+        from lightning_dpgan.command.plan import hydra_overrides
+
+        overrides = hydra_overrides(overrides)  # its own keys checked before anything is composed or built
+    if command.verb in ("topology", "plan") and override_value(overrides, "hydra.run.dir") is None:
+        overrides = [*overrides, "hydra.run.dir=."]  # these read the configuration only: no run directory
     hydra_only = {"--hydra-help", "-sc", "--shell-completion"} & set(flags)  # Hydra's help and completion know no verb
     return [*([] if hydra_only else [f"verb={command.verb}"]), *overrides, *flags]
 
@@ -183,7 +189,7 @@ def run_task(cfg: DictConfig) -> None:
         return
     try:
         cfg = checks.follow_the_launcher(cfg)
-        if verb != "topology":
+        if verb not in ("topology", "plan"):
             folders.check_run_directory(run_dir, cfg.ckpt_path, resuming_here=cfg.ckpt_path == "last")
         run = checks.prepare(verb, cfg, run_dir, spawn=hydra_cfg.mode == RunMode.MULTIRUN)
     except UsageError as err:

@@ -176,8 +176,9 @@ def test_shell_completion_and_hydra_flags_after_the_verb(monkeypatch):
         assert status == 0, err
         return out
 
-    assert query("lightning-dpgan ").split() == ["fit", "validate", "sample", "topology"]
+    assert query("lightning-dpgan ").split() == ["fit", "validate", "sample", "topology", "plan"]
     assert query("lightning-dpgan f").split() == ["fit"]
+    assert query("lightning-dpgan p").split() == ["plan"]
     assert "topology=ring" in query("lightning-dpgan fit topology=").split()
     monkeypatch.delenv("COMP_LINE")
     script = str(Path(sys.executable).parent / "lightning-dpgan")  # the command the hook is installed for

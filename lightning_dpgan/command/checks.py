@@ -44,6 +44,7 @@ class Run:
     strategy: Any = None
     evaluation: Any = None
     topology: Any = None
+    plan: Any = None  # the plan verb's request (lightning_dpgan.command.plan.Request)
 
 
 def prepare(verb: str, cfg: DictConfig, run_dir: str, spawn: bool = False) -> Run:
@@ -60,6 +61,14 @@ def prepare(verb: str, cfg: DictConfig, run_dir: str, spawn: bool = False) -> Ru
                              why="every worker builds and checks the dense n x n mixing matrix"))
     if verb == "topology":
         return Run(cfg, run_dir, topology=build_topology_from(cfg))
+    if verb == "plan":  # the model and data to measure, nothing else
+        import lightning.pytorch as pl
+
+        from lightning_dpgan.command.plan import request_from
+
+        request = request_from(cfg)
+        pl.seed_everything(cfg.seed, verbose=False)
+        return Run(cfg, run_dir, datamodule=instantiate(cfg, "dataset"), model=instantiate(cfg, "model"), plan=request)
     _check_rounds(cfg.gossip_rounds)  # by its key on the command line, before the strategy names it its own way
     if verb in ("validate", "sample") and not cfg.ckpt_path:
         raise UsageError(f"{verb} needs ckpt_path=<a checkpoint file>, got {cfg.ckpt_path!r}")

@@ -1,4 +1,5 @@
-"""The verbs: ``fit`` trains, ``validate`` scores a checkpoint, ``sample`` writes its samples, ``topology`` prints W.
+"""The verbs: ``fit`` trains, ``validate`` scores a checkpoint, ``sample`` writes its samples, ``topology`` prints W,
+``plan`` predicts each communication setting's time per iteration (:mod:`lightning_dpgan.command.plan`).
 
 Each takes the :class:`~lightning_dpgan.command.checks.Run` that the checks built, and builds only what the checks
 could not (the logger creates its run, the trainer its processes).
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_dpgan.command.checks import Run, instantiate, is_decentralized
 from lightning_dpgan.command.errors import fail
 from lightning_dpgan.command.folders import resume_line
+from lightning_dpgan.command.plan import plan
 
 
 def fit(run: Run, worker: bool = False) -> None:
@@ -207,4 +209,4 @@ def compression_options(cfg: DictConfig) -> Any:
     )
 
 
-VERBS = {"fit": fit, "validate": validate, "sample": sample, "topology": print_topology}
+VERBS = {"fit": fit, "validate": validate, "sample": sample, "topology": print_topology, "plan": plan}

@@ -28,8 +28,25 @@ _MAX_CACHED_PLANS = 8
 
 def message_bytes(numel: int, dtype: torch.dtype) -> int:
     """A message's size: the header, then ``numel`` elements padded to 8 bytes (so rows of messages stay aligned)."""
-    payload = numel * torch.empty((), dtype=dtype).element_size()
-    return HEADER_BYTES + -(-payload // 8) * 8
+    return framed_bytes(numel * torch.empty((), dtype=dtype).element_size())
+
+
+def framed_bytes(payload_bytes: int) -> int:
+    """The size of a message whose payload takes ``payload_bytes``: the header, then the payload padded to 8 bytes."""
+    return HEADER_BYTES + -(-payload_bytes // 8) * 8
+
+
+def mix_message_bytes(numel: int, dtype: torch.dtype, wire_dtype: str | None = None, compression: str | None = None,
+                      topk_fraction: float = 0.01) -> int:
+    """What a worker sends each neighbour in one round of a mix of ``numel`` elements of ``dtype``: the tensors in
+    the wire dtype, or CHOCO's compressed difference. The engines size their messages with the same rules, and the
+    time model (:mod:`lightning_dpgan.sim.timing`) and the benchmarks count bytes with this."""
+    from lightning_dpgan.gossip.compression import build_compressor
+    from lightning_dpgan.gossip.transport import resolve_wire_dtype
+
+    if compression is not None:
+        return framed_bytes(build_compressor(compression, topk_fraction).wire_bytes(numel, dtype))
+    return message_bytes(numel, resolve_wire_dtype(wire_dtype) or dtype)
 
 
 def payload(messages: Tensor, numel: int, dtype: torch.dtype) -> Tensor:

@@ -32,7 +32,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_dpgan.gossip.base import GossipEngine
-from lightning_dpgan.gossip.buffers import Bucket, Plan
+from lightning_dpgan.gossip.buffers import Bucket, Plan, framed_bytes
 from lightning_dpgan.gossip.compression import Compressor, build_compressor
 from lightning_dpgan.gossip.control import HEADER_BYTES
 from lightning_dpgan.gossip.options import GossipOptions
@@ -129,7 +129,7 @@ class ChocoGossip(GossipEngine):
         for bucket in plan.buckets:
             if not bucket.flat.is_floating_point():
                 raise ValueError(f"gossip averages floating-point tensors only, got one of dtype {bucket.dtype}")
-            size = HEADER_BYTES + -(-self.compressor.wire_bytes(bucket.numel, bucket.dtype) // 8) * 8
+            size = framed_bytes(self.compressor.wire_bytes(bucket.numel, bucket.dtype))
             copies = torch.empty(rows, bucket.numel, dtype=bucket.dtype, device=bucket.device)
             if self._restored:
                 restored = self._restored.pop(0)
