@@ -24,6 +24,7 @@ with the Fabric strategy; what each step mixes is decided in :mod:`lightning_dpg
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -293,6 +294,15 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
             if isinstance(self.engine, LiveGossip):
                 self.engine.report()
         super().on_train_end()
+
+    @override
+    def teardown(self) -> None:
+        super().teardown()
+        if multiprocessing.parent_process() is not None and torch.distributed.is_initialized():
+            # A worker the spawn launcher started ends with this fit, and gloo's threads still holding work when a
+            # process exits without destroying its groups can abort it (pytorch/pytorch#190489); nothing of the
+            # launcher's own after this (collecting rank 0's results) is a collective.
+            torch.distributed.destroy_process_group()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
