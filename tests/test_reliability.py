@@ -27,7 +27,7 @@ import torch
 from lightning_dpgan.processes import PatientObserver
 from lightning_dpgan.replicas import REPLICA_KEY, CheckpointError, ReplicaSet, check_set, read_main, read_replica, replica_set_of
 
-from helpers import WORKERS, call_cli, free_port, group_alive, run, worker_env
+from helpers import WORKERS, call_cli, free_port, group_alive, logged_step, run, worker_env
 
 CLI = [sys.executable, "-m", "lightning_dpgan"]
 
@@ -548,15 +548,6 @@ def _worker_pid(launcher: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under {launcher}")
 
 
-def _logged_step(run_dir: Path) -> int:
-    """The newest step in the run's metrics.csv (0 before it has one)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        header, *rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
-        column = header.split(",").index("step")
-        return max((int(float(row.split(",")[column])) for row in rows if row.count(",") == header.count(",")), default=0)
-    return 0
-
-
 def _ended(proc: subprocess.Popen, stalled: int) -> tuple[str, float]:
     """Wait for the run to end (stderr and when), then check that nothing of it is left running."""
     try:
@@ -579,7 +570,7 @@ def test_the_worker_that_died_is_named_not_the_neighbour_that_left(tmp_path):
     worker, the silent case, is named the same way: the checkpoint-write test below.)"""
     proc = _fit_cli(tmp_path, "max_steps=100000", "checkpoint.every_n_train_steps=100000", "strategy.gossip.peer_timeout=5")
     deadline = time.monotonic() + 120
-    while _logged_step(tmp_path) < 4:  # past the warm-up, in the first steps
+    while logged_step(tmp_path) < 4:  # past the warm-up, in the first steps
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     victim = _worker_pid(proc.pid, 2)
@@ -627,7 +618,7 @@ def test_a_live_run_started_by_the_cli_goes_on_without_a_killed_worker(tmp_path)
     proc = _fit_cli(tmp_path, "membership=live", "max_steps=60", "batch_size=64", "strategy.gossip.peer_timeout=5",
                     "checkpoint.every_n_train_steps=100000")
     deadline = time.monotonic() + 120
-    while _logged_step(tmp_path) < 20:
+    while logged_step(tmp_path) < 20:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     os.kill(_worker_pid(proc.pid, 2), signal.SIGKILL)
@@ -661,7 +652,7 @@ def test_a_worker_stopped_inside_a_checkpoint_write_is_named_within_the_peer_tim
     the checkpoint's agreement, once bounded only by the start-up timeout (30 minutes), now by the peer timeout."""
     proc = _fit_cli(tmp_path, "max_steps=100000", "checkpoint.every_n_train_steps=1", "strategy.gossip.peer_timeout=5")
     deadline = time.monotonic() + 120
-    while _logged_step(tmp_path) < 5:
+    while logged_step(tmp_path) < 5:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     victim = _worker_pid(proc.pid, 2)
