@@ -46,6 +46,27 @@ MODELS = ("consensus", "local")
 HIGHER_IS_BETTER = {"modes": True, "high_quality": True, "reverse_kl": False, "fid": False, "inception_score": True}
 
 
+def members(trainer: pl.Trainer) -> tuple[int, int]:
+    """This rank's index among the workers still in the run and their number: the global rank and world size, or a
+    live run's current members after a worker left (``strategy.members``)."""
+    return getattr(trainer.strategy, "members", None) or (trainer.global_rank, trainer.world_size)
+
+
+def _gather_rows(strategy: Any, tensor: Tensor) -> list[Tensor]:
+    """Every rank's ``tensor`` (a metric state; its first dimension may differ between ranks), in rank order."""
+    if tensor.dim() == 0:
+        return list(strategy.all_gather(tensor.reshape(1)).reshape(-1).unbind(0))
+    shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)
+    shapes = strategy.all_gather(shape).reshape(-1, tensor.dim())
+    if bool((shapes == shape).all()):
+        return list(strategy.all_gather(tensor.contiguous()).reshape(-1, *tensor.shape).unbind(0))
+    longest = int(shapes[:, 0].max())
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: len(tensor)] = tensor
+    rows = strategy.all_gather(padded).reshape(-1, *padded.shape)
+    return [row[: int(n)] for row, n in zip(rows, shapes[:, 0])]
+
+
 class GANEvaluation(pl.Callback):
     """Evaluate the generator every ``every_n_steps`` optimizer steps and when training ends.
 
@@ -153,13 +174,14 @@ class GANEvaluation(pl.Callback):
         train_s = started - self._train_start - self._evaluating_s
         self._last_step = trainer.global_step
         generator = self._generator(pl_module)
-        world_size = trainer.world_size
+        rank, world_size = members(trainer)
+        self._sync_over_members(trainer, world_size)
         if not self.is_mixture and not self._real_done:
-            split = (trainer.global_rank, world_size) if self.model == "consensus" else (0, 1)
+            split = (rank, world_size) if self.model == "consensus" else (0, 1)
             self._add_real_images(trainer.datamodule, pl_module.device, *split)
         noise = evaluation_noise(self.seed, self.num_samples, pl_module.latent_dim)
         if self.model == "consensus":
-            noise = noise.tensor_split(world_size)[trainer.global_rank]  # the ranks score num_samples together
+            noise = noise.tensor_split(world_size)[rank]  # the ranks score num_samples together
         with self._consensus(trainer, generator):
             samples = self._generate(generator, pl_module, noise)
         if not self._all_finite(trainer, samples):
@@ -180,6 +202,13 @@ class GANEvaluation(pl.Callback):
             self._write_history(trainer)  # after every evaluation: a run stopped early keeps what it measured
         self._evaluating_s += time.perf_counter() - started
         return logged
+
+    def _sync_over_members(self, trainer: pl.Trainer, count: int) -> None:
+        """Once the members changed (a live run lost a worker), the metrics gather their states over the members
+        (``trainer.strategy.all_gather``), not over torch's default group, which still holds the worker that left."""
+        if count != trainer.world_size:
+            for metric in self.metrics.values():
+                metric.dist_sync_fn = lambda tensor, group=None: _gather_rows(trainer.strategy, tensor)
 
     @staticmethod
     def _all_finite(trainer: pl.Trainer, samples: Tensor) -> bool:
@@ -265,8 +294,9 @@ class GANEvaluation(pl.Callback):
             return samples, f"{step}: rank {trainer.global_rank}'s replica, {len(samples)} samples"
         if not self.is_mixture:
             return samples, f"{step}: the first {min(64, len(samples))} of {self.num_samples} scored samples"
-        if trainer.world_size > 1:  # each rank's share in its place, zeros elsewhere, summed: exact
-            start = int(torch.arange(self.num_samples).tensor_split(trainer.world_size)[trainer.global_rank][0]) if len(samples) else 0
+        rank, world_size = members(trainer)
+        if world_size > 1:  # each rank's share in its place, zeros elsewhere, summed: exact
+            start = int(torch.arange(self.num_samples).tensor_split(world_size)[rank][0]) if len(samples) else 0
             everything = torch.zeros(self.num_samples, *samples.shape[1:], dtype=samples.dtype, device=samples.device)
             everything[start : start + len(samples)] = samples
             samples = trainer.strategy.reduce(everything, reduce_op="sum")

@@ -45,6 +45,8 @@ from lightning_dpgan.seeding import rng_state, set_rng_state
 class _PatientLauncher(_SubprocessScriptLauncher):
     """Fabric's popen launcher with a :class:`~lightning_dpgan.processes.PatientObserver`."""
 
+    live: bool = False  # membership="live": the observer lets a failed worker go
+
     @override
     def launch(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
         return launch_watched(self, function, args, kwargs)

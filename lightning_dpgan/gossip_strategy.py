@@ -92,6 +92,13 @@ class GossipStrategyMixin:
         """The stop every rank took, once taken (a SIGTERM or a non-finite value)."""
         return self.gossiper.stopped
 
+    @property
+    def members(self) -> tuple[int, int] | None:
+        """(this worker's rank among the current members, their number) once a live run's members changed; ``None``
+        while they are the ones the run started with (the global rank and world size hold)."""
+        live = self.gossiper.live_engine
+        return (live.rank, live.world_size) if live is not None else None
+
     # ------------------------------------------------------------------ launch and process group
     def _configure_launcher(self) -> None:
         # Runs in the launching process before any worker starts: the place to reject a bad world size or port (the
@@ -101,6 +108,7 @@ class GossipStrategyMixin:
         launcher = self._launcher  # type: ignore[attr-defined]
         if type(launcher) is self.popen_launcher:
             self._launcher = self.patient_launcher(self.cluster_environment, self.num_processes, self.num_nodes)  # type: ignore[attr-defined]
+            self._launcher.live = self.gossip.membership == "live"  # a failed worker is let go, not the run ended
         starts_workers = self._launcher is not None and not self.cluster_environment.creates_processes_externally  # type: ignore[attr-defined]
         if starts_workers and self.num_nodes == 1 and self.num_processes > 1:  # type: ignore[attr-defined]
             check_master_port_free()

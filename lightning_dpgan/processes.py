@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from typing_extensions import override
 
 _PR_SET_PDEATHSIG = 1
+_log = logging.getLogger(__name__)
 
 
 def gossip_group(backend: str, timeout: timedelta | None) -> tuple[torch.distributed.ProcessGroup | None, int]:
@@ -50,15 +52,23 @@ class PatientObserver(_ChildProcessObserver):
     """Lightning's observer of the workers rank 0 launched kills every process, rank 0 included, within 5 s of one
     worker failing: often before rank 0 has said which one (the others fail a moment later, on losing it). This one
     gives rank 0 ``REPORT_GRACE_S`` to report and exit first (its workers die with it, :func:`die_with_parent`),
-    and only then kills what is still running, as Lightning's does."""
+    and only then kills what is still running, as Lightning's does.
 
-    def __init__(self, child_processes: list[Any]) -> None:
+    ``live`` (``membership="live"``): the others go on without a worker that failed, so it is only logged, and the
+    observer stops watching once every worker has ended. Rank 0 is this process: if it dies, its workers die with it.
+    """
+
+    def __init__(self, child_processes: list[Any], live: bool = False) -> None:
         super().__init__(main_pid=os.getpid(), child_processes=child_processes, sleep_period=1)
         self._failed_at: float | None = None
+        self._live = live
+        self._let_go: set[int] = set()
 
     @override
     def _run(self) -> bool:
         codes = [proc.poll() for proc in self._child_processes]
+        if self._live:
+            return self._let_failed_go(codes)
         if all(code == 0 for code in codes):
             return True
         if not any(codes):
@@ -69,14 +79,23 @@ class PatientObserver(_ChildProcessObserver):
             return False
         return super()._run()
 
+    def _let_failed_go(self, codes: list[int | None]) -> bool:
+        for rank, (proc, code) in enumerate(zip(self._child_processes, codes), start=1):
+            if code and rank not in self._let_go:
+                self._let_go.add(rank)
+                _log.warning(
+                    f"worker of rank {rank} (pid {proc.pid}) ended with exit code {code}; membership=live: the others go on without it"
+                )
+        return all(code is not None for code in codes)
+
 
 def launch_watched(launcher: Any, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """What Lightning's and Fabric's popen launchers do in ``launch``, with a :class:`PatientObserver` instead of
-    theirs (both strategies' launchers call this)."""
+    theirs (both strategies' launchers call this); ``launcher.live``: the run's members may change."""
     launcher.cluster_environment.validate_settings(num_devices=launcher.num_processes, num_nodes=launcher.num_nodes)
     if not launcher.cluster_environment.creates_processes_externally:
         launcher._call_children_scripts()
-        PatientObserver(launcher.procs).start()
+        PatientObserver(launcher.procs, live=getattr(launcher, "live", False)).start()
     _set_num_threads_if_needed(num_processes=launcher.num_processes)
     return function(*args, **kwargs)
 

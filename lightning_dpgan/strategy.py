@@ -60,6 +60,8 @@ from lightning_dpgan.signals import replace_sigterm_notifier, skip_step_broadcas
 class _PatientLauncher(_SubprocessScriptLauncher):
     """Lightning's popen launcher with a :class:`PatientObserver`."""
 
+    live: bool = False  # membership="live": the observer lets a failed worker go
+
     @override
     def launch(self, function: Callable, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
         return launch_watched(self, function, args, kwargs)
@@ -330,10 +332,14 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
 
 
 def _reduce_over_members(live: LiveGossip, tensor: torch.Tensor, reduce_op: Any) -> torch.Tensor:
-    """Lightning's ``reduce`` over the current members (after a change of members)."""
+    """Lightning's ``reduce`` over the current members (after a change of members); ``min``/``max`` (the evaluation's
+    finiteness check) through a gather, as the members' group sums only."""
     op = str(reduce_op).lower().rsplit(".", 1)[-1]
+    if op in ("min", "max"):
+        gathered = live.all_gather_tensor(tensor)
+        return gathered.amin(dim=0) if op == "min" else gathered.amax(dim=0)
     if op not in ("mean", "avg", "sum"):
-        raise ValueError(f"after a change of members, reduce supports reduce_op 'mean' or 'sum', got {reduce_op!r}")
+        raise ValueError(f"after a change of members, reduce supports reduce_op 'mean', 'sum', 'min' or 'max', got {reduce_op!r}")
     total = live.all_reduce_tensor(tensor)
     return total / live.world_size if op in ("mean", "avg") else total
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -76,3 +77,12 @@ def group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def logged_step(run_dir: Path) -> int:
+    """The newest step in the run's metrics.csv (0 before it has one)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        header, *rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
+        column = header.split(",").index("step")
+        return max((int(float(row.split(",")[column])) for row in rows if row.count(",") == header.count(",")), default=0)
+    return 0

@@ -255,7 +255,6 @@ def test_the_summary_says_what_was_measured(tmp_path):
         (["fit", "compression=zip"], "unknown compression 'zip'; allowed: none, int8, topk, sign"),
         (["fit", "gossip_every=0"], "every (optimizer steps per mix) must be an integer >= 1, got 0"),
         (["fit", "membership=elastic"], "unknown membership 'elastic'; allowed: fixed, live"),
-        (["fit", "membership=live"], "membership=live needs one worker per launcher, got devices=4"),
         (["fit", "membership=live", "compression=int8"], "membership='live' needs compression=None, got compression='int8'"),
         (["fit", "membership=live", "staleness=2"], "membership='live' needs staleness=0, got staleness=2"),
         (["fit", "membership=live", "gossip_every=4"], "membership='live' needs every=1, got every=4"),
@@ -276,6 +275,15 @@ def test_bad_input_exits_2_with_one_message_before_any_worker(args, message, mon
     assert status == 2, err[-2000:]
     assert message in err
     assert err.count("error:") == 1 and "Traceback" not in err
+    assert "Initializing distributed" not in out + err
+
+
+def test_live_membership_under_torchrun_needs_one_worker_per_agent(monkeypatch):
+    """torchrun's agent stops every worker it started when one fails; Lightning's launcher, in a live run, does not."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "a-run")
+    status, out, err = call_cli("fit", "membership=live", "devices=2")
+    assert status == 2 and err.count("error:") == 1 and "Traceback" not in err, err[-2000:]
+    assert "membership=live under torchrun needs one worker per agent, got devices=2 (--nproc-per-node)" in err
     assert "Initializing distributed" not in out + err
 
 

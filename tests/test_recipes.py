@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import free_port, run, worker_env
+from helpers import free_port, logged_step, run, worker_env
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SMALL = ["max_steps=20", "evaluation.every_n_steps=10", "evaluation.num_samples=200", "trainer.enable_progress_bar=false"]
@@ -70,6 +70,70 @@ def test_two_nodes_by_torchrun_through_the_recipe(tmp_path):
     assert sorted(p.name for p in replica_set.iterdir()) == [f"rank{r}.pt" for r in range(4)]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["trainer"]["num_nodes"] == 2 and config["trainer"]["devices"] == 2
+
+
+def _rank_of(pid: int) -> int | None:
+    """The ``RANK`` torchrun gave the process ``pid`` (``None`` for the agent itself)."""
+    with contextlib.suppress(OSError):
+        env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        return int(env["RANK"]) if "RANK" in env else None
+    return None
+
+
+def test_live_run_by_torchrun_goes_on_without_a_lost_host_and_restarts_nobody(tmp_path):
+    """Four agents of recipes/live_torchrun.sh (one worker each, --nnodes=3:4, --max-restarts=0). One host is lost
+    (its worker, then its agent, killed) at about step 20 of 60: the other agents keep their workers (no new process
+    under any of them, torchrun starts no second round), the three workers agree on the members and end at max_steps,
+    and rank 0 prints the summary with the change. The agents then wait at torchrun's exit barrier for the lost one
+    (300 s, docs/guide.md: live membership): the test ends them there."""
+    import re
+    import signal
+    import time
+
+    port, run_dir = free_port(), tmp_path / "run"
+    env = worker_env()
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # torchrun of this Python
+    env.update(RDZV_HOST="127.0.0.1", RDZV_PORT=str(port), RUN_DIR=str(run_dir), MIN_NODES="3", MAX_NODES="4", LAST_CALL_S="2")
+    args = ["max_steps=60", "batch_size=64", "evaluation.every_n_steps=0", "evaluation.num_samples=100",
+            "trainer.enable_progress_bar=false", "strategy.gossip.peer_timeout=5", "trainer.log_every_n_steps=1",
+            "+logger.flush_logs_every_n_steps=1"]
+    agents, logs = [], [tmp_path / f"agent{node}.log" for node in range(4)]
+    for node in range(4):  # the first one holds torchrun's rendezvous store (RDZV_HOST); the last one is lost
+        with open(logs[node], "w") as log:  # a file, not a pipe nobody reads while waiting: it would fill and block
+            agents.append(subprocess.Popen([str(RECIPES / "live_torchrun.sh"), *args], env=env, start_new_session=True,
+                                           stdout=log, stderr=subprocess.STDOUT, text=True))
+        if node == 0:
+            _wait_for_port(port)
+    try:
+        deadline = time.monotonic() + 120
+        while logged_step(run_dir) < 20:
+            assert time.monotonic() < deadline and all(a.poll() is None for a in agents), [a.poll() for a in agents]
+            time.sleep(0.05)
+        workers = [set(_children(agent.pid)) for agent in agents]
+        (lost,) = [_rank_of(pid) for pid in workers[3] if _rank_of(pid) is not None]
+        for worker in workers[3]:  # a host is lost: its worker, then its agent
+            os.kill(worker, signal.SIGKILL)
+        os.killpg(agents[3].pid, signal.SIGKILL)
+        while "fit done" not in "".join(log.read_text() for log in logs[:3]):
+            assert time.monotonic() < deadline, [log.read_text()[-2000:] for log in logs[:3]]
+            for agent, started in zip(agents[:3], workers):
+                assert set(_children(agent.pid)) <= started, "an agent started a new worker"
+            time.sleep(0.05)
+        time.sleep(1)  # the summary's last lines
+        assert all(agent.poll() is None for agent in agents[:3])  # in torchrun's exit barrier, not ended by a failure
+    finally:
+        for agent in agents:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.pid, signal.SIGKILL)
+    everything = "".join(log.read_text() for log in logs[:3])
+    assert everything.count("torchrun started 4 workers") == 1 and "torchrun started 3" not in everything, everything[-3000:]
+    survivors = ", ".join(str(r) for r in range(4) if r != lost)
+    left = re.search(rf"^  members: step (\d+): worker\(s\) {lost} left; 3 go on \({survivors}\) on ring$", everything, re.MULTILINE)
+    assert left is not None and 20 < int(left.group(1)) < 60, everything[-3000:]
+    assert "on 4 processes, 3 at the end" in everything and re.search(r"\d+ modes?, [\d.]+% high quality", everything)
+    assert "Traceback" not in everything, everything[-3000:]
+    rows = (run_dir / "evaluation.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].split(",")[0] == "60", rows  # one evaluation, at max_steps
 
 
 def _wait_for_port(port: int, timeout: float = 60) -> None:

@@ -8,9 +8,11 @@ process (it ends before any worker would start); everything that involves worker
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -22,9 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_dpgan.processes import PatientObserver
 from lightning_dpgan.replicas import REPLICA_KEY, CheckpointError, ReplicaSet, check_set, read_main, read_replica, replica_set_of
 
-from helpers import WORKERS, call_cli, free_port, group_alive, run, worker_env
+from helpers import WORKERS, call_cli, free_port, group_alive, logged_step, run, worker_env
 
 CLI = [sys.executable, "-m", "lightning_dpgan"]
 
@@ -545,15 +548,6 @@ def _worker_pid(launcher: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under {launcher}")
 
 
-def _logged_step(run_dir: Path) -> int:
-    """The newest step in the run's metrics.csv (0 before it has one)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        header, *rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
-        column = header.split(",").index("step")
-        return max((int(float(row.split(",")[column])) for row in rows if row.count(",") == header.count(",")), default=0)
-    return 0
-
-
 def _ended(proc: subprocess.Popen, stalled: int) -> tuple[str, float]:
     """Wait for the run to end (stderr and when), then check that nothing of it is left running."""
     try:
@@ -576,7 +570,7 @@ def test_the_worker_that_died_is_named_not_the_neighbour_that_left(tmp_path):
     worker, the silent case, is named the same way: the checkpoint-write test below.)"""
     proc = _fit_cli(tmp_path, "max_steps=100000", "checkpoint.every_n_train_steps=100000", "strategy.gossip.peer_timeout=5")
     deadline = time.monotonic() + 120
-    while _logged_step(tmp_path) < 4:  # past the warm-up, in the first steps
+    while logged_step(tmp_path) < 4:  # past the warm-up, in the first steps
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     victim = _worker_pid(proc.pid, 2)
@@ -596,6 +590,56 @@ def _named_within_the_peer_timeout(proc: subprocess.Popen, victim: int, message:
     assert ended - signalled < 5 + 3 + 10, ended - signalled
 
 
+def test_the_launchers_observer_of_a_live_run_lets_a_failed_worker_go(caplog):
+    """Three real child processes as a launcher's workers; one is killed at once. Lightning's observer would kill the
+    other two and this process within its 1 s poll; the live one logs the failure, leaves the others to end on their
+    own (exit 0 after 3 s), and stops watching once every worker has ended."""
+    sleep = [sys.executable, "-c", "import time; time.sleep(3)"]
+    workers = [subprocess.Popen(sleep), subprocess.Popen(sleep), subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])]
+    try:
+        observer = PatientObserver(workers, live=True)
+        observer.start()
+        workers[2].kill()
+        observer.join(timeout=30)
+        assert not observer.is_alive()
+        assert [w.poll() for w in workers] == [0, 0, -signal.SIGKILL]
+        assert f"worker of rank 3 (pid {workers[2].pid}) ended with exit code -9; membership=live: the others go on without it" in caplog.text
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+
+
+def test_a_live_run_started_by_the_cli_goes_on_without_a_killed_worker(tmp_path):
+    """``fit devices=4 membership=live``: rank 2 of the ring, a worker Lightning's launcher started, is killed (kill
+    -9) at about step 20 of 60. The launcher's observer lets it go instead of killing every process; the survivors end
+    at max_steps, evaluate their consensus model at the end, and rank 0 exits 0 with a summary that names who left
+    and at which step."""
+    proc = _fit_cli(tmp_path, "membership=live", "max_steps=60", "batch_size=64", "strategy.gossip.peer_timeout=5",
+                    "checkpoint.every_n_train_steps=100000")
+    deadline = time.monotonic() + 120
+    while logged_step(tmp_path) < 20:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.kill(_worker_pid(proc.pid, 2), signal.SIGKILL)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, (out + err)[-3000:]
+    assert "Traceback" not in err and "error:" not in err, err[-3000:]
+    assert "ended with exit code -9; membership=live: the others go on without it" in out + err, (out + err)[-3000:]
+    assert "on 4 processes, 3 at the end (ring, gossip_rounds=1, membership=live" in out, out[-3000:]
+    left = re.search(r"^  members: step (\d+): worker\(s\) 2 left; 3 go on \(0, 1, 3\) on ring$", out, re.MULTILINE)
+    assert left is not None and 20 < int(left.group(1)) < 60, out[-3000:]
+    assert re.search(r"^  consensus model, 100 samples: \d+ modes?, [\d.]+% high quality, reverse KL [\d.]+$", out, re.MULTILINE), out[-3000:]
+    with open(tmp_path / "evaluation.csv") as f:
+        (row,) = csv.DictReader(f)  # one evaluation, at the end: the survivors reached max_steps
+    assert int(row["step"]) == 60, row
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # no set for a changed member set (a warning says so)
+
+
 def _inside_replica_write(pid: int) -> bool:
     """Whether the stopped process holds a replica file open for writing (``rank<r>.pt.tmp<pid>``)."""
     with contextlib.suppress(OSError):
@@ -608,7 +652,7 @@ def test_a_worker_stopped_inside_a_checkpoint_write_is_named_within_the_peer_tim
     the checkpoint's agreement, once bounded only by the start-up timeout (30 minutes), now by the peer timeout."""
     proc = _fit_cli(tmp_path, "max_steps=100000", "checkpoint.every_n_train_steps=1", "strategy.gossip.peer_timeout=5")
     deadline = time.monotonic() + 120
-    while _logged_step(tmp_path) < 5:
+    while logged_step(tmp_path) < 5:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     victim = _worker_pid(proc.pid, 2)

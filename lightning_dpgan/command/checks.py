@@ -165,7 +165,7 @@ def check_data_fits_model(cfg: DictConfig, datamodule: Any, model: Any) -> None:
 
 def check_launch(cfg: DictConfig, datamodule: Any) -> None:
     """What ``fit`` needs of this machine and its launcher: the accelerator is here, a run of several nodes has a
-    launcher on each, a live run one worker per launcher, ``MASTER_PORT`` is a free port, and every rank's shard of
+    launcher on each, a live run under torchrun one worker per agent, ``MASTER_PORT`` is a free port, and every rank's shard of
     the data holds a batch."""
     import torch
 
@@ -182,11 +182,11 @@ def check_launch(cfg: DictConfig, datamodule: Any) -> None:
             "this node would wait for the others forever"
         )
     _check(master_port_from_env)
-    if cfg.get("membership", "fixed") == "live" and cfg.devices > 1:
+    if cfg.get("membership", "fixed") == "live" and cfg.devices > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
         raise UsageError(
-            f"membership=live needs one worker per launcher, got devices={cfg.devices}: Lightning's launcher, like "
-            "torchrun's agent, stops every worker it started when one fails. Start one process per host with "
-            "devices=1 (torchrun --nproc-per-node=1 on each, or by hand; docs/guide.md: live membership)"
+            f"membership=live under torchrun needs one worker per agent, got devices={cfg.devices} (--nproc-per-node): "
+            "torchrun's agent stops every worker it started when one fails. Start one agent per host with "
+            "--nproc-per-node=1 (recipes/live_torchrun.sh; docs/guide.md: live membership)"
         )
     if cfg.devices > 1 and cfg.num_nodes == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         try:

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -71,7 +72,8 @@ def fit(run: Run, worker: bool = False) -> None:
     finally:
         finish_wandb(cfg)
     if trainer.is_global_zero and rank_zero_only.rank == 0:
-        print(fit_summary(cfg, run_dir, time.perf_counter() - start, cfg.devices * cfg.num_nodes))
+        changes = getattr(getattr(run.strategy, "engine", None), "changes", ())  # a live run's changes of members
+        print(fit_summary(cfg, run_dir, time.perf_counter() - start, cfg.devices * cfg.num_nodes, changes))
 
 
 def make_logger(cfg: DictConfig, run_dir: str) -> Any:
@@ -97,7 +99,9 @@ def finish_wandb(cfg: DictConfig) -> None:
         wandb.finish()
 
 
-def fit_summary(cfg: DictConfig, run_dir: str, seconds: float, world_size: int) -> str:
+def fit_summary(cfg: DictConfig, run_dir: str, seconds: float, world_size: int, changes: Sequence[Any] = ()) -> str:
+    """The end of a fit, for the terminal. ``changes``: a live run's changes of members
+    (:class:`~lightning_dpgan.gossip.live.Change`), each named with its step."""
     rows = read_csv(os.path.join(run_dir, "evaluation.csv"))
     last = rows[-1] if rows else {}
     if "modes" in last:
@@ -127,8 +131,14 @@ def fit_summary(cfg: DictConfig, run_dir: str, seconds: float, world_size: int) 
     shown = [name for name in files if not name.startswith("samples_step")] + ([f"samples_step*.png ({len(samples)})"] if samples else [])
     last_ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
     resume = f"\n  resume: {resume_line(last_ckpt)}" if os.path.isfile(last_ckpt) else ""
+    processes = f"{world_size} processes"
+    if changes:
+        processes += f", {len(changes[-1].members)} at the end"
+        before = f" (written before step {changes[0].step}, by all {world_size})" if resume else ""
+        resume = f"{resume}{before}\n  no checkpoint after a change of members (docs/guide.md: live membership)"
+    members = "".join(f"\n  members: {change.describe()}" for change in changes)
     return (
-        f"\nfit done in {seconds:.1f} s on {world_size} processes ({communication}, {cfg.optim._target_.rsplit('.', 1)[-1]})\n"
+        f"\nfit done in {seconds:.1f} s on {processes} ({communication}, {cfg.optim._target_.rsplit('.', 1)[-1]}){members}\n"
         f"  {'consensus' if cfg.evaluation.model == 'consensus' else 'local'} model, {cfg.evaluation.num_samples} samples: {quality}\n"
         f"  consensus distance: {consensus or unmeasured}\n"
         f"  run directory: {run_dir}\n"

@@ -105,10 +105,15 @@ class LiveTransport(DistributedTransport):
         by_peer: dict[int, list[Any]] = {}
         for kind, peer, chunk in schedule(send_to, receive_from, len(ranges)):
             start, stop = ranges[chunk]
-            if kind == "send":
-                work = self.group.send([send[start:stop]], peer, stream)  # type: ignore[index]
-            else:
-                work = self.group.recv([received[row[peer], start:stop]], peer, stream)  # type: ignore[index]
+            try:
+                if kind == "send":
+                    work = self.group.send([send[start:stop]], peer, stream)  # type: ignore[index]
+                else:
+                    work = self.group.recv([received[row[peer], start:stop]], peer, stream)  # type: ignore[index]
+            except Exception as err:  # noqa: BLE001 - gloo raises at the post when the peer's connection is already closed
+                for posted_peer, works in by_peer.items():  # watched, as usual: kept referenced until they end
+                    self._watched(works, posted_peer, "gossip exchange")
+                raise PeerLost(f"rank {self.rank}: gossip exchange with rank {peer} failed: {_first_line(err)}", peer, _closed(err)) from None
             by_peer.setdefault(peer, []).append(work)
         return [self._watched(works, peer, "gossip exchange") for peer, works in by_peer.items()]
 
