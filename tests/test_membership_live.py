@@ -91,7 +91,16 @@ def test_survivors_of_a_lost_worker_go_on_and_equal_the_dposg_reference(tmp_path
     opts = [f"steps={STEPS}", "kill=2", f"at={kill_at}", "optimizer=optimistic_adam", f"lr={LR}", f"timeout={timeout}",
             'kwargs={"betas": [0.5, 0.9]}', *(["sig=STOP", "sigterm_at=40"] if how == "silent" else [])]
     started = time.monotonic()
-    codes = wait_for(start_by_hand(tmp_path, n, *opts, f"nodes={n}"), survivors, timeout=120)
+    procs = start_by_hand(tmp_path, n, *opts, f"nodes={n}")
+    if how == "silent":  # once every survivor has logged the change, the stopped worker's host goes away too: a
+        # survivor still waiting on its receive when it exits would abort (docs/development.md: known issues)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(
+            "left;" in (tmp_path / f"stderr_rank{r}.txt").read_text() for r in survivors
+        ) and all(procs[r].poll() is None for r in survivors):
+            time.sleep(0.05)
+        procs[2].kill()
+    codes = wait_for(procs, survivors, timeout=120)
     elapsed = time.monotonic() - started
     stderr = {r: (tmp_path / f"stderr_rank{r}.txt").read_text() for r in range(n)}
     for r in survivors:
