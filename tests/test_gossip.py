@@ -450,6 +450,14 @@ def test_a_silent_neighbour_is_named_after_the_peer_timeout():
     assert results[3] is None
 
 
+def test_a_post_to_a_peer_whose_connection_closed_is_named_like_a_failed_wait():
+    """Over real gloo, a receive posted to a peer that has already exited raises at the post itself; that error,
+    too, is one ``GossipPeerError`` naming the peer, raised by the wait (it once escaped as a bare RuntimeError)."""
+    proc = torchrun("peer_gone_worker.py", 2, timeout=120)
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith(("raised:", "nothing raised"))]
+    assert line.startswith("raised: rank 1 died or stalled; rank 0: gossip exchange with rank 1 failed at gossip round 1"), line
+
+
 def test_the_peer_timeout_starts_after_the_warm_up_and_follows_the_step_time():
     fixed = PeerTimeout(fixed=7.0, startup=900.0, warmup=lambda: 3)
     assert fixed.seconds() == 900.0  # before the first exchange (rendezvous, initial broadcast): the start-up timeout

@@ -219,7 +219,16 @@ class DistributedTransport:
                 ops.append(dist.P2POp(dist.irecv, received[row[peer], start:stop], peer, self.group, tag=stream))  # type: ignore[index]
             peers.append(peer)
         by_peer: dict[int, list[Any]] = {}
-        for work, peer in zip(dist.batch_isend_irecv(ops), peers):
+        if _coalesces(self.group, like.device):  # NCCL: one group, posted together (its failures surface at the wait)
+            for work, peer in zip(dist.batch_isend_irecv(ops), peers):
+                by_peer.setdefault(peer, []).append(work)
+            return [Posted(works, peer, "gossip exchange") for peer, works in by_peer.items()]
+        for op, peer in zip(ops, peers):  # gloo posts one by one anyway; a post may fail, naming its peer
+            try:
+                work = op.op(op.tensor, op.peer, op.group, op.tag)
+            except Exception as err:  # noqa: BLE001 - gloo raises at the post when the peer's connection is closed
+                failed = Posted([], peer, "gossip exchange", error=err)  # raised, named, by the first wait
+                return [failed] + [Posted(works, p, "gossip exchange") for p, works in by_peer.items()]
             by_peer.setdefault(peer, []).append(work)
         return [Posted(works, peer, "gossip exchange") for peer, works in by_peer.items()]
 
@@ -260,6 +269,8 @@ class DistributedTransport:
         if posted.completed:
             return
         try:
+            if posted.error is not None and posted.arrived is None:  # its post failed
+                raise posted.error
             if posted.arrived is not None:  # a watcher waits for it: only it may (a gloo work is waited for once)
                 if not posted.arrived.wait(None if timeout is None else timeout.total_seconds()):
                     raise TimeoutError(f"no message within {timeout}")
@@ -275,6 +286,13 @@ class DistributedTransport:
             posted.completed = True
         except Exception as err:  # gloo/nccl raise RuntimeError or DistBackendError
             raise peer_failure(self.rank, posted.what, posted.peer, timeout, gossip_round, err, self.group) from err
+
+
+def _coalesces(group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """Whether ``group``'s backend on ``device`` posts a batch of sends and receives as one (NCCL), as
+    ``torch.distributed.batch_isend_irecv`` decides it."""
+    group = group if group is not None else dist.group.WORLD
+    return bool(getattr(group._get_backend(device), "supports_coalescing", False))  # type: ignore[union-attr]
 
 
 class _Watcher:
