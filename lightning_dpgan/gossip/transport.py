@@ -209,23 +209,22 @@ class DistributedTransport:
         assert like is not None
         chunking = chunk_size(like.device, self.chunk_bytes)
         ranges = chunk_ranges(like.shape[-1], None if chunking is None else max(1, chunking // like.element_size()))
-        ops: list[dist.P2POp] = []
-        peers: list[int] = []
+        ops: list[tuple[Callable[..., Any], Tensor, int]] = []  # (isend or irecv, tensor, peer), in posting order
         for kind, peer, chunk in schedule(send_to, receive_from, len(ranges)):
             start, stop = ranges[chunk]
             if kind == "send":
-                ops.append(dist.P2POp(dist.isend, send[start:stop], peer, self.group, tag=stream))  # type: ignore[index]
+                ops.append((dist.isend, send[start:stop], peer))  # type: ignore[index]
             else:
-                ops.append(dist.P2POp(dist.irecv, received[row[peer], start:stop], peer, self.group, tag=stream))  # type: ignore[index]
-            peers.append(peer)
+                ops.append((dist.irecv, received[row[peer], start:stop], peer))  # type: ignore[index]
         by_peer: dict[int, list[Any]] = {}
         if _coalesces(self.group, like.device):  # NCCL: one group, posted together (its failures surface at the wait)
-            for work, peer in zip(dist.batch_isend_irecv(ops), peers):
+            batch = [dist.P2POp(op, tensor, peer, self.group, tag=stream) for op, tensor, peer in ops]
+            for work, (_, _, peer) in zip(dist.batch_isend_irecv(batch), ops):
                 by_peer.setdefault(peer, []).append(work)
             return [Posted(works, peer, "gossip exchange") for peer, works in by_peer.items()]
-        for op, peer in zip(ops, peers):  # gloo posts one by one anyway; a post may fail, naming its peer
+        for op, tensor, peer in ops:  # gloo: one by one (batch_isend_irecv would too), so a failed post names its peer
             try:
-                work = op.op(op.tensor, op.peer, op.group, op.tag)
+                work = op(tensor, peer, self.group, stream)
             except Exception as err:  # noqa: BLE001 - gloo raises at the post when the peer's connection is closed
                 failed = Posted([], peer, "gossip exchange", error=err)  # raised, named, by the first wait
                 return [failed] + [Posted(works, p, "gossip exchange") for p, works in by_peer.items()]

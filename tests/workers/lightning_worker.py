@@ -270,7 +270,7 @@ class NoiseAtFirstBatch(Callback):
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast_object_list",
                "barrier", "reduce", "gather", "scatter", "reduce_scatter", "reduce_scatter_tensor", "all_to_all")
-POINT_TO_POINT = ("batch_isend_irecv", "send", "recv")  # not isend/irecv: P2POp checks it was given the originals
+POINT_TO_POINT = ("batch_isend_irecv", "send", "recv", "isend", "irecv")  # gloo posts isend/irecv one by one
 
 
 class CountCollectives(Callback):
