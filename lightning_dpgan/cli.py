@@ -11,6 +11,7 @@ start the whole sweep in each).
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -54,6 +55,16 @@ class Command:
     relaunched: bool = False  # ``verb=fit ...``: the line Hydra parsed already, re-run by Lightning's launcher
     help: bool = False
     version: bool = False
+
+
+def run() -> None:
+    """The program (``python -m lightning_dpgan``, ``lightning-dpgan``): :func:`main`, then every object is frozen.
+    They are all garbage by then, and the interpreter's exit would walk them (torch, Lightning and Hydra: seconds in
+    every process); frozen, they are left to the operating system. atexit handlers still run."""
+    try:
+        main()
+    finally:
+        gc.freeze()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

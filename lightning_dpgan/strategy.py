@@ -24,6 +24,7 @@ with the Fabric strategy; what each step mixes is decided in :mod:`lightning_dpg
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import warnings
@@ -305,6 +306,8 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
             # process exits without destroying its groups can abort it (pytorch/pytorch#190489); nothing of the
             # launcher's own after this (collecting rank 0's results) is a collective.
             torch.distributed.destroy_process_group()
+        if multiprocessing.parent_process() is not None:
+            gc.freeze()  # the process exits next: walking every object of torch and Lightning first takes seconds
 
     @override
     def on_exception(self, exception: BaseException) -> None:

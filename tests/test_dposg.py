@@ -126,9 +126,9 @@ def test_dpgan_under_ddp_is_centralized_osg(suite4):
 
 
 def test_grid25_smoke_run_covers_most_modes(suite2):
-    """2000 DPOSG iterations on 2 workers. Evaluated on the EMA generator (decay 0.99, a 100-step window): the live
-    generator still swings from one evaluation to the next; its short average does not. With a 2-D latent the
-    untrained generator's samples sit near the origin, on one or two modes."""
+    """2000 DPOSG iterations on 2 workers, batches of 128. Evaluated on the EMA generator (decay 0.99, a 100-step
+    window): the live generator still swings from one evaluation to the next; its short average does not. With a 2-D
+    latent the untrained generator's samples sit near the origin, on one or two modes."""
     states = replicas(suite2 / "smoke", 2)
     consensus = {k: sum(s[k] for s in states) / 2 for k in states[0] if k.startswith("generator_ema.module.")}
     generator = MLPGenerator()

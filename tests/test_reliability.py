@@ -303,16 +303,16 @@ def _fit(run_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 def test_kill_9_during_checkpoint_writes_leaves_a_whole_set_and_every_resume_is_exact(tmp_path):
-    """A checkpoint every step, and the whole process group killed with SIGKILL at random moments, three times:
-    each time ``last.ckpt`` and its replica files load and belong together, and resuming from them (into the same
-    run directory) ends, after the last interruption, with replicas identical to those of a run never interrupted."""
+    """A checkpoint every step, and the whole process group killed with SIGKILL at random moments, twice: each time
+    ``last.ckpt`` and its replica files load and belong together, and resuming from them (into the same run
+    directory) ends, after the last interruption, with replicas identical to those of a run never interrupted."""
     reference = _fit(tmp_path / "reference")  # runs beside the interrupted chain
     chain, last = tmp_path / "chain", tmp_path / "chain" / "checkpoints" / "last.ckpt"
     rng = random.Random(1)
     steps = []
-    for attempt in range(4):
+    for attempt in range(3):
         proc = _fit(chain, *([f"ckpt_path={last}"] if attempt else []))
-        if attempt == 3:
+        if attempt == 2:
             assert proc.wait(timeout=240) == 0, proc.communicate()[1][-3000:]
             break
         deadline = time.monotonic() + 120
@@ -326,7 +326,7 @@ def test_kill_9_during_checkpoint_writes_leaves_a_whole_set_and_every_resume_is_
         main = read_main(last)
         steps.append(main["global_step"])
         assert replica_set_of(main).step == main["global_step"]
-    assert len(set(steps)) == 3, steps  # three interruptions, each after more training
+    assert len(set(steps)) == 2, steps  # two interruptions, the second after more training
     assert reference.wait(timeout=240) == 0, reference.communicate()[1][-3000:]
     expected, got = (read_main(run / "checkpoints" / "last.ckpt") for run in (tmp_path / "reference", chain))
     assert got["global_step"] == expected["global_step"] == 120

@@ -10,6 +10,7 @@ with "overlap" each mix is start_mix, then every tensor is shifted by
 dense reference. GOSSIP_BACKEND=nccl puts each rank's tensors on cuda:LOCAL_RANK (the GPU tests).
 """
 
+import gc
 import json
 import os
 import sys
@@ -93,3 +94,4 @@ def run_cases(out_dir: str, cases: list[dict], rank: int, world: int, group: dis
 
 if __name__ == "__main__":
     main()
+    gc.freeze()  # exiting would walk every object of torch and Lightning: seconds per rank
