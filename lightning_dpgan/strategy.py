@@ -301,13 +301,15 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
     @override
     def teardown(self) -> None:
         super().teardown()
-        if multiprocessing.parent_process() is not None and torch.distributed.is_initialized():
-            # A worker the spawn launcher started ends with this fit, and gloo's threads still holding work when a
-            # process exits without destroying its groups can abort it (pytorch/pytorch#190489); nothing of the
-            # launcher's own after this (collecting rank 0's results) is a collective.
+        if self._start_method == "popen" or multiprocessing.parent_process() is None:
+            return
+        # A worker the spawn launcher started ends with this fit. gloo's threads still holding work when a process
+        # exits without destroying its groups can abort it (pytorch/pytorch#190489); nothing of the launcher's own
+        # after this (collecting rank 0's results) is a collective. Walking every object of torch and Lightning at
+        # the exit takes seconds; frozen, they are left to the operating system.
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        if multiprocessing.parent_process() is not None:
-            gc.freeze()  # the process exits next: walking every object of torch and Lightning first takes seconds
+        gc.freeze()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
