@@ -80,6 +80,19 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
+def _start_agents(recipe: str, args: list[str], env: dict[str, str], port: int, folder: Path) -> tuple[list, list[Path]]:
+    """Four single-worker agents of ``recipe``, each logging to ``folder/agent<node>.log``; the first one holds
+    torchrun's rendezvous store (RDZV_HOST), so the others start once its port is open."""
+    agents, logs = [], [folder / f"agent{node}.log" for node in range(4)]
+    for node in range(4):
+        with open(logs[node], "w") as log:  # a file, not a pipe nobody reads while waiting: it would fill and block
+            agents.append(subprocess.Popen([str(RECIPES / recipe), *args], env=env, start_new_session=True,
+                                           stdout=log, stderr=subprocess.STDOUT, text=True))
+        if node == 0:
+            _wait_for_port(port)
+    return agents, logs
+
+
 def test_live_run_by_torchrun_goes_on_without_a_lost_host_and_restarts_nobody(tmp_path):
     """Four agents of recipes/live_torchrun.sh (one worker each, --nnodes=3:4, --max-restarts=0). One host is lost
     (its worker, then its agent, killed) at about step 20 of 60: the other agents keep their workers (no new process
@@ -97,13 +110,7 @@ def test_live_run_by_torchrun_goes_on_without_a_lost_host_and_restarts_nobody(tm
     args = ["max_steps=60", "batch_size=64", "evaluation.every_n_steps=0", "evaluation.num_samples=100",
             "trainer.enable_progress_bar=false", "strategy.gossip.peer_timeout=5", "trainer.log_every_n_steps=1",
             "+logger.flush_logs_every_n_steps=1"]
-    agents, logs = [], [tmp_path / f"agent{node}.log" for node in range(4)]
-    for node in range(4):  # the first one holds torchrun's rendezvous store (RDZV_HOST); the last one is lost
-        with open(logs[node], "w") as log:  # a file, not a pipe nobody reads while waiting: it would fill and block
-            agents.append(subprocess.Popen([str(RECIPES / "live_torchrun.sh"), *args], env=env, start_new_session=True,
-                                           stdout=log, stderr=subprocess.STDOUT, text=True))
-        if node == 0:
-            _wait_for_port(port)
+    agents, logs = _start_agents("live_torchrun.sh", args, env, port, tmp_path)  # the last one is lost
     try:
         deadline = time.monotonic() + 120
         while logged_step(run_dir) < 20:
@@ -181,13 +188,7 @@ def test_elastic_restart_after_losing_a_host_ends_with_three_workers(tmp_path):
     env.update(RDZV_HOST="127.0.0.1", RDZV_PORT=str(port), RUN_DIR=str(run_dir), CHECKPOINT_EVERY="20", LAST_CALL_S="2")
     args = ["max_steps=100", "batch_size=64", "evaluation.every_n_steps=0", "evaluation.num_samples=200",
             "trainer.enable_progress_bar=false", "strategy.gossip.peer_timeout=20"]
-    agents, logs = [], [tmp_path / f"agent{node}.log" for node in range(4)]
-    for node in range(4):  # the first one holds torchrun's rendezvous store (RDZV_HOST); another one is lost
-        with open(logs[node], "w") as log:  # a file, not a pipe nobody reads while waiting: it would fill and block
-            agents.append(subprocess.Popen([str(RECIPES / "elastic_torchrun.sh"), *args], env=env, start_new_session=True,
-                                           stdout=log, stderr=subprocess.STDOUT, text=True))
-        if node == 0:
-            _wait_for_port(port)
+    agents, logs = _start_agents("elastic_torchrun.sh", args, env, port, tmp_path)  # one is lost
     try:
         last = run_dir / "checkpoints" / "last.ckpt"
         deadline = time.monotonic() + 240

@@ -196,6 +196,7 @@ class DistributedTransport:
         self.group = group
         self.chunk_bytes = chunk_bytes
         self._watchers: dict[tuple[int, int], _Watcher] = {}
+        self._coalescing: dict[torch.device, bool] = {}  # per device, asked once: exchange runs every round
 
     def exchange(
         self, send: Tensor | None, received: Tensor | None, send_to: Sequence[int], receive_from: Sequence[int], stream: int = 0
@@ -217,7 +218,9 @@ class DistributedTransport:
             else:
                 ops.append((dist.irecv, received[row[peer], start:stop], peer))  # type: ignore[index]
         by_peer: dict[int, list[Any]] = {}
-        if _coalesces(self.group, like.device):  # NCCL: one group, posted together (its failures surface at the wait)
+        if like.device not in self._coalescing:
+            self._coalescing[like.device] = _coalesces(self.group, like.device)
+        if self._coalescing[like.device]:  # NCCL: one group, posted together (its failures surface at the wait)
             batch = [dist.P2POp(op, tensor, peer, self.group, tag=stream) for op, tensor, peer in ops]
             for work, (_, _, peer) in zip(dist.batch_isend_irecv(batch), ops):
                 by_peer.setdefault(peer, []).append(work)

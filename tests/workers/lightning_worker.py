@@ -9,7 +9,6 @@ torchrun (Lightning starts no processes then, and each fit reuses the process gr
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import signal
@@ -742,4 +741,3 @@ def _release(t: pl.Trainer) -> None:
 
 if __name__ == "__main__":
     main()
-    gc.freeze()  # exiting would walk every object of torch and Lightning: seconds per rank
