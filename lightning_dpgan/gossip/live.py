@@ -20,7 +20,6 @@ part in the agreement (:class:`~lightning_dpgan.gossip.membership.Membership`) a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import pickle
 from collections.abc import Callable, Sequence
@@ -32,11 +31,11 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_dpgan.gossip.buffers import Plan, message_bytes
+from lightning_dpgan.gossip.buffers import Plan
 from lightning_dpgan.gossip.membership import Generation, LiveTransport, Membership, MembershipChange, PeerLost
 from lightning_dpgan.gossip.options import GossipOptions
 from lightning_dpgan.gossip.synchronous import SynchronousGossip
-from lightning_dpgan.gossip.transport import GossipPeerError, Transport, post_segments, segment_count
+from lightning_dpgan.gossip.transport import GossipPeerError, Transport
 from lightning_dpgan.topology import Topology, fold
 
 log = logging.getLogger(__name__)
@@ -143,8 +142,21 @@ class LiveGossip(SynchronousGossip):
     @override
     def close(self) -> None:
         super().close()
+        self._leave()
+
+    @override
+    def forget(self) -> None:
+        super().forget()
+        self._leave()  # a fit stopped by a signal or an error ends here, without close
+
+    def _leave(self) -> None:
+        """The fit is over: stop watching the members and end the transports' waiting threads, so that none is
+        inside a call into torch when the interpreter exits."""
         if self.membership is not None:
             self.membership.close()
+        for transport in (*self._abandoned, self.transport):
+            if isinstance(transport, LiveTransport):
+                transport.close()
 
     @override
     def consensus_distance(self, tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int) -> Tensor:
@@ -181,7 +193,8 @@ class LiveGossip(SynchronousGossip):
         left = tuple(m for m in old_members if m not in generation.members)
         topology, fallback = self._rebuild(len(generation.members))
         old_transport = self.transport
-        self._settle(old_transport, old_members, generation, tensors)
+        assert isinstance(old_transport, LiveTransport)
+        old_transport.abandon()  # every member has stopped using it: nothing of it stays pending
         group = self.membership.group(generation, self.timeout.seconds())
         self.rank = generation.members.index(self.me)
         self.topology = topology
@@ -195,7 +208,7 @@ class LiveGossip(SynchronousGossip):
         keep = [old_members.index(m) for m in generation.members]
         self._catching_up = (fold(old_w, keep), generation)
         done = self._resend(tensors)
-        self._abandoned.append(old_transport)  # its watcher threads may still hold works of the old group
+        self._abandoned.append(old_transport)  # its watcher threads end on the works it failed: kept until then
         if not left:  # a wait timed out on a worker that was only slow: the same members, on a group of their own
             log.warning(
                 "worker %d: nobody left; the same %d members go on from mix %d", self.me, len(generation.members), generation.change_step
@@ -205,29 +218,6 @@ class LiveGossip(SynchronousGossip):
         self.changes.append(change)
         log.warning("worker %d: membership %s", self.me, change.describe())
         return done
-
-    def _settle(self, transport: Transport, old_members: Sequence[int], generation: Generation, tensors: Sequence[Tensor]) -> None:
-        """Answer, on the old group, the exchange that the neighbours one mix ahead posted to this worker and that it
-        never reached: their messages are taken into scratch, and scratch sent back, in the same pieces and order.
-        Nothing is mixed from them; it only leaves no operation of the old group pending, whose waiting thread would
-        otherwise outlive the run (and abort the interpreter at its exit)."""
-        mine, completed = generation.completed[self.me], generation.completed
-        old = self._neighbours[0]  # this worker's neighbours in the old graph, by their old ranks
-        ahead = tuple(j for j in sorted({*old.send_to, *old.receive_from}) if completed.get(old_members[j], -1) == mine + 1)
-        if not ahead:
-            return
-        posted = []
-        for bucket in Plan(list(tensors)).buckets:
-            wire_dtype = self._wire_dtype(bucket)
-            count = segment_count(bucket.numel * wire_dtype.itemsize, bucket.device, self.options.chunk_bytes)
-            spans = [segment.message_bytes(wire_dtype) for segment in bucket.segments(count)]
-            message = torch.zeros(message_bytes(bucket.numel, wire_dtype), dtype=torch.uint8, device=bucket.device)
-            received = torch.empty((len(ahead), message.numel()), dtype=torch.uint8, device=bucket.device)
-            posted += post_segments(transport, message, received, spans, ahead, ahead, lambda k: None)
-        for batch in posted:
-            for p in batch:
-                with contextlib.suppress(GossipPeerError):
-                    transport.wait(p, self.timeout(), self.phase)
 
     @torch.no_grad()
     def _resend(self, tensors: Sequence[Tensor]) -> bool:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch._C._distributed_c10d import AllgatherOptions
@@ -50,6 +51,8 @@ GRACE_S = 0.5
 POLL_S = 0.02
 #: bound on one store operation (the store's host may be gone)
 STORE_TIMEOUT_S = 30.0
+#: the tag of the receive that ends an abandoned generation's group (:meth:`LiveTransport.abandon`): no message has it
+_ABANDON_TAG = 0x7ABA
 
 
 class MembershipChange(GossipPeerError):
@@ -167,9 +170,31 @@ class LiveTransport(DistributedTransport):
             )
         posted.completed = True
 
+    def abandon(self) -> None:
+        """End every operation still pending on this generation's group, once the next one is agreed on (nothing
+        uses this one after that): no watcher thread stays blocked on a worker that left, to wake during the
+        interpreter's exit and abort it. A receive that times out makes gloo close every connection of its group,
+        failing what is pending on each, here and at the other end."""
+        for peer in range(self.group.size()):
+            if peer == self.rank:
+                continue
+            try:
+                work = self.group.recv([torch.empty(1)], peer, _ABANDON_TAG)
+            except Exception:  # noqa: BLE001 - that connection is closed already: try another
+                continue
+            try:
+                work.wait(timedelta(milliseconds=1))
+            except Exception:  # noqa: BLE001 - the timeout that closes the group
+                pass
+            return
+
     def close(self) -> None:
+        """Stop the waiting threads and wait for them (each up to the peer timeout: what they wait on has arrived,
+        failed, or was ended by :meth:`abandon`)."""
         for waiter in self._waiters.values():
             waiter.stop()
+        for waiter in self._waiters.values():
+            waiter.join(self.timeout())
         self._waiters.clear()
         super().close()
 
@@ -222,7 +247,8 @@ class Membership:
         self.changing = threading.Event()
         self._closed = threading.Event()
         self._beat()
-        threading.Thread(target=self._watch, name="lightning_dpgan membership", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch, name="lightning_dpgan membership", daemon=True)
+        self._watcher.start()
 
     def _key(self, number: int, name: str) -> str:
         return f"{self.prefix}g{number}/{name}"
@@ -240,7 +266,11 @@ class Membership:
                 return
 
     def close(self) -> None:
+        """Stop the heartbeat and wait for its thread (one store operation at most): a daemon thread inside a call
+        into torch when the interpreter exits wakes into a finishing interpreter, which aborts the process."""
         self._closed.set()
+        if self._watcher is not threading.current_thread():
+            self._watcher.join(STORE_TIMEOUT_S)
 
     def agree(self, completed: int, dead: Sequence[int], timeout: float) -> Generation:
         """The next generation: this worker has completed ``completed`` mixes and saw ``dead`` (ids) die. Returns when

@@ -305,13 +305,20 @@ class _Watcher:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[Posted | None] = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
     def watch(self, posted: Posted) -> None:
         self._queue.put(posted)
 
     def stop(self) -> None:
         self._queue.put(None)
+
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the thread to end after :meth:`stop`: a daemon thread inside a call into torch
+        (a wait, or freeing a work) when the interpreter exits wakes into a finishing interpreter, which aborts the
+        process."""
+        self._thread.join(timeout)
 
     def _run(self) -> None:
         while (posted := self._queue.get()) is not None:
