@@ -180,3 +180,31 @@ def test_the_agreement_drops_a_silent_member_and_every_survivor_reads_one_set():
     assert elapsed < GRACE_S + timeout + 2, elapsed
     for m in members:
         m.close()
+
+
+def test_a_member_lost_while_the_next_set_is_formed_is_left_out_by_one_more_agreement(tmp_path):
+    """Faults within faults: on a ring of 4, rank 2 is killed at step 20, and rank 3 dies as it starts building the
+    group of the members agreed on next (0, 1, 3). The others' build fails within the peer timeout; they agree
+    again, without rank 3, and reach step 60 on a ring of 2, each recording one change in which 2 and 3 left. No
+    step waits longer than the two timeouts (the build, then rank 3's silence) and the agreement."""
+    n, timeout = 4, 5.0
+    opts = [f"steps={STEPS}", "kill=2", "at=20", "optimizer=optimistic_adam", f"lr={LR}", f"timeout={timeout}",
+            'kwargs={"betas": [0.5, 0.9]}', "die_in_group=3", f"nodes={n}"]
+    procs = start_by_hand(tmp_path, n, *opts)
+    codes = wait_for(procs, [0, 1, 3], timeout=120)
+    stderr = {r: (tmp_path / f"stderr_rank{r}.txt").read_text() for r in range(n)}
+    assert codes[3] == -9, stderr[3][-3000:]  # it did die building the group
+    for r in (0, 1):
+        assert codes[r] == 0, f"rank {r} exited {codes[r]}:\n{stderr[r][-4000:]}"
+    records = [json.loads((tmp_path / f"changes_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [rec["global_step"] for rec in records] == [STEPS, STEPS]
+    assert records[0]["changes"] == records[1]["changes"], records
+    (change,) = records[0]["changes"]
+    assert change["left"] == [2, 3] and change["members"] == [0, 1] and change["topology"] == "ring", change
+    for r in (0, 1):
+        assert "the group of members 0, 1, 3 was not built" in stderr[r], stderr[r][-3000:]
+        assert f"step {change['step']}: worker(s) 2, 3 left; 2 go on (0, 1) on ring" in stderr[r], stderr[r][-3000:]
+        ends = np.array(records[r]["step_ends"])
+        assert np.diff(ends).max() < 2 * timeout + 8, np.diff(ends).max()
+    ends = [torch.load(tmp_path / f"end_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(bool(torch.isfinite(t).all()) for end in ends for t in end.values())

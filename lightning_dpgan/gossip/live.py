@@ -35,7 +35,7 @@ from lightning_dpgan.gossip.buffers import Plan
 from lightning_dpgan.gossip.membership import Generation, LiveTransport, Membership, MembershipChange, PeerLost
 from lightning_dpgan.gossip.options import GossipOptions
 from lightning_dpgan.gossip.synchronous import SynchronousGossip
-from lightning_dpgan.gossip.transport import GossipPeerError, Transport
+from lightning_dpgan.gossip.transport import GossipPeerError, Transport, _first_line
 from lightning_dpgan.topology import Topology, fold
 
 log = logging.getLogger(__name__)
@@ -183,19 +183,11 @@ class LiveGossip(SynchronousGossip):
             dead = (old_members[err.peer],)  # its connection closed: the process is gone, no need to wait for silence
         if not isinstance(err, MembershipChange):
             log.warning("worker %d: %s; agreeing on the members again", self.me, err)
-        completed = self.steps - 1
-        generation = self.membership.agree(completed, dead, self.timeout.seconds())
-        if self.me not in generation.members:
-            raise MembershipError(
-                f"worker {self.me} was left out of the members agreed on at mix {generation.change_step} (it was silent "
-                "past the peer timeout)"
-            )
-        left = tuple(m for m in old_members if m not in generation.members)
-        topology, fallback = self._rebuild(len(generation.members))
         old_transport = self.transport
         assert isinstance(old_transport, LiveTransport)
-        old_transport.abandon()  # every member has stopped using it: nothing of it stays pending
-        group = self.membership.group(generation, self.timeout.seconds())
+        generation, group = self._agree(self.steps - 1, dead, old_transport)
+        left = tuple(m for m in old_members if m not in generation.members)
+        topology, fallback = self._rebuild(len(generation.members))
         self.rank = generation.members.index(self.me)
         self.topology = topology
         self.transport = LiveTransport(
@@ -218,6 +210,28 @@ class LiveGossip(SynchronousGossip):
         self.changes.append(change)
         log.warning("worker %d: membership %s", self.me, change.describe())
         return done
+
+    def _agree(self, completed: int, dead: Sequence[int], old_transport: LiveTransport) -> tuple[Generation, Any]:
+        """The next member set and its group. A member that dies after the set is fixed and before the group is
+        built makes the build fail within the peer timeout; the others then agree again, without it (silent by
+        then). No mix is done in between, so the fold is still taken from the last graph mixed on."""
+        assert self.membership is not None
+        while True:
+            generation = self.membership.agree(completed, dead, self.timeout.seconds())
+            if self.me not in generation.members:
+                raise MembershipError(
+                    f"worker {self.me} was left out of the members agreed on at mix {generation.change_step} (it was "
+                    "silent past the peer timeout)"
+                )
+            old_transport.abandon()  # every member has stopped using it: nothing of it stays pending
+            try:
+                return generation, self.membership.group(generation, self.timeout.seconds())
+            except RuntimeError as err:  # torch.distributed's errors: a member of the set never came
+                log.warning(
+                    "worker %d: the group of members %s was not built (%s); agreeing on the members again",
+                    self.me, ", ".join(map(str, generation.members)), _first_line(err),
+                )
+                dead = ()
 
     @torch.no_grad()
     def _resend(self, tensors: Sequence[Tensor]) -> bool:

@@ -354,6 +354,17 @@ class KillRank(Callback):
             os.kill(os.getpid(), self.sig)
 
 
+def die_building_the_group() -> None:
+    """This worker dies (SIGKILL) when it starts building a new generation's group: a member of a set already fixed
+    that never comes to its group."""
+    from lightning_dpgan.gossip.membership import Membership
+
+    def group(self: Membership, generation: Any, timeout: float) -> Any:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    Membership.group = group  # type: ignore[method-assign]
+
+
 class RecordChanges(Callback):
     """Every surviving rank writes the changes of members it went through (``membership="live"``)."""
 
@@ -622,6 +633,8 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
         strategy = decentralized({"membership": "live", **opts}, consensus_every=int(opts.get("consensus_every", 0)))
         sig = signal.SIGSTOP if opts.get("sig") == "STOP" else signal.SIGKILL  # STOP: a host gone silent
         callbacks = [SaveReplica(out), RecordChanges(out), KillRank(int(opts["kill"]), int(opts["at"]), sig)]
+        if int(os.environ["RANK"]) == int(opts.get("die_in_group", -1)):  # a second death: after the set is fixed
+            die_building_the_group()
         if "sigterm_at" in opts:  # after the change: rank 0's SIGTERM still stops every member at one step
             callbacks.append(SigtermRankZeroWhileOthersWait(out, int(opts["sigterm_at"])))
         t = trainer(out, strategy, 1, num_nodes=nodes, max_steps=steps, callbacks=callbacks, default_root_dir=out)
