@@ -119,9 +119,14 @@ class GossipStrategyMixin:
         environment = self.cluster_environment  # type: ignore[attr-defined]
         if environment is not None and environment.creates_processes_externally:
             die_with_parent()
-        super().setup_environment()  # type: ignore[misc]
         # the backend the framework's group uses, chosen for the device where none was asked for: no public getter
         backend = self._get_process_group_backend()  # type: ignore[attr-defined]
+        if self.gossip.membership == "live" and backend != "gloo":
+            raise ValueError(
+                f"membership='live' runs on CPU workers only (gloo): each new member set gets a gloo group, which "
+                f"cannot carry {self.root_device.type} tensors; got process_group_backend={backend!r}"  # type: ignore[attr-defined]
+            )
+        super().setup_environment()  # type: ignore[misc]
         self._gossip_group, world_size = gossip_group(backend, timedelta(seconds=self.gossip.startup_timeout))
         rank = self.global_rank  # type: ignore[attr-defined]
         self.gossiper.connect(world_size, rank, DistributedTransport(rank, self._gossip_group, self.gossip.chunk_bytes))

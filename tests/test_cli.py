@@ -260,6 +260,7 @@ def test_the_summary_says_what_was_measured(tmp_path):
         (["fit", "membership=live", "gossip_every=4"], "membership='live' needs every=1, got every=4"),
         (["fit", "membership=live", "gossip_rounds=2"], "membership='live' needs rounds=1, got rounds=2"),
         (["fit", "membership=live", "strategy.gossip.overlap=true"], "membership='live' needs overlap=False, got overlap=True"),
+        (["fit", "membership=live", "trainer=gpu"], "membership=live runs on CPU workers only (each new member set gets a gloo group), got trainer.accelerator=gpu; use trainer=cpu"),
         (["fit", "membership=live", "topology=one_peer_exponential"], "membership='live' folds and rebuilds one matrix, so it needs a static topology"),
         (["sample"], "sample needs ckpt_path=<a checkpoint file>, got None"),
         (["fit", "ckpt_path=/nonexistent.ckpt"], "ckpt_path: checkpoint '/nonexistent.ckpt' not found"),

@@ -327,3 +327,18 @@ def test_catch_up_is_refused_for_automatic_optimization(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="catch_up=True replaces a training_step by a mix only.*automatic_optimization = False"):
         trainer.fit(BoringModel())
+
+
+def test_a_live_run_on_another_backend_than_gloo_is_refused_before_its_process_group(tmp_path):
+    """Each new member set of a live run gets a gloo group, which cannot carry CUDA tensors: a live strategy whose
+    framework group would be NCCL (a GPU run) is refused at setup, before any group is made, naming the backend."""
+    from torch.utils.data import DataLoader
+
+    from lightning_worker import Classifier, digits
+
+    strategy = DecentralizedStrategy("ring", gossip=GossipOptions(membership="live"), process_group_backend="nccl")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"membership='live' runs on CPU workers only \(gloo\).*got process_group_backend='nccl'"):
+        trainer.fit(Classifier(lr=0.2), DataLoader(digits(), batch_size=32))
+    assert not torch.distributed.is_initialized()

@@ -172,6 +172,11 @@ def check_launch(cfg: DictConfig, datamodule: Any) -> None:
     from lightning_dpgan.processes import check_master_port_free, master_port_from_env
 
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if cfg.get("membership", "fixed") == "live" and (accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())):
+        raise UsageError(
+            f"membership=live runs on CPU workers only (each new member set gets a gloo group), got "
+            f"trainer.accelerator={accelerator}{' on a machine with a GPU' if accelerator == 'auto' else ''}; use trainer=cpu"
+        )
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UsageError(f"trainer.accelerator={accelerator} needs a CUDA GPU, and torch sees none on this machine; use trainer=cpu")
     external = next((name for name in EXTERNAL_LAUNCHERS if name in os.environ), None)
