@@ -123,8 +123,8 @@ class GossipStrategyMixin:
         backend = self._get_process_group_backend()  # type: ignore[attr-defined]
         if self.gossip.membership == "live" and backend != "gloo":
             raise ValueError(
-                f"membership='live' runs on CPU workers only (gloo): each new member set gets a gloo group, which "
-                f"cannot carry {self.root_device.type} tensors; got process_group_backend={backend!r}"  # type: ignore[attr-defined]
+                "membership='live' runs on CPU workers only (gloo): each new member set gets a gloo group, which "
+                f"cannot carry CUDA tensors; got process_group_backend={backend!r}"
             )
         super().setup_environment()  # type: ignore[misc]
         self._gossip_group, world_size = gossip_group(backend, timedelta(seconds=self.gossip.startup_timeout))

@@ -339,6 +339,6 @@ def test_a_live_run_on_another_backend_than_gloo_is_refused_before_its_process_g
     strategy = DecentralizedStrategy("ring", gossip=GossipOptions(membership="live"), process_group_backend="nccl")
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"membership='live' runs on CPU workers only \(gloo\).*got process_group_backend='nccl'"):
+    with pytest.raises(ValueError, match=r"membership='live' runs on CPU workers only \(gloo\).*CUDA tensors; got process_group_backend='nccl'"):
         trainer.fit(Classifier(lr=0.2), DataLoader(digits(), batch_size=32))
     assert not torch.distributed.is_initialized()

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 
 class MembershipError(GossipPeerError):
-    """This worker cannot go on with the members: it was left out of them (it was silent past the peer timeout)."""
+    """This worker cannot go on with the members: it was left out of them (it was silent past the peer timeout), or
+    their group could not be built though every one of them is alive."""
 
 
 #: the tag of the messages of the mixes begun before a change (:meth:`LiveGossip._fold_mix`)
@@ -214,8 +215,10 @@ class LiveGossip(SynchronousGossip):
     def _agree(self, completed: int, dead: Sequence[int], old_transport: LiveTransport) -> tuple[Generation, Any]:
         """The next member set and its group. A member that dies after the set is fixed and before the group is
         built makes the build fail within the peer timeout; the others then agree again, without it (silent by
-        then). No mix is done in between, so the fold is still taken from the last graph mixed on."""
+        then). No mix is done in between, so the fold is still taken from the last graph mixed on. The same members
+        failing twice (all alive) is an error."""
         assert self.membership is not None
+        failed: tuple[int, ...] = ()
         while True:
             generation = self.membership.agree(completed, dead, self.timeout.seconds())
             if self.me not in generation.members:
@@ -227,6 +230,12 @@ class LiveGossip(SynchronousGossip):
             try:
                 return generation, self.membership.group(generation, self.timeout.seconds())
             except RuntimeError as err:  # torch.distributed's errors: a member of the set never came
+                if generation.members == failed:  # every member is alive, and the group still cannot be built
+                    raise MembershipError(
+                        f"worker {self.me}: the group of members {', '.join(map(str, failed))} could not be built "
+                        f"twice: {_first_line(err)}"
+                    ) from err
+                failed = generation.members
                 log.warning(
                     "worker %d: the group of members %s was not built (%s); agreeing on the members again",
                     self.me, ", ".join(map(str, generation.members)), _first_line(err),

@@ -189,12 +189,13 @@ class LiveTransport(DistributedTransport):
             return
 
     def close(self) -> None:
-        """Stop the waiting threads and wait for them (each up to the peer timeout: what they wait on has arrived,
+        """Stop the waiting threads and wait for them, all within the peer timeout (what they wait on has arrived,
         failed, or was ended by :meth:`abandon`)."""
         for waiter in self._waiters.values():
             waiter.stop()
+        deadline = time.monotonic() + self.timeout()
         for waiter in self._waiters.values():
-            waiter.join(self.timeout())
+            waiter.join(max(0.0, deadline - time.monotonic()))
         self._waiters.clear()
         super().close()
 
