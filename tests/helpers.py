@@ -47,7 +47,7 @@ def run(cmd: list[str], timeout: float = 240, check: bool = True, env: dict[str,
 def torchrun(script: str, nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-        f"--master-addr=127.0.0.1", f"--master-port={free_port()}", str(WORKERS / script), *args,
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(WORKERS / script), *args,
     ]
     return run(cmd, timeout=timeout)
 
