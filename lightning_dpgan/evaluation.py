@@ -47,8 +47,8 @@ HIGHER_IS_BETTER = {"modes": True, "high_quality": True, "reverse_kl": False, "f
 
 
 def members(trainer: pl.Trainer) -> tuple[int, int]:
-    """This rank's index among the workers still in the run and their number: the global rank and world size, or a
-    live run's current members after a worker left (``strategy.members``)."""
+    """This rank's index among the workers in the run and their number: the global rank and world size, or a live
+    run's current members once they changed (``strategy.members``; a worker that joined sees one process alone)."""
     return getattr(trainer.strategy, "members", None) or (trainer.global_rank, trainer.world_size)
 
 
@@ -204,17 +204,19 @@ class GANEvaluation(pl.Callback):
         return logged
 
     def _sync_over_members(self, trainer: pl.Trainer, count: int) -> None:
-        """Once the members changed (a live run lost a worker), the metrics gather their states over the members
-        (``trainer.strategy.all_gather``), not over torch's default group, which still holds the worker that left."""
-        if count != trainer.world_size:
+        """Once the members changed (a live run lost or gained a worker), the metrics gather their states over the
+        members (``trainer.strategy.all_gather``), not over torch's default group, which still holds the worker that
+        left, and which a worker that joined does not have."""
+        if getattr(trainer.strategy, "members", None) is not None:
             for metric in self.metrics.values():
                 metric.dist_sync_fn = lambda tensor, group=None: _gather_rows(trainer.strategy, tensor)
+                metric.distributed_available_fn = lambda: count > 1
 
     @staticmethod
     def _all_finite(trainer: pl.Trainer, samples: Tensor) -> bool:
         """Whether every rank's samples are finite (every rank gets the same answer)."""
         finite = torch.tensor(float(torch.isfinite(samples).all()), device=samples.device)
-        if trainer.world_size > 1:
+        if members(trainer)[1] > 1:
             finite = trainer.strategy.reduce(finite, reduce_op=torch.distributed.ReduceOp.MIN)
         return bool(finite > 0)
 
@@ -245,7 +247,7 @@ class GANEvaluation(pl.Callback):
         return {"fid": float(self.metrics["fid"].compute()), "inception_score": float(self.metrics["inception_score"].compute()[0])}
 
     def _summarise(self, trainer: pl.Trainer, values: dict[str, float]) -> dict[str, float]:
-        if self.model == "consensus" or trainer.world_size == 1:
+        if self.model == "consensus" or members(trainer)[1] == 1:
             return values
         gathered = trainer.strategy.all_gather(torch.tensor(list(values.values()), dtype=torch.float64, device=trainer.strategy.root_device))
         out: dict[str, float] = {}
@@ -258,7 +260,7 @@ class GANEvaluation(pl.Callback):
     @contextlib.contextmanager
     def _consensus(self, trainer: pl.Trainer, generator: nn.Module) -> Iterator[None]:
         """The generator averaged over ranks (``trainer.strategy.reduce``, any strategy) while the block runs."""
-        if self.model != "consensus" or trainer.world_size == 1:
+        if self.model != "consensus" or members(trainer)[1] == 1:
             yield
             return
         tensors = [p.data for p in generator.parameters()] + [b for b in generator.buffers() if b.is_floating_point()]

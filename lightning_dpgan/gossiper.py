@@ -122,7 +122,35 @@ class Gossiper:
         engine = self.engine
         if isinstance(engine, LiveGossip) and engine.world_size > 1:
             membership = Membership(self.run_id, rank, range(engine.world_size))
-            engine.go_live(membership, lambda n: rebuild(self.topology_spec, n, **self.topology_options))
+            if rank == 0:
+                membership.publish()  # where a worker started later finds the run
+            engine.go_live(membership, self._rebuild)
+
+    def _rebuild(self, world_size: int) -> tuple[Topology, str | None]:
+        return rebuild(self.topology_spec, world_size, **self.topology_options)
+
+    def join(self) -> bytes:
+        """This worker, started alone, joins the newest live run in the store at ``MASTER_ADDR:MASTER_PORT``: it is
+        admitted at the members' next step, and receives a member's replica (serialized by that member's strategy:
+        the strategy loads it, then :meth:`resume_gossip`)."""
+        engine = self.engine
+        if not isinstance(engine, LiveGossip) or engine.world_size != 1:
+            raise ValueError(
+                "joining a live run needs membership='live' and a worker started alone (one process: devices=1, "
+                f"num_nodes=1), got membership={self.options.membership!r} and {engine.world_size if engine else 0} workers"
+            )
+        return engine.join(Membership.join(self.options.startup_timeout), self._rebuild)
+
+    def gossip_state(self) -> dict[str, Any]:
+        """What a joiner takes from its donor besides the replica: the engine's step, phase and changes, and the
+        steps of each mixed optimizer (the consensus cadence)."""
+        assert isinstance(self.engine, LiveGossip)
+        return {"engine": self.engine.gossip_state(), "optimizer_steps": [self._step_counts.get(id(o), 0) for o in self._optimizers]}
+
+    def resume_gossip(self, state: Mapping[str, Any]) -> None:
+        assert isinstance(self.engine, LiveGossip)
+        self.engine.resume(state["engine"])
+        self._step_counts = {id(o): int(n) for o, n in zip(self._optimizers, state["optimizer_steps"])}
 
     @property
     def live_engine(self) -> LiveGossip | None:
@@ -150,6 +178,8 @@ class Gossiper:
                 "(fuse the players into one optimizer, as DPGAN does, or leave every=1 and staleness=0)"
             )
         self._hooks = [o.register_anchor_hook(self._mix) for o in self._optimizers if isinstance(o, AnchoredOptimizer)]
+        if isinstance(self.engine, LiveGossip):
+            self.engine.per_batch = max(1, len(self._optimizers))  # each mixes once a training step
         self.stopped, self._nonfinite, self._signalled, self._signal_announced = None, None, False, False
 
     def detach(self) -> None:

@@ -4,6 +4,7 @@ read here, so that loading a file never runs code."""
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -44,3 +45,12 @@ def safe_load(path: _PATH, what: str = "checkpoint", mmap: bool = False) -> Any:
 
 def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
+
+
+def safe_loads(data: bytes, what: str) -> Any:
+    """:func:`safe_load` of bytes received from another worker (a donor's replica): data only, never code."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - as safe_load: one error naming what could not be read
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{what} could not be read as data ({type(err).__name__}: {first})") from None

@@ -25,6 +25,7 @@ with the Fabric strategy; what each step mixes is decided in :mod:`lightning_dpg
 from __future__ import annotations
 
 import gc
+import io
 import multiprocessing
 import os
 import warnings
@@ -49,11 +50,13 @@ from typing_extensions import override
 
 from lightning_dpgan.gossip import StopReason
 from lightning_dpgan.gossip.live import LiveGossip
+from lightning_dpgan.gossip.options import JOIN
 from lightning_dpgan.gossip_strategy import DDP_ARGUMENTS, GossipStrategyMixin
 from lightning_dpgan.gossiper import point_anchors_at_parameters
+from lightning_dpgan.loading import safe_loads
 from lightning_dpgan.processes import launch_watched
 from lightning_dpgan.replicas import atomic_save, consensus_restart_reason, read_main, remove_other_sets, replica_set_of
-from lightning_dpgan.seeding import rng_state, set_rng_state
+from lightning_dpgan.seeding import rng_state, seed_for_rank, set_rng_state
 from lightning_dpgan.signals import replace_sigterm_notifier, skip_step_broadcast
 
 
@@ -85,6 +88,7 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
     seeds_per_rank = True
     _pending_replica: dict[str, Any] | None = None  # this rank's replica, read by load_checkpoint until restored
     _pending_consensus_restart = False  # resuming every replica from the consensus model
+    _own_state = False  # a checkpoint dict of this replica alone, for a joiner: no consensus average (a collective)
 
     # ------------------------------------------------------------------ launch and process group
     @override
@@ -192,6 +196,8 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
         """The consensus model: floating entries averaged over ranks (collective; runs on every rank)."""
         module = self.lightning_module
         assert module is not None
+        if self._own_state:
+            return module.state_dict()
         return self.gossiper.consensus_state(module, module.state_dict(), self)
 
     @override
@@ -236,9 +242,11 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         # Always weights-only, whatever Lightning passes: a checkpoint is data, and loading one never runs code.
-        checkpoint = read_main(checkpoint_path)
         self._pending_replica = None
         self._pending_consensus_restart = False
+        if checkpoint_path == JOIN:
+            return self._join()
+        checkpoint = read_main(checkpoint_path)
         replica_set = replica_set_of(checkpoint)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if replica_set is None or trainer is None or trainer.state.fn != TrainerFn.FITTING:
@@ -250,6 +258,41 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
             rank_zero_warn(f"Resuming from {checkpoint_path}: {reason}; every replica restarts from the consensus model.")
             self._pending_consensus_restart = True
         return checkpoint
+
+    def _join(self) -> dict[str, Any]:
+        """``ckpt_path=JOIN``: join the live run, and hand Lightning the donor's checkpoint of its own replica, which
+        restores the model, optimizers, loops and callbacks as a resume does; then this worker's own random streams."""
+        trainer = self.lightning_module.trainer
+        if trainer.state.fn != TrainerFn.FITTING:
+            raise ValueError(f"ckpt_path={JOIN!r} joins a live run, which only fit() can: got {trainer.state.fn.value}()")
+        received = safe_loads(self.gossiper.join(), "the donor's replica")
+        self.gossiper.resume_gossip(received["gossip"])
+        engine = self.engine
+        assert isinstance(engine, LiveGossip)
+        seed_for_rank(engine.me)  # its own noise and batches, as every member has
+        return received["checkpoint"]
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """At the step boundary before a join: the donor sends the joiner this replica's whole checkpoint."""
+        super().on_train_batch_start(batch, batch_idx)
+        engine = self.engine
+        if isinstance(engine, LiveGossip) and engine.donation_due():
+            engine.donate(self._replica_checkpoint())
+
+    def _replica_checkpoint(self) -> bytes:
+        """This replica's checkpoint as Lightning writes one (model, optimizers with anchors and moments, loops,
+        callbacks), without the consensus average, and its gossip state, serialized. Lightning's ``dump_checkpoint``
+        is the one way to get that dict; it has no public accessor."""
+        trainer = self.lightning_module.trainer
+        self._own_state = True
+        try:
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        finally:
+            self._own_state = False
+        buffer = io.BytesIO()
+        torch.save({"checkpoint": checkpoint, "gossip": self.gossiper.gossip_state()}, buffer)
+        return buffer.getvalue()
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:

@@ -43,6 +43,7 @@ def dposg(
     lr: float | np.ndarray,
     adam: tuple[tuple[float, float], float] | None = None,
     overlap: bool = False,
+    joins: dict[int, int] | None = None,
 ) -> np.ndarray:
     """Workers' ``z`` after ``steps`` gradients, rows = workers.
 
@@ -52,6 +53,8 @@ def dposg(
     function of ``x`` (:func:`narrow_wire_mix`).
     ``overlap``: the mix of ``x^k`` is still in flight when the next gradient is taken
     (``DecentralizedStrategy(overlap=True)``), so ``z^{k+1} = x^k - lr d(z^k)``; the anchors are unchanged.
+    ``joins``: ``{k: donor}``: before iteration ``k`` a worker joins as a copy of row ``donor``'s whole state (its
+    point, anchor and Adam moments), as the last row; the matrices from then on are one row larger.
     """
     z = np.array(z0, dtype=np.float64)
     x = z.copy()
@@ -64,6 +67,8 @@ def dposg(
     v = np.zeros_like(z)
     mixed = x
     for k in range(steps):
+        if joins and k in joins:
+            z, x, m, v, mixed = (np.vstack([a, a[joins[k]]]) for a in (z, x, m, v, mixed))
         d = grad(z)  # g(z^k); iteration 0 has no anchor update: z^1 = W x^0 - lr d(z^0)
         if adam:
             d, m, v = adam_direction(d, m, v, k + 1, *adam)

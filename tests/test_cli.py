@@ -262,6 +262,10 @@ def test_the_summary_says_what_was_measured(tmp_path):
         (["fit", "membership=live", "strategy.gossip.overlap=true"], "membership='live' needs overlap=False, got overlap=True"),
         (["fit", "membership=live", "trainer=gpu"], "membership=live runs on CPU workers only (each new member set gets a gloo group), got trainer.accelerator=gpu; use trainer=cpu"),
         (["fit", "membership=live", "topology=one_peer_exponential"], "membership='live' folds and rebuilds one matrix, so it needs a static topology"),
+        (["fit", "ckpt_path=join"], "ckpt_path=join joins a live run: it needs membership=live and the run's settings, got membership=fixed"),
+        (["fit", "ckpt_path=join", "membership=live"], "ckpt_path=join starts one worker that joins the run: devices=1 num_nodes=1, got devices=4 num_nodes=1"),
+        (["fit", "ckpt_path=join", "membership=live", "devices=1"], "ckpt_path=join finds the run in its c10d store at MASTER_ADDR:MASTER_PORT"),
+        (["validate", "ckpt_path=join"], "ckpt_path=join joins a live run, which only fit does; validate needs ckpt_path=<a checkpoint file>"),
         (["sample"], "sample needs ckpt_path=<a checkpoint file>, got None"),
         (["fit", "ckpt_path=/nonexistent.ckpt"], "ckpt_path: checkpoint '/nonexistent.ckpt' not found"),
         (["fit", "ckpt_path=/tmp"], "ckpt_path: checkpoint '/tmp' is a directory, not a checkpoint file"),
@@ -271,6 +275,9 @@ def test_the_summary_says_what_was_measured(tmp_path):
 def test_bad_input_exits_2_with_one_message_before_any_worker(args, message, monkeypatch):
     if "num_nodes=2" in args:  # what a launcher on each node sets: none here
         for name in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "NODE_RANK"):
+            monkeypatch.delenv(name, raising=False)
+    if "ckpt_path=join" in args:  # where a joiner finds the run: not set here
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
             monkeypatch.delenv(name, raising=False)
     status, out, err = call_cli(*args)
     assert status == 2, err[-2000:]

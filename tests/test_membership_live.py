@@ -31,8 +31,8 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL and glo
 STEPS, LR, ADAM = 60, 0.05, ((0.5, 0.9), 1e-8)
 
 
-def start_by_hand(out: Path, n: int, *opts: str) -> list[subprocess.Popen]:
-    port, procs = free_port(), []
+def start_by_hand(out: Path, n: int, *opts: str, port: int | None = None) -> list[subprocess.Popen]:
+    port, procs = port or free_port(), []
     for rank in range(n):
         env = {**worker_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(n), "RANK": str(rank),
                "GROUP_RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
@@ -40,6 +40,14 @@ def start_by_hand(out: Path, n: int, *opts: str) -> list[subprocess.Popen]:
             procs.append(subprocess.Popen([sys.executable, str(WORKERS / "lightning_worker.py"), "live_leave", str(out), *opts],
                                           env=env, stdout=subprocess.DEVNULL, stderr=err))
     return procs
+
+
+def start_joiner(out: Path, port: int, *opts: str) -> subprocess.Popen:
+    """A worker started later, alone, with nothing but the run's store address (as a user starts one on a new host)."""
+    env = {**worker_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with open(out / "stderr_joiner.txt", "w") as err:
+        return subprocess.Popen([sys.executable, str(WORKERS / "lightning_worker.py"), "live_leave", str(out), *opts, "join=1"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def wait_for(procs: list[subprocess.Popen], ranks: list[int], timeout: float) -> dict[int, int | None]:
@@ -208,3 +216,57 @@ def test_a_member_lost_while_the_next_set_is_formed_is_left_out_by_one_more_agre
         assert np.diff(ends).max() < 2 * timeout + 8, np.diff(ends).max()
     ends = [torch.load(tmp_path / f"end_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(bool(torch.isfinite(t).all()) for end in ends for t in end.values())
+
+
+def test_a_worker_started_later_joins_from_its_donors_replica_and_every_replica_equals_the_dposg_reference(tmp_path):
+    """Three workers on a ring; once they are past step 10 a fourth process starts alone with only the store's
+    address and ``fit(ckpt_path="join")``. The members admit it at a step boundary; its donor (its lowest neighbour
+    on the ring of 4, worker 0) sends it the whole replica: parameters, optimistic Adam's anchors and moments, the
+    loops' step. All four end at the same step, and equal DPOSG in numpy: ring(3) before the recorded change step,
+    the joiner a copy of worker 0's whole state there, ring(4) from it. The joiner's first parameters are its
+    donor's at that step, bit for bit."""
+    n, steps, port = 3, 80, free_port()
+    opts = [f"steps={steps}", "kill=-1", "at=0", "optimizer=optimistic_adam", f"lr={LR}", "timeout=10",
+            'kwargs={"betas": [0.5, 0.9]}', "pace=0.15", f"nodes={n}"]
+    procs = start_by_hand(tmp_path, n, *opts, port=port)
+    progress, deadline = tmp_path / "progress.txt", time.monotonic() + 120
+    while time.monotonic() < deadline and not (progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 10):
+        time.sleep(0.05)
+    procs.append(start_joiner(tmp_path, port, *opts))
+    codes = wait_for(procs, list(range(n + 1)), timeout=180)
+    stderr = {r: (tmp_path / f"stderr_rank{r}.txt").read_text() for r in range(n)} | {n: (tmp_path / "stderr_joiner.txt").read_text()}
+    for r in range(n + 1):
+        assert codes[r] == 0, f"worker {r} exited {codes[r]}:\n{stderr[r][-4000:]}"
+    records = {r: json.loads((tmp_path / f"changes_rank{r}.json").read_text()) for r in range(n + 1)}
+    assert {rec["global_step"] for rec in records.values()} == {steps}, records
+    assert len({json.dumps(rec["changes"]) for rec in records.values()}) == 1, records  # one history, the joiner's too
+    (change,) = records[0]["changes"]
+    assert change["joined"] == [n] and change["left"] == [] and change["members"] == list(range(n + 1)) and change["topology"] == "ring"
+    c = change["step"]
+    assert 10 < c < steps, change
+    for r in range(n):
+        assert f"step {c}: worker(s) {n} joined; {n + 1} go on (0, 1, 2, 3) on ring" in stderr[r], stderr[r][-3000:]
+    assert "worker 0: sent its replica" in stderr[0] and f"joins at step {c}" in stderr[0]
+
+    game = BilinearGame("optimistic_adam", LR)
+    z0 = np.tile(np.concatenate([game.x.detach().numpy(), game.y.detach().numpy()]), (n, 1))
+    _, parts = bilinear_matrices(n)
+    parts = np.concatenate([parts, bilinear_matrices(1)[1]])  # the joiner, one process of its own, plays the whole game
+
+    def grad(z: np.ndarray) -> np.ndarray:
+        x, y, a = z[:, :BILINEAR_DIM], z[:, BILINEAR_DIM:], parts[: len(z)]
+        return np.concatenate([np.einsum("rij,rj->ri", a, y), -np.einsum("rij,ri->rj", a, x)], axis=1)
+
+    mixes = [ring(n).matrix() if m < c else ring(n + 1).matrix() for m in range(1, steps + 1)]
+    expected = dposg(grad, z0, mixes, steps, LR, ADAM, joins={c - 1: 0})
+    ends = [torch.load(tmp_path / f"end_rank{r}.pt", weights_only=True) for r in range(n + 1)]
+    got = np.stack([np.concatenate([s["x"].numpy(), s["y"].numpy()]) for s in ends])
+    np.testing.assert_allclose(got, expected, atol=1e-10, rtol=0)
+    # the joiner began as its donor was at the change step's start
+    start = torch.load(tmp_path / f"start_rank{n}.pt", weights_only=True)
+    donor_then = torch.load(tmp_path / "params_rank0.pt", weights_only=True)[c - 1]
+    assert torch.equal(torch.cat([start["x"], start["y"]]), donor_then)
+    # the test tells the rules apart: the members without a joiner, or a joiner from another donor, end elsewhere
+    alone = dposg(grad, z0, ring(n).matrix(), steps, LR, ADAM)
+    assert np.abs(got[:n] - alone).max() > 1e-6
+    assert np.abs(got - dposg(grad, z0, mixes, steps, LR, ADAM, joins={c - 1: 1})).max() > 1e-6

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -530,11 +531,11 @@ def test_sigterm_to_the_process_group_stops_every_rank_at_one_step_with_a_checkp
 
 
 # ---------------------------------------------------------------------- the worker that failed is named, soon
-def _fit_cli(run_dir: Path, *extra: str, devices: int = 4) -> subprocess.Popen:
+def _fit_cli(run_dir: Path, *extra: str, devices: int = 4, env: dict[str, str] | None = None, output: Any = None) -> subprocess.Popen:
     args = [f"devices={devices}", "evaluation.every_n_steps=0", "evaluation.num_samples=100", "trainer.enable_progress_bar=false",
             "trainer.log_every_n_steps=1", "+logger.flush_logs_every_n_steps=1", f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen([*CLI, "fit", *args, *extra], env=worker_env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([*CLI, "fit", *args, *extra], env=env or worker_env(), start_new_session=True,
+                            stdout=output or subprocess.PIPE, stderr=output or subprocess.PIPE, text=True)
 
 
 def _worker_pid(launcher: int, rank: int) -> int:
@@ -610,34 +611,54 @@ def test_the_launchers_observer_of_a_live_run_lets_a_failed_worker_go(caplog):
             worker.wait()
 
 
-def test_a_live_run_started_by_the_cli_goes_on_without_a_killed_worker(tmp_path):
-    """``fit devices=4 membership=live``: rank 2 of the ring, a worker Lightning's launcher started, is killed (kill
-    -9) at about step 20 of 60. The launcher's observer lets it go instead of killing every process; the survivors end
-    at max_steps, evaluate their consensus model at the end, and rank 0 exits 0 with a summary that names who left
-    and at which step."""
-    proc = _fit_cli(tmp_path, "membership=live", "max_steps=60", "batch_size=64", "strategy.gossip.peer_timeout=5",
-                    "checkpoint.every_n_train_steps=100000")
+def test_a_live_run_started_by_the_cli_admits_a_new_worker_and_goes_on_without_a_killed_one(tmp_path):
+    """``fit devices=4 membership=live``, and a fifth process started alone on the command line with only the run's
+    store address, ``fit devices=1 membership=live ckpt_path=join`` (a replacement host): the members admit it at a
+    step boundary and it trains on from a member's replica. Then rank 2, a worker Lightning's launcher started, is
+    killed (kill -9): the launcher's observer lets it go instead of killing every process. Everyone left ends at
+    max_steps and evaluates the consensus model of the five, then four, together; the launcher and the joiner both
+    exit 0 with a summary naming each change and its step."""
+    port = free_port()
+    settings = ("membership=live", "max_steps=200", "batch_size=64", "strategy.gossip.peer_timeout=5", "checkpoint.every_n_train_steps=100000")
+    proc = _fit_cli(tmp_path / "run", *settings, env={**worker_env(), "MASTER_PORT": str(port)})
+    with open(tmp_path / "joiner.txt", "w") as joiner_output:  # its output and log, read as it runs
+        joiner = _fit_cli(tmp_path / "joiner", *settings, "ckpt_path=join", devices=1, output=joiner_output,
+                          env={**worker_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     deadline = time.monotonic() + 120
-    while logged_step(tmp_path) < 20:
+    while (joined := re.search(r"worker 4: membership step (\d+): worker\(s\) 4 joined", (tmp_path / "joiner.txt").read_text())) is None:
+        assert proc.poll() is None and joiner.poll() is None and time.monotonic() < deadline, (tmp_path / "joiner.txt").read_text()[-3000:]
+        time.sleep(0.05)
+    while logged_step(tmp_path / "run") < max(20, int(joined.group(1)) + 5):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     os.kill(_worker_pid(proc.pid, 2), signal.SIGKILL)
     try:
         out, err = proc.communicate(timeout=120)
+        joiner.wait(timeout=60)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for p in (proc, joiner):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    joiner_out = (tmp_path / "joiner.txt").read_text()
     assert proc.returncode == 0, (out + err)[-3000:]
-    assert "Traceback" not in err and "error:" not in err, err[-3000:]
+    assert joiner.returncode == 0, joiner_out[-3000:]
+    for stderr in (err, joiner_out):
+        assert "Traceback" not in stderr and "error:" not in stderr, stderr[-3000:]
     assert "ended with exit code -9; membership=live: the others go on without it" in out + err, (out + err)[-3000:]
-    assert "on 4 processes, 3 at the end (ring, gossip_rounds=1, membership=live" in out, out[-3000:]
-    left = re.search(r"^  members: step (\d+): worker\(s\) 2 left; 3 go on \(0, 1, 3\) on ring$", out, re.MULTILINE)
-    assert left is not None and 20 < int(left.group(1)) < 60, out[-3000:]
-    assert re.search(r"^  consensus model, 100 samples: \d+ modes?, [\d.]+% high quality, reverse KL [\d.]+$", out, re.MULTILINE), out[-3000:]
-    with open(tmp_path / "evaluation.csv") as f:
-        (row,) = csv.DictReader(f)  # one evaluation, at the end: the survivors reached max_steps
-    assert int(row["step"]) == 60, row
-    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # no set for a changed member set (a warning says so)
+    assert "on 4 processes, 4 at the end (ring, gossip_rounds=1, membership=live" in out, out[-3000:]
+    assert "on 1 process, 4 at the end (ring, gossip_rounds=1, membership=live" in joiner_out, joiner_out[-3000:]
+    for summary in (out, joiner_out):  # the joiner took the run's history from its donor, and saw the rest itself
+        join = re.search(r"^  members: step (\d+): worker\(s\) 4 joined; 5 go on \(0, 1, 2, 3, 4\) on ring$", summary, re.MULTILINE)
+        left = re.search(r"^  members: step (\d+): worker\(s\) 2 left; 4 go on \(0, 1, 3, 4\) on ring$", summary, re.MULTILINE)
+        assert join is not None and left is not None and int(join.group(1)) < int(left.group(1)) < 200, summary[-3000:]
+        assert re.search(r"^  consensus model, 100 samples: \d+ modes?, [\d.]+% high quality, reverse KL [\d.]+$", summary, re.MULTILINE), summary[-3000:]
+    rows = []
+    for run_dir in ("run", "joiner"):
+        with open(tmp_path / run_dir / "evaluation.csv") as f:
+            (row,) = csv.DictReader(f)  # one evaluation, at the end: everyone reached max_steps
+        rows.append({k: v for k, v in row.items() if k != "train_s"})  # the seconds each spent training differ
+    assert int(rows[0]["step"]) == 200 and rows[0] == rows[1], rows  # one consensus model, scored together
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # no set for a changed member set (a warning says so)
 
 
 def _inside_replica_write(pid: int) -> bool:

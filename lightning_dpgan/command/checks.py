@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_dpgan.checks import check_choice, check_int
+from lightning_dpgan.gossip.options import JOIN
 from lightning_dpgan.command.errors import UsageError
 from lightning_dpgan.topology import MAX_WORLD_SIZE
 
@@ -74,6 +75,8 @@ def prepare(verb: str, cfg: DictConfig, run_dir: str, spawn: bool = False) -> Ru
         raise UsageError(f"{verb} needs ckpt_path=<a checkpoint file>, got {cfg.ckpt_path!r}")
     if cfg.ckpt_path == "last" and verb != "fit":
         raise UsageError(f"ckpt_path=last resumes a fit in its run directory; {verb} needs ckpt_path=<a checkpoint file>")
+    if cfg.ckpt_path == JOIN:
+        check_join(verb, cfg)
     checkpoint_path = _checkpoint_to_read(cfg, run_dir)
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path else None  # as data, before anything is built
     cfg = with_run_config(cfg) if verb in ("validate", "sample") else with_scaled_learning_rates(cfg)
@@ -141,12 +144,31 @@ def _checkpoint_to_read(cfg: DictConfig, run_dir: str) -> str | None:
     from lightning_dpgan.checkpointing import newest_last
     from lightning_dpgan.loading import CheckpointError
 
+    if cfg.ckpt_path == JOIN:
+        return None  # the state comes from a member of the run
     if cfg.ckpt_path != "last":
         return str(cfg.ckpt_path) if cfg.ckpt_path else None
     try:
         return newest_last(os.path.join(run_dir, "checkpoints"))
     except CheckpointError as err:
         raise UsageError(f"ckpt_path=last: {err}") from None
+
+
+def check_join(verb: str, cfg: DictConfig) -> None:
+    """``ckpt_path=join``: one worker, started alone, joins a live run of the same settings through its store."""
+    membership = cfg.get("membership", "fixed")
+    if verb != "fit":
+        raise UsageError(f"ckpt_path={JOIN} joins a live run, which only fit does; {verb} needs ckpt_path=<a checkpoint file>")
+    if not is_decentralized(cfg) or membership != "live":
+        raise UsageError(f"ckpt_path={JOIN} joins a live run: it needs membership=live and the run's settings, got membership={membership}")
+    if cfg.devices * cfg.num_nodes != 1:
+        raise UsageError(f"ckpt_path={JOIN} starts one worker that joins the run: devices=1 num_nodes=1, got devices={cfg.devices} num_nodes={cfg.num_nodes}")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise UsageError(
+            f"ckpt_path={JOIN} finds the run in its c10d store at MASTER_ADDR:MASTER_PORT (the run's first host and "
+            f"port); {' and '.join(missing)} not set"
+        )
 
 
 def check_data_fits_model(cfg: DictConfig, datamodule: Any, model: Any) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from omegaconf import OmegaConf
 
 from lightning_dpgan.command.errors import UsageError
+from lightning_dpgan.gossip.options import JOIN
 
 #: keys whose values are paths: quoted for Hydra, whose grammar reads ``=`` and ``,`` (a multirun job's folder name)
 PATH_KEYS = ("ckpt_path", "output_dir", "hydra.run.dir", "hydra.sweep.dir", "dataset.root", "evaluation.inception_weights")
@@ -70,7 +71,7 @@ def with_run_overrides(verb: str, overrides: list[str]) -> list[str]:
     the run's own command line again, with the keys given now replacing the same keys of the run's, and goes on in
     the run's directory."""
     ckpt = override_value(overrides, "ckpt_path")
-    if verb != "fit" or not ckpt:
+    if verb != "fit" or not ckpt or ckpt == JOIN:  # a joiner's state comes from the run, its settings from this line
         return overrides
     if ckpt == "last":
         run_dir = override_value(overrides, "hydra.run.dir")

@@ -29,7 +29,6 @@ from typing import Any
 
 from lightning_dpgan.checks import check_int, check_number
 from lightning_dpgan.command.errors import UsageError
-from lightning_dpgan.topology import MAX_ROUNDS
 
 #: the most hosts the plan computes mixing for (dense products of n x n matrices for every candidate's rho)
 MAX_PLAN_HOSTS = 512

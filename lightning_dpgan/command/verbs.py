@@ -131,7 +131,7 @@ def fit_summary(cfg: DictConfig, run_dir: str, seconds: float, world_size: int, 
     shown = [name for name in files if not name.startswith("samples_step")] + ([f"samples_step*.png ({len(samples)})"] if samples else [])
     last_ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
     resume = f"\n  resume: {resume_line(last_ckpt)}" if os.path.isfile(last_ckpt) else ""
-    processes = f"{world_size} processes"
+    processes = f"{world_size} process{'' if world_size == 1 else 'es'}"
     if changes:
         processes += f", {len(changes[-1].members)} at the end"
         before = f" (written before step {changes[0].step}, by all {world_size})" if resume else ""

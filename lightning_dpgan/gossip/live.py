@@ -16,14 +16,21 @@ part in the agreement (:class:`~lightning_dpgan.gossip.membership.Membership`) a
   to that mix (:meth:`LiveGossip._fold_mix`).
 * From mix ``c`` on every survivor mixes with the graph of the same family rebuilt for the survivors, on the
   generation's own gloo group.
+
+A worker started later joins the same way (:meth:`LiveGossip.join`): its request opens a generation, nobody has
+left, so ``W_fold`` is the old ``W`` and the joiner's row the identity until the change step, which is then the first
+mix of a training step. At that step boundary its donor (its neighbour with the lowest id) sends it the whole
+replica, as the strategy serializes it (:meth:`LiveGossip.donate`); the joiner starts from it at the change step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -48,23 +55,36 @@ class MembershipError(GossipPeerError):
 
 #: the tag of the messages of the mixes begun before a change (:meth:`LiveGossip._fold_mix`)
 _RESYNC_TAG = 7
+#: the tag of a donor's replica sent to a worker that joins (:meth:`LiveGossip.donate`)
+_JOIN_TAG = 8
 
 
 @dataclass(frozen=True)
 class Change:
-    """One change of members: at mix ``step`` (the first on the new graph), ``left`` (ids) had left, leaving
-    ``members`` on ``topology`` (``fallback``: why a ring, where the family did not fit)."""
+    """One change of members: at mix ``step`` (the first on the new graph), ``left`` (ids) had left and ``joined``
+    joined, making ``members`` on ``topology`` (``fallback``: why a ring, where the family did not fit)."""
 
     step: int
     left: tuple[int, ...]
     members: tuple[int, ...]
     topology: str
     fallback: str | None = None
+    joined: tuple[int, ...] = ()
 
     def describe(self) -> str:
-        who = ", ".join(map(str, self.left))
+        what = [f"worker(s) {', '.join(map(str, ids))} {verb}" for ids, verb in ((self.left, "left"), (self.joined, "joined")) if ids]
         ring = f" (a ring: {self.fallback})" if self.fallback else ""
-        return f"step {self.step}: worker(s) {who} left; {len(self.members)} go on ({', '.join(map(str, self.members))}) on {self.topology}{ring}"
+        members = ", ".join(map(str, self.members))
+        return f"step {self.step}: {' and '.join(what)}; {len(self.members)} go on ({members}) on {self.topology}{ring}"
+
+
+def donor(generation: Generation, topology: Topology, joiner: int) -> int:
+    """The member (id) that sends ``joiner`` its replica: its neighbour on the new graph with the lowest id, or the
+    lowest member where none of its neighbours was a member before."""
+    before = [m for m in generation.members if m not in generation.joined]
+    row = topology.matrix(0)[generation.members.index(joiner)]
+    neighbours = [generation.members[j] for j in np.flatnonzero(row > 0) if generation.members[j] in before]
+    return min(neighbours or before)
 
 
 class LiveGossip(SynchronousGossip):
@@ -80,6 +100,12 @@ class LiveGossip(SynchronousGossip):
         self._abandoned: list[Transport] = []
         self._failure: GossipPeerError | None = None  # a collective that failed between steps: agree at the next one
         self._catching_up: tuple[np.ndarray, Generation] | None = None  # (W_fold, the generation) until its change step
+        #: the mixes of one training step (one per mixed optimizer; the gossiper sets it): where a join may begin
+        self.per_batch = 1
+        self._donate: tuple[int, list[int]] | None = None  # (the change step, the joiners' ranks) this worker sends to
+        self._joining = False  # admitted, before its first step: the framework's start-up collectives stay its own
+        self._donor = -1  # a joiner's donor (id)
+        self._recovering = False  # in a step or a consensus measurement, which give way to an agreement
 
     @property
     def members(self) -> tuple[int, ...]:
@@ -87,18 +113,26 @@ class LiveGossip(SynchronousGossip):
 
     @property
     def reconfigured(self) -> bool:
-        """Whether the members changed: the default process group then has a worker that left."""
-        return bool(self.changes)
+        """Whether the members changed: the default process group then has a worker that left, or lacks one that
+        joined. A joiner's framework starts up alone (its collectives its own) until its first step."""
+        return bool(self.changes) and not self._joining
 
     def go_live(self, membership: Membership, rebuild: Callable[[int], tuple[Topology, str | None]]) -> None:
         """Watch the members from now on; ``rebuild(n)`` is the graph of the run's family for ``n`` workers."""
         group = getattr(self.transport, "group", None)  # generation 0: the gossip's own group over every rank
         self.membership, self._rebuild = membership, rebuild
-        self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, membership.changing.is_set, self.timeout.seconds)
+        self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, self._interrupted, self.timeout.seconds)
+
+    def _interrupted(self) -> bool:
+        """Whether a wait should give way to an agreement: only in a step or a consensus measurement, which recover
+        from one; elsewhere (the initial broadcast, the framework's collectives, a donation) the wait goes on, and
+        the agreement waits for this worker's next step."""
+        return self._recovering and self.membership is not None and self.membership.changing.is_set()
 
     # ------------------------------------------------------------------ the step
     @override
     def step(self, tensors: Sequence[Tensor]) -> None:
+        self._joining = False
         self._begin_step()
         if not self.mixes_now():
             return
@@ -106,6 +140,13 @@ class LiveGossip(SynchronousGossip):
             self.mix(tensors)
             return
         self._keep(tensors)
+        self._recovering = True
+        try:
+            self._step_recovering(tensors)
+        finally:
+            self._recovering = False
+
+    def _step_recovering(self, tensors: Sequence[Tensor]) -> None:
         phase, failure, self._failure = self.phase, self._failure, None
         while True:
             try:
@@ -162,6 +203,7 @@ class LiveGossip(SynchronousGossip):
     @override
     def consensus_distance(self, tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int) -> Tensor:
         """As every engine's; where a worker left during it, NaN, and the members are agreed on at the next step."""
+        self._recovering = True
         try:
             return super().consensus_distance(tensors, group_ids, num_groups)
         except MembershipError:
@@ -172,6 +214,8 @@ class LiveGossip(SynchronousGossip):
             log.warning("worker %d: consensus not measured at step %d (%s); agreeing on the members at the next step", self.me, self.steps, err)
             self._failure = err
             return torch.full((num_groups,), float("nan"), dtype=torch.float64)
+        finally:
+            self._recovering = False
 
     # ------------------------------------------------------------------ a change of members
     def _change(self, err: GossipPeerError, tensors: Sequence[Tensor]) -> bool:
@@ -189,28 +233,37 @@ class LiveGossip(SynchronousGossip):
         generation, group = self._agree(self.steps - 1, dead, old_transport)
         left = tuple(m for m in old_members if m not in generation.members)
         topology, fallback = self._rebuild(len(generation.members))
+        self._enter(generation, group, topology)
+        keep = [old_members.index(m) for m in generation.members if m in old_members]
+        w_fold = np.eye(len(generation.members))  # a joiner's row: the identity, until the change step
+        w_fold[: len(keep), : len(keep)] = fold(old_w, keep)  # joiners come last: their ids are the newest
+        self._catching_up = (w_fold, generation)
+        joiners = [generation.members.index(j) for j in generation.joined if donor(generation, topology, j) == self.me]
+        self._donate = (generation.change_step, joiners) if joiners else None
+        done = self._resend(tensors)
+        self._abandoned.append(old_transport)  # its watcher threads end on the works it failed: kept until then
+        if not left and not generation.joined:  # a wait timed out on a worker that was only slow: a group of their own
+            log.warning(
+                "worker %d: nobody left; the same %d members go on from mix %d", self.me, len(generation.members), generation.change_step
+            )
+            return done
+        change = Change(generation.change_step, left, generation.members, topology.name, fallback, generation.joined)
+        self.changes.append(change)
+        log.warning("worker %d: membership %s", self.me, change.describe())
+        return done
+
+    def _enter(self, generation: Generation, group: Any, topology: Topology) -> None:
+        """Mix on ``generation``'s group and ``topology`` from now on, at this worker's rank among its members."""
+        assert self.membership is not None
         self.rank = generation.members.index(self.me)
         self.topology = topology
         self.transport = LiveTransport(
-            self.rank, group, self.options.chunk_bytes, self.membership.changing.is_set, self.timeout.seconds
+            self.rank, group, self.options.chunk_bytes, self._interrupted, self.timeout.seconds
         )
         self._neighbours = [topology.neighbours(self.rank, p) for p in range(topology.period)]
         self._weights.clear()
         self._gathered_headers.clear()
         self._plans.clear()
-        keep = [old_members.index(m) for m in generation.members]
-        self._catching_up = (fold(old_w, keep), generation)
-        done = self._resend(tensors)
-        self._abandoned.append(old_transport)  # its watcher threads end on the works it failed: kept until then
-        if not left:  # a wait timed out on a worker that was only slow: the same members, on a group of their own
-            log.warning(
-                "worker %d: nobody left; the same %d members go on from mix %d", self.me, len(generation.members), generation.change_step
-            )
-            return done
-        change = Change(generation.change_step, left, generation.members, topology.name, fallback)
-        self.changes.append(change)
-        log.warning("worker %d: membership %s", self.me, change.describe())
-        return done
 
     def _agree(self, completed: int, dead: Sequence[int], old_transport: LiveTransport) -> tuple[Generation, Any]:
         """The next member set and its group. A member that dies after the set is fixed and before the group is
@@ -220,7 +273,7 @@ class LiveGossip(SynchronousGossip):
         assert self.membership is not None
         failed: tuple[int, ...] = ()
         while True:
-            generation = self.membership.agree(completed, dead, self.timeout.seconds())
+            generation = self.membership.agree(completed, dead, self.timeout.seconds(), self.per_batch)
             if self.me not in generation.members:
                 raise MembershipError(
                     f"worker {self.me} was left out of the members agreed on at mix {generation.change_step} (it was "
@@ -250,7 +303,7 @@ class LiveGossip(SynchronousGossip):
         assert self._kept is not None and self._catching_up is not None
         w_fold, generation = self._catching_up
         mine = generation.completed[self.me]
-        behind = [k for k, m in enumerate(generation.members) if generation.completed[m] == mine - 1 and w_fold[k, self.rank] > 0]
+        behind = [k for k, m in enumerate(generation.members) if w_fold[k, self.rank] > 0 and generation.completed[m] == mine - 1]
         posted = self._post_fold(Plan(self._kept[1]), behind, ())[0] if behind else []
         done = self.steps < generation.change_step
         if done:
@@ -268,7 +321,7 @@ class LiveGossip(SynchronousGossip):
         assert self._catching_up is not None
         w_fold, generation = self._catching_up
         m, members = self.steps, generation.members
-        send_to = [k for k, member in enumerate(members) if k != self.rank and generation.completed[member] < m and w_fold[k, self.rank] > 0]
+        send_to = [k for k, member in enumerate(members) if k != self.rank and w_fold[k, self.rank] > 0 and generation.completed[member] < m]
         receive_from = [int(j) for j in np.flatnonzero(w_fold[self.rank] > 0) if j != self.rank]
         plan = Plan(list(tensors))
         posted, received = self._post_fold(plan, send_to, receive_from)
@@ -292,6 +345,61 @@ class LiveGossip(SynchronousGossip):
             posted.append(self.transport.exchange(flat, rows, send_to, receive_from, _RESYNC_TAG))
             received.append(rows)
         return posted, received
+
+    # ------------------------------------------------------------------ a worker that joins
+    def donation_due(self) -> bool:
+        """Whether this worker sends its replica to a joiner now: at the step boundary before the change step."""
+        return self._donate is not None and self.steps == self._donate[0] - 1
+
+    def donate(self, replica: bytes) -> None:
+        """Send ``replica`` (the whole state, serialized by the strategy) to each joiner this worker is the donor of:
+        its length, then its bytes. A joiner lost meanwhile is left to the next mix, which finds it gone."""
+        assert self._donate is not None
+        step, joiners = self._donate
+        self._donate = None
+        data = torch.frombuffer(bytearray(replica), dtype=torch.uint8)
+        for rank in joiners:
+            try:
+                for tensor in (torch.tensor([data.numel()], dtype=torch.long), data):
+                    for posted in self.transport.exchange(tensor, None, (rank,), (), _JOIN_TAG):
+                        self.transport.wait(posted, self.timeout(), self.phase)
+            except GossipPeerError as err:
+                log.warning("worker %d: the replica for the worker joining at step %d was not sent (%s)", self.me, step, err)
+                continue
+            log.warning("worker %d: sent its replica (%d bytes) to worker %d, which joins at step %d", self.me, data.numel(),
+                        self.members[rank], step)
+
+    def join(self, membership: Membership, rebuild: Callable[[int], tuple[Topology, str | None]]) -> bytes:
+        """This worker, started alone, was admitted into a live run's members (:meth:`Membership.join`): build their
+        group, take the run's graph for their number, and receive the donor's replica, returned as the donor's
+        strategy serialized it. The strategy loads it, then :meth:`resume` the donor's gossip state."""
+        generation = membership.generation
+        self.membership, self._rebuild, self.me = membership, rebuild, membership.me
+        topology, _ = rebuild(len(generation.members))
+        self._enter(generation, membership.group(generation, self.options.startup_timeout), topology)
+        self._donor = donor(generation, topology, self.me)
+        source = generation.members.index(self._donor)
+        wait = timedelta(seconds=self.options.startup_timeout)  # the members may be a few steps from the change
+        size = torch.zeros((1, 1), dtype=torch.long)
+        self._receive(size, source, wait)
+        data = torch.empty((1, int(size)), dtype=torch.uint8)
+        self._receive(data, source, wait)
+        self._joining = True
+        return data.numpy().tobytes()
+
+    def _receive(self, rows: Tensor, source: int, wait: timedelta) -> None:
+        for posted in self.transport.exchange(None, rows, (), (source,), _JOIN_TAG):
+            self.transport.wait(posted, wait, self.phase)
+
+    def gossip_state(self) -> dict[str, Any]:
+        """What a joiner takes from its donor besides the replica: the step and phase, and the changes so far."""
+        return {**self.state_dict(), "changes": [dataclasses.asdict(change) for change in self.changes]}
+
+    def resume(self, state: Mapping[str, Any]) -> None:
+        """A joiner goes on from its donor's :meth:`gossip_state`."""
+        self.load_state_dict(state)
+        self.changes = [Change(**{k: tuple(v) if isinstance(v, list) else v for k, v in change.items()}) for change in state["changes"]]
+        log.warning("worker %d: membership %s; started from worker %d's replica", self.me, self.changes[-1].describe(), self._donor)
 
     def summary(self) -> str:
         """The changes of members, in one line."""

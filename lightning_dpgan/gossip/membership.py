@@ -10,9 +10,12 @@ The engine and the reasons for it are in docs/membership.md. In short:
   the peer timeout fixes the member set with ``compare_set``: the store is the one authority, so every worker reads
   the same set (:meth:`Membership.agree`);
 * each generation gets a ``ProcessGroupGloo`` of its own on ``PrefixStore("…/g{k}/pg/")``: the default group keeps
-  its dead rank forever (:meth:`Membership.group`).
+  its dead rank forever (:meth:`Membership.group`);
+* a worker started later asks to join by writing its id under the next generation and opening it; the members
+  agree as for a departure, and the set they fix holds it (:meth:`Membership.join`).
 
-Ids are the workers' ranks at the start of the run; a worker's rank in a generation is its index among the members.
+Ids are the workers' ranks at the start of the run, and then the start's size and up for the workers that join, in
+the order they ask; a worker's rank in a generation is its index among the members, so the newest joiners come last.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ POLL_S = 0.02
 STORE_TIMEOUT_S = 30.0
 #: the tag of the receive that ends an abandoned generation's group (:meth:`LiveTransport.abandon`): no message has it
 _ABANDON_TAG = 0x7ABA
+#: the store key, outside any run's scope, where the members of the newest live run say which it is (for joiners)
+CURRENT_KEY = "lightning_dpgan/live/current"
 
 
 class MembershipChange(GossipPeerError):
@@ -202,17 +207,44 @@ class LiveTransport(DistributedTransport):
 
 @dataclass(frozen=True)
 class Generation:
-    """One agreed member set: ``members`` (ids, ascending), the mixes each had completed when it was agreed on
-    (``completed``), and its number."""
+    """One agreed member set: ``members`` (ids, ascending), the mixes each member of the previous set had completed
+    when it was agreed on (``completed``), its number, the workers admitted into it (``joined``, the last members),
+    and how many mixes a training step does (``per_batch``)."""
 
     number: int
     members: tuple[int, ...]
     completed: dict[int, int]
+    joined: tuple[int, ...] = ()
+    per_batch: int = 1
 
     @property
     def change_step(self) -> int:
-        """The first mix done on the new graph: one past the furthest any member had got."""
-        return max(self.completed.values()) + 1
+        """The first mix done on the new graph: one past the furthest any member had got. With a joiner, one more,
+        and the first mix of a training step: every member then ends a step with the old graph, and the joiner's
+        donor sends its replica at that step boundary (:class:`~lightning_dpgan.gossip.live.LiveGossip`)."""
+        step = max(self.completed.values()) + 1
+        if self.joined:
+            step += 1 + (-step) % self.per_batch  # the mixes before it fill whole training steps
+        return step
+
+    def to_json(self) -> str:
+        return json.dumps({"members": list(self.members), "completed": self.completed, "joined": list(self.joined), "per_batch": self.per_batch})
+
+    @classmethod
+    def from_json(cls, number: int, text: str | bytes) -> Generation:
+        record = json.loads(text)
+        completed = {int(k): int(v) for k, v in record["completed"].items()}
+        return cls(number, tuple(record["members"]), completed, tuple(record.get("joined", ())), int(record.get("per_batch", 1)))
+
+
+def _address() -> tuple[str, int]:
+    """The run's c10d store: ``MASTER_ADDR:MASTER_PORT``."""
+    if not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
+        raise RuntimeError(
+            "membership='live' agrees on the members in the run's c10d store at MASTER_ADDR:MASTER_PORT, and this "
+            "worker has no MASTER_ADDR or MASTER_PORT: start it with torchrun, Lightning's launchers, or both set"
+        )
+    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
 
 
 def silent(beat: float, unchanged_for: float, timeout: float, now: float) -> bool:
@@ -234,16 +266,12 @@ class Membership:
     """
 
     def __init__(self, scope: str, me: int, members: Sequence[int], address: tuple[str, int] | None = None) -> None:
-        if address is None and not {"MASTER_ADDR", "MASTER_PORT"} <= set(os.environ):
-            raise RuntimeError(
-                "membership='live' agrees on the members in the run's c10d store at MASTER_ADDR:MASTER_PORT, and this "
-                "worker has no MASTER_ADDR or MASTER_PORT: start it with torchrun, Lightning's launchers, or both set"
-            )
-        host, port = address or (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+        host, port = address or _address()
         timeout = timedelta(seconds=STORE_TIMEOUT_S)
         self.store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
         self._watch_store = dist.TCPStore(host, port, is_master=False, timeout=timeout)  # one operation at a time each
-        self.prefix, self.me = f"lightning_dpgan/live/{scope}/", me
+        self.scope, self.me = scope, me
+        self.prefix = f"lightning_dpgan/live/{scope}/"
         self.generation = Generation(0, tuple(members), {m: 0 for m in members})
         self.changing = threading.Event()
         self._closed = threading.Event()
@@ -273,9 +301,14 @@ class Membership:
         if self._watcher is not threading.current_thread():
             self._watcher.join(STORE_TIMEOUT_S)
 
-    def agree(self, completed: int, dead: Sequence[int], timeout: float) -> Generation:
+    def publish(self) -> None:
+        """Say in the store that this is the newest live run (its scope and its size at the start), for joiners."""
+        self.store.set(CURRENT_KEY, json.dumps({"scope": self.scope, "size": len(self.generation.members)}))
+
+    def agree(self, completed: int, dead: Sequence[int], timeout: float, per_batch: int = 1) -> Generation:
         """The next generation: this worker has completed ``completed`` mixes and saw ``dead`` (ids) die. Returns when
-        the set is fixed; every worker that reads it reads the same."""
+        the set is fixed; every worker that reads it reads the same. It holds the workers that asked to join it by
+        then; ``per_batch``: the mixes of one training step (where a joiner's change step may fall)."""
         old = self.generation
         number, store = old.number + 1, self.store
         store.compare_set(self._key(number, "open"), "", "1")  # tells the members that have not noticed yet
@@ -297,14 +330,61 @@ class Membership:
                     if not silent(float(beat), now - seen[member][1], timeout, time.time()):
                         decided = False  # alive and not here yet: wait for it, or for its silence
             if decided:
-                store.compare_set(fixed, "", json.dumps({"members": sorted(alive), "completed": alive}))
+                joined = tuple(sorted(set(self._joiners(number)) - set(old.members)))
+                record = Generation(number, (*sorted(alive), *joined), alive, joined, per_batch)
+                store.compare_set(fixed, "", record.to_json())
                 break
             time.sleep(POLL_S)
-        record = json.loads(store.get(fixed))
-        generation = Generation(number, tuple(record["members"]), {int(k): int(v) for k, v in record["completed"].items()})
+        generation = Generation.from_json(number, store.get(fixed))
+        store.set(f"{self.prefix}gen", str(number))  # the newest generation, where a joiner starts looking
         self.generation = generation
         self.changing.clear()
         return generation
+
+    def _joiners(self, number: int) -> list[int]:
+        """The ids that asked to join generation ``number`` (one whose key is not written yet asks again later)."""
+        asked = self.store.add(self._key(number, "joins"), 0)
+        keys = [self._key(number, f"join/{i}") for i in range(asked)]
+        return [int(self.store.get(key)) for key in keys if self.store.check([key])]
+
+    @classmethod
+    def join(cls, timeout: float, address: tuple[str, int] | None = None) -> Membership:
+        """A worker started later: take the next id of the newest live run in the store, ask to join its next
+        generation, and return once a generation holds this worker (:attr:`generation`). Asks again at the next
+        generation where the members fixed one without it (it asked too late); a :class:`GossipPeerError` after
+        ``timeout`` seconds without a set that holds it."""
+        host, port = address or _address()
+        lookup = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
+        deadline = time.monotonic() + timeout
+        while not lookup.check([CURRENT_KEY]):  # the members publish it as they start watching
+            if time.monotonic() > deadline:
+                raise GossipPeerError(f"no live run in the store at {host}:{port} within {timeout:g} s: nothing to join")
+            time.sleep(POLL_S)
+        run = json.loads(lookup.get(CURRENT_KEY))
+        me = int(run["size"]) + lookup.add(f"lightning_dpgan/live/{run['scope']}/next_id", 1) - 1
+        membership = cls(run["scope"], me, (), (host, port))
+        membership._admit(deadline)
+        return membership
+
+    def _admit(self, deadline: float) -> None:
+        store = self.store
+        number = int(store.get(f"{self.prefix}gen")) + 1 if store.check([f"{self.prefix}gen"]) else 1
+        while True:
+            fixed = self._key(number, "members")
+            if not store.check([fixed]):
+                index = store.add(self._key(number, "joins"), 1) - 1
+                store.set(self._key(number, f"join/{index}"), str(self.me))
+                store.compare_set(self._key(number, "open"), "", "1")  # the members stop at their next wait
+                while not store.check([fixed]):
+                    if time.monotonic() > deadline:
+                        raise GossipPeerError(f"worker {self.me} asked to join the live run, and no set of members held it in time")
+                    time.sleep(POLL_S)
+            generation = Generation.from_json(number, store.get(fixed))
+            if self.me in generation.members:
+                self.generation = generation
+                self.changing.clear()
+                return
+            number += 1  # fixed before this worker asked: the next one
 
     def group(self, generation: Generation, timeout: float) -> Any:
         """The generation's own gloo group (every member must build it within ``timeout``)."""

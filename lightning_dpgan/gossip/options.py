@@ -38,6 +38,9 @@ SIGN_STEP = 0.2
 #: who takes part in a run: ``"fixed"``, the workers it started with, a lost one ending the run; ``"live"``, the
 #: workers still there, agreed on again whenever one leaves (docs/membership.md)
 MEMBERSHIPS = ("fixed", "live")
+#: ``fit(ckpt_path=JOIN)`` (``ckpt_path=join`` on the command line): a worker started alone joins the newest live run
+#: in the c10d store at ``MASTER_ADDR:MASTER_PORT``, from a member's replica (docs/guide.md: live membership)
+JOIN = "join"
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,12 @@ def quadratic_targets(world_size: int, dim: int) -> np.ndarray:
     return np.random.default_rng(1234).standard_normal((world_size, dim))
 
 
+def worker_id(trainer: pl.Trainer) -> int:
+    """A worker's id in a live run (a worker that joined has its own; Lightning sees one process there), else its
+    global rank."""
+    return getattr(getattr(trainer.strategy, "engine", None), "me", trainer.global_rank)
+
+
 class SaveReplica(Callback):
     """Writes each rank's parameters (and anything the scenario adds) at a chosen hook."""
 
@@ -185,7 +191,7 @@ class SaveReplica(Callback):
 
     def _save(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        torch.save(state, os.path.join(self.out, f"{self.when}_rank{trainer.global_rank}.pt"))
+        torch.save(state, os.path.join(self.out, f"{self.when}_rank{worker_id(trainer)}.pt"))
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if self.when == "start":
@@ -378,14 +384,33 @@ class RecordChanges(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, module: Any) -> None:
         engine = trainer.strategy.engine
-        changes = [{"step": c.step, "left": list(c.left), "members": list(c.members), "topology": c.topology} for c in getattr(engine, "changes", [])]
-        with open(os.path.join(self.out, f"changes_rank{trainer.global_rank}.json"), "w") as f:
+        changes = [{"step": c.step, "left": list(c.left), "joined": list(c.joined), "members": list(c.members), "topology": c.topology}
+                   for c in getattr(engine, "changes", [])]
+        with open(os.path.join(self.out, f"changes_rank{worker_id(trainer)}.json"), "w") as f:
             json.dump({"changes": changes, "steps": engine.steps, "global_step": trainer.global_step, "step_ends": self.ends}, f)
 
     def on_exception(self, trainer: pl.Trainer, module: Any, exception: BaseException) -> None:
         """A stop (SIGTERM) ends the fit without on_train_end: the record and the replica as they are."""
         self.on_train_end(trainer, module)
         SaveReplica(self.out)._save(trainer, module)
+
+
+class Pace(Callback):
+    """Every worker takes ``seconds`` longer a step (a worker started later then joins mid-run); worker 0 writes
+    the steps done to ``progress.txt``, and each its parameters at every step's start to ``params_rank{id}.pt``."""
+
+    def __init__(self, out: str, seconds: float) -> None:
+        self.out, self.seconds, self.params = out, seconds, {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        time.sleep(self.seconds)
+        self.params[trainer.global_step] = torch.cat([p.detach().clone().reshape(-1) for p in module.parameters()])
+        if worker_id(trainer) == 0:
+            with open(os.path.join(self.out, "progress.txt"), "w") as f:
+                f.write(str(trainer.global_step))
+
+    def on_train_end(self, trainer: pl.Trainer, module: Any) -> None:
+        torch.save(self.params, os.path.join(self.out, f"params_rank{worker_id(trainer)}.pt"))
 
 
 class DieInSetup(Callback):
@@ -633,13 +658,19 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
         strategy = decentralized({"membership": "live", **opts}, consensus_every=int(opts.get("consensus_every", 0)))
         sig = signal.SIGSTOP if opts.get("sig") == "STOP" else signal.SIGKILL  # STOP: a host gone silent
         callbacks = [SaveReplica(out), RecordChanges(out), KillRank(int(opts["kill"]), int(opts["at"]), sig)]
-        if int(os.environ["RANK"]) == int(opts.get("die_in_group", -1)):  # a second death: after the set is fixed
+        if int(os.environ.get("RANK", -1)) == int(opts.get("die_in_group", -2)):  # a second death: after the set is fixed
             die_building_the_group()
         if "sigterm_at" in opts:  # after the change: rank 0's SIGTERM still stops every member at one step
             callbacks.append(SigtermRankZeroWhileOthersWait(out, int(opts["sigterm_at"])))
-        t = trainer(out, strategy, 1, num_nodes=nodes, max_steps=steps, callbacks=callbacks, default_root_dir=out)
+        if "pace" in opts:
+            callbacks.append(Pace(out, float(opts["pace"])))
+        joins = opts.get("join") == "1"  # started alone, later: joins the run from a member's replica
+        if joins:
+            callbacks.append(SaveReplica(out, "start"))
+        t = trainer(out, strategy, 1, num_nodes=1 if joins else nodes, max_steps=steps, callbacks=callbacks, default_root_dir=out)
         batches = DataLoader(TensorDataset(torch.zeros(steps * nodes, 1)), batch_size=1)
-        t.fit(BilinearGame(opts["optimizer"], float(opts["lr"]), **json.loads(opts.get("kwargs", "{}"))), batches)
+        game = BilinearGame(opts["optimizer"], float(opts["lr"]), **json.loads(opts.get("kwargs", "{}")))
+        t.fit(game, batches, ckpt_path="join" if joins else None)
         return  # no barrier on the default group: it holds a rank that died
 
     elif scenario == "fabric_catch_up":  # the bilinear game in a Fabric loop, a slow rank catching up
