@@ -220,10 +220,10 @@ def test_a_member_lost_while_the_next_set_is_formed_is_left_out_by_one_more_agre
 
 def test_a_worker_started_later_joins_from_its_donors_replica_and_every_replica_equals_the_dposg_reference(tmp_path):
     """Three workers on a ring; once they are past step 10 a fourth process starts alone with only the store's
-    address and ``fit(ckpt_path="join")``. The members admit it at a step boundary; its donor (its lowest neighbour
-    on the ring of 4, worker 0) sends it the whole replica: parameters, optimistic Adam's anchors and moments, the
+    address and ``fit(ckpt_path="join")``. The members admit it at a step boundary; its donor (its highest neighbour
+    on the ring of 4, worker 2) sends it the whole replica: parameters, optimistic Adam's anchors and moments, the
     loops' step. All four end at the same step, and equal DPOSG in numpy: ring(3) before the recorded change step,
-    the joiner a copy of worker 0's whole state there, ring(4) from it. The joiner's first parameters are its
+    the joiner a copy of worker 2's whole state there, ring(4) from it. The joiner's first parameters are its
     donor's at that step, bit for bit."""
     n, steps, port = 3, 80, free_port()
     opts = [f"steps={steps}", "kill=-1", "at=0", "optimizer=optimistic_adam", f"lr={LR}", "timeout=10",
@@ -246,7 +246,7 @@ def test_a_worker_started_later_joins_from_its_donors_replica_and_every_replica_
     assert 10 < c < steps, change
     for r in range(n):
         assert f"step {c}: worker(s) {n} joined; {n + 1} go on (0, 1, 2, 3) on ring" in stderr[r], stderr[r][-3000:]
-    assert "worker 0: sent its replica" in stderr[0] and f"joins at step {c}" in stderr[0]
+    assert "worker 2: sent its replica" in stderr[2] and f"joins at step {c}" in stderr[2]
 
     game = BilinearGame("optimistic_adam", LR)
     z0 = np.tile(np.concatenate([game.x.detach().numpy(), game.y.detach().numpy()]), (n, 1))
@@ -258,15 +258,44 @@ def test_a_worker_started_later_joins_from_its_donors_replica_and_every_replica_
         return np.concatenate([np.einsum("rij,rj->ri", a, y), -np.einsum("rij,ri->rj", a, x)], axis=1)
 
     mixes = [ring(n).matrix() if m < c else ring(n + 1).matrix() for m in range(1, steps + 1)]
-    expected = dposg(grad, z0, mixes, steps, LR, ADAM, joins={c - 1: 0})
+    expected = dposg(grad, z0, mixes, steps, LR, ADAM, joins={c - 1: 2})
     ends = [torch.load(tmp_path / f"end_rank{r}.pt", weights_only=True) for r in range(n + 1)]
     got = np.stack([np.concatenate([s["x"].numpy(), s["y"].numpy()]) for s in ends])
     np.testing.assert_allclose(got, expected, atol=1e-10, rtol=0)
     # the joiner began as its donor was at the change step's start
     start = torch.load(tmp_path / f"start_rank{n}.pt", weights_only=True)
-    donor_then = torch.load(tmp_path / "params_rank0.pt", weights_only=True)[c - 1]
+    donor_then = torch.load(tmp_path / "params_rank2.pt", weights_only=True)[c - 1]
     assert torch.equal(torch.cat([start["x"], start["y"]]), donor_then)
     # the test tells the rules apart: the members without a joiner, or a joiner from another donor, end elsewhere
     alone = dposg(grad, z0, ring(n).matrix(), steps, LR, ADAM)
     assert np.abs(got[:n] - alone).max() > 1e-6
     assert np.abs(got - dposg(grad, z0, mixes, steps, LR, ADAM, joins={c - 1: 1})).max() > 1e-6
+
+
+def test_a_donor_lost_during_a_join_ends_the_joiner_with_one_error_and_the_others_go_on(tmp_path):
+    """Faults within faults: worker 2, the donor of a worker joining a ring of 3, dies (SIGKILL) as it is about to
+    send its replica. The joiner ends with one error naming its donor; workers 0 and 1 find both gone at the change
+    step's mix, agree once more, and reach ``max_steps`` on a ring of 2, each recording the join and then the
+    departure of 2 and 3. No wait outlasts the peer timeout."""
+    n, steps, port, timeout = 3, 80, free_port(), 5.0
+    opts = [f"steps={steps}", "kill=-1", "at=0", "optimizer=optimistic_adam", f"lr={LR}", f"timeout={timeout}",
+            'kwargs={"betas": [0.5, 0.9]}', "pace=0.15", f"nodes={n}", "die_donating=1"]
+    procs = start_by_hand(tmp_path, n, *opts, port=port)
+    progress, deadline = tmp_path / "progress.txt", time.monotonic() + 120
+    while time.monotonic() < deadline and not (progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 10):
+        time.sleep(0.05)
+    procs.append(start_joiner(tmp_path, port, *opts))
+    codes = wait_for(procs, [0, 1, 2, 3], timeout=180)
+    stderr = {r: (tmp_path / f"stderr_rank{r}.txt").read_text() for r in range(n)} | {n: (tmp_path / "stderr_joiner.txt").read_text()}
+    assert codes[2] == -9, stderr[2][-3000:]  # the donor did die, sending
+    assert codes[n] not in (0, None), stderr[n][-3000:]
+    assert stderr[n].count("worker 3 could not join: its donor, worker 2, was lost before its replica arrived") == 1, stderr[n][-3000:]
+    for r in (0, 1):
+        assert codes[r] == 0, f"worker {r} exited {codes[r]}:\n{stderr[r][-4000:]}"
+    records = [json.loads((tmp_path / f"changes_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [rec["global_step"] for rec in records] == [steps, steps]
+    assert records[0]["changes"] == records[1]["changes"], records
+    join, leave = records[0]["changes"]
+    assert join["joined"] == [3] and leave["left"] == [2, 3] and leave["members"] == [0, 1] and join["step"] <= leave["step"], records
+    longest = max(b - a for rec in records for a, b in zip(rec["step_ends"], rec["step_ends"][1:]))
+    assert longest < 2 * timeout + 5, longest  # the agreement, not a hang

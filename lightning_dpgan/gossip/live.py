@@ -19,7 +19,7 @@ part in the agreement (:class:`~lightning_dpgan.gossip.membership.Membership`) a
 
 A worker started later joins the same way (:meth:`LiveGossip.join`): its request opens a generation, nobody has
 left, so ``W_fold`` is the old ``W`` and the joiner's row the identity until the change step, which is then the first
-mix of a training step. At that step boundary its donor (its neighbour with the lowest id) sends it the whole
+mix of a training step. At that step boundary its donor (its neighbour with the highest id) sends it the whole
 replica, as the strategy serializes it (:meth:`LiveGossip.donate`); the joiner starts from it at the change step.
 """
 
@@ -79,12 +79,13 @@ class Change:
 
 
 def donor(generation: Generation, topology: Topology, joiner: int) -> int:
-    """The member (id) that sends ``joiner`` its replica: its neighbour on the new graph with the lowest id, or the
-    lowest member where none of its neighbours was a member before."""
+    """The member (id) that sends ``joiner`` its replica: its neighbour on the new graph with the highest id, or the
+    highest member where none of its neighbours was a member before. Not the lowest: worker 0 holds the run's store
+    and writes its logs, and may not leave (docs/guide.md)."""
     before = [m for m in generation.members if m not in generation.joined]
     row = topology.matrix(0)[generation.members.index(joiner)]
     neighbours = [generation.members[j] for j in np.flatnonzero(row > 0) if generation.members[j] in before]
-    return min(neighbours or before)
+    return max(neighbours or before)
 
 
 class LiveGossip(SynchronousGossip):
@@ -380,10 +381,17 @@ class LiveGossip(SynchronousGossip):
         self._donor = donor(generation, topology, self.me)
         source = generation.members.index(self._donor)
         wait = timedelta(seconds=self.options.startup_timeout)  # the members may be a few steps from the change
-        size = torch.zeros((1, 1), dtype=torch.long)
-        self._receive(size, source, wait)
-        data = torch.empty((1, int(size)), dtype=torch.uint8)
-        self._receive(data, source, wait)
+        try:
+            size = torch.zeros((1, 1), dtype=torch.long)
+            self._receive(size, source, wait)
+            data = torch.empty((1, int(size)), dtype=torch.uint8)
+            self._receive(data, source, wait)
+        except GossipPeerError as err:  # the members go on without both; this worker may ask again
+            self._leave()
+            raise MembershipError(
+                f"worker {self.me} could not join: its donor, worker {self._donor}, was lost before its replica arrived "
+                f"({err}); start this worker again"
+            ) from None
         self._joining = True
         return data.numpy().tobytes()
 

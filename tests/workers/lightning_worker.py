@@ -371,6 +371,16 @@ def die_building_the_group() -> None:
     Membership.group = group  # type: ignore[method-assign]
 
 
+def die_donating() -> None:
+    """This worker dies (SIGKILL) when it is about to send a joiner its replica: a donor lost during a join."""
+    from lightning_dpgan.gossip.live import LiveGossip
+
+    def donate(self: LiveGossip, replica: bytes) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    LiveGossip.donate = donate  # type: ignore[method-assign]
+
+
 class RecordChanges(Callback):
     """Every surviving rank writes the changes of members it went through (``membership="live"``)."""
 
@@ -660,6 +670,8 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
         callbacks = [SaveReplica(out), RecordChanges(out), KillRank(int(opts["kill"]), int(opts["at"]), sig)]
         if int(os.environ.get("RANK", -1)) == int(opts.get("die_in_group", -2)):  # a second death: after the set is fixed
             die_building_the_group()
+        if opts.get("die_donating") == "1":  # the donor of a joiner dies as it is about to send its replica
+            die_donating()
         if "sigterm_at" in opts:  # after the change: rank 0's SIGTERM still stops every member at one step
             callbacks.append(SigtermRankZeroWhileOthersWait(out, int(opts["sigterm_at"])))
         if "pace" in opts:
