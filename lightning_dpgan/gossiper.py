@@ -139,7 +139,9 @@ class Gossiper:
                 "joining a live run needs membership='live' and a worker started alone (one process: devices=1, "
                 f"num_nodes=1), got membership={self.options.membership!r} and {engine.world_size if engine else 0} workers"
             )
-        return engine.join(Membership.join(self.options.startup_timeout), self._rebuild)
+        membership = Membership.join(self.options.startup_timeout)
+        self.run_id = membership.scope  # the run's: it names the checkpoint sets this worker writes a replica of
+        return engine.join(membership, self._rebuild)
 
     def gossip_state(self) -> dict[str, Any]:
         """What a joiner takes from its donor besides the replica: the engine's step, phase and changes, and the
@@ -328,13 +330,13 @@ class Gossiper:
 
         Any rank's write may fail (a full disk): the ranks agree after each write, so that every rank raises the same
         :class:`CheckpointError`, the new set's files go, and the sets written before stay."""
-        assert self.engine is not None and self.topology is not None
-        token = collectives.broadcast(uuid.uuid4().hex[:8] if collectives.is_global_zero else None)
-        replica_set = ReplicaSet(self.run_id, int(step), token, self.engine.world_size, self.topology.name)
+        assert self.engine is not None
+        rank, is_zero, members = self.set_place(collectives)
+        token = collectives.broadcast(uuid.uuid4().hex[:8] if is_zero else None)
+        replica_set = ReplicaSet(self.run_id, int(step), token, self.engine.world_size, self.engine.topology.name, members)
         check_free_key(checkpoint, CHECKPOINT_KEY)
         checkpoint[CHECKPOINT_KEY] = main_meta(replica_set, self.engine.state_dict())
         own = {**(own or {}), GOSSIP_REPLICA_KEY: self.engine.replica_state()}
-        rank, is_zero = collectives.global_rank, collectives.is_global_zero
         undo = lambda: remove_set(filepath, replica_set, rank, is_zero)  # noqa: E731
         started = time.monotonic()
         failure = _failure_of(lambda: write_replica(filepath, replica_set, rank, replica, own), replica_path(filepath, replica_set, rank))
@@ -345,9 +347,20 @@ class Gossiper:
         self._agree("checkpoint committed", failure, collectives, allowance, undo)  # only then may the older sets go
         remove_other_sets(filepath, replica_set, rank, is_zero)
 
+    def set_place(self, collectives: Collectives) -> tuple[int, bool, tuple[int, ...]]:
+        """This replica's rank in a checkpoint set, whether it writes the main file, and the set's members (ids): the
+        global rank among every rank, or, once a live run's members changed, the rank among the current members (the
+        lowest writes), so that a set of ``n`` replicas resumes on ``n`` workers, each taking its own."""
+        live = self.live_engine
+        if self.engine is None:
+            return collectives.global_rank, collectives.is_global_zero, ()
+        if live is not None:
+            return live.rank, live.rank == 0, tuple(live.members)
+        return collectives.global_rank, collectives.is_global_zero, tuple(range(self.engine.world_size))
+
     def commit_main(self, filepath: _PATH, collectives: Collectives, write_main: Callable[[], None]) -> None:
-        """Rank 0 writes a main file without replicas; every rank learns whether it could."""
-        failure = _failure_of(write_main, filepath) if collectives.is_global_zero else None
+        """Rank 0 (the lowest member) writes a main file without replicas; every rank learns whether it could."""
+        failure = _failure_of(write_main, filepath) if self.set_place(collectives)[1] else None
         self._agree("checkpoint written", failure, collectives, 0.0, lambda: None)
 
     def _agree(self, what: str, failure: str | None, collectives: Collectives, allowance: float, undo: Callable[[], None]) -> None:
@@ -361,7 +374,7 @@ class Gossiper:
                 flag = torch.tensor([failure is not None], device=_device(self._module))
                 failed = collectives.all_gather(flag).reshape(-1).tolist()
                 if any(failed):
-                    failure = collectives.broadcast(failure, src=failed.index(True))
+                    failure = collectives.broadcast(failure, src=self.set_place(collectives)[2][failed.index(True)])
         if any(failed):
             undo()
             raise CheckpointError(failure)

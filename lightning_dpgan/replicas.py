@@ -45,6 +45,8 @@ class ReplicaSet:
     token: str
     world_size: int
     topology: str
+    #: the ids of the workers whose replicas these are (a live run's members after a change; else every rank)
+    members: tuple[int, ...] = ()
 
     @property
     def folder_name(self) -> str:
@@ -62,7 +64,8 @@ class ReplicaSet:
                     f"its replica set's {key} is {'missing' if key not in meta else repr(value)}, not "
                     f"{'a positive integer' if key == 'world_size' else 'an integer >= 0' if kind is int else 'a string'}"
                 )
-        return cls(**{k: meta[k] for k in kinds})
+        members = meta.get("members") or range(meta["world_size"])
+        return cls(**{k: meta[k] for k in kinds}, members=tuple(int(m) for m in members))
 
 
 def set_folder(checkpoint_path: _PATH, replica_set: ReplicaSet) -> str:
@@ -237,6 +240,8 @@ def read_replica(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, mma
     if not isinstance(replica, dict):
         raise CheckpointError(f"replica file {path!r} is not a replica (a {type(replica).__name__}, not a dict)")
     own = replica_own(replica)
+    if "members" not in own:  # written before sets named their members: every rank, as its main file says
+        expected.pop("members")
     wrong = {k: own.get(k) for k, v in expected.items() if own.get(k) != v}
     if wrong:
         raise CheckpointError(
@@ -317,7 +322,9 @@ def state_dict_difference(expected: dict[str, Any], found: dict[str, Any]) -> st
 
 
 def consensus_restart_reason(replica_set: ReplicaSet, world_size: int) -> str:
-    return f"it was written by {replica_set.world_size} workers and this run has {world_size}"
+    members = replica_set.members
+    live = f" (the members {', '.join(map(str, members))} of a live run)" if members and members != tuple(range(len(members))) else ""
+    return f"it was written by {replica_set.world_size} workers{live} and this run has {world_size}"
 
 
 def _fsync_folder(folder: str) -> None:

@@ -28,7 +28,6 @@ import gc
 import io
 import multiprocessing
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -203,14 +202,6 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
         engine = self.engine
-        if self.gossiper.live_engine is not None:
-            # a set names its world size and every rank's replica file; one of a changed member set is not written yet
-            warnings.warn(
-                f"checkpoint {filepath} not written: the members changed during the run ({self.gossiper.live_engine.summary()}), "
-                "and checkpoint sets of a changed member set are not supported yet (docs/membership.md)",
-                stacklevel=2,
-            )
-            return
         if engine is None or engine.world_size == 1:
             if self.is_global_zero:
                 self._write_main(checkpoint, filepath, storage_options)
@@ -237,7 +228,8 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
         super().remove_checkpoint(filepath)
-        remove_other_sets(filepath, None, self.global_rank, self.is_global_zero)
+        rank, writes_main, _ = self.gossiper.set_place(self)
+        remove_other_sets(filepath, None, rank, writes_main)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:

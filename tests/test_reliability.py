@@ -658,7 +658,14 @@ def test_a_live_run_started_by_the_cli_admits_a_new_worker_and_goes_on_without_a
             (row,) = csv.DictReader(f)  # one evaluation, at the end: everyone reached max_steps
         rows.append({k: v for k, v in row.items() if k != "train_s"})  # the seconds each spent training differ
     assert int(rows[0]["step"]) == 200 and rows[0] == rows[1], rows  # one consensus model, scored together
-    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # no set for a changed member set (a warning says so)
+    # the last checkpoint is a set of the four members at the end, in member order; the joiner, a host of its own,
+    # keeps its replica under its own run directory
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    replica_set = replica_set_of(read_main(last))
+    assert replica_set.members == (0, 1, 3, 4) and replica_set.world_size == 4, replica_set
+    assert [read_replica(last, replica_set, r)[REPLICA_KEY]["rank"] for r in range(3)] == [0, 1, 2]
+    assert read_replica(tmp_path / "joiner" / "checkpoints" / "last.ckpt", replica_set, 3)[REPLICA_KEY]["rank"] == 3
+    assert re.search(r"^  resume: python -m lightning_dpgan fit ckpt_path=\S+last.ckpt devices=4$", out, re.MULTILINE), out[-3000:]
 
 
 def _inside_replica_write(pid: int) -> bool:

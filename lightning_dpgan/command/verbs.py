@@ -133,9 +133,10 @@ def fit_summary(cfg: DictConfig, run_dir: str, seconds: float, world_size: int, 
     resume = f"\n  resume: {resume_line(last_ckpt)}" if os.path.isfile(last_ckpt) else ""
     processes = f"{world_size} process{'' if world_size == 1 else 'es'}"
     if changes:
-        processes += f", {len(changes[-1].members)} at the end"
-        before = f" (written before step {changes[0].step}, by all {world_size})" if resume else ""
-        resume = f"{resume}{before}\n  no checkpoint after a change of members (docs/guide.md: live membership)"
+        count = len(changes[-1].members)
+        processes += f", {count} at the end"
+        if resume:  # a set of the members at the end: each replica goes on where as many workers resume it
+            resume += f" devices={count}" if cfg.num_nodes == 1 else f" (on {count} workers)"
     members = "".join(f"\n  members: {change.describe()}" for change in changes)
     return (
         f"\nfit done in {seconds:.1f} s on {processes} ({communication}, {cfg.optim._target_.rsplit('.', 1)[-1]}){members}\n"

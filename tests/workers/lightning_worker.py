@@ -677,12 +677,15 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
         if "pace" in opts:
             callbacks.append(Pace(out, float(opts["pace"])))
         joins = opts.get("join") == "1"  # started alone, later: joins the run from a member's replica
-        if joins:
+        if joins or "resume" in opts:
             callbacks.append(SaveReplica(out, "start"))
-        t = trainer(out, strategy, 1, num_nodes=1 if joins else nodes, max_steps=steps, callbacks=callbacks, default_root_dir=out)
+        if "every" in opts:  # checkpoint sets, every `every` steps
+            callbacks.append(ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_top_k=-1, every_n_train_steps=int(opts["every"])))
+        t = trainer(out, strategy, 1, num_nodes=1 if joins else nodes, max_steps=steps, callbacks=callbacks, default_root_dir=out,
+                    enable_checkpointing="every" in opts)
         batches = DataLoader(TensorDataset(torch.zeros(steps * nodes, 1)), batch_size=1)
         game = BilinearGame(opts["optimizer"], float(opts["lr"]), **json.loads(opts.get("kwargs", "{}")))
-        t.fit(game, batches, ckpt_path="join" if joins else None)
+        t.fit(game, batches, ckpt_path="join" if joins else opts.get("resume"))
         return  # no barrier on the default group: it holds a rank that died
 
     elif scenario == "fabric_catch_up":  # the bilinear game in a Fabric loop, a slow rank catching up
