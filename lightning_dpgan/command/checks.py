@@ -20,8 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_dpgan.checks import check_choice, check_int
-from lightning_dpgan.gossip.options import JOIN
 from lightning_dpgan.command.errors import UsageError
+from lightning_dpgan.gossip.options import JOIN
 from lightning_dpgan.topology import MAX_WORLD_SIZE
 
 LR_SCALINGS = ("none", "sqrt")  # lr_scaling: the decentralized workers' rate is model.lr_* times 1 or sqrt(n)
