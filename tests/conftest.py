@@ -41,7 +41,8 @@ EVALUATE = {"steps": 30, "samples": 400}
 # The runs that several tests share, by fixture: the tests that use one run in one xdist worker (``--dist
 # loadgroup``), so that each run is made once, not once per worker.
 SHARED_RUNS = {"suite4": "suites", "suite2": "suites", "fitted": "fitted", "gossip_runs": "gossip",
-               "real_run": "simulator", "inception_weights": "inception", "fit_then_validate": "validate"}
+               "real_run": "simulator", "inception_weights": "inception", "fit_then_validate": "validate",
+               "one_process_fit": "one_process"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
@@ -146,11 +147,19 @@ def suite2(tmp_path_factory, suite4) -> Path:
     return out
 
 
+# ``fitted``: TINY, with what three tests that each started a fit of their own check in the same run: the rates
+# lr_scaling=sqrt gives (G's and D's told apart), and checkpoints every 15 steps, all kept, over epochs of 7 steps
+# (7168 points on 2 workers at batch 512), so that the run's end (40) falls between two of them
+FITTED = [*TINY, "model.lr_g=0.001", "model.lr_d=0.003", "dataset.num_samples=7168",
+          "checkpoint.every_n_train_steps=15", "checkpoint.save_top_k=-1"]
+
+
 @pytest.fixture(scope="session")
 def fitted(tmp_path_factory):
-    """A tiny run of the command line (2 workers, 40 iterations), shared by the command-line and reliability tests."""
+    """A tiny run of the command line (2 workers, 40 iterations; ``FITTED``), shared by the command-line,
+    reliability and integration tests."""
     import sys
 
     run_dir = tmp_path_factory.mktemp("fit") / "run"
-    proc = run([sys.executable, "-m", "lightning_dpgan", "fit", *TINY, f"hydra.run.dir={run_dir}"], timeout=240)
+    proc = run([sys.executable, "-m", "lightning_dpgan", "fit", *FITTED, f"hydra.run.dir={run_dir}"], timeout=240)
     return run_dir, proc
