@@ -37,11 +37,21 @@ BILINEAR_CONVERGENCE = {"t1": {"rounds": 1}, "t3": {"rounds": 3}, "t1_overlap": 
                         "t1_stale2": {"rounds": 1, "staleness": 2}, "t1_sign": {"rounds": 1, "compression": "sign"},
                         "t1_every4": {"rounds": 1, "gossip_every": 4}}
 EVALUATE = {"steps": 30, "samples": 400}
+# test_simulator.py: the simulator against a real run of the ``grid`` scenario (DPGAN, OptimisticAdam, MLPs of width
+# 32, 64 points per worker and step, 200 steps); n = 4 is a scenario of suite4, n = 8 a launch of its own (SIM_N8=1)
+SIM_STEPS, SIM_HIDDEN, SIM_BATCH = 200, 32, 64
+SIM_CASES = {4: {"topology": "ring", "rounds": 1}, 8: {"topology": "exponential", "rounds": 2}}
+
+
+def sim_real_options(n: int) -> dict:
+    return {"devices": n, "steps": SIM_STEPS, "hidden": SIM_HIDDEN, "batch_size": SIM_BATCH, "consensus_every": 0,
+            "log_every": 1000, **SIM_CASES[n]}
+
 
 # The runs that several tests share, by fixture: the tests that use one run in one xdist worker (``--dist
 # loadgroup``), so that each run is made once, not once per worker.
 SHARED_RUNS = {"suite4": "suites", "suite2": "suites", "fitted": "fitted", "gossip_runs": "gossip",
-               "real_run": "simulator", "inception_weights": "inception", "fit_then_validate": "validate",
+               "real_run": "suites", "inception_weights": "inception", "fit_then_validate": "validate",
                "one_process_fit": "one_process"}
 
 
@@ -82,6 +92,7 @@ def suite4_scenarios(out: Path) -> list[list]:
         ["grid", "noise_ddp", {"steps": 1, "strategy": "ddp"}],
         ["grid", "noise_decentralized", {"steps": 1}],
         ["grid", "cposg", {"steps": 5, "strategy": "ddp", "n_critic": 2, "loss": "wgan-gp"}],
+        ["grid", "sim_real4", sim_real_options(4)],
         # torch.distributed calls per training step: gossip only, consensus every 5 steps, and DDP
         ["grid", "calls_gossip", {"steps": 12, "count": 1, "consensus_every": 0, "log_every": 50}],
         ["grid", "calls_consensus5", {"steps": 12, "count": 1, "consensus_every": 5, "log_every": 50}],
