@@ -47,10 +47,11 @@ print(type(trainer.strategy).__name__, spawn.strategy._start_method, type(fabric
 # ---------------------------------------------------------------------- Fabric
 def test_the_fabric_gan_example_trains_on_four_processes(tmp_path):
     """A real 4-process Fabric run (Fabric's own launcher); its numerics are checked against DPOSG in numpy in
-    ``test_dposg.py::test_a_fabric_loop_equals_the_dposg_equations_and_resumes_exactly``."""
-    proc = run([*CLI[:1], "-m", "lightning_dpgan.examples.fabric_gan", "--devices", "4", "--steps", "150", "--batch-size", "64"],
+    ``test_dposg.py::test_a_fabric_loop_equals_the_dposg_equations_and_resumes_exactly``. 30 steps: what is checked
+    here (the example runs to its end on 4 processes and reports) does not need a trained generator."""
+    proc = run([*CLI[:1], "-m", "lightning_dpgan.examples.fabric_gan", "--devices", "4", "--steps", "30", "--batch-size", "64"],
                timeout=240)
-    found = re.search(r"consensus generator after 150 steps on 4 workers \(ring\): (\d+) of 25 modes", proc.stdout)
+    found = re.search(r"consensus generator after 30 steps on 4 workers \(ring\): (\d+) of 25 modes", proc.stdout)
     assert found, proc.stdout[-2000:]
 
 
