@@ -55,6 +55,45 @@ SHARED_RUNS = {"suite4": "suites", "suite2": "suites", "fitted": "fitted", "goss
                "one_process_fit": "one_process"}
 
 
+# The tests that take longest on their own (wall time on 2 cores, three at a time: 50 to 170 s), longest first. xdist
+# (--dist loadgroup) hands out the groups first, largest first, then single tests in collection order, each worker
+# keeping up to 3 queued; these go out first, and the many short tests last fill the cores while the last long ones
+# end. A test missing here, or renamed, only starts later.
+LONG_FIRST = [
+    "test_cli.py::test_multirun_gives_every_job_its_own_directory",
+    "test_reliability.py::test_kill_9_during_checkpoint_writes_leaves_a_whole_set_and_every_resume_is_exact",
+    "test_reliability.py::test_resuming_last_in_a_moved_run_folder_goes_on_from_its_newest_checkpoint",
+    "test_membership_engine.py::test_survivors_of_a_kill_agree_and_a_joiner_is_admitted",
+    "test_recipes.py::test_elastic_restart_after_losing_a_host_ends_with_three_workers",
+    "test_strategy.py::test_anchored_optimizer_mixes_anchors_then_extrapolates_under_spawn",
+    "test_cli.py::test_the_printed_resume_line_resumes_the_run_it_names",
+    "test_reliability.py::test_two_runs_started_together_get_a_directory_each",
+    "test_reliability.py::test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_whole_checkpoint",
+    "test_strategy.py::test_sigterm_to_rank_zero_stops_every_rank_at_the_same_step",
+    "test_reliability.py::test_sigterm_to_the_process_group_stops_every_rank_at_one_step_with_a_checkpoint",
+    "test_integration.py::test_the_built_wheel_carries_configs_license_types_and_version",
+    "test_strategy.py::test_two_nodes_by_torchrun",
+    "test_reliability.py::test_the_worker_that_died_is_named_not_the_neighbour_that_left",
+    "test_reliability.py::test_a_worker_stopped_inside_a_checkpoint_write_is_named_within_the_peer_timeout",
+    "test_reliability.py::test_an_overflowing_learning_rate_ends_the_cli_with_one_line",
+    "test_reliability.py::test_rank_zero_dying_in_setup_takes_its_workers_with_it",
+    "test_recipes.py::test_live_run_by_torchrun_goes_on_without_a_lost_host_and_restarts_nobody",
+    "test_reliability.py::test_a_stalled_worker_is_named_and_does_not_outlive_the_run",
+    "test_recipes.py::test_sweep_runs_one_combination_offline",
+    "test_membership_live.py::test_survivors_of_a_lost_worker_go_on_and_equal_the_dposg_reference",
+    "test_recipes.py::test_two_nodes_by_torchrun_through_the_recipe",
+    "test_reliability.py::test_a_live_run_started_by_the_cli_goes_on_without_a_killed_worker",
+    "test_integration.py::test_the_fabric_gan_example_trains_on_four_processes",
+    "test_reliability.py::test_two_runs_on_one_explicit_master_port_started_together",
+    "test_integration.py::test_fabric_state_keys_like_the_strategys_records_come_back_as_saved",
+]
+
+
+def _long_first_rank(item: pytest.Item) -> int:
+    name = f"{item.path.name}::{item.originalname}"
+    return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
@@ -63,6 +102,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             groups.append("cluster")
         if groups:
             item.add_marker(pytest.mark.xdist_group("+".join(groups)))
+    if hasattr(config, "workerinput"):  # an xdist worker's collection, which the scheduler hands out in this order
+        items.sort(key=_long_first_rank)  # stable: the others keep their order
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
