@@ -62,7 +62,6 @@ SHARED_RUNS = {"suite4": "suites", "suite2": "suites", "fitted": "fitted", "goss
 LONG_FIRST = [
     "test_cli.py::test_multirun_gives_every_job_its_own_directory",
     "test_reliability.py::test_kill_9_during_checkpoint_writes_leaves_a_whole_set_and_every_resume_is_exact",
-    "test_reliability.py::test_resuming_last_in_a_moved_run_folder_goes_on_from_its_newest_checkpoint",
     "test_membership_engine.py::test_survivors_of_a_kill_agree_and_a_joiner_is_admitted",
     "test_recipes.py::test_elastic_restart_after_losing_a_host_ends_with_three_workers",
     "test_strategy.py::test_anchored_optimizer_mixes_anchors_then_extrapolates_under_spawn",
