@@ -37,11 +37,60 @@ BILINEAR_CONVERGENCE = {"t1": {"rounds": 1}, "t3": {"rounds": 3}, "t1_overlap": 
                         "t1_stale2": {"rounds": 1, "staleness": 2}, "t1_sign": {"rounds": 1, "compression": "sign"},
                         "t1_every4": {"rounds": 1, "gossip_every": 4}}
 EVALUATE = {"steps": 30, "samples": 400}
+# test_simulator.py: the simulator against a real run of the ``grid`` scenario (DPGAN, OptimisticAdam, MLPs of width
+# 32, 64 points per worker and step, 200 steps); n = 4 is a scenario of suite4, n = 8 a launch of its own (SIM_N8=1)
+SIM_STEPS, SIM_HIDDEN, SIM_BATCH = 200, 32, 64
+SIM_CASES = {4: {"topology": "ring", "rounds": 1}, 8: {"topology": "exponential", "rounds": 2}}
+
+
+def sim_real_options(n: int) -> dict:
+    return {"devices": n, "steps": SIM_STEPS, "hidden": SIM_HIDDEN, "batch_size": SIM_BATCH, "consensus_every": 0,
+            "log_every": 1000, **SIM_CASES[n]}
+
 
 # The runs that several tests share, by fixture: the tests that use one run in one xdist worker (``--dist
 # loadgroup``), so that each run is made once, not once per worker.
 SHARED_RUNS = {"suite4": "suites", "suite2": "suites", "fitted": "fitted", "gossip_runs": "gossip",
-               "real_run": "simulator", "inception_weights": "inception", "fit_then_validate": "validate"}
+               "real_run": "suites", "inception_weights": "inception", "fit_then_validate": "validate",
+               "one_process_fit": "one_process"}
+
+
+# The tests that take longest on their own (wall time on 2 cores, three at a time: 50 to 170 s), longest first. xdist
+# (--dist loadgroup) hands out the groups first, largest first, then single tests in collection order, each worker
+# keeping up to 3 queued; these go out first, and the many short tests last fill the cores while the last long ones
+# end. A test missing here, or renamed, only starts later.
+LONG_FIRST = [
+    "test_cli.py::test_multirun_gives_every_job_its_own_directory",
+    "test_reliability.py::test_kill_9_during_checkpoint_writes_leaves_a_whole_set_and_every_resume_is_exact",
+    "test_membership_engine.py::test_survivors_of_a_kill_agree_and_a_joiner_is_admitted",
+    "test_recipes.py::test_elastic_restart_after_losing_a_host_ends_with_three_workers",
+    "test_strategy.py::test_anchored_optimizer_mixes_anchors_then_extrapolates_under_spawn",
+    "test_cli.py::test_the_printed_resume_line_resumes_the_run_it_names",
+    "test_reliability.py::test_two_runs_started_together_get_a_directory_each",
+    "test_reliability.py::test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_whole_checkpoint",
+    "test_strategy.py::test_sigterm_to_rank_zero_stops_every_rank_at_the_same_step",
+    "test_reliability.py::test_sigterm_to_the_process_group_stops_every_rank_at_one_step_with_a_checkpoint",
+    "test_integration.py::test_the_built_wheel_carries_configs_license_types_and_version",
+    "test_strategy.py::test_two_nodes_by_torchrun",
+    "test_reliability.py::test_the_worker_that_died_is_named_not_the_neighbour_that_left",
+    "test_reliability.py::test_a_worker_stopped_inside_a_checkpoint_write_is_named_within_the_peer_timeout",
+    "test_reliability.py::test_an_overflowing_learning_rate_ends_the_cli_with_one_line",
+    "test_reliability.py::test_rank_zero_dying_in_setup_takes_its_workers_with_it",
+    "test_recipes.py::test_live_run_by_torchrun_goes_on_without_a_lost_host_and_restarts_nobody",
+    "test_reliability.py::test_a_stalled_worker_is_named_and_does_not_outlive_the_run",
+    "test_recipes.py::test_sweep_runs_one_combination_offline",
+    "test_membership_live.py::test_survivors_of_a_lost_worker_go_on_and_equal_the_dposg_reference",
+    "test_recipes.py::test_two_nodes_by_torchrun_through_the_recipe",
+    "test_reliability.py::test_a_live_run_started_by_the_cli_goes_on_without_a_killed_worker",
+    "test_integration.py::test_the_fabric_gan_example_trains_on_four_processes",
+    "test_reliability.py::test_two_runs_on_one_explicit_master_port_started_together",
+    "test_integration.py::test_fabric_state_keys_like_the_strategys_records_come_back_as_saved",
+]
+
+
+def _long_first_rank(item: pytest.Item) -> int:
+    name = f"{item.path.name}::{item.originalname}"
+    return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
@@ -52,6 +101,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             groups.append("cluster")
         if groups:
             item.add_marker(pytest.mark.xdist_group("+".join(groups)))
+    if hasattr(config, "workerinput"):  # an xdist worker's collection, which the scheduler hands out in this order
+        items.sort(key=_long_first_rank)  # stable: the others keep their order
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -81,6 +132,7 @@ def suite4_scenarios(out: Path) -> list[list]:
         ["grid", "noise_ddp", {"steps": 1, "strategy": "ddp"}],
         ["grid", "noise_decentralized", {"steps": 1}],
         ["grid", "cposg", {"steps": 5, "strategy": "ddp", "n_critic": 2, "loss": "wgan-gp"}],
+        ["grid", "sim_real4", sim_real_options(4)],
         # torch.distributed calls per training step: gossip only, consensus every 5 steps, and DDP
         ["grid", "calls_gossip", {"steps": 12, "count": 1, "consensus_every": 0, "log_every": 50}],
         ["grid", "calls_consensus5", {"steps": 12, "count": 1, "consensus_every": 5, "log_every": 50}],
@@ -146,11 +198,19 @@ def suite2(tmp_path_factory, suite4) -> Path:
     return out
 
 
+# ``fitted``: TINY, with what three tests that each started a fit of their own check in the same run: the rates
+# lr_scaling=sqrt gives (G's and D's told apart), and checkpoints every 15 steps, all kept, over epochs of 7 steps
+# (7168 points on 2 workers at batch 512), so that the run's end (40) falls between two of them
+FITTED = [*TINY, "model.lr_g=0.001", "model.lr_d=0.003", "dataset.num_samples=7168",
+          "checkpoint.every_n_train_steps=15", "checkpoint.save_top_k=-1"]
+
+
 @pytest.fixture(scope="session")
 def fitted(tmp_path_factory):
-    """A tiny run of the command line (2 workers, 40 iterations), shared by the command-line and reliability tests."""
+    """A tiny run of the command line (2 workers, 40 iterations; ``FITTED``), shared by the command-line,
+    reliability and integration tests."""
     import sys
 
     run_dir = tmp_path_factory.mktemp("fit") / "run"
-    proc = run([sys.executable, "-m", "lightning_dpgan", "fit", *TINY, f"hydra.run.dir={run_dir}"], timeout=240)
+    proc = run([sys.executable, "-m", "lightning_dpgan", "fit", *FITTED, f"hydra.run.dir={run_dir}"], timeout=240)
     return run_dir, proc

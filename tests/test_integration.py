@@ -47,10 +47,11 @@ print(type(trainer.strategy).__name__, spawn.strategy._start_method, type(fabric
 # ---------------------------------------------------------------------- Fabric
 def test_the_fabric_gan_example_trains_on_four_processes(tmp_path):
     """A real 4-process Fabric run (Fabric's own launcher); its numerics are checked against DPOSG in numpy in
-    ``test_dposg.py::test_a_fabric_loop_equals_the_dposg_equations_and_resumes_exactly``."""
-    proc = run([*CLI[:1], "-m", "lightning_dpgan.examples.fabric_gan", "--devices", "4", "--steps", "150", "--batch-size", "64"],
+    ``test_dposg.py::test_a_fabric_loop_equals_the_dposg_equations_and_resumes_exactly``. 30 steps: what is checked
+    here (the example runs to its end on 4 processes and reports) does not need a trained generator."""
+    proc = run([*CLI[:1], "-m", "lightning_dpgan.examples.fabric_gan", "--devices", "4", "--steps", "30", "--batch-size", "64"],
                timeout=240)
-    found = re.search(r"consensus generator after 150 steps on 4 workers \(ring\): (\d+) of 25 modes", proc.stdout)
+    found = re.search(r"consensus generator after 30 steps on 4 workers \(ring\): (\d+) of 25 modes", proc.stdout)
     assert found, proc.stdout[-2000:]
 
 
@@ -209,8 +210,8 @@ def test_the_built_wheel_carries_configs_license_types_and_version(tmp_path):
 def test_shell_completion_and_version_work_before_or_after_the_verb():
     from lightning_dpgan import __version__
 
-    proc = run([*CLI, "fit", "-sc", "install=bash"], timeout=120)
-    assert "complete" in proc.stdout and "hydra_bash_completion" in proc.stdout, proc.stdout[-2000:]
+    status, out, err = call_cli("fit", "-sc", "install=bash")  # in this process (test_cli.py runs the installed script)
+    assert status == 0 and "complete" in out and "hydra_bash_completion" in out, (out + err)[-2000:]
     for args in (["--version"], ["fit", "--version"], ["-V"]):
         status, out, _ = call_cli(*args)
         assert status == 0 and out.strip() == f"lightning-dpgan {__version__}"

@@ -28,6 +28,7 @@ import torch
 from lightning_dpgan.processes import PatientObserver
 from lightning_dpgan.replicas import REPLICA_KEY, CheckpointError, ReplicaSet, check_set, read_main, read_replica, replica_set_of
 
+from conftest import FITTED
 from helpers import WORKERS, call_cli, free_port, group_alive, logged_step, run, worker_env
 
 CLI = [sys.executable, "-m", "lightning_dpgan"]
@@ -208,9 +209,9 @@ def test_a_run_folders_overrides_may_only_choose_and_set_values(fitted, tmp_path
     marker = tmp_path / "ran"
     for override in (f"+model.extra={{_target_:os.system,_args_:['touch {marker}']}}", "hydra.job.chdir=true"):
         (copy / "overrides.yaml").write_text(f"- devices=2\n- {json.dumps(override)}\n")
-        proc = run([*CLI, "fit", f"ckpt_path={ckpt}", "max_steps=41"], timeout=120, check=False)
-        one_error(proc.returncode, proc.stderr, "would build or configure objects of its own (it could run code)")
-        assert not marker.exists() and "Initializing distributed" not in proc.stdout + proc.stderr
+        status, out, err = call_cli("fit", f"ckpt_path={ckpt}", "max_steps=41")  # refused before any worker: in this process
+        one_error(status, err, "would build or configure objects of its own (it could run code)")
+        assert not marker.exists() and "Initializing distributed" not in out + err
 
 
 def test_a_checkpoint_of_the_first_release_still_loads_as_a_consensus_model(fitted, tmp_path):
@@ -394,15 +395,14 @@ def test_a_run_directory_that_holds_a_run_is_refused_unless_resuming_from_it(fit
     # resuming from its own checkpoint is allowed (the kill -9 test resumes three times into one directory)
 
 
-def test_resuming_last_in_a_moved_run_folder_goes_on_from_its_newest_checkpoint(tmp_path):
+def test_resuming_last_in_a_moved_run_folder_goes_on_from_its_newest_checkpoint(fitted, tmp_path):
     """A run folder moved between resumes: Lightning forgot its checkpoints there and wrote last-v1.ckpt (step 60)
-    beside last.ckpt (step 40), and the next ckpt_path=last took last.ckpt, silently redoing 20 steps."""
-    args = ["devices=2", "batch_size=64", "evaluation.every_n_steps=0", "evaluation.num_samples=100",
-            "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=20", "checkpoint.save_top_k=-1"]
-    first, moved, again = tmp_path / "first", tmp_path / "moved", tmp_path / "again"
-    run([*CLI, "fit", *args, "max_steps=40", f"hydra.run.dir={first}"], timeout=240)
-    first.rename(moved)
-    run([*CLI, "fit", *args, "max_steps=60", "ckpt_path=last", f"hydra.run.dir={moved}"], timeout=240)
+    beside last.ckpt (step 40), and the next ckpt_path=last took last.ckpt, silently redoing 20 steps. The folder is
+    a copy of ``fitted`` (40 steps, a checkpoint every 15, all kept), resumed with the settings it ran with."""
+    run_dir, _ = fitted
+    moved, again = tmp_path / "moved", tmp_path / "again"
+    shutil.copytree(run_dir, moved)
+    run([*CLI, "fit", *FITTED, "max_steps=60", "ckpt_path=last", f"hydra.run.dir={moved}"], timeout=240)
     names = sorted(p.name for p in (moved / "checkpoints").glob("last*.ckpt"))
     assert names == ["last.ckpt"], names
     assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 60
@@ -411,14 +411,14 @@ def test_resuming_last_in_a_moved_run_folder_goes_on_from_its_newest_checkpoint(
     checkpoints = again / "checkpoints"
     for suffix in ("", ".replicas"):
         (checkpoints / f"last.ckpt{suffix}").rename(checkpoints / f"last-v1.ckpt{suffix}")
-    older = sorted(checkpoints.glob("epoch=*-step=40.ckpt"))
+    older = sorted(checkpoints.glob("epoch=*-step=45.ckpt"))
     assert older, sorted(p.name for p in checkpoints.iterdir())
     shutil.copy(older[0], checkpoints / "last.ckpt")
     shutil.copytree(f"{older[0]}.replicas", checkpoints / "last.ckpt.replicas")
     from lightning_dpgan.checkpointing import newest_last
 
     assert newest_last(str(checkpoints)) == str(checkpoints / "last-v1.ckpt")
-    proc = run([*CLI, "fit", *args, "max_steps=61", "ckpt_path=last", f"hydra.run.dir={again}"], timeout=240)
+    proc = run([*CLI, "fit", *FITTED, "max_steps=61", "ckpt_path=last", f"hydra.run.dir={again}"], timeout=240)
     assert f"Restoring states from the checkpoint path at {checkpoints / 'last-v1.ckpt'}" in proc.stdout + proc.stderr
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 61
 

@@ -1,8 +1,9 @@
 """The many-replica simulator (lightning_dpgan.sim) against the real multi-process gloo run from the same seeds.
 
 The real run is the ``grid`` scenario of ``tests/workers/lightning_worker.py`` under torchrun (DPGAN, OptimisticAdam,
-betas (0.5, 0.9), lr 1e-3, MLPs of width 32, 64 points per worker and step, 200 steps), launched as the other tests
-launch theirs. Every replica's live parameters are compared.
+betas (0.5, 0.9), lr 1e-3, MLPs of width 32, 64 points per worker and step, 200 steps): for n = 4 one scenario of
+the shared 4-rank launch (``suite4`` in conftest.py, which seeds each scenario as a launch of its own does), for
+n = 8 a launch of its own. Every replica's live parameters are compared.
 
 Tolerances, and why:
 
@@ -29,17 +30,17 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from conftest import SIM_BATCH, SIM_CASES, SIM_HIDDEN, SIM_STEPS, sim_real_options
 from helpers import torchrun
 from lightning_dpgan.data import GaussianMixtureDataModule
 from lightning_dpgan.gan import DPGAN
 from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
 from lightning_dpgan.sim import Simulator
 
-STEPS, HIDDEN, BATCH = 200, 32, 64
+STEPS, HIDDEN, BATCH, CASES = SIM_STEPS, SIM_HIDDEN, SIM_BATCH, SIM_CASES
 FEW, FAST_RTOL = 5, 1e-5
 # n = 8 starts 8 processes on the suite's 2 cores (about 45 s): run with SIM_N8=1 (passes, 2026-12-06)
 SIZES = [4, 8] if os.environ.get("SIM_N8") == "1" else [4]
-CASES = {4: {"topology": "ring", "rounds": 1}, 8: {"topology": "exponential", "rounds": 2}}
 
 
 def simulate(n: int, steps: int = STEPS, **options) -> Simulator:
@@ -54,13 +55,12 @@ def simulate(n: int, steps: int = STEPS, **options) -> Simulator:
 
 
 @pytest.fixture(scope="module", params=SIZES)
-def real_run(request, tmp_path_factory) -> tuple[int, Path]:
+def real_run(request, tmp_path_factory, suite4) -> tuple[int, Path]:
     n = request.param
+    if n == 4:
+        return n, suite4 / "sim_real4"
     out = tmp_path_factory.mktemp(f"sim_real{n}")
-    case = CASES[n]
-    torchrun("lightning_worker.py", n, "grid", str(out), f"devices={n}", f"steps={STEPS}", f"hidden={HIDDEN}",
-             f"batch_size={BATCH}", "consensus_every=0", "log_every=1000", f"topology={case['topology']}",
-             f"rounds={case['rounds']}", timeout=600)
+    torchrun("lightning_worker.py", n, "grid", str(out), *(f"{k}={v}" for k, v in sim_real_options(n).items()), timeout=600)
     return n, out
 
 
