@@ -220,14 +220,14 @@ def test_a_member_lost_while_the_next_set_is_formed_is_left_out_by_one_more_agre
 
 def test_a_worker_started_later_joins_from_its_donors_replica_and_every_replica_equals_the_dposg_reference(tmp_path):
     """Three workers on a ring; once they are past step 10 a fourth process starts alone with only the store's
-    address and ``fit(ckpt_path="join")``. The members admit it at a step boundary; its donor (its highest neighbour
+    address and ``fit(ckpt_path="join")`` (the three wait at step 30 until it asks, however slow its start). The members admit it at a step boundary; its donor (its highest neighbour
     on the ring of 4, worker 2) sends it the whole replica: parameters, optimistic Adam's anchors and moments, the
     loops' step. All four end at the same step, and equal DPOSG in numpy: ring(3) before the recorded change step,
     the joiner a copy of worker 2's whole state there, ring(4) from it. The joiner's first parameters are its
     donor's at that step, bit for bit."""
     n, steps, port = 3, 80, free_port()
     opts = [f"steps={steps}", "kill=-1", "at=0", "optimizer=optimistic_adam", f"lr={LR}", "timeout=10",
-            'kwargs={"betas": [0.5, 0.9]}', "pace=0.15", f"nodes={n}"]
+            'kwargs={"betas": [0.5, 0.9]}', "pace=0.05", "hold=30", f"nodes={n}"]
     procs = start_by_hand(tmp_path, n, *opts, port=port)
     progress, deadline = tmp_path / "progress.txt", time.monotonic() + 120
     while time.monotonic() < deadline and not (progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 10):
@@ -279,7 +279,7 @@ def test_a_donor_lost_during_a_join_ends_the_joiner_with_one_error_and_the_other
     departure of 2 and 3. No wait outlasts the peer timeout."""
     n, steps, port, timeout = 3, 80, free_port(), 5.0
     opts = [f"steps={steps}", "kill=-1", "at=0", "optimizer=optimistic_adam", f"lr={LR}", f"timeout={timeout}",
-            'kwargs={"betas": [0.5, 0.9]}', "pace=0.15", f"nodes={n}", "die_donating=1"]
+            'kwargs={"betas": [0.5, 0.9]}', "pace=0.05", "hold=30", f"nodes={n}", "die_donating=1"]
     procs = start_by_hand(tmp_path, n, *opts, port=port)
     progress, deadline = tmp_path / "progress.txt", time.monotonic() + 120
     while time.monotonic() < deadline and not (progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 10):

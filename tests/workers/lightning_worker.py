@@ -406,14 +406,20 @@ class RecordChanges(Callback):
 
 
 class Pace(Callback):
-    """Every worker takes ``seconds`` longer a step (a worker started later then joins mid-run); worker 0 writes
-    the steps done to ``progress.txt``, and each its parameters at every step's start to ``params_rank{id}.pt``."""
+    """Every worker takes ``seconds`` longer a step, and the members wait at step ``hold`` until a worker asks to
+    join (however long the joiner's start takes on a loaded machine, it joins mid-run); worker 0 writes the steps
+    done to ``progress.txt``, and each its parameters at every step's start to ``params_rank{id}.pt``."""
 
-    def __init__(self, out: str, seconds: float) -> None:
-        self.out, self.seconds, self.params = out, seconds, {}
+    def __init__(self, out: str, seconds: float, hold: int = -1) -> None:
+        self.out, self.seconds, self.hold, self.params = out, seconds, hold, {}
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
         time.sleep(self.seconds)
+        engine = trainer.strategy.engine
+        if trainer.global_step == self.hold and not engine.changes and engine.membership is not None:
+            deadline = time.monotonic() + 150  # the membership thread sees the request's key within 0.1 s
+            while not engine.membership.changing.is_set() and time.monotonic() < deadline:
+                time.sleep(0.02)
         self.params[trainer.global_step] = torch.cat([p.detach().clone().reshape(-1) for p in module.parameters()])
         if worker_id(trainer) == 0:
             with open(os.path.join(self.out, "progress.txt"), "w") as f:
@@ -675,7 +681,7 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
         if "sigterm_at" in opts:  # after the change: rank 0's SIGTERM still stops every member at one step
             callbacks.append(SigtermRankZeroWhileOthersWait(out, int(opts["sigterm_at"])))
         if "pace" in opts:
-            callbacks.append(Pace(out, float(opts["pace"])))
+            callbacks.append(Pace(out, float(opts["pace"]), int(opts.get("hold", -1))))
         joins = opts.get("join") == "1"  # started alone, later: joins the run from a member's replica
         if joins or "resume" in opts:
             callbacks.append(SaveReplica(out, "start"))
