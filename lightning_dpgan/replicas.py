@@ -217,9 +217,11 @@ def remove_other_sets(checkpoint_path: _PATH, keep: ReplicaSet | None, rank: int
             with contextlib.suppress(FileNotFoundError):
                 fs.rm(root, recursive=True)
         return
-    if not os.path.isdir(root):
+    try:
+        names = os.listdir(root)
+    except (FileNotFoundError, NotADirectoryError):  # none, or rank 0 removed it a moment ago
         return
-    for name in os.listdir(root):
+    for name in names:
         if keep is not None and name == keep.folder_name:
             continue
         folder = os.path.join(root, name)
@@ -240,7 +242,7 @@ def read_replica(checkpoint_path: _PATH, replica_set: ReplicaSet, rank: int, mma
     if not isinstance(replica, dict):
         raise CheckpointError(f"replica file {path!r} is not a replica (a {type(replica).__name__}, not a dict)")
     own = replica_own(replica)
-    if "members" not in own:  # written before sets named their members: every rank, as its main file says
+    if not own.get("members"):  # written before sets named their members, or by every rank: as its main file says
         expected.pop("members")
     wrong = {k: own.get(k) for k, v in expected.items() if own.get(k) != v}
     if wrong:
