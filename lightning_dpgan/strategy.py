@@ -279,6 +279,8 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
         trainer = self.lightning_module.trainer
         self._own_state = True
         try:
+            # writes a dict, loads nothing: weights_only=False here keeps the optimizer and loop states in it; the
+            # joiner reads the bytes with torch.load(weights_only=True) (loading.safe_loads)
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         finally:
             self._own_state = False
