@@ -94,10 +94,10 @@ class GossipStrategyMixin:
 
     @property
     def members(self) -> tuple[int, int] | None:
-        """(this worker's rank among the current members, their number) once a live run's members changed; ``None``
-        while they are the ones the run started with (the global rank and world size hold)."""
+        """(this worker's rank among the current members, their number) in a live run; ``None`` in a fixed one (the
+        global rank and world size hold)."""
         live = self.gossiper.live_engine
-        return (live.rank, live.world_size) if live is not None else None
+        return (live.present.index(live.me), len(live.present)) if live is not None else None
 
     # ------------------------------------------------------------------ launch and process group
     def _configure_launcher(self) -> None:
@@ -137,8 +137,8 @@ class GossipStrategyMixin:
     # ------------------------------------------------------------------ collectives
     # The framework's own (checkpoints, callbacks, sync_dist): after the warm-up bounded by the peer timeout, and a
     # worker that does not come is named (GossipPeerError), as in the gossip.
-    # After a change of members (membership="live") they go through the generation's group instead: the default
-    # group holds a worker that left.
+    # In a live run (membership="live") they go through the members' group instead (LiveGossip._collective): after a
+    # change the default group holds a worker that left, and its waits cannot give way to the members' agreement.
     def barrier(self, name: str | None = None) -> None:
         if (live := self.gossiper.live_engine) is not None:
             return live.barrier()

@@ -10,6 +10,7 @@ sets. Only how Lightning or Fabric call them differs, which stays in :mod:`light
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import uuid
@@ -26,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_dpgan.checks import check_bool, check_choice, check_int
 from lightning_dpgan.gossip import GossipEngine, GossipOptions, GossipPeerError, Stop, StopReason, Transport
-from lightning_dpgan.gossip.live import LiveGossip
+from lightning_dpgan.gossip.live import LiveGossip, MembershipError
 from lightning_dpgan.gossip.membership import Membership
 from lightning_dpgan.gossip.registry import engine_class
 from lightning_dpgan.gossip.transport import peer_failure
@@ -48,6 +49,8 @@ from lightning_dpgan.replicas import (
 )
 from lightning_dpgan.seeding import seed_for_rank
 from lightning_dpgan.topology import TOPOLOGIES, Topology, TopologyError, build_topology, rebuild
+
+log = logging.getLogger(__name__)
 
 #: a replica file's entry for what its gossip engine alone holds (CHOCO's public copies)
 GOSSIP_REPLICA_KEY = "gossip_replica"
@@ -156,10 +159,10 @@ class Gossiper:
 
     @property
     def live_engine(self) -> LiveGossip | None:
-        """The engine, once the members have changed: the framework's collectives then go through its group, as the
-        default group holds a worker that left."""
+        """The engine of a live run, whose members' group carries the framework's collectives
+        (:attr:`LiveGossip.carries_collectives`)."""
         engine = self.engine
-        return engine if isinstance(engine, LiveGossip) and engine.reconfigured else None
+        return engine if isinstance(engine, LiveGossip) and engine.carries_collectives else None
 
     def align(self, module: nn.Module, rank: int) -> None:
         """Start every replica from rank 0's weights, then give each rank its own random stream."""
@@ -296,12 +299,56 @@ class Gossiper:
         instead of writing it into a checkpoint."""
         assert self.engine is not None
         self.engine.flush()  # the optimizer states and replica files are read after this
-        self._refuse_nonfinite(collectives)
-        if self.engine.world_size == 1:
+        if self.deferred is not None:
+            return state  # a member was lost in this checkpoint: it is not written (save_set)
+        try:
+            with self.giving_way():
+                self._refuse_nonfinite(collectives)
+                self._raise_deferred()
+                if self.engine.world_size == 1:
+                    return state
+                metrics = metric_prefixes(module)
+                keys = [k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and not k.startswith(metrics)]
+                return {**state, **dict(zip(keys, self.engine.average([state[k] for k in keys])))}
+        except GossipPeerError as err:
+            if not self.defer(err):
+                raise
             return state
-        metrics = metric_prefixes(module)
-        keys = [k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and not k.startswith(metrics)]
-        return {**state, **dict(zip(keys, self.engine.average([state[k] for k in keys])))}
+
+    # ------------------------------------------------------------------ a member lost between steps (live)
+    def defer(self, err: GossipPeerError) -> bool:
+        """In a live run, a worker lost during a checkpoint: the checkpoint is not written, the survivors agree on
+        the members at their next step (where every one of them meets the loss) and train on; returns whether it
+        was deferred so, else the caller raises ``err`` (a fixed run ends on it)."""
+        engine = self.engine
+        if not isinstance(engine, LiveGossip) or engine.membership is None or isinstance(err, MembershipError):
+            return False
+        engine.defer(err)
+        return True
+
+    @property
+    def deferred(self) -> GossipPeerError | None:
+        """A loss kept for the next step's agreement: until then checkpoints, barriers and consensus measurements do
+        not communicate, as the members' group holds the worker that left."""
+        engine = self.engine
+        return engine.deferred if isinstance(engine, LiveGossip) else None
+
+    def giving_way(self) -> contextlib.AbstractContextManager[None]:
+        """In a live run, waits inside give way to an agreement of the members (:meth:`LiveGossip.giving_way`)."""
+        engine = self.engine
+        live = isinstance(engine, LiveGossip) and engine.membership is not None
+        return engine.giving_way() if live else contextlib.nullcontext()  # type: ignore[union-attr]
+
+    def _raise_deferred(self) -> None:
+        """In a checkpoint set: a collective that a member gave up (a loss, an agreement) ends the set here, as every
+        later collective until the next step is this worker's own."""
+        if self.deferred is not None:
+            raise self.deferred
+
+    def _skip_checkpoint(self, filepath: _PATH) -> None:
+        assert self.engine is not None and self.deferred is not None
+        log.warning("checkpoint %s of step %d not written: %s; the members agree on who is left at the next step",
+                    filepath, self.engine.steps, self.deferred)
 
     def _refuse_nonfinite(self, collectives: Collectives) -> None:
         assert self.engine is not None
@@ -329,22 +376,57 @@ class Gossiper:
         strategy's entries of the replica, kept apart from the user's.
 
         Any rank's write may fail (a full disk): the ranks agree after each write, so that every rank raises the same
-        :class:`CheckpointError`, the new set's files go, and the sets written before stay."""
+        :class:`CheckpointError`, the new set's files go, and the sets written before stay. In a live run a worker
+        lost during it ends no one: the set is not written (rank 0 removes what it did not commit), and the members
+        agree on who is left at their next step."""
+        assert self.engine is not None
+        if self.deferred is not None:
+            self._skip_checkpoint(filepath)
+            return
+        try:
+            with self.giving_way():
+                self._save_set(filepath, step, checkpoint, replica, collectives, write_main, own)
+        except GossipPeerError as err:
+            if not self.defer(err):
+                raise
+            self._skip_checkpoint(filepath)
+
+    def _save_set(
+        self,
+        filepath: _PATH,
+        step: int,
+        checkpoint: dict[str, Any],
+        replica: dict[str, Any],
+        collectives: Collectives,
+        write_main: Any,
+        own: dict[str, Any] | None,
+    ) -> None:
         assert self.engine is not None
         rank, is_zero, members = self.set_place(collectives)
         token = collectives.broadcast(uuid.uuid4().hex[:8] if is_zero else None)
-        replica_set = ReplicaSet(self.run_id, int(step), token, self.engine.world_size, self.engine.topology.name, members)
+        self._raise_deferred()
+        replica_set = ReplicaSet(self.run_id, int(step), token, len(members), self.engine.topology.name, members)
         check_free_key(checkpoint, CHECKPOINT_KEY)
         checkpoint[CHECKPOINT_KEY] = main_meta(replica_set, self.engine.state_dict())
         own = {**(own or {}), GOSSIP_REPLICA_KEY: self.engine.replica_state()}
         undo = lambda: remove_set(filepath, replica_set, rank, is_zero)  # noqa: E731
-        started = time.monotonic()
-        failure = _failure_of(lambda: write_replica(filepath, replica_set, rank, replica, own), replica_path(filepath, replica_set, rank))
-        # every replica is on disk before the main file commits the set; the others may take as long to write theirs
-        allowance = 2 * (time.monotonic() - started)
-        self._agree("replicas written", failure, collectives, allowance, undo)
-        failure = _failure_of(lambda: write_main(checkpoint), filepath) if is_zero else None
-        self._agree("checkpoint committed", failure, collectives, allowance, undo)  # only then may the older sets go
+        started, committed = time.monotonic(), False
+        try:
+            failure = _failure_of(lambda: write_replica(filepath, replica_set, rank, replica, own), replica_path(filepath, replica_set, rank))
+            # every replica is on disk before the main file commits the set; the others may take as long to write theirs
+            allowance = 2 * (time.monotonic() - started)
+            self._agree("replicas written", failure, collectives, allowance, undo)
+            self._raise_deferred()
+            failure = _failure_of(lambda: write_main(checkpoint), filepath) if is_zero else None
+            committed = is_zero and failure is None
+            self._agree("checkpoint committed", failure, collectives, allowance, undo)  # only then may the older sets go
+            self._raise_deferred()
+        except GossipPeerError:
+            # a worker lost during the agreements: rank 0 committed the set only if it heard every replica was
+            # written (the lost one's too), so a committed set is whole; one it did not commit goes
+            if is_zero and not committed:
+                undo()
+            raise
         remove_other_sets(filepath, replica_set, rank, is_zero)
 
     def set_place(self, collectives: Collectives) -> tuple[int, bool, tuple[int, ...]]:
@@ -355,13 +437,24 @@ class Gossiper:
         if self.engine is None:
             return collectives.global_rank, collectives.is_global_zero, ()
         if live is not None:
-            return live.rank, live.rank == 0, tuple(live.members)
+            present = live.present
+            return present.index(live.me), live.me == present[0], present
         return collectives.global_rank, collectives.is_global_zero, tuple(range(self.engine.world_size))
 
     def commit_main(self, filepath: _PATH, collectives: Collectives, write_main: Callable[[], None]) -> None:
         """Rank 0 (the lowest member) writes a main file without replicas; every rank learns whether it could."""
+        if self.deferred is not None:
+            self._skip_checkpoint(filepath)
+            return
         failure = _failure_of(write_main, filepath) if self.set_place(collectives)[1] else None
-        self._agree("checkpoint written", failure, collectives, 0.0, lambda: None)
+        try:
+            with self.giving_way():
+                self._agree("checkpoint written", failure, collectives, 0.0, lambda: None)
+                self._raise_deferred()
+        except GossipPeerError as err:
+            if not self.defer(err):
+                raise
+            self._skip_checkpoint(filepath)
 
     def _agree(self, what: str, failure: str | None, collectives: Collectives, allowance: float, undo: Callable[[], None]) -> None:
         """Every rank says whether its write failed; if any did, every rank undoes the new set and raises the first

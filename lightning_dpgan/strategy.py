@@ -227,6 +227,8 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
 
     @override
     def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.gossiper.deferred is not None:
+            return  # the checkpoint meant to replace this one was not written (a member lost during it)
         super().remove_checkpoint(filepath)
         rank, writes_main, _ = self.gossiper.set_place(self)
         remove_other_sets(filepath, None, rank, writes_main)
@@ -382,8 +384,8 @@ def _reduce_over_members(live: LiveGossip, tensor: torch.Tensor, reduce_op: Any)
         return gathered.amin(dim=0) if op == "min" else gathered.amax(dim=0)
     if op not in ("mean", "avg", "sum"):
         raise ValueError(f"after a change of members, reduce supports reduce_op 'mean', 'sum', 'min' or 'max', got {reduce_op!r}")
-    total = live.all_reduce_tensor(tensor)
-    return total / live.world_size if op in ("mean", "avg") else total
+    total, count = live.all_reduce_tensor(tensor)
+    return total / count if op in ("mean", "avg") else total
 
 
 def _save_last_checkpoint(trainer: pl.Trainer) -> str | None:

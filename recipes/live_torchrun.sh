@@ -5,8 +5,10 @@
 #   On every host:  RDZV_HOST=<host 0's address> recipes/live_torchrun.sh [overrides]
 # - Host 0's agent holds the rendezvous store, which the workers' membership agreement uses: it must stay.
 # - Start every host before the rendezvous closes (LAST_CALL_S after MIN_NODES have come), and do not start an agent
-#   later: torchrun restarts every worker when a new agent arrives (joining a live run is not built yet), throwing
-#   the live replicas away; ckpt_path=last makes such a restart at least resume from the newest checkpoint.
+#   later: torchrun restarts every worker when a new agent arrives, throwing the live replicas away (ckpt_path=last
+#   makes such a restart at least resume from the newest checkpoint). A replacement host joins without an agent,
+#   `python -m lightning_dpgan fit devices=1 membership=live ckpt_path=join` with the workers' store address
+#   (docs/guide.md: joining); joins are tested in runs started by hand, not yet in one started by this recipe.
 # - At the end, the agents of the hosts that stayed wait at torchrun's exit barrier for the lost one, up to 300 s
 #   (not settable from torchrun's command line), then exit 0; the run's files are complete before that.
 set -euo pipefail

@@ -9,6 +9,7 @@ Lightning's own launcher too (docs/membership.md)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -218,9 +219,12 @@ def test_a_member_lost_while_the_next_set_is_formed_is_left_out_by_one_more_agre
     assert all(bool(torch.isfinite(t).all()) for end in ends for t in end.values())
 
 
-def test_a_worker_started_later_joins_from_its_donors_replica_and_every_replica_equals_the_dposg_reference(tmp_path):
+@pytest.mark.parametrize("asked_in", ["step", "checkpoint"])
+def test_a_worker_started_later_joins_from_its_donors_replica_and_every_replica_equals_the_dposg_reference(tmp_path, asked_in):
     """Three workers on a ring; once they are past step 10 a fourth process starts alone with only the store's
-    address and ``fit(ckpt_path="join")`` (the three wait at step 30 until it asks, however slow its start). The members admit it at a step boundary; its donor (its highest neighbour
+    address and ``fit(ckpt_path="join")`` (the three wait at step 30 until it asks, however slow its start: at the
+    step's start, or inside the checkpoint set they write then, which the request cuts short). The members admit it
+    at a step boundary; its donor (its highest neighbour
     on the ring of 4, worker 2) sends it the whole replica: parameters, optimistic Adam's anchors and moments, the
     loops' step. All four end at the same step, and equal DPOSG in numpy: ring(3) before the recorded change step,
     the joiner a copy of worker 2's whole state there, ring(4) from it. The joiner's first parameters are its
@@ -228,6 +232,8 @@ def test_a_worker_started_later_joins_from_its_donors_replica_and_every_replica_
     n, steps, port = 3, 80, free_port()
     opts = [f"steps={steps}", "kill=-1", "at=0", "optimizer=optimistic_adam", f"lr={LR}", "timeout=10",
             'kwargs={"betas": [0.5, 0.9]}', "pace=0.05", "hold=30", f"nodes={n}"]
+    if asked_in == "checkpoint":
+        opts += ["every=10", "hold_in=checkpoint"]
     procs = start_by_hand(tmp_path, n, *opts, port=port)
     progress, deadline = tmp_path / "progress.txt", time.monotonic() + 120
     while time.monotonic() < deadline and not (progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 10):
@@ -334,3 +340,47 @@ def test_a_checkpoint_after_a_change_is_a_set_of_the_members_that_resumes_each_r
         start = torch.load(resumed / f"start_rank{r}.pt", weights_only=True)
         assert torch.equal(start["x"], replicas[r]["state_dict"]["x"]) and torch.equal(start["y"], replicas[r]["state_dict"]["y"]), r
         assert json.loads((resumed / f"changes_rank{r}.json").read_text())["global_step"] == STEPS
+
+
+def test_a_worker_lost_while_a_checkpoint_is_written_leaves_no_partial_set_and_the_others_go_on(tmp_path):
+    """A ring of 4 writes a checkpoint set every 20 steps; rank 2 dies (SIGKILL) inside the one of step 20, after the
+    consensus average, while the others are in the set's agreements. No set of step 20 is left on disk, every
+    survivor says why, they agree at their next step and train on to max_steps, their replicas equal the DPOSG
+    reference (ring(4) up to mix 20, ring(3) after), and the sets of steps 40 and 60 are whole sets of the three."""
+    n, kill_at = 4, 20
+    opts = [f"steps={STEPS}", "kill=2", f"at={kill_at}", "kill_in=checkpoint", "optimizer=optimistic_adam", f"lr={LR}",
+            "timeout=10", 'kwargs={"betas": [0.5, 0.9]}', "every=20", f"nodes={n}"]
+    procs = start_by_hand(tmp_path, n, *opts)
+    survivors = [0, 1, 3]
+    codes = wait_for(procs, survivors, timeout=120)
+    stderr = {r: (tmp_path / f"stderr_rank{r}.txt").read_text() for r in range(n)}
+    assert codes == {0: 0, 1: 0, 3: 0}, {r: stderr[r][-3000:] for r in survivors}
+    assert procs[2].returncode == -signal.SIGKILL
+    for r in survivors:
+        assert "step=20.ckpt of step 20 not written" in stderr[r], stderr[r][-3000:]
+    checkpoints = tmp_path / "ckpt"
+    assert not list(checkpoints.glob("*step=20*")), sorted(p.name for p in checkpoints.iterdir())
+    records = {r: json.loads((tmp_path / f"changes_rank{r}.json").read_text()) for r in survivors}
+    assert {rec["global_step"] for rec in records.values()} == {STEPS}
+    (change,) = records[0]["changes"]
+    assert change["left"] == [2] and change["members"] == survivors, change
+    c = change["step"]
+    assert c == kill_at + 1, change  # every survivor had finished step 20: they agree at the first mix of step 21
+
+    game = BilinearGame("optimistic_adam", LR)
+    z0 = np.tile(np.concatenate([game.x.detach().numpy(), game.y.detach().numpy()]), (n, 1))
+    grad, w_old, w_new = bilinear_gradient(n), ring(n).matrix(), embedded(ring(n - 1).matrix(), survivors, n)
+    expected = dposg(grad, z0, [w_old if m <= kill_at else w_new for m in range(1, STEPS + 1)], STEPS, LR, ADAM)[survivors]
+    got = np.stack([np.concatenate([s["x"].numpy(), s["y"].numpy()]) for s in
+                    (torch.load(tmp_path / f"end_rank{r}.pt", weights_only=True) for r in survivors)])
+    np.testing.assert_allclose(got, expected, atol=1e-10, rtol=0)
+    assert np.abs(got - dposg(grad, z0, w_old, STEPS, LR, ADAM)[survivors]).max() > 1e-6
+
+    from lightning_dpgan.replicas import read_main, read_replica, replica_set_of
+
+    for step in (40, 60):
+        (path,) = checkpoints.glob(f"*step={step}.ckpt")
+        replica_set = replica_set_of(read_main(path))
+        assert replica_set.members == (0, 1, 3) and replica_set.step == step, replica_set
+        for r in range(3):
+            read_replica(path, replica_set, r)  # raises for a missing or foreign replica

@@ -623,7 +623,10 @@ def test_a_live_run_started_by_the_cli_admits_a_new_worker_and_goes_on_without_a
     max_steps and evaluates the consensus model of the five, then four, together; the launcher and the joiner both
     exit 0 with a summary naming each change and its step."""
     port = free_port()
-    settings = ("membership=live", "max_steps=200", "batch_size=64", "strategy.gossip.peer_timeout=5", "checkpoint.every_n_train_steps=100000")
+    # a checkpoint set every 5 steps: the join request and the kill come in the middle of some (which are then not
+    # written), and some fall between the members' agreement and the joiner's first step (written by the members
+    # already there: the joiner waits for its replica)
+    settings = ("membership=live", "max_steps=200", "batch_size=64", "strategy.gossip.peer_timeout=5", "checkpoint.every_n_train_steps=5")
     proc = _fit_cli(tmp_path / "run", *settings, env={**worker_env(), "MASTER_PORT": str(port)})
     with open(tmp_path / "joiner.txt", "w") as joiner_output:  # its output and log, read as it runs
         joiner = _fit_cli(tmp_path / "joiner", *settings, "ckpt_path=join", devices=1, output=joiner_output,

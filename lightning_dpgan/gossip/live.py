@@ -25,13 +25,14 @@ replica, as the strategy serializes it (:meth:`LiveGossip.donate`); the joiner s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from lightning_dpgan.gossip.transport import GossipPeerError, Transport, _first_
 from lightning_dpgan.topology import Topology, fold
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class MembershipError(GossipPeerError):
@@ -106,17 +108,33 @@ class LiveGossip(SynchronousGossip):
         self._donate: tuple[int, list[int]] | None = None  # (the change step, the joiners' ranks) this worker sends to
         self._joining = False  # admitted, before its first step: the framework's start-up collectives stay its own
         self._donor = -1  # a joiner's donor (id)
-        self._recovering = False  # in a step or a consensus measurement, which give way to an agreement
+        #: until its joiners' change step, the framework's collectives go over the members already there: (their
+        #: group's transport, their ids); a joiner only comes to the members' group at its first step
+        self._before_joiners: tuple[LiveTransport, tuple[int, ...]] | None = None
+        self._stepping = False  # from the first step on, the framework's collectives give way to an agreement
+        self._recovering = False  # in a step, a consensus measurement or a checkpoint, which give way to an agreement
 
     @property
     def members(self) -> tuple[int, ...]:
         return self.membership.generation.members if self.membership is not None else tuple(range(self.world_size))
 
     @property
-    def reconfigured(self) -> bool:
-        """Whether the members changed: the default process group then has a worker that left, or lacks one that
-        joined. A joiner's framework starts up alone (its collectives its own) until its first step."""
-        return bool(self.changes) and not self._joining
+    def carries_collectives(self) -> bool:
+        """Whether the framework's collectives go through the members' group: from :meth:`go_live` on, in every
+        generation (the default process group holds a worker that left, or lacks one that joined, and its waits
+        cannot give way to an agreement). A joiner's framework starts up alone (its collectives its own) until its
+        first step."""
+        return self.membership is not None and not self._joining
+
+    @contextlib.contextmanager
+    def giving_way(self) -> Iterator[None]:
+        """Waits inside give way to an agreement of the members (a :class:`MembershipChange`): for work that can be
+        dropped or redone when the members change (a step's mix, a consensus measurement, a checkpoint)."""
+        outer, self._recovering = self._recovering, True
+        try:
+            yield
+        finally:
+            self._recovering = outer
 
     def go_live(self, membership: Membership, rebuild: Callable[[int], tuple[Topology, str | None]]) -> None:
         """Watch the members from now on; ``rebuild(n)`` is the graph of the run's family for ``n`` workers."""
@@ -125,15 +143,16 @@ class LiveGossip(SynchronousGossip):
         self.transport = LiveTransport(self.rank, group, self.options.chunk_bytes, self._interrupted, self.timeout.seconds)
 
     def _interrupted(self) -> bool:
-        """Whether a wait should give way to an agreement: only in a step or a consensus measurement, which recover
-        from one; elsewhere (the initial broadcast, the framework's collectives, a donation) the wait goes on, and
-        the agreement waits for this worker's next step."""
+        """Whether a wait should give way to an agreement: only inside :meth:`giving_way` (a step, a consensus
+        measurement, a checkpoint), which recover from one; elsewhere (the initial broadcast, the framework's other
+        collectives, a donation) the wait goes on, and the agreement waits for this worker's next step."""
         return self._recovering and self.membership is not None and self.membership.changing.is_set()
 
     # ------------------------------------------------------------------ the step
     @override
     def step(self, tensors: Sequence[Tensor]) -> None:
         self._joining = False
+        self._stepping = True
         self._begin_step()
         if not self.mixes_now():
             return
@@ -141,11 +160,8 @@ class LiveGossip(SynchronousGossip):
             self.mix(tensors)
             return
         self._keep(tensors)
-        self._recovering = True
-        try:
+        with self.giving_way():
             self._step_recovering(tensors)
-        finally:
-            self._recovering = False
 
     def _step_recovering(self, tensors: Sequence[Tensor]) -> None:
         phase, failure, self._failure = self.phase, self._failure, None
@@ -157,6 +173,7 @@ class LiveGossip(SynchronousGossip):
                     self._fold_mix(tensors)  # a mix begun before the change: W_fold, as every survivor does it
                 else:
                     self._catching_up = None
+                    self._joiners_arrived()
                     self.mix(tensors)
                 return
             except MembershipError:
@@ -203,20 +220,36 @@ class LiveGossip(SynchronousGossip):
 
     @override
     def consensus_distance(self, tensors: Sequence[Tensor], group_ids: Sequence[int], num_groups: int) -> Tensor:
-        """As every engine's; where a worker left during it, NaN, and the members are agreed on at the next step."""
-        self._recovering = True
+        """As every engine's; where a worker left during it, or since the last step, NaN, and the members are agreed
+        on at the next step."""
+        unmeasured = torch.full((num_groups,), float("nan"), dtype=torch.float64)
+        if self._failure is not None or self._before_joiners is not None:
+            return unmeasured  # a loss to agree on first, or a joiner on its way: the gossip's group is not whole
         try:
-            return super().consensus_distance(tensors, group_ids, num_groups)
+            with self.giving_way():
+                return super().consensus_distance(tensors, group_ids, num_groups)
         except MembershipError:
             raise
         except GossipPeerError as err:
             if self.membership is None:
                 raise
             log.warning("worker %d: consensus not measured at step %d (%s); agreeing on the members at the next step", self.me, self.steps, err)
+            self.defer(err)
+            return unmeasured
+
+    def defer(self, err: GossipPeerError) -> None:
+        """A worker was lost between steps (in a checkpoint, a consensus measurement, one of the framework's
+        collectives), or another member gave one up: the members agree at the next step, where every survivor meets
+        it."""
+        if self._failure is None:
             self._failure = err
-            return torch.full((num_groups,), float("nan"), dtype=torch.float64)
-        finally:
-            self._recovering = False
+            log.warning("worker %d: %s; the framework's collectives are this worker's own until the members agree at "
+                        "the next step", self.me, err)
+
+    @property
+    def deferred(self) -> GossipPeerError | None:
+        """The loss :meth:`defer` keeps for the next step's agreement, if any."""
+        return self._failure
 
     # ------------------------------------------------------------------ a change of members
     def _change(self, err: GossipPeerError, tensors: Sequence[Tensor]) -> bool:
@@ -241,6 +274,12 @@ class LiveGossip(SynchronousGossip):
         self._catching_up = (w_fold, generation)
         joiners = [generation.members.index(j) for j in generation.joined if donor(generation, topology, j) == self.me]
         self._donate = (generation.change_step, joiners) if joiners else None
+        self._joiners_arrived()
+        if generation.joined and self.me not in generation.joined:
+            present = tuple(m for m in generation.members if m not in generation.joined)
+            group = self.membership.group(generation, self.timeout.seconds(), present)
+            transport = LiveTransport(present.index(self.me), group, self.options.chunk_bytes, self._interrupted, self.timeout.seconds)
+            self._before_joiners = (transport, present)
         done = self._resend(tensors)
         self._abandoned.append(old_transport)  # its watcher threads end on the works it failed: kept until then
         if not left and not generation.joined:  # a wait timed out on a worker that was only slow: a group of their own
@@ -418,28 +457,89 @@ class LiveGossip(SynchronousGossip):
         if self.changes and self.me == self.members[0]:
             log.warning("membership changes in this run: %s", self.summary())
 
-    # ------------------------------------------------------------------ the framework's collectives, after a change
+    # ------------------------------------------------------------------ the framework's collectives
+    def _joiners_arrived(self) -> None:
+        if self._before_joiners is not None:
+            self._abandoned.append(self._before_joiners[0])
+            self._before_joiners = None
+
+    def _framework(self) -> tuple[LiveTransport, tuple[int, ...]]:
+        """The transport and the members (ids) of the framework's collectives: the members' group, or before a
+        joiner's change step the group of the members already there (the joiner waits for its replica)."""
+        if self._before_joiners is not None:
+            return self._before_joiners
+        assert isinstance(self.transport, LiveTransport)
+        return self.transport, self.members
+
+    @property
+    def present(self) -> tuple[int, ...]:
+        """The members the framework's collectives, checkpoint sets and evaluations count: a joiner from its change
+        step on."""
+        return self._framework()[1]
+
+    def _collective(self, run: Callable[[LiveTransport, tuple[int, ...]], _T], alone: Callable[[], _T]) -> _T:
+        """One of the framework's collectives over the present members; where a member was lost since the last step
+        (or is lost now, or the members are being agreed on again), ``alone()``: this worker's own value, as the
+        group may hold a collective another member gave up, and the members agree at the next step."""
+        if self._failure is not None:
+            return alone()
+        transport, present = self._framework()
+        try:  # not before the first step: the initial broadcast comes after the start-up collectives, on the same group
+            with self.giving_way() if self._stepping else contextlib.nullcontext():
+                return run(transport, present)
+        except MembershipError:
+            raise
+        except GossipPeerError as err:
+            self.defer(err)
+            return alone()
+
     def barrier(self) -> None:
-        self.transport.wait(self.transport.all_reduce(torch.zeros(1)), self.collective_timeout, self.phase)
+        self._collective(lambda transport, _: transport.wait(transport.all_reduce(torch.zeros(1)), self.collective_timeout, self.phase),
+                         lambda: None)
 
     def all_gather_tensor(self, tensor: Tensor) -> Tensor:
-        """Every member's ``tensor``, stacked in member order."""
-        out = torch.empty((self.world_size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
-        self.transport.wait(self.transport.all_gather(out.view(-1), tensor.contiguous().view(-1)), self.collective_timeout, self.phase)
-        return out
+        """Every present member's ``tensor``, stacked in member order (this worker's alone: one row)."""
 
-    def all_reduce_tensor(self, tensor: Tensor) -> Tensor:
-        out = tensor.detach().clone()
-        self.transport.wait(self.transport.all_reduce(out), self.collective_timeout, self.phase)
+        def gather(transport: LiveTransport, present: tuple[int, ...]) -> Tensor:
+            out = torch.empty((len(present), *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+            transport.wait(transport.all_gather(out.view(-1), tensor.contiguous().view(-1)), self.collective_timeout, self.phase)
+            return out
+
+        return self._collective(gather, lambda: tensor.detach().clone().unsqueeze(0))
+
+    def all_reduce_tensor(self, tensor: Tensor) -> tuple[Tensor, int]:
+        """The sum of the present members' ``tensor`` and how many they are (this worker's alone: 1)."""
+
+        def reduce(transport: LiveTransport, present: tuple[int, ...]) -> tuple[Tensor, int]:
+            out = tensor.detach().clone()
+            transport.wait(transport.all_reduce(out), self.collective_timeout, self.phase)
+            return out, len(present)
+
+        return self._collective(reduce, lambda: (tensor.detach().clone(), 1))
+
+    @override
+    @torch.no_grad()
+    def average(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """As every engine's, over the present members (a checkpoint's consensus model)."""
+        if self._before_joiners is None:
+            return super().average(tensors)
+        out = []
+        for t in tensors:
+            total, count = self.all_reduce_tensor(t)
+            out.append(total.div_(count))
         return out
 
     def broadcast_object(self, obj: Any, src: int) -> Any:
-        """``obj`` of the worker whose id is ``src`` (the lowest member's where that one left)."""
-        root = self.members.index(src) if src in self.members else 0
-        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) if self.rank == root else torch.empty(0, dtype=torch.uint8)
-        size = torch.tensor([data.numel()], dtype=torch.long)
-        self.transport.wait(self.transport.broadcast(size, root), self.collective_timeout, self.phase)
-        if self.rank != root:
-            data = torch.empty(int(size), dtype=torch.uint8)
-        self.transport.wait(self.transport.broadcast(data, root), self.collective_timeout, self.phase)
-        return obj if self.rank == root else pickle.loads(data.numpy().tobytes())
+        """``obj`` of the worker whose id is ``src`` (the lowest present member's where that one left)."""
+
+        def broadcast(transport: LiveTransport, present: tuple[int, ...]) -> Any:
+            rank, root = present.index(self.me), present.index(src) if src in present else 0
+            data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8) if rank == root else torch.empty(0, dtype=torch.uint8)
+            size = torch.tensor([data.numel()], dtype=torch.long)
+            transport.wait(transport.broadcast(size, root), self.collective_timeout, self.phase)
+            if rank != root:
+                data = torch.empty(int(size), dtype=torch.uint8)
+            transport.wait(transport.broadcast(data, root), self.collective_timeout, self.phase)
+            return obj if rank == root else pickle.loads(data.numpy().tobytes())
+
+        return self._collective(broadcast, lambda: obj)

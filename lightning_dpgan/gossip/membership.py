@@ -386,9 +386,11 @@ class Membership:
                 return
             number += 1  # fixed before this worker asked: the next one
 
-    def group(self, generation: Generation, timeout: float) -> Any:
-        """The generation's own gloo group (every member must build it within ``timeout``)."""
-        store = dist.PrefixStore(self._key(generation.number, "pg/"), self.store)
-        rank, size = generation.members.index(self.me), len(generation.members)
-        return dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=timeout))
+    def group(self, generation: Generation, timeout: float, members: Sequence[int] | None = None) -> Any:
+        """The generation's own gloo group (every member must build it within ``timeout``); with ``members``, a group
+        of those alone (the members without the workers joining, until they arrive)."""
+        members = generation.members if members is None else tuple(members)
+        prefix = "pg/" if members == generation.members else f"pg-{'-'.join(map(str, members))}/"
+        store = dist.PrefixStore(self._key(generation.number, prefix), self.store)
+        return dist.ProcessGroupGloo(store, members.index(self.me), len(members), timedelta(seconds=timeout))
 

@@ -346,12 +346,21 @@ class GossipTrace(Callback):
 
 
 class KillRank(Callback):
-    """Rank ``rank`` sends itself ``sig`` (SIGKILL: dies; SIGSTOP: stalls) when it reaches ``step``."""
+    """Rank ``rank`` sends itself ``sig`` (SIGKILL: dies; SIGSTOP: stalls) when it reaches ``step``; with
+    ``in_checkpoint``, as it writes the first checkpoint from ``step`` on (the others are in the same save)."""
 
-    def __init__(self, rank: int, step: int, sig: int = signal.SIGKILL) -> None:
-        self.rank, self.step, self.sig = rank, step, sig
+    def __init__(self, rank: int, step: int, sig: int = signal.SIGKILL, in_checkpoint: bool = False) -> None:
+        self.rank, self.step, self.sig, self.in_checkpoint = rank, step, sig, in_checkpoint
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        if not self.in_checkpoint:
+            self._kill(trainer)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, module: Any, checkpoint: dict[str, Any]) -> None:
+        if self.in_checkpoint:
+            self._kill(trainer)
+
+    def _kill(self, trainer: pl.Trainer) -> None:
         if trainer.global_rank == self.rank and trainer.global_step >= self.step:
             with open(os.path.join(trainer.default_root_dir, f"pid_rank{self.rank}.txt"), "w") as f:
                 f.write(str(os.getpid()))
@@ -410,16 +419,24 @@ class Pace(Callback):
     join (however long the joiner's start takes on a loaded machine, it joins mid-run); worker 0 writes the steps
     done to ``progress.txt``, and each its parameters at every step's start to ``params_rank{id}.pt``."""
 
-    def __init__(self, out: str, seconds: float, hold: int = -1) -> None:
-        self.out, self.seconds, self.hold, self.params = out, seconds, hold, {}
+    def __init__(self, out: str, seconds: float, hold: int = -1, in_checkpoint: bool = False) -> None:
+        self.out, self.seconds, self.hold, self.in_checkpoint, self.params = out, seconds, hold, in_checkpoint, {}
 
-    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
-        time.sleep(self.seconds)
+    def _hold(self, trainer: pl.Trainer) -> None:
         engine = trainer.strategy.engine
         if trainer.global_step == self.hold and not engine.changes and engine.membership is not None:
             deadline = time.monotonic() + 150  # the membership thread sees the request's key within 0.1 s
             while not engine.membership.changing.is_set() and time.monotonic() < deadline:
                 time.sleep(0.02)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, module: Any, checkpoint: dict[str, Any]) -> None:
+        if self.in_checkpoint:  # the request then comes in the middle of a checkpoint set's agreements
+            self._hold(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        time.sleep(self.seconds)
+        if not self.in_checkpoint:
+            self._hold(trainer)
         self.params[trainer.global_step] = torch.cat([p.detach().clone().reshape(-1) for p in module.parameters()])
         if worker_id(trainer) == 0:
             with open(os.path.join(self.out, "progress.txt"), "w") as f:
@@ -673,7 +690,8 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
         steps, nodes = int(opts["steps"]), int(opts.get("nodes", 4))
         strategy = decentralized({"membership": "live", **opts}, consensus_every=int(opts.get("consensus_every", 0)))
         sig = signal.SIGSTOP if opts.get("sig") == "STOP" else signal.SIGKILL  # STOP: a host gone silent
-        callbacks = [SaveReplica(out), RecordChanges(out), KillRank(int(opts["kill"]), int(opts["at"]), sig)]
+        kill = KillRank(int(opts["kill"]), int(opts["at"]), sig, in_checkpoint=opts.get("kill_in") == "checkpoint")
+        callbacks = [SaveReplica(out), RecordChanges(out), kill]
         if int(os.environ.get("RANK", -1)) == int(opts.get("die_in_group", -2)):  # a second death: after the set is fixed
             die_building_the_group()
         if opts.get("die_donating") == "1":  # the donor of a joiner dies as it is about to send its replica
@@ -681,7 +699,7 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
         if "sigterm_at" in opts:  # after the change: rank 0's SIGTERM still stops every member at one step
             callbacks.append(SigtermRankZeroWhileOthersWait(out, int(opts["sigterm_at"])))
         if "pace" in opts:
-            callbacks.append(Pace(out, float(opts["pace"]), int(opts.get("hold", -1))))
+            callbacks.append(Pace(out, float(opts["pace"]), int(opts.get("hold", -1)), opts.get("hold_in") == "checkpoint"))
         joins = opts.get("join") == "1"  # started alone, later: joins the run from a member's replica
         if joins or "resume" in opts:
             callbacks.append(SaveReplica(out, "start"))
