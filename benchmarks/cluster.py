@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 
 SUBNET = "10.77.0"
@@ -143,6 +144,37 @@ def remove_orphans() -> list[str]:
     return removed
 
 
+CGROUP = Path("/sys/fs/cgroup/cpu")
+
+
+class CpuQuota:
+    """A cgroup (v1 cpu controller) whose quota is ``cores`` CPUs; ``add(pid)`` moves a process into it (the children
+    it forks later stay in it): a slow host, or a host held to its fair share of the machine's cores."""
+
+    def __init__(self, name: str, cores: float) -> None:
+        self.path = CGROUP / name
+        self.cores = cores
+
+    def __enter__(self) -> CpuQuota:
+        if not CGROUP.is_dir():
+            raise SystemExit(f"no cgroup v1 cpu controller at {CGROUP}: the benchmark caps a host's CPU with it")
+        self.path.mkdir(exist_ok=True)
+        period = int((self.path / "cpu.cfs_period_us").read_text())
+        (self.path / "cpu.cfs_quota_us").write_text(str(max(1000, round(period * self.cores))))
+        return self
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def __exit__(self, *exc: object) -> None:
+        for pid in (self.path / "cgroup.procs").read_text().split():  # leftovers go back to the root group
+            try:
+                (CGROUP / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass  # it has exited meanwhile
+        self.path.rmdir()
+
+
 class EmulatedCluster:
     """``with EmulatedCluster(8, "200mbit") as cluster: cluster.run(lambda rank: [...])``."""
 
@@ -204,6 +236,8 @@ class EmulatedCluster:
             self._previous_handlers.clear()
 
     def _interrupted(self, signum: int, frame: FrameType | None) -> None:
+        for sig in self._previous_handlers:  # a second signal (a group kill reaches ``timeout`` and this process) must
+            signal.signal(sig, signal.SIG_IGN)  # not cut the teardown short: __exit__ puts the handlers back
         raise KeyboardInterrupt(f"signal {signum}")
 
     def _build(self) -> None:

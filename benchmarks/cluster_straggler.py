@@ -31,40 +31,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import EmulatedCluster, add_link_arguments, link_options, preflight  # noqa: E402
+from cluster import CpuQuota, EmulatedCluster, add_link_arguments, link_options, preflight  # noqa: E402
 from cluster_train import first_reaching, fit, read_rows, seconds_per_iteration, slug  # noqa: E402
 
 GOSSIP = ["topology=ring", "gossip_rounds=1", "wire_dtype=bf16"]
-CGROUP = Path("/sys/fs/cgroup/cpu")
-
-
-class SlowHost:
-    """A cgroup (v1 cpu controller) whose quota is ``cores`` CPUs; ``add(pid)`` moves a process into it."""
-
-    def __init__(self, name: str, cores: float) -> None:
-        self.path = CGROUP / name
-        self.cores = cores
-
-    def __enter__(self) -> SlowHost:
-        if not CGROUP.is_dir():
-            raise SystemExit(f"no cgroup v1 cpu controller at {CGROUP}: this benchmark caps a host's CPU with it")
-        self.path.mkdir(exist_ok=True)
-        period = int((self.path / "cpu.cfs_period_us").read_text())
-        (self.path / "cpu.cfs_quota_us").write_text(str(max(1000, round(period * self.cores))))
-        return self
-
-    def add(self, pid: int) -> None:
-        (self.path / "cgroup.procs").write_text(str(pid))
-
-    def __exit__(self, *exc: object) -> None:
-        for pid in (self.path / "cgroup.procs").read_text().split():  # leftovers go back to the root group
-            try:
-                (CGROUP / "cgroup.procs").write_text(pid)
-            except OSError:
-                pass  # it has exited meanwhile
-        self.path.rmdir()
-
-
 NO_SLOW_HOST = "ring bf16, no slow host"
 
 
@@ -116,7 +86,7 @@ def main() -> None:
         parser.error(f"--slowdown must be at least 1, got {args.slowdown}")
     chosen = {name: v for name, v in settings(args.staleness, args.catch_up).items() if args.settings is None or slug(name) in args.settings}
     results: dict[str, dict[int, dict[str, object]]] = {}
-    with SlowHost(f"dpgan_slow{os.getpid()}", cores) as slow:
+    with CpuQuota(f"dpgan_slow{os.getpid()}", cores) as slow:
         def started(host: int, process: subprocess.Popen) -> None:
             if host == args.slow_host and slowed:
                 slow.add(process.pid)
