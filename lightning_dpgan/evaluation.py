@@ -193,6 +193,11 @@ class GANEvaluation(pl.Callback):
         # a strategy whose replicas differ (DecentralizedStrategy) says how far apart they are
         consensus = trainer.strategy.measure_consensus() if hasattr(trainer.strategy, "measure_consensus") and world_size > 1 else {}
         logged.update({f"consensus/{k}": v for k, v in consensus.items()})
+        lost = getattr(trainer.strategy, "member_lost", None)
+        if lost is not None:  # a live run lost a member during it: the gathers gave this worker's own values
+            rank_zero_warn(f"evaluation at step {trainer.global_step} skipped: {lost}")
+            self._evaluating_s += time.perf_counter() - started
+            return {}
         shown, title = self._picture_samples(trainer, samples)
         if trainer.is_global_zero:
             self.history.append({"step": trainer.global_step, "train_s": train_s, **logged})

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lightning_dpgan.gossip import DistributedTransport, GossipEngine, GossipOptions, Stop
+from lightning_dpgan.gossip import DistributedTransport, GossipEngine, GossipOptions, GossipPeerError, Stop
 from lightning_dpgan.gossiper import Gossiper
 from lightning_dpgan.processes import check_master_port_free, close_gossip_group, die_with_parent, gossip_group
 from lightning_dpgan.topology import Topology
@@ -86,6 +86,12 @@ class GossipStrategyMixin:
     def consensus_distance(self) -> dict[str, float]:
         """Latest consensus distance per top-level submodule, identical on every rank."""
         return self.gossiper.consensus_distance
+
+    @property
+    def member_lost(self) -> GossipPeerError | None:
+        """In a live run, a member lost (or an agreement begun) since the last step: until the next step the
+        framework's collectives give this worker's own values (the evaluation then skips its scores)."""
+        return self.gossiper.deferred
 
     @property
     def stopped(self) -> Stop | None:
