@@ -85,7 +85,8 @@ class Churn:
             hosts = self.cluster.hosts
             recipe = own_env(RDZV_HOST=self.cluster.address(0), RDZV_PORT=str(RDZV_PORT), RDZV_ID=f"churn-{slug(self.setting)}",
                              MIN_NODES=str(hosts - 1), MAX_NODES=str(hosts), RESTARTS="3", RUN_DIR=str(self.fit_dir),
-                             CHECKPOINT_EVERY=str(self.args.every), OMP_NUM_THREADS="1")
+                             CHECKPOINT_EVERY=str(self.args.every), OMP_NUM_THREADS="1", LOCAL_ADDR=self.cluster.address(host),
+                             RDZV_IS_HOST="1" if host == 0 and not replacement else "0")  # no hostname to match in a namespace
             return [*recipe, "bash", str(ROOT / "recipes" / "elastic_torchrun.sh"), *self._overrides()]
         fit = [sys.executable, "-m", "lightning_dpgan", "fit", *self._overrides(), "membership=live"]
         if replacement:  # alone, with the run's store address: it joins
