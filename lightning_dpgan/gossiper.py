@@ -317,7 +317,8 @@ class Gossiper:
 
     # ------------------------------------------------------------------ a member lost between steps (live)
     def defer(self, err: GossipPeerError) -> bool:
-        """In a live run, a worker lost during a checkpoint: the checkpoint is not written, the survivors agree on
+        """In a live run, a worker lost during a checkpoint or another of the framework's collectives (or an agreement
+        begun then): the checkpoint is not written, the survivors agree on
         the members at their next step (where every one of them meets the loss) and train on; returns whether it
         was deferred so, else the caller raises ``err`` (a fixed run ends on it)."""
         engine = self.engine
@@ -328,8 +329,9 @@ class Gossiper:
 
     @property
     def deferred(self) -> GossipPeerError | None:
-        """A loss kept for the next step's agreement: until then checkpoints, barriers and consensus measurements do
-        not communicate, as the members' group holds the worker that left."""
+        """A loss (or an agreement begun) kept for the next step: until then the framework's collectives are this
+        worker's own (:meth:`LiveGossip._collective`) and checkpoint sets are not written. A set rank 0 had already
+        committed when the loss came is whole, though its members log it as not written."""
         engine = self.engine
         return engine.deferred if isinstance(engine, LiveGossip) else None
 
