@@ -347,7 +347,21 @@ class Gossiper:
         if self.deferred is not None:
             raise self.deferred
 
-    def _skip_checkpoint(self, filepath: _PATH) -> None:
+    def _skips_checkpoint(self, filepath: _PATH) -> bool:
+        """Whether a loss is kept for the next step (live): the checkpoint is then not written, and says so."""
+        if self.deferred is None:
+            return False
+        self._say_not_written(filepath)
+        return True
+
+    def _checkpoint_lost(self, filepath: _PATH, err: GossipPeerError) -> None:
+        """A checkpoint's collective failed: in a live run kept for the next step (the checkpoint not written),
+        else raised."""
+        if not self.defer(err):
+            raise err
+        self._say_not_written(filepath)
+
+    def _say_not_written(self, filepath: _PATH) -> None:
         assert self.engine is not None and self.deferred is not None
         log.warning("checkpoint %s of step %d not written: %s; the members agree on who is left at the next step",
                     filepath, self.engine.steps, self.deferred)
@@ -382,27 +396,16 @@ class Gossiper:
         lost during it ends no one: the set is not written (rank 0 removes what it did not commit), and the members
         agree on who is left at their next step."""
         assert self.engine is not None
-        if self.deferred is not None:
-            self._skip_checkpoint(filepath)
+        if self._skips_checkpoint(filepath):
             return
         try:
             with self.giving_way():
-                self._save_set(filepath, step, checkpoint, replica, collectives, write_main, own)
+                self._write_set(filepath, step, checkpoint, replica, collectives, write_main, own)
         except GossipPeerError as err:
-            if not self.defer(err):
-                raise
-            self._skip_checkpoint(filepath)
+            self._checkpoint_lost(filepath, err)
 
-    def _save_set(
-        self,
-        filepath: _PATH,
-        step: int,
-        checkpoint: dict[str, Any],
-        replica: dict[str, Any],
-        collectives: Collectives,
-        write_main: Any,
-        own: dict[str, Any] | None,
-    ) -> None:
+    def _write_set(self, filepath: _PATH, step: int, checkpoint: dict[str, Any], replica: dict[str, Any],
+                   collectives: Collectives, write_main: Any, own: dict[str, Any] | None) -> None:
         assert self.engine is not None
         rank, is_zero, members = self.set_place(collectives)
         token = collectives.broadcast(uuid.uuid4().hex[:8] if is_zero else None)
@@ -445,8 +448,7 @@ class Gossiper:
 
     def commit_main(self, filepath: _PATH, collectives: Collectives, write_main: Callable[[], None]) -> None:
         """Rank 0 (the lowest member) writes a main file without replicas; every rank learns whether it could."""
-        if self.deferred is not None:
-            self._skip_checkpoint(filepath)
+        if self._skips_checkpoint(filepath):
             return
         failure = _failure_of(write_main, filepath) if self.set_place(collectives)[1] else None
         try:
@@ -454,9 +456,7 @@ class Gossiper:
                 self._agree("checkpoint written", failure, collectives, 0.0, lambda: None)
                 self._raise_deferred()
         except GossipPeerError as err:
-            if not self.defer(err):
-                raise
-            self._skip_checkpoint(filepath)
+            self._checkpoint_lost(filepath, err)
 
     def _agree(self, what: str, failure: str | None, collectives: Collectives, allowance: float, undo: Callable[[], None]) -> None:
         """Every rank says whether its write failed; if any did, every rank undoes the new set and raises the first
