@@ -490,6 +490,8 @@ class LiveGossip(SynchronousGossip):
         except MembershipError:
             raise
         except GossipPeerError as err:
+            if isinstance(err, PeerLost) and err.peer is not None and present != self.members:  # a rank of the present
+                err.peer = self.members.index(present[err.peer])  # members: the agreement takes the members' ranks
             self.defer(err)
             return alone()
 

@@ -56,6 +56,10 @@ POLL_S = 0.02
 STORE_TIMEOUT_S = 30.0
 #: the tag of the receive that ends an abandoned generation's group (:meth:`LiveTransport.abandon`): no message has it
 _ABANDON_TAG = 0x7ABA
+#: the tag of the sends that find which member a failed collective lost (:meth:`LiveTransport.lost_member`)
+_PROBE_TAG = 0x7AB0
+#: how long those sends have to fail
+PROBE_S = 0.25
 #: the store key, outside any run's scope, where the members of the newest live run say which it is (for joiners)
 CURRENT_KEY = "lightning_dpgan/live/current"
 
@@ -90,6 +94,7 @@ class LiveTransport(DistributedTransport):
         super().__init__(rank, group, chunk_bytes)
         self.interrupted, self.timeout = interrupted, timeout
         self._waiters: dict[int, _Watcher] = {}
+        self._probes: list[Any] = []  # sends nobody receives: kept referenced until the group is abandoned
 
     def _watched(self, works: list[Any], peer: int | None, what: str) -> Posted:
         posted = Posted(works, peer, what, arrived=threading.Event())
@@ -150,30 +155,62 @@ class LiveTransport(DistributedTransport):
         if posted.completed:
             return
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
-        if posted.arrived is None:  # a collective
+        collective = posted.arrived is None
+        if collective:
             done = lambda wait: all(work.is_completed() for work in posted.works) or bool(time.sleep(wait))  # noqa: E731
         else:
-            done = posted.arrived.wait
+            done = posted.arrived.wait  # type: ignore[union-attr]
         while not done(POLL_S):
             if self.interrupted():
                 raise MembershipChange(f"rank {self.rank}: the members are being agreed on again")
             if deadline is not None and time.monotonic() > deadline:
-                who = "a peer" if posted.peer is None else f"rank {posted.peer}"
-                raise PeerLost(f"rank {self.rank}: {posted.what} with {who} got nothing within {timeout}", posted.peer, False)
-        if posted.arrived is None:
+                peer = None if collective else posted.peer  # which member of a collective is silent is not known
+                who = "a peer" if peer is None else f"rank {peer}"
+                raise PeerLost(f"rank {self.rank}: {posted.what} with {who} got nothing within {timeout}", peer, False)
+        if collective:
             try:
                 for work in posted.works:
                     work.wait()  # done: returns at once, or raises what failed
             except Exception as err:  # noqa: BLE001 - gloo raises RuntimeError or DistBackendError
                 posted.error = err
         if posted.error is not None:
-            who = "a peer" if posted.peer is None else f"rank {posted.peer}"
+            closed = _closed(posted.error)
+            peer = posted.peer if not collective else self.lost_member() if closed else None
+            who = "a peer" if peer is None else f"rank {peer}"
             raise PeerLost(
                 f"rank {self.rank}: {posted.what} with {who} failed at gossip round {gossip_round}: {_first_line(posted.error)}",
-                posted.peer,
-                _closed(posted.error),
+                peer,
+                closed,
             )
         posted.completed = True
+
+    def lost_member(self) -> int | None:
+        """After a collective failed on a closed connection: the one member whose connection is closed (its process
+        died), so that the agreement need not wait for its silence. gloo's error names an address, often a
+        connection's own port, not a rank; so one byte is sent to each other member: the send fails at once to one
+        whose connection is closed, and stays pending to the others (nothing receives it; the group is abandoned at
+        the agreement). ``None`` unless exactly one fails."""
+        lost, pending = [], []
+        for peer in range(self.group.size()):
+            if peer == self.rank:
+                continue
+            try:
+                pending.append((peer, self.group.send([torch.zeros(1, dtype=torch.uint8)], peer, _PROBE_TAG)))
+            except Exception as err:  # noqa: BLE001 - gloo raises at the post where the connection is closed
+                if _closed(err):
+                    lost.append(peer)
+        deadline = time.monotonic() + PROBE_S
+        while pending and time.monotonic() < deadline:
+            for peer, work in [item for item in pending if item[1].is_completed()]:
+                pending.remove((peer, work))
+                try:
+                    work.wait()
+                except Exception as err:  # noqa: BLE001 - the connection closed since
+                    if _closed(err):
+                        lost.append(peer)
+            time.sleep(POLL_S)
+        self._probes += [work for _, work in pending]
+        return lost[0] if len(lost) == 1 else None
 
     def abandon(self) -> None:
         """End every operation still pending on this generation's group, once the next one is agreed on (nothing
