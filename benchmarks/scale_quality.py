@@ -17,8 +17,8 @@ It is the one model a decentralized run hands back, and the model DDP trains, so
 the same kind of model.
 
 The model is the CLI's grid MLP (depth 3, latent 16, output scale 4) at a reduced width (for speed at n = 512),
-OptimisticAdam with betas (0.5, 0.9), a constant learning rate, non-saturating loss, no R1 (the simulator runs
-none); docs/scale.md has the results.
+OptimisticAdam with betas (0.5, 0.9), a constant learning rate, non-saturating loss, R1 of weight ``--r1`` (none by
+default); docs/scale.md has the results.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ BANDWIDTHS = {"10 Gbit/s": 10e9, "1 Gbit/s": 1e9, "100 Mbit/s": 100e6}
 EVAL_SEED, EVAL_SAMPLES = 1234, 2500
 
 
-def build(hidden: int, lr: float, batch: int) -> tuple[object, object]:
+def build(hidden: int, lr: float, batch: int, r1: float = 0.0) -> tuple[object, object]:
     from lightning_dpgan.data import GaussianMixtureDataModule
     from lightning_dpgan.gan import DPGAN
     from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
 
     gan = DPGAN(MLPGenerator(latent_dim=16, hidden=hidden, output_scale=4.0), MLPDiscriminator(hidden=hidden),
-                lr_g=lr, lr_d=lr, optimizer_kwargs={"betas": (0.5, 0.9)})
+                lr_g=lr, lr_d=lr, optimizer_kwargs={"betas": (0.5, 0.9)}, r1=r1)
     return gan, GaussianMixtureDataModule("grid", batch_size=batch)
 
 
@@ -92,7 +92,7 @@ def run_one(n: int, topology: str, args: argparse.Namespace) -> dict:
     from lightning_dpgan.sim import Simulator
 
     pl.seed_everything(args.seed, verbose=False)
-    gan, datamodule = build(args.hidden, args.lr, args.batch)
+    gan, datamodule = build(args.hidden, args.lr, args.batch, args.r1)
     # a complete graph is one dense W = 11^T/n; a sparse product of it would hold n² entries
     mixing = "dense" if topology == "complete" or n <= 64 else "sparse"
     sim = Simulator(gan, datamodule, n, topology, rounds=1, seed=args.seed, mixing=mixing, streams=args.streams)
@@ -118,7 +118,7 @@ def run_one(n: int, topology: str, args: argparse.Namespace) -> dict:
 
 def config_of(args: argparse.Namespace) -> dict:
     return {"hidden": args.hidden, "lr": args.lr, "batch": args.batch, "seed": args.seed, "streams": args.streams,
-            "every": args.every, "hq_step": args.hq_step, "ema": args.ema}
+            "every": args.every, "hq_step": args.hq_step, "ema": args.ema, **({"r1": args.r1} if args.r1 else {})}
 
 
 def load(path: Path) -> dict:
@@ -155,7 +155,7 @@ def compute_probe(args: argparse.Namespace, saved: dict) -> dict:
         from lightning_dpgan.sim.compute import step_seconds
 
         pl.seed_everything(0, verbose=False)
-        gan, datamodule = build(saved["config"]["hidden"], saved["config"]["lr"], saved["config"]["batch"])
+        gan, datamodule = build(saved["config"]["hidden"], saved["config"]["lr"], saved["config"]["batch"], saved["config"].get("r1", 0.0))
         numel = sum(p.numel() for p in gan.parameters())
         saved["compute"] = {"step_s": step_seconds(gan, datamodule, steps=args.probe_steps), "numel": numel}
         Path(args.out).write_text(json.dumps(saved, indent=1))
@@ -302,6 +302,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="per worker (per replica)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--r1", type=float, default=0.0, help="the R1 penalty's weight γ on D (the CLI's grid job: 0.5)")
     parser.add_argument("--ema", type=float, default=0.99, help="the evaluated generator's EMA decay (the CLI's model.ema_decay)")
     parser.add_argument("--streams", default="exact", choices=["exact", "fast"])
     parser.add_argument("--steps", type=int, default=3000, help="the budget: at most this many iterations a run")

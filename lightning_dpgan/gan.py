@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from typing_extensions import Self, override
 
 from lightning_dpgan.checks import check_choice, check_int, check_number
-from lightning_dpgan.losses import GANLoss, build_loss, gradient_penalty, r1_penalty
+from lightning_dpgan.losses import GANLoss, build_loss, gradient_penalty, r1_penalty, r1_scores
 from lightning_dpgan.optim import OPTIMIZERS
 from lightning_dpgan.seeding import seed_for_rank
 
@@ -230,21 +230,34 @@ def _named_optimizer(
 
 
 def player_losses(
-    generator: nn.Module, discriminator: nn.Module, loss: GANLoss, real: Tensor, noise: Tensor, update_g: bool = True
+    generator: nn.Module,
+    discriminator: nn.Module,
+    loss: GANLoss,
+    real: Tensor,
+    noise: Tensor,
+    update_g: bool = True,
+    transformed: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Both players' losses at the same parameters: ``(L_D, L_G)``, ``L_G`` ``None`` on a discriminator-only
     iteration. ``L_D`` reaches D's parameters only (the fake batch is detached) and ``L_G`` G's only (through
     :func:`frozen_forward`), so one backward of their sum gives each player the gradient of its own loss. DPGAN's
-    step and the many-replica simulator (:mod:`lightning_dpgan.sim`, through ``torch.func``) both call this."""
+    step and the many-replica simulator (:mod:`lightning_dpgan.sim`, through ``torch.func``) both call this; the
+    simulator with ``transformed``, where R1 is taken by ``torch.func`` instead of autograd."""
     fake = generator(noise)
-    if loss.r1:
-        real = real.detach().requires_grad_(True)  # R1 differentiates D's scores by the real inputs
-    real_scores = discriminator(real)
+    r1 = None
+    if loss.r1 and transformed:
+        real_scores, r1 = r1_scores(discriminator, real)
+    else:
+        if loss.r1:
+            real = real.detach().requires_grad_(True)  # R1 differentiates D's scores by the real inputs
+        real_scores = discriminator(real)
+        if loss.r1:
+            r1 = r1_penalty(real_scores, real)
     loss_d = loss.discriminator(real_scores, discriminator(fake.detach()))
     if loss.gradient_penalty:
         loss_d = loss_d + loss.gradient_penalty * gradient_penalty(discriminator, real, fake)
-    if loss.r1:
-        loss_d = loss_d + loss.r1 / 2 * r1_penalty(real_scores, real)
+    if r1 is not None:
+        loss_d = loss_d + loss.r1 / 2 * r1
     # G's loss through a frozen copy of D's function: its gradient reaches G and stops at D's parameters
     loss_g = loss.generator(frozen_forward(discriminator, fake)) if update_g else None
     return loss_d, loss_g

@@ -62,4 +62,16 @@ def r1_penalty(real_scores: Tensor, real: Tensor) -> Tensor:
 
     It makes D flat on the data, so D cannot sharpen around narrow modes faster than G can follow."""
     (grad,) = torch.autograd.grad(real_scores.sum(), real, create_graph=True)
+    return _mean_squared_norm(grad)
+
+
+def r1_scores(discriminator: nn.Module, real: Tensor) -> tuple[Tensor, Tensor]:
+    """D's scores of ``real`` and the R1 penalty of :func:`r1_penalty`, through ``torch.func.vjp``: inside
+    ``torch.func``'s transforms (the many-replica simulator), which refuse ``torch.autograd.grad``."""
+    scores, pullback = torch.func.vjp(discriminator, real)
+    (grad,) = pullback(torch.ones_like(scores))
+    return scores, _mean_squared_norm(grad)
+
+
+def _mean_squared_norm(grad: Tensor) -> Tensor:
     return grad.flatten(1).pow(2).sum(1).mean()

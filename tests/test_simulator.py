@@ -33,7 +33,7 @@ import torch
 from conftest import SIM_BATCH, SIM_CASES, SIM_HIDDEN, SIM_STEPS, sim_real_options
 from helpers import torchrun
 from lightning_dpgan.data import GaussianMixtureDataModule
-from lightning_dpgan.gan import DPGAN
+from lightning_dpgan.gan import DPGAN, player_losses
 from lightning_dpgan.models import MLPDiscriminator, MLPGenerator
 from lightning_dpgan.sim import Simulator
 
@@ -135,3 +135,36 @@ def test_a_perturbed_simulation_does_not_equal_the_real_run(real_run, perturbati
     fast = simulate(4, steps=FEW, **perturbation)
     checking = simulate(4, steps=FEW, compute="loop", mixing="engine")
     assert max(((checking.params[k] - v).norm() / checking.params[k].norm()).item() for k, v in fast.params.items()) > 30 * FAST_RTOL
+
+
+def test_r1_in_the_simulator_is_each_workers_autograd_penalty():
+    """R1 inside ``torch.func``'s transforms (``torch.func.vjp``) against what a worker's step computes: the same
+    ``player_losses`` eagerly, R1 by ``torch.autograd.grad``, one backward. Per replica, vectorized and one at a time;
+    the penalty moves D's gradients (the same replicas without it are far off), so the test sees a dropped R1."""
+    pl.seed_everything(0, verbose=False)
+    gan = DPGAN(MLPGenerator(latent_dim=2, hidden=HIDDEN), MLPDiscriminator(hidden=HIDDEN), lr_g=1e-3, lr_d=1e-3, r1=0.5)
+    sim = Simulator(gan, GaussianMixtureDataModule("grid", batch_size=BATCH), 4)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sim.params.values():  # replicas that differ
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    real, noise = sim._next_batches()
+    together = sim._grad(sim.params, real, noise)
+    for i in range(sim.n):
+        alone = sim._grad_one({k: p[i] for k, p in sim.params.items()}, real[i], noise[i])
+        worker = DPGAN(MLPGenerator(latent_dim=2, hidden=HIDDEN), MLPDiscriminator(hidden=HIDDEN), r1=0.5)
+        worker.load_state_dict({k: p[i] for k, p in sim.params.items()}, strict=False)
+        loss_d, loss_g = player_losses(worker.generator, worker.discriminator, worker.loss, real[i], noise[i])
+        (loss_d + loss_g).backward()
+        expected = dict(worker.named_parameters())
+        plain = DPGAN(MLPGenerator(latent_dim=2, hidden=HIDDEN), MLPDiscriminator(hidden=HIDDEN))
+        plain.load_state_dict({k: p[i] for k, p in sim.params.items()}, strict=False)
+        loss_d, loss_g = player_losses(plain.generator, plain.discriminator, plain.loss, real[i], noise[i])
+        (loss_d + loss_g).backward()
+        without = dict(plain.named_parameters())
+        for name in sim._names:
+            reference = expected[name].grad
+            torch.testing.assert_close(alone[name], reference, rtol=1e-5, atol=1e-7)
+            assert ((together[name][i] - reference).norm() / reference.norm()).item() < FAST_RTOL, (i, name)
+        moved = max(((expected[n].grad - without[n].grad).norm() / expected[n].grad.norm()).item() for n in sim._names if n.startswith("discriminator."))
+        assert moved > 1e-2, moved

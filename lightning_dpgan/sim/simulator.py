@@ -22,8 +22,9 @@ in one call from one generator and their batches uniformly from their shards: th
 same numbers, and no Python loop over replicas.
 
 What it does not do yet (issue 45): CHOCO compression, local steps (``every``), a narrow wire dtype, overlap,
-staleness, time-varying graphs beyond cycling their matrices, n_critic > 1, EMA, WGAN-GP and R1 (their penalties
-call autograd inside the step), BatchNorm (buffers), non-anchored optimizers.
+staleness, time-varying graphs beyond cycling their matrices, n_critic > 1, EMA, WGAN-GP (its interpolates draw
+random numbers inside the vectorized step), BatchNorm (buffers), non-anchored optimizers. R1 is taken through
+``torch.func.vjp`` (:func:`~lightning_dpgan.losses.r1_scores`), the same penalty as the worker's autograd one.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class _Players(nn.Module):
         self.generator, self.discriminator, self.loss = gan.generator, gan.discriminator, gan.loss
 
     def forward(self, real: Tensor, noise: Tensor) -> Tensor:
-        loss_d, loss_g = player_losses(self.generator, self.discriminator, self.loss, real, noise, True)
+        loss_d, loss_g = player_losses(self.generator, self.discriminator, self.loss, real, noise, True, transformed=True)
         assert loss_g is not None
         return loss_d + loss_g  # one backward: ∇_D L_D lands in D, ∇_G L_G in G, as in DPGAN.training_step
 
@@ -106,7 +107,7 @@ class Simulator:
             raise ValueError(f"mixing must be one of {MIXING}, got {mixing!r}")
         unsupported = [
             name for name, on in (("n_critic > 1", gan.n_critic > 1), ("ema_decay", gan.ema_decay is not None),
-                                  ("wgan-gp", bool(gan.loss.gradient_penalty)), ("r1", bool(gan.loss.r1)),
+                                  ("wgan-gp", bool(gan.loss.gradient_penalty)),
                                   ("a scheduler", gan.scheduler_factory is not None),
                                   ("buffers", any(True for _ in gan.buffers() if _.dim() > 0)))
             if on
