@@ -308,46 +308,16 @@ def test_a_donor_lost_during_a_join_ends_the_joiner_with_one_error_and_the_other
     assert longest < 2 * timeout + 5, longest  # the agreement, not a hang
 
 
-def test_a_checkpoint_after_a_change_is_a_set_of_the_members_that_resumes_each_replica_on_as_many_workers(tmp_path):
-    """A ring of 4 loses rank 2 at step 20 and writes a checkpoint at step 40: a set of the three members, which
-    names them (0, 1, 3) and holds one replica each, in member order, and a main file whose model is their average
-    (recomputed here in numpy). Three workers started afresh from it each begin from their own replica, bit for
-    bit, and train on to max_steps."""
-    n, run = 4, tmp_path / "live"
-    run.mkdir()
-    opts = [f"steps={STEPS}", "kill=2", "at=20", "optimizer=optimistic_adam", f"lr={LR}", "timeout=10", 'kwargs={"betas": [0.5, 0.9]}']
-    procs = start_by_hand(run, n, *opts, "every=40", f"nodes={n}")
-    codes = wait_for(procs, [0, 1, 3], timeout=120)
-    assert codes == {0: 0, 1: 0, 3: 0}, {r: (run / f"stderr_rank{r}.txt").read_text()[-3000:] for r in (0, 1, 3)}
-    (path,) = (run / "ckpt").glob("*step=40.ckpt")
-    from lightning_dpgan.replicas import read_main, read_replica, replica_set_of
-
-    main = read_main(path)
-    replica_set = replica_set_of(main)
-    assert replica_set.members == (0, 1, 3) and replica_set.world_size == 3 and replica_set.step == 40, replica_set
-    replicas = [read_replica(path, replica_set, r) for r in range(3)]
-    params = np.stack([np.concatenate([rep["state_dict"]["x"].numpy(), rep["state_dict"]["y"].numpy()]) for rep in replicas])
-    consensus = np.concatenate([main["state_dict"]["x"].numpy(), main["state_dict"]["y"].numpy()])
-    np.testing.assert_allclose(consensus, params.mean(axis=0), atol=1e-12, rtol=0)
-    assert np.abs(params - params.mean(axis=0)).max() > 1e-6  # the replicas differ: each must be resumed as its own
-
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    procs = start_by_hand(resumed, 3, *opts[:1], "kill=-1", *opts[2:], f"resume={path}", "nodes=3")
-    codes = wait_for(procs, [0, 1, 2], timeout=120)
-    assert codes == {0: 0, 1: 0, 2: 0}, {r: (resumed / f"stderr_rank{r}.txt").read_text()[-3000:] for r in range(3)}
-    for r in range(3):
-        start = torch.load(resumed / f"start_rank{r}.pt", weights_only=True)
-        assert torch.equal(start["x"], replicas[r]["state_dict"]["x"]) and torch.equal(start["y"], replicas[r]["state_dict"]["y"]), r
-        assert json.loads((resumed / f"changes_rank{r}.json").read_text())["global_step"] == STEPS
-
-
 def test_a_worker_lost_while_a_checkpoint_is_written_leaves_no_partial_set_and_the_others_go_on(tmp_path):
     """A ring of 4 writes a checkpoint set every 20 steps; rank 2 dies (SIGKILL) inside the one of step 20, after the
     consensus average, while the others are in the set's agreements. No set of step 20 is left on disk, every
     survivor says why, they agree at their next step and train on to max_steps, their replicas equal the DPOSG
     reference (ring(4) up to mix 20, ring(3) after), and the sets of steps 40 and 60 are whole sets of the three.
-    The collective that failed names the lost worker: the survivors step again well within the peer timeout."""
+    The collective that failed names the lost worker: the survivors step again well within the peer timeout.
+
+    The set of step 40, after the change, names its members (0, 1, 3) and holds one replica each, in member order,
+    and a main file whose model is their average (recomputed here in numpy); three workers started afresh from it
+    each begin from their own replica, bit for bit, and train on to max_steps."""
     n, kill_at = 4, 20
     opts = [f"steps={STEPS}", "kill=2", f"at={kill_at}", "kill_in=checkpoint", "optimizer=optimistic_adam", f"lr={LR}",
             "timeout=10", 'kwargs={"betas": [0.5, 0.9]}', "every=20", f"nodes={n}"]
@@ -387,6 +357,25 @@ def test_a_worker_lost_while_a_checkpoint_is_written_leaves_no_partial_set_and_t
     for step in (40, 60):
         (path,) = checkpoints.glob(f"*step={step}.ckpt")
         replica_set = replica_set_of(read_main(path))
-        assert replica_set.members == (0, 1, 3) and replica_set.step == step, replica_set
+        assert replica_set.members == (0, 1, 3) and replica_set.world_size == 3 and replica_set.step == step, replica_set
         for r in range(3):
             read_replica(path, replica_set, r)  # raises for a missing or foreign replica
+
+    (path,) = checkpoints.glob("*step=40.ckpt")
+    main = read_main(path)
+    replicas = [read_replica(path, replica_set_of(main), r) for r in range(3)]
+    params = np.stack([np.concatenate([rep["state_dict"]["x"].numpy(), rep["state_dict"]["y"].numpy()]) for rep in replicas])
+    consensus = np.concatenate([main["state_dict"]["x"].numpy(), main["state_dict"]["y"].numpy()])
+    np.testing.assert_allclose(consensus, params.mean(axis=0), atol=1e-12, rtol=0)
+    assert np.abs(params - params.mean(axis=0)).max() > 1e-6  # the replicas differ: each must be resumed as its own
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    resume_opts = [f"steps={STEPS}", "kill=-1", "at=0", "optimizer=optimistic_adam", f"lr={LR}", "timeout=10",
+                   'kwargs={"betas": [0.5, 0.9]}', f"resume={path}", "nodes=3"]
+    procs = start_by_hand(resumed, 3, *resume_opts)
+    codes = wait_for(procs, [0, 1, 2], timeout=120)
+    assert codes == {0: 0, 1: 0, 2: 0}, {r: (resumed / f"stderr_rank{r}.txt").read_text()[-3000:] for r in range(3)}
+    for r in range(3):
+        start = torch.load(resumed / f"start_rank{r}.pt", weights_only=True)
+        assert torch.equal(start["x"], replicas[r]["state_dict"]["x"]) and torch.equal(start["y"], replicas[r]["state_dict"]["y"]), r
+        assert json.loads((resumed / f"changes_rank{r}.json").read_text())["global_step"] == STEPS

@@ -536,8 +536,10 @@ def test_sigterm_to_the_process_group_stops_every_rank_at_one_step_with_a_checkp
 
 # ---------------------------------------------------------------------- the worker that failed is named, soon
 def _fit_cli(run_dir: Path, *extra: str, devices: int = 4, env: dict[str, str] | None = None, output: Any = None) -> subprocess.Popen:
-    args = [f"devices={devices}", "evaluation.every_n_steps=0", "evaluation.num_samples=100", "trainer.enable_progress_bar=false",
-            "trainer.log_every_n_steps=1", "+logger.flush_logs_every_n_steps=1", f"hydra.run.dir={run_dir}"]
+    args = [f"devices={devices}", "evaluation.num_samples=100", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+            "+logger.flush_logs_every_n_steps=1", f"hydra.run.dir={run_dir}"]
+    if not any(e.startswith("evaluation.every_n_steps=") for e in extra):
+        args.append("evaluation.every_n_steps=0")
     return subprocess.Popen([*CLI, "fit", *args, *extra], env=env or worker_env(), start_new_session=True,
                             stdout=output or subprocess.PIPE, stderr=output or subprocess.PIPE, text=True)
 
@@ -618,29 +620,31 @@ def test_the_launchers_observer_of_a_live_run_lets_a_failed_worker_go(caplog):
 def test_a_live_run_started_by_the_cli_admits_a_new_worker_and_goes_on_without_a_killed_one(tmp_path):
     """``fit devices=4 membership=live``, and a fifth process started alone on the command line with only the run's
     store address, ``fit devices=1 membership=live ckpt_path=join`` (a replacement host): the members admit it at a
-    step boundary and it trains on from a member's replica. Then rank 2, a worker Lightning's launcher started, is
-    killed (kill -9): the launcher's observer lets it go instead of killing every process. Everyone left ends at
-    max_steps and evaluates the consensus model of the five, then four, together; the launcher and the joiner both
-    exit 0 with a summary naming each change and its step."""
-    port = free_port()
-    # a checkpoint set every 5 steps: the join request and the kill come in the middle of some (which are then not
-    # written), and some fall between the members' agreement and the joiner's first step (written by the members
-    # already there: the joiner waits for its replica)
-    settings = ("membership=live", "max_steps=200", "batch_size=64", "strategy.gossip.peer_timeout=5", "checkpoint.every_n_train_steps=5")
-    proc = _fit_cli(tmp_path / "run", *settings, env={**worker_env(), "MASTER_PORT": str(port)})
+    step boundary and it trains on from a member's replica. Then rank 2, a worker Lightning's launcher started, dies
+    (SIGKILL) inside an evaluation, as it starts scoring while the others gather the metrics' states: the launcher's
+    observer lets it go instead of killing every process, and that evaluation is skipped (its gathers gave each
+    worker its own values), not written. Everyone left ends at max_steps and evaluates the consensus model of the
+    four; the launcher and the joiner both exit 0 with a summary naming each change and its step."""
+    port, every = free_port(), 50
+    # a checkpoint set every 5 steps: the join request comes in the middle of some (which are then not written),
+    # and some fall between the members' agreement and the joiner's first step (written by the members already
+    # there: the joiner waits for its replica)
+    settings = ("membership=live", "max_steps=200", "batch_size=64", "strategy.gossip.peer_timeout=5",
+                "checkpoint.every_n_train_steps=5", f"evaluation.every_n_steps={every}")
+    kill = tmp_path / "kill"  # rank 2 dies in its first evaluation after the step it holds (tests/workers/kill_in_evaluation)
+    env = {**worker_env(), "PYTHONPATH": os.pathsep.join([str(WORKERS / "kill_in_evaluation"), os.environ.get("PYTHONPATH", "")]),
+           "DPGAN_TEST_KILL_RANK": "2", "DPGAN_TEST_KILL_FLAG": str(kill)}
+    proc = _fit_cli(tmp_path / "run", *settings, env={**env, "MASTER_PORT": str(port)})
     with open(tmp_path / "joiner.txt", "w") as joiner_output:  # its output and log, read as it runs
         joiner = _fit_cli(tmp_path / "joiner", *settings, "ckpt_path=join", devices=1, output=joiner_output,
-                          env={**worker_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                          env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     deadline = time.monotonic() + 120
     while (joined := re.search(r"worker 4: membership step (\d+): worker\(s\) 4 joined", (tmp_path / "joiner.txt").read_text())) is None:
         assert proc.poll() is None and joiner.poll() is None and time.monotonic() < deadline, (tmp_path / "joiner.txt").read_text()[-3000:]
         time.sleep(0.05)
-    while logged_step(tmp_path / "run") < max(20, int(joined.group(1)) + 5):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    os.kill(_worker_pid(proc.pid, 2), signal.SIGKILL)
+    kill.write_text(joined.group(1))  # rank 2 dies in its first evaluation after the join
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=180)
         joiner.wait(timeout=60)
     finally:
         for p in (proc, joiner):
@@ -654,17 +658,22 @@ def test_a_live_run_started_by_the_cli_admits_a_new_worker_and_goes_on_without_a
     assert "ended with exit code -9; membership=live: the others go on without it" in out + err, (out + err)[-3000:]
     assert "on 4 processes, 4 at the end (ring, gossip_rounds=1, membership=live" in out, out[-3000:]
     assert "on 1 process, 4 at the end (ring, gossip_rounds=1, membership=live" in joiner_out, joiner_out[-3000:]
+    skipped = re.search(r"evaluation at step (\d+) skipped: ", out + err)
+    assert skipped is not None, (out + err)[-3000:]
+    lost_at = int(skipped.group(1))
     for summary in (out, joiner_out):  # the joiner took the run's history from its donor, and saw the rest itself
         join = re.search(r"^  members: step (\d+): worker\(s\) 4 joined; 5 go on \(0, 1, 2, 3, 4\) on ring$", summary, re.MULTILINE)
         left = re.search(r"^  members: step (\d+): worker\(s\) 2 left; 4 go on \(0, 1, 3, 4\) on ring$", summary, re.MULTILINE)
-        assert join is not None and left is not None and int(join.group(1)) < int(left.group(1)) < 200, summary[-3000:]
+        assert join is not None and left is not None and int(join.group(1)) < lost_at < int(left.group(1)) <= lost_at + 2, (lost_at, summary[-3000:])
         assert re.search(r"^  consensus model, 100 samples: \d+ modes?, [\d.]+% high quality, reverse KL ([\d.]+|inf)$", summary, re.MULTILINE), summary[-3000:]
-    rows = []
+    rows = {}
     for run_dir in ("run", "joiner"):
         with open(tmp_path / run_dir / "evaluation.csv") as f:
-            (row,) = csv.DictReader(f)  # one evaluation, at the end: everyone reached max_steps
-        rows.append({k: v for k, v in row.items() if k != "train_s"})  # the seconds each spent training differ
-    assert int(rows[0]["step"]) == 200 and rows[0] == rows[1], rows  # one consensus model, scored together
+            rows[run_dir] = {int(row["step"]): {k: v for k, v in row.items() if k != "train_s"} for row in csv.DictReader(f)}
+    # every evaluation of the run is there but the one the death fell in; the joiner's from its first on
+    assert sorted(rows["run"]) == [s for s in range(every, 201, every) if s != lost_at], sorted(rows["run"])
+    assert lost_at not in rows["joiner"] and 200 in rows["joiner"], sorted(rows["joiner"])
+    assert rows["run"][200] == rows["joiner"][200], rows  # one consensus model, scored together (the seconds differ)
     # the last checkpoint is a set of the four members at the end, in member order; the joiner, a host of its own,
     # keeps its replica under its own run directory
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
