@@ -298,7 +298,7 @@ def test_replica_checks_name_what_does_not_match(tmp_path):
 
 # ---------------------------------------------------------------------- a checkpoint set is one unit
 def _fit(run_dir: Path, *extra: str) -> subprocess.Popen:
-    args = ["devices=2", "max_steps=120", "batch_size=64", "checkpoint.every_n_train_steps=1", "checkpoint.save_top_k=1",
+    args = ["devices=2", "max_steps=60", "batch_size=64", "checkpoint.every_n_train_steps=1", "checkpoint.save_top_k=1",
             "evaluation.every_n_steps=0", "evaluation.num_samples=100", "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
     return subprocess.Popen([*CLI, "fit", *args, *extra], env=worker_env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -331,7 +331,7 @@ def test_kill_9_during_checkpoint_writes_leaves_a_whole_set_and_every_resume_is_
     assert len(set(steps)) == 2, steps  # two interruptions, the second after more training
     assert reference.wait(timeout=240) == 0, reference.communicate()[1][-3000:]
     expected, got = (read_main(run / "checkpoints" / "last.ckpt") for run in (tmp_path / "reference", chain))
-    assert got["global_step"] == expected["global_step"] == 120
+    assert got["global_step"] == expected["global_step"] == 60
     for rank in range(2):
         a = read_replica(tmp_path / "reference" / "checkpoints" / "last.ckpt", replica_set_of(expected), rank)
         b = read_replica(last, replica_set_of(got), rank)
