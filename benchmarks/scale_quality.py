@@ -1,8 +1,9 @@
 """Grid-25 quality at scale (issue 45, item 3): iterations to 25/25 modes and high-quality % for n replicas on each
 topology, run with the package's many-replica simulator, then combined with the time model into time to quality.
 
-    OMP_NUM_THREADS=2 python benchmarks/scale_quality.py run --replicas 8 32 128 512
-    python benchmarks/scale_quality.py report --target 20 --plot docs/scale_quality.png
+    OMP_NUM_THREADS=2 python benchmarks/scale_quality.py run --replicas 8 32 128 512 --hidden 64 --batch 64 \
+        --r1 0.5 --hq-step 2000 --out runs/scale_quality_r1.json
+    python benchmarks/scale_quality.py report --target 25 --out runs/scale_quality_r1.json --plot docs/scale_quality.png
 
 ``run`` trains every (n, topology) with :class:`lightning_dpgan.sim.Simulator` (the package's step, optimizer and
 topologies) and evaluates every ``--every`` steps; each result is saved in ``--out`` as soon as it ends, and one
