@@ -112,12 +112,18 @@ def test_the_vectorized_mix_is_the_engines_arithmetic_rounded_otherwise(topology
     assert engine.phase == fast.phase == 3 * rounds
 
 
+def spread_replicas(sim: Simulator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replicas that differ (each parameter moved by seeded noise), and the next step's batches and noise."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in sim.params.values():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return sim._next_batches()
+
+
 def test_the_vectorized_gradients_are_each_replicas_own_rounded_otherwise():
     sim = simulate(8, steps=0)
-    generator = torch.Generator().manual_seed(0)
-    for p in sim.params.values():  # replicas that differ
-        p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    real, noise = sim._next_batches()
+    real, noise = spread_replicas(sim)
     together = sim._grad(sim.params, real, noise)
     for i in range(sim.n):
         alone = sim._grad_one({k: p[i] for k, p in sim.params.items()}, real[i], noise[i])
@@ -137,6 +143,16 @@ def test_a_perturbed_simulation_does_not_equal_the_real_run(real_run, perturbati
     assert max(((checking.params[k] - v).norm() / checking.params[k].norm()).item() for k, v in fast.params.items()) > 30 * FAST_RTOL
 
 
+def worker_gradients(sim: Simulator, i: int, real: torch.Tensor, noise: torch.Tensor, r1: float) -> dict[str, torch.Tensor]:
+    """Replica ``i``'s gradients as a worker's step takes them: ``player_losses`` eagerly (R1 by autograd), one
+    backward."""
+    worker = DPGAN(MLPGenerator(latent_dim=2, hidden=HIDDEN), MLPDiscriminator(hidden=HIDDEN), r1=r1)
+    worker.load_state_dict({k: p[i] for k, p in sim.params.items()}, strict=False)
+    loss_d, loss_g = player_losses(worker.generator, worker.discriminator, worker.loss, real[i], noise[i])
+    (loss_d + loss_g).backward()
+    return {name: p.grad for name, p in worker.named_parameters()}
+
+
 def test_r1_in_the_simulator_is_each_workers_autograd_penalty():
     """R1 inside ``torch.func``'s transforms (``torch.func.vjp``) against what a worker's step computes: the same
     ``player_losses`` eagerly, R1 by ``torch.autograd.grad``, one backward. Per replica, vectorized and one at a time;
@@ -144,27 +160,13 @@ def test_r1_in_the_simulator_is_each_workers_autograd_penalty():
     pl.seed_everything(0, verbose=False)
     gan = DPGAN(MLPGenerator(latent_dim=2, hidden=HIDDEN), MLPDiscriminator(hidden=HIDDEN), lr_g=1e-3, lr_d=1e-3, r1=0.5)
     sim = Simulator(gan, GaussianMixtureDataModule("grid", batch_size=BATCH), 4)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in sim.params.values():  # replicas that differ
-            p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    real, noise = sim._next_batches()
+    real, noise = spread_replicas(sim)
     together = sim._grad(sim.params, real, noise)
     for i in range(sim.n):
         alone = sim._grad_one({k: p[i] for k, p in sim.params.items()}, real[i], noise[i])
-        worker = DPGAN(MLPGenerator(latent_dim=2, hidden=HIDDEN), MLPDiscriminator(hidden=HIDDEN), r1=0.5)
-        worker.load_state_dict({k: p[i] for k, p in sim.params.items()}, strict=False)
-        loss_d, loss_g = player_losses(worker.generator, worker.discriminator, worker.loss, real[i], noise[i])
-        (loss_d + loss_g).backward()
-        expected = dict(worker.named_parameters())
-        plain = DPGAN(MLPGenerator(latent_dim=2, hidden=HIDDEN), MLPDiscriminator(hidden=HIDDEN))
-        plain.load_state_dict({k: p[i] for k, p in sim.params.items()}, strict=False)
-        loss_d, loss_g = player_losses(plain.generator, plain.discriminator, plain.loss, real[i], noise[i])
-        (loss_d + loss_g).backward()
-        without = dict(plain.named_parameters())
+        expected, without = (worker_gradients(sim, i, real, noise, r1) for r1 in (0.5, 0.0))
         for name in sim._names:
-            reference = expected[name].grad
-            torch.testing.assert_close(alone[name], reference, rtol=1e-5, atol=1e-7)
-            assert ((together[name][i] - reference).norm() / reference.norm()).item() < FAST_RTOL, (i, name)
-        moved = max(((expected[n].grad - without[n].grad).norm() / expected[n].grad.norm()).item() for n in sim._names if n.startswith("discriminator."))
+            torch.testing.assert_close(alone[name], expected[name], rtol=1e-5, atol=1e-7)
+            assert ((together[name][i] - expected[name]).norm() / expected[name].norm()).item() < FAST_RTOL, (i, name)
+        moved = max(((expected[n] - without[n]).norm() / expected[n].norm()).item() for n in sim._names if n.startswith("discriminator."))
         assert moved > 1e-2, moved
