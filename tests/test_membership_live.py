@@ -313,7 +313,8 @@ def test_a_worker_lost_while_a_checkpoint_is_written_leaves_no_partial_set_and_t
     consensus average, while the others are in the set's agreements. No set of step 20 is left on disk, every
     survivor says why, they agree at their next step and train on to max_steps, their replicas equal the DPOSG
     reference (ring(4) up to mix 20, ring(3) after), and the sets of steps 40 and 60 are whole sets of the three.
-    The collective that failed names the lost worker: the survivors step again well within the peer timeout.
+    A probe of the failed collective's group names the lost worker: the survivors step again well within the peer
+    timeout.
 
     The set of step 40, after the change, names its members (0, 1, 3) and holds one replica each, in member order,
     and a main file whose model is their average (recomputed here in numpy); three workers started afresh from it
@@ -337,8 +338,8 @@ def test_a_worker_lost_while_a_checkpoint_is_written_leaves_no_partial_set_and_t
     assert change["left"] == [2] and change["members"] == survivors, change
     c = change["step"]
     assert c == kill_at + 1, change  # every survivor had finished step 20: they agree at the first mix of step 21
-    # the lost worker is named by the collective that failed (gloo's error gives its address): nobody waits for its
-    # silence (the 10 s peer timeout)
+    # the survivors whose collective failed name the lost worker by a probe of their group (gloo's error names no
+    # rank): nobody waits for its silence (the 10 s peer timeout)
     killed = float((tmp_path / "killed_rank2.txt").read_text())
     resumed = max(rec["step_ends"][c - 1] for rec in records.values())
     assert resumed - killed < 8, resumed - killed
