@@ -318,9 +318,9 @@ class Gossiper:
     # ------------------------------------------------------------------ a member lost between steps (live)
     def defer(self, err: GossipPeerError) -> bool:
         """In a live run, a worker lost during a checkpoint or another of the framework's collectives (or an agreement
-        begun then): the checkpoint is not written, the survivors agree on
-        the members at their next step (where every one of them meets the loss) and train on; returns whether it
-        was deferred so, else the caller raises ``err`` (a fixed run ends on it)."""
+        begun then): the checkpoint is not written, the survivors agree on the members at their next step (where
+        every one of them meets the loss) and train on; returns whether it was deferred so, else the caller raises
+        ``err`` (a fixed run ends on it)."""
         engine = self.engine
         if not isinstance(engine, LiveGossip) or engine.membership is None or isinstance(err, MembershipError):
             return False
