@@ -142,3 +142,32 @@ def test_on_shared_cores_a_step_is_the_shared_compute_then_the_communication():
     # as many cores as hosts: a core each, the shared measurement unused
     assert iteration_seconds(one_peer, measured, Network(hosts=8, bandwidth_bps=100e6, cores=8)) == pytest.approx(
         0.05 + link(64 + 2 * MB), rel=1e-12)
+
+
+def test_a_shaped_link_passes_its_bucket_at_once_after_idling_for_the_compute():
+    # tbf framing at MTU 1500: 1448 bytes of payload in 1514 counted; a 64 KiB bucket at 10 Mbit/s refills in
+    # 65,536 x 8 / 10e6 = 52.4 ms, less than the 200 ms step
+    tbf = 1514 / 1448
+    bucket = 64 * 1024
+    shaped = Network(hosts=8, bandwidth_bps=10e6, mtu=1500, frame_bytes=14, burst_bytes=bucket)
+    step = Workload(numel=1_000_000, step_s=0.2)
+    choco = Setting("ring", compression="topk", topk_fraction=0.01)  # two 80,064-byte messages a host
+    on_wire = 2 * 80_064 * tbf
+    assert iteration_seconds(choco, step, shaped) == pytest.approx(0.2 + (on_wire - bucket) * 8 / 10e6, rel=1e-12)
+    # a 20 ms step refills 25,000 bytes of the bucket only
+    quick = Workload(numel=1_000_000, step_s=0.02)
+    assert iteration_seconds(choco, quick, shaped) == pytest.approx(0.02 + (on_wire - 25_000) * 8 / 10e6, rel=1e-12)
+    # a bucket larger than the mix: only the latency is left
+    wide = Network(hosts=8, bandwidth_bps=10e6, latency_s=0.002, mtu=1500, frame_bytes=14, burst_bytes=1_000_000)
+    assert iteration_seconds(choco, step, wide) == pytest.approx(0.2 + 0.002, rel=1e-12)
+    # DDP: 14/8 of the 4 MB gradients, less the bucket
+    ddp = (14 / 8 * 4 * MB * tbf - bucket) * 8 / 10e6
+    assert iteration_seconds(Setting.ddp(), step, shaped) == pytest.approx(0.2 + ddp, rel=1e-12)
+    # a mix every 4 steps: the bucket counts once in 4 iterations, refilled over 4 steps (100,000 bytes: full)
+    every4 = Setting("ring", compression="topk", topk_fraction=0.01, every=4)
+    assert iteration_seconds(every4, quick, shaped) == pytest.approx(0.02 + (on_wire - bucket) * 8 / 10e6 / 4, rel=1e-12)
+    # overlap keeps the link busy: no bucket to spend
+    overlapped = Setting("ring", 1, "bf16", overlap=True)
+    assert iteration_seconds(overlapped, step, shaped) == pytest.approx(2 * (64 + 2 * MB) * tbf * 8 / 10e6, rel=1e-12)
+    with pytest.raises(ValueError, match="burst_bytes must be an integer >= 0, got -1"):
+        Network(hosts=8, bandwidth_bps=10e6, burst_bytes=-1)

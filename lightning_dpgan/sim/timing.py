@@ -27,9 +27,13 @@ On the emulated cluster the hosts share the machine's ``cores``: a step then tak
 where they share them (each setting's run on an unlimited link, its mix's CPU included), or ``step_s`` stretched
 by ``hosts / cores``.
 
+A shaped link (``tc tbf``, the emulated cluster's) is a token bucket: while the host computes its link idles and
+the bucket fills at the link's rate, up to ``burst_bytes``, and the next transfer's first bytes pass at once. A link
+kept busy by overlap never fills it.
+
 Not modelled: TCP's congestion control leaving a shaped link short of its rate with several flows (bbr;
-docs/wire.md), a shaper's burst (``tc tbf`` passes its bucket at once after an idle link), a transfer hidden behind
-other hosts' compute on shared cores, the CPU of casting and combining on hosts with a core each, stragglers.
+docs/wire.md), a transfer hidden behind other hosts' compute on shared cores, the CPU of casting and combining on
+hosts with a core each, stragglers.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class Network:
         frame_bytes: bytes each frame takes on the link beyond its IP packet (``ETHERNET_FRAME_BYTES``, or
             ``TBF_FRAME_BYTES`` for the emulated cluster's shaped links).
         cores: cores all hosts share (the emulated cluster: the machine's); ``None``: each host has its own.
+        burst_bytes: a shaped link's bucket, in bytes on the wire (frames as ``frame_bytes`` counts them), each
+            direction; 0: a link that carries its rate and no more.
     """
 
     hosts: int
@@ -75,6 +81,7 @@ class Network:
     mtu: int = 1500
     frame_bytes: int = ETHERNET_FRAME_BYTES
     cores: int | None = None
+    burst_bytes: int = 0
 
     def __post_init__(self) -> None:
         check_int("hosts", self.hosts, 1)
@@ -84,6 +91,7 @@ class Network:
         check_int("frame_bytes", self.frame_bytes, 0)
         if self.cores is not None:
             check_int("cores", self.cores, 1)
+        check_int("burst_bytes", self.burst_bytes, 0)
 
     @property
     def wire_factor(self) -> float:
@@ -93,6 +101,12 @@ class Network:
     def link_seconds(self, payload_bytes: float) -> float:
         """Seconds a link takes to carry ``payload_bytes`` of TCP payload (no latency)."""
         return payload_bytes * self.wire_factor * 8 / self.bandwidth_bps
+
+    def burst_seconds(self, payload_bytes: float, idle_s: float) -> float:
+        """Seconds of :meth:`link_seconds` that a shaped link's bucket saves ``payload_bytes`` sent after ``idle_s``
+        idle: the bucket refilled at the link's rate, up to ``burst_bytes``, and what it holds passes at once."""
+        held = min(self.burst_bytes, max(0.0, idle_s) * self.bandwidth_bps / 8, payload_bytes * self.wire_factor)
+        return held * 8 / self.bandwidth_bps
 
 
 @dataclass(frozen=True)
@@ -250,10 +264,13 @@ def communication_seconds(setting: Setting, workload: Workload, network: Network
         return 0.0
     if setting.is_ddp or _topology(str(setting.topology), n).is_complete:
         return allreduce_seconds(workload, network, algorithm=setting.allreduce) / (1 if setting.is_ddp else setting.every)
-    degrees = round_degrees(str(setting.topology), n)
-    rounds = setting.rounds * network.latency_s + network.link_seconds(
-        _mean_over_rounds(setting, n, degrees) * message_bytes(setting, workload))
+    rounds = setting.rounds * network.latency_s + network.link_seconds(_rounds_payload(setting, workload, n))
     return rounds / setting.every
+
+
+def _rounds_payload(setting: Setting, workload: Workload, hosts: int) -> float:
+    """The payload one mix's ``t`` rounds put through the busiest host's link (its busier direction)."""
+    return _mean_over_rounds(setting, hosts, round_degrees(str(setting.topology), hosts)) * message_bytes(setting, workload)
 
 
 def compute_seconds(workload: Workload, network: Network) -> float:
@@ -270,21 +287,37 @@ def iteration_seconds(setting: Setting, workload: Workload, network: Network) ->
     """Predicted seconds of one iteration: a host computes, then communicates (DDP: the all-reduce, less the buckets
     hidden behind its backward pass; gossip: ``t`` rounds); overlap and staleness hide the communication behind up
     to the compute. On shared cores the compute is :func:`compute_seconds`: a synchronous mix ends at about the same
-    moment on neighbouring hosts, so they compute at the same time, on the same cores."""
+    moment on neighbouring hosts, so they compute at the same time, on the same cores. A shaped link's bucket,
+    filled while the link idled, passes the start of the communication at once."""
     compute = compute_seconds(workload, network)
     communication = communication_seconds(setting, workload, network)
+    n = network.hosts
+    if n == 1:
+        return compute
     if setting.is_ddp:
-        return compute + communication - ddp_hidden_seconds(workload, network, compute, communication, setting.allreduce)
+        hidden = ddp_hidden_seconds(workload, network, compute, communication, setting.allreduce)
+        # the link idles for the compute less the hidden buckets' all-reduce
+        exposed = 2 * (n - 1) / n * _last_bucket_bytes(workload)
+        return compute + communication - hidden - network.burst_seconds(exposed, compute - hidden)
     if setting.overlap or setting.staleness:
         return max(compute, communication)
-    return compute + communication
+    if _topology(str(setting.topology), n).is_complete:
+        payload = allreduce_bytes(workload, n)
+    else:
+        payload = _rounds_payload(setting, workload, n)
+    # a mix every H steps: the link idles for H steps' compute, and the saving counts once in H iterations
+    return compute + communication - network.burst_seconds(payload, setting.every * compute) / setting.every
 
 
 def ddp_hidden_seconds(workload: Workload, network: Network, compute: float, communication: float,
                        algorithm: str = "ring") -> float:
     """The part of DDP's all-reduce that runs during the backward pass: every bucket's but the last one's, at most
     the backward pass's time."""
-    gradient = workload.gradient_bytes
-    last = gradient - (max(0, -(-gradient // DDP_BUCKET_BYTES) - 1)) * DDP_BUCKET_BYTES
-    exposed = allreduce_seconds(workload, network, payload_bytes=last, algorithm=algorithm)
+    exposed = allreduce_seconds(workload, network, payload_bytes=_last_bucket_bytes(workload), algorithm=algorithm)
     return max(0.0, min(communication - exposed, BACKWARD_SHARE * compute))
+
+
+def _last_bucket_bytes(workload: Workload) -> int:
+    """The gradients' last DDP bucket, the one whose all-reduce starts after the backward pass."""
+    gradient = workload.gradient_bytes
+    return gradient - (max(0, -(-gradient // DDP_BUCKET_BYTES) - 1)) * DDP_BUCKET_BYTES
