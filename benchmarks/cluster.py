@@ -36,6 +36,12 @@ SUBNET = "10.77.0"
 MTU_RANGE = (576, 65535)  # the datagram every IPv4 host must accept (RFC 791) .. the largest a veth carries
 
 
+def tbf_burst_bytes(bits_per_second: int) -> int:
+    """The links' ``tc tbf`` bucket: at least one 4 ms tick of tokens, and a 64 KB GSO packet. The time model counts
+    it (``Network.burst_bytes``): after an idle link it passes at once."""
+    return max(64 * 1024, bits_per_second // 8 // 250)
+
+
 def new_figure(**subplots: object) -> tuple[object, object]:
     """A matplotlib figure and its axes, drawn without a display (hosts and CI have none)."""
     import matplotlib
@@ -151,14 +157,17 @@ class CpuQuota:
     """A cgroup (v1 cpu controller) whose quota is ``cores`` CPUs; ``add(pid)`` moves a process into it (the children
     it forks later stay in it): a slow host, or a host held to its fair share of the machine's cores."""
 
-    def __init__(self, name: str, cores: float) -> None:
+    def __init__(self, name: str, cores: float, period_us: int | None = None) -> None:
         self.path = CGROUP / name
         self.cores = cores
+        self.period_us = period_us  # None: the kernel's (100 ms); a short one spreads the quota finely over time
 
     def __enter__(self) -> CpuQuota:
         if not CGROUP.is_dir():
             raise SystemExit(f"no cgroup v1 cpu controller at {CGROUP}: the benchmark caps a host's CPU with it")
         self.path.mkdir(exist_ok=True)
+        if self.period_us is not None:
+            (self.path / "cpu.cfs_period_us").write_text(str(self.period_us))
         period = int((self.path / "cpu.cfs_period_us").read_text())
         (self.path / "cpu.cfs_quota_us").write_text(str(max(1000, round(period * self.cores))))
         return self
@@ -265,10 +274,9 @@ class EmulatedCluster:
     def _limit(self, namespace: str, device: str) -> None:
         rate = self.bits_per_second
         assert rate is not None
-        burst = max(64 * 1024, rate // 8 // 250)  # at least one 4 ms tick of tokens (and a 64 KB GSO packet)
         subprocess.run(
             ["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", device, "root", "tbf",
-             "rate", f"{rate}bit", "burst", str(burst), "latency", "100ms"],
+             "rate", f"{rate}bit", "burst", str(tbf_burst_bytes(rate)), "latency", "100ms"],
             check=True, capture_output=True, text=True,
         )
 

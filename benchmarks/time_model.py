@@ -1,7 +1,7 @@
 """The time model (``lightning_dpgan.sim.timing``) against the emulated cluster: predicted and measured iterations
 per second, side by side.
 
-    sudo python benchmarks/time_model.py --hosts 8 --rates unlimited 200mbit 50mbit 10mbit --probe-steps 20
+    sudo python benchmarks/time_model.py --own-cores --hosts 8 --rates unlimited 200mbit 50mbit 10mbit --probe-steps 20
 
 The workload is ``cluster_bytes.py``'s: the widened digits DCGAN (4.35 MB of fp32 parameters), one worker per
 host, the real command line on every host. The runs:
@@ -10,12 +10,13 @@ host, the real command line on every host. The runs:
   (:func:`lightning_dpgan.sim.compute.step_seconds`), in this process, once (``--compute-again`` repeats it); the
   model's compute for hosts with a core each (the last column);
 * per setting on an unlimited link: the compute input on these hosts, which share the machine's cores (every host
-  computing and mixing at once, the mix's CPU included);
+  computing and mixing at once, the mix's CPU included); with ``--own-cores`` each host is held to its share by a
+  cgroup quota, so that a host waiting on its link leaves its share unused instead of lending it to the others;
 * per rate and setting: ``cluster_bytes.py``'s speed probe (``--probe-steps`` iterations, seconds per iteration
   between its two evaluations, evaluations excluded);
 * the prediction: :func:`lightning_dpgan.sim.timing.iteration_seconds` for the same setting, rate and hosts: the
-  unlimited run's seconds plus the α–β communication on the cluster's links (tbf framing, its MTU, no latency,
-  which this kernel cannot emulate).
+  unlimited run's seconds plus the α–β communication on the cluster's links (tbf framing and bucket, its MTU, no
+  latency, which this kernel cannot emulate).
 
 Every run is saved in ``--out/time_model.json`` as it is taken, so the settings can be run in chunks (``--rates``,
 ``--settings``; ``--congestion-control`` rows are kept apart) and repeated; a cell is its fastest run (the machine
@@ -25,6 +26,7 @@ is shared, and others' work only slows a run). ``--collect`` prints the table fr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -33,11 +35,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import EmulatedCluster, add_link_arguments, link_options, parse_rate, preflight  # noqa: E402
+from cluster import CpuQuota, EmulatedCluster, add_link_arguments, link_options, parse_rate, preflight, tbf_burst_bytes  # noqa: E402
 from cluster_bytes import SETTINGS as BYTES_SETTINGS  # noqa: E402
 from cluster_bytes import setting_of  # noqa: E402
 from cluster_train import MODEL, fit, seconds_per_iteration, slug  # noqa: E402
 
+#: the CFS period of ``--own-cores``' quotas: short, so that a host blocked on its link loses its share as it
+#: waits (over the kernel's 100 ms a host that spent its quota early would wait for the network for free)
+OWN_CORES_PERIOD_US = 4000
 CHECKED = ("DDP, all_reduce", "one-peer exponential, bf16", "ring, bf16", "ring, top-1 % CHOCO")
 SETTINGS = {name: BYTES_SETTINGS[name] for name in CHECKED}
 #: the probes' evaluations are left out of their time; fewer samples make them end sooner
@@ -87,7 +92,7 @@ def row_key(rate: str, name: str, congestion: str | None) -> str:
 
 def predict(name: str, rate: str, hosts: int, saved: dict, mtu: int, cores: int) -> float:
     """Predicted seconds per iteration on the emulated cluster: its tbf links (which count the Ethernet header of a
-    frame only) without latency, its hosts sharing ``cores``. The compute is the setting's own run on an unlimited
+    frame only, and pass their bucket at once after idling) without latency, its hosts sharing ``cores``. The compute is the setting's own run on an unlimited
     link, every host computing and mixing at once on the shared cores (its step's work, the mix's CPU included);
     without one, the compute probe stretched by ``hosts / cores``."""
     from lightning_dpgan.sim.timing import TBF_FRAME_BYTES, Network, Workload, iteration_seconds
@@ -97,7 +102,8 @@ def predict(name: str, rate: str, hosts: int, saved: dict, mtu: int, cores: int)
     probe, unlimited = saved["compute"], fastest(saved, f"unlimited/{slug(name)}")
     workload = Workload(numel=int(probe["numel"]), step_s=probe["step_s"],
                         shared_step_s=unlimited["s_per_it"] if unlimited else None)
-    network = Network(hosts=hosts, bandwidth_bps=bps, latency_s=0.0, mtu=mtu, frame_bytes=TBF_FRAME_BYTES, cores=cores)
+    network = Network(hosts=hosts, bandwidth_bps=bps, latency_s=0.0, mtu=mtu, frame_bytes=TBF_FRAME_BYTES, cores=cores,
+                      burst_bytes=tbf_burst_bytes(bps))
     return iteration_seconds(setting_of(SETTINGS[name]), workload, network)
 
 
@@ -112,8 +118,10 @@ def host_line() -> str:
 
 def table(saved: dict, hosts: int, cores: int) -> str:
     probe = saved["compute"]
+    sharing = (f"{hosts} hosts, each held to {cores}/{hosts} of a core (--own-cores)" if saved.get("own_cores")
+               else f"{hosts} hosts sharing {cores} cores")
     lines = [
-        f"{hosts} hosts sharing {cores} cores; {saved.get('host', '')}; compute probe {1e3 * probe['step_s']:.1f} ms a "
+        f"{sharing}; {saved.get('host', '')}; compute probe {1e3 * probe['step_s']:.1f} ms a "
         f"step (one process, one thread), {probe['numel']:,} parameters",
         "",
         "| rate | setting | compute input: it/s on an unlimited link | predicted it/s | measured it/s (runs) "
@@ -121,7 +129,7 @@ def table(saved: dict, hosts: int, cores: int) -> str:
         "|---|---|---:|---:|---:|---:|---|",
     ]
     chosen = sorted({k.split("@")[1] for k in saved["measured"] if "@" in k})
-    for rate in saved["rates"]:
+    for rate in sorted(saved["rates"], key=parse_rate, reverse=True):
         for name, congestion in [(n, None) for n in SETTINGS] + [(n, c) for c in chosen for n in SETTINGS]:
             row = fastest(saved, row_key(rate, name, congestion))
             if row is None:
@@ -162,17 +170,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/time_model"))
     parser.add_argument("--compute-again", action="store_true", help="repeat the compute probe (else the saved one is kept)")
     parser.add_argument("--collect", action="store_true", help="only print the table from --out")
+    parser.add_argument("--own-cores", action="store_true",
+                        help="hold each host to its share of the cores (a cgroup quota renewed every 4 ms): a host "
+                             "waiting on its link cannot lend its share to the others, as a real cluster's hosts cannot")
     add_link_arguments(parser)
     args = parser.parse_args()
     path = args.out / "time_model.json"
     saved = json.loads(path.read_text()) if path.is_file() else {"measured": {}, "rates": []}
     saved["measured"] = {k: v if isinstance(v, list) else [v] for k, v in saved["measured"].items()}
+    if not args.collect and saved["measured"] and saved.get("own_cores", False) != args.own_cores:
+        parser.error(f"{path} holds runs {'with' if saved.get('own_cores') else 'without'} --own-cores: give another --out")
+    saved["own_cores"] = saved.get("own_cores", args.own_cores)
     cores = os.cpu_count() or 1
     if not args.collect:
         preflight(parser, **link_options(args))
         for rate in args.rates:
             if rate != "unlimited" and parse_rate(rate) is None:
                 parser.error(f"--rates must be limits such as 10mbit, or unlimited, got {rate!r}")
+        unknown = sorted(set(args.settings or ()) - {slug(s) for s in SETTINGS})
+        if unknown:
+            parser.error(f"unknown --settings {', '.join(unknown)}; allowed: {', '.join(map(slug, SETTINGS))}")
         if "compute" not in saved or args.compute_again:
             saved["compute"] = compute_probe(args.compute_steps)
             saved["host"] = host_line()
@@ -181,10 +198,15 @@ def main() -> None:
         runs = [(rate, name, SETTINGS[name]) for rate in args.rates for name in names]
         for rate, name, overrides in runs:
             run_dir = args.out / slug(name) / rate / time.strftime("%H%M%S")
-            with EmulatedCluster(args.hosts, None if rate == "unlimited" else rate, port=29611, **link_options(args)) as cluster:
+            with contextlib.ExitStack() as stack:
+                quotas = [stack.enter_context(CpuQuota(f"dpgan_time{os.getpid()}_h{h}", cores / args.hosts, OWN_CORES_PERIOD_US))
+                          for h in range(args.hosts)] if args.own_cores else []
+                cluster = stack.enter_context(
+                    EmulatedCluster(args.hosts, None if rate == "unlimited" else rate, port=29611, **link_options(args)))
                 congestion = cluster.congestion_control()
                 load = [os.getloadavg()[0]]  # the machine's 1-minute load before and after: others' work shows here
-                rows = fit(cluster, overrides + PROBE, run_dir, args.probe_steps, args.probe_steps // 2, args.seed)
+                rows = fit(cluster, overrides + PROBE, run_dir, args.probe_steps, args.probe_steps // 2, args.seed,
+                           started=(lambda host, proc: quotas[host].add(proc.pid)) if quotas else None)
             load.append(os.getloadavg()[0])
             measured = {"s_per_it": seconds_per_iteration(rows), "congestion_control": congestion, "mtu": args.mtu,
                         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": load}
@@ -198,6 +220,8 @@ def main() -> None:
         sys.exit(f"error: no measurements in {path}: run without --collect first")
     text = table(saved, args.hosts, cores)
     print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "time_model.md").write_text(text + "\n")
 
 
