@@ -200,7 +200,7 @@ def fit_then_validate(tmp_path_factory):
 
     cli = [sys.executable, "-m", "lightning_dpgan"]
     root = tmp_path_factory.mktemp("fit_then_validate")
-    fit = run([*cli, "fit", "devices=2", "batch_size=1024", "max_steps=300", "strategy.consensus_every=25",
+    fit = run([*cli, "fit", "devices=2", "batch_size=1024", "max_steps=150", "strategy.consensus_every=25",
                f"hydra.run.dir={root / 'run'}"], timeout=400)
     validate = run([*cli, "validate", f"ckpt_path={root / 'run' / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={root / 'validate'}"],
                    timeout=200)
@@ -216,7 +216,7 @@ def test_validate_on_last_ckpt_reports_what_fits_last_evaluation_did(fit_then_va
     root, _, _ = fit_then_validate
     last = rows(root / "run" / "evaluation.csv")[-1]
     validated = json.loads((root / "validate" / "validate.json").read_text())
-    assert int(last["step"]) == 300
+    assert int(last["step"]) == 150
     assert float(last["high_quality"]) > 0.05  # enough samples near modes for the numbers to say something
     assert validated["modes"] == float(last["modes"])
     assert validated["high_quality"] == pytest.approx(float(last["high_quality"]), abs=1.5 / 2500)  # a sample at most
@@ -239,10 +239,10 @@ def test_the_pictures_say_what_they_show(fit_then_validate):
     root, _, _ = fit_then_validate
     logged = rows(root / "run" / "metrics.csv")
     steps = [row["step"] for row in logged if row.get("consensus/generator") and not row.get("eval/modes")]
-    assert len(steps) == 12 and len(rows(root / "run" / "evaluation.csv")) == 1
+    assert len(steps) == 6 and len(rows(root / "run" / "evaluation.csv")) == 1
     described = Image.open(root / "run" / "consensus.png").text["Description"]
     assert f"consensus/generator: steps {' '.join(steps)}" in described, described
-    picture = Image.open(root / "run" / "samples_step0000300.png").text
+    picture = Image.open(root / "run" / "samples_step0000150.png").text
     assert "all 2500 scored samples" in picture["Title"] and picture["Description"] == "2500 points", picture
     validated = Image.open(root / "validate" / "samples.png").text
     assert "all 2500 scored samples" in validated["Title"] and validated["Description"] == "2500 points", validated

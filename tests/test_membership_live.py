@@ -85,7 +85,8 @@ def embedded(w: np.ndarray, keep: list[int], n: int) -> np.ndarray:
     return full
 
 
-@pytest.mark.parametrize("n,how", [(4, "kill"), (4, "silent"), (6, "kill")])
+# the kill on a ring of 6 only: its survivors end up two mixes apart at the change, a ring of 4's one (the same rules)
+@pytest.mark.parametrize("n,how", [(4, "silent"), (6, "kill")])
 def test_survivors_of_a_lost_worker_go_on_and_equal_the_dposg_reference(tmp_path, n, how):
     """Workers on a ring, optimistic Adam on the split bilinear game; at step 20 of 60 rank 2 kills itself (SIGKILL:
     its connections close) or stops (SIGSTOP: a host gone silent, its connections open, found by the 4 s peer

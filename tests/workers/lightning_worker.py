@@ -580,9 +580,13 @@ def main() -> None:
     if scenario == "suite":
         for name, folder, options in json.loads(pairs[0]):
             where = os.path.join(out, folder)
+            started = time.monotonic()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 run(name, where, {k: str(v) for k, v in options.items()})
+            if torch.distributed.get_rank() == 0:  # where a shared launch spends its time
+                with open(os.path.join(out, "seconds.txt"), "a") as f:
+                    f.write(f"{time.monotonic() - started:.1f} {folder}\n")
             with open(os.path.join(where, f"warnings_rank{torch.distributed.get_rank()}.txt"), "a") as f:
                 f.writelines(f"{w.message}\n" for w in caught)
         return
