@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import CpuQuota, EmulatedCluster, add_link_arguments, link_options, parse_rate, preflight, tbf_burst_bytes  # noqa: E402
+from cluster import (CpuQuota, EmulatedCluster, add_link_arguments, link_options, parse_rate, preflight,  # noqa: E402
+                     tbf_burst_bytes)
 from cluster_bytes import SETTINGS as BYTES_SETTINGS  # noqa: E402
 from cluster_bytes import setting_of  # noqa: E402
 from cluster_train import MODEL, fit, seconds_per_iteration, slug  # noqa: E402
@@ -92,9 +93,9 @@ def row_key(rate: str, name: str, congestion: str | None) -> str:
 
 def predict(name: str, rate: str, hosts: int, saved: dict, mtu: int, cores: int) -> float:
     """Predicted seconds per iteration on the emulated cluster: its tbf links (which count the Ethernet header of a
-    frame only, and pass their bucket at once after idling) without latency, its hosts sharing ``cores``. The compute is the setting's own run on an unlimited
-    link, every host computing and mixing at once on the shared cores (its step's work, the mix's CPU included);
-    without one, the compute probe stretched by ``hosts / cores``."""
+    frame only, and pass their bucket at once after idling) without latency, its hosts sharing ``cores``. The
+    compute is the setting's own run on an unlimited link, every host computing and mixing at once on the shared
+    cores (its step's work, the mix's CPU included); without one, the compute probe stretched by ``hosts / cores``."""
     from lightning_dpgan.sim.timing import TBF_FRAME_BYTES, Network, Workload, iteration_seconds
 
     bps = parse_rate(rate)
@@ -199,7 +200,8 @@ def main() -> None:
         for rate, name, overrides in runs:
             run_dir = args.out / slug(name) / rate / time.strftime("%H%M%S")
             with contextlib.ExitStack() as stack:
-                quotas = [stack.enter_context(CpuQuota(f"dpgan_time{os.getpid()}_h{h}", cores / args.hosts, OWN_CORES_PERIOD_US))
+                share = cores / args.hosts
+                quotas = [stack.enter_context(CpuQuota(f"dpgan_time{os.getpid()}_h{h}", share, OWN_CORES_PERIOD_US))
                           for h in range(args.hosts)] if args.own_cores else []
                 cluster = stack.enter_context(
                     EmulatedCluster(args.hosts, None if rate == "unlimited" else rate, port=29611, **link_options(args)))
@@ -220,7 +222,6 @@ def main() -> None:
         sys.exit(f"error: no measurements in {path}: run without --collect first")
     text = table(saved, args.hosts, cores)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "time_model.md").write_text(text + "\n")
 
