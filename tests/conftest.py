@@ -7,6 +7,9 @@ command line) keep tests of their own."""
 from __future__ import annotations
 
 import gc
+
+gc.disable()  # until the collection has imported torch and Lightning (pytest_collection_finish), as the workers do
+
 import json
 from pathlib import Path
 
@@ -106,6 +109,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("+".join(groups)))
     if hasattr(config, "workerinput"):  # an xdist worker's collection, which the scheduler hands out in this order
         items.sort(key=_long_first_rank)  # stable: the others keep their order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    gc.freeze()
+    gc.enable()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

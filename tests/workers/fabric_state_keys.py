@@ -5,6 +5,9 @@ returned and each replica's parameters before and after, as rank<r>.json / rank<
 from __future__ import annotations
 
 import gc
+
+gc.disable()  # while torch and Lightning import, as `python -m lightning_dpgan` does (lightning_dpgan/__main__.py)
+
 import json
 import sys
 from pathlib import Path
@@ -15,6 +18,9 @@ from torch import nn
 
 from lightning_dpgan import DecentralizedFabricStrategy
 from lightning_dpgan.optim import OptimisticAdam
+
+gc.freeze()
+gc.enable()
 
 
 def main(out: Path) -> None:

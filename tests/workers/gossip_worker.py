@@ -11,6 +11,9 @@ dense reference. GOSSIP_BACKEND=nccl puts each rank's tensors on cuda:LOCAL_RANK
 """
 
 import gc
+
+gc.disable()  # while torch and Lightning import, as `python -m lightning_dpgan` does (lightning_dpgan/__main__.py)
+
 import json
 import os
 import sys
@@ -25,6 +28,9 @@ from lightning_dpgan.topology import build_topology
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reference import delivery_schedule  # noqa: E402
 from stale_replay import ReplayedStale  # noqa: E402
+
+gc.freeze()
+gc.enable()
 
 SHAPES = [((3, 5), "float64"), ((7,), "float64"), ((2, 2, 2), "float32"), ((11,), "float32")]
 

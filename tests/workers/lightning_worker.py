@@ -10,6 +10,9 @@ torchrun (Lightning starts no processes then, and each fit reuses the process gr
 from __future__ import annotations
 
 import gc
+
+gc.disable()  # while torch and Lightning import, as `python -m lightning_dpgan` does (lightning_dpgan/__main__.py)
+
 import json
 import os
 import signal
@@ -41,6 +44,9 @@ from lightning_dpgan.signals import StopOnSigterm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reference import delivery_schedule  # noqa: E402
 from stale_replay import ReplayedStale  # noqa: E402
+
+gc.freeze()
+gc.enable()
 
 
 def digits(with_index: bool = False) -> TensorDataset:

@@ -1,6 +1,10 @@
 """Run under torchrun with 2 ranks: one exchange, then rank 1 exits; rank 0 posts a second exchange once rank 1's
 connection has closed (gloo then raises at the post, not at the wait) and prints what waiting for it raised."""
 
+import gc
+
+gc.disable()  # while torch and Lightning import, as `python -m lightning_dpgan` does (lightning_dpgan/__main__.py)
+
 import os
 import time
 from datetime import timedelta
@@ -9,6 +13,9 @@ import torch
 import torch.distributed as dist
 
 from lightning_dpgan.gossip import DistributedTransport, GossipPeerError
+
+gc.freeze()
+gc.enable()
 
 
 def main() -> None:
