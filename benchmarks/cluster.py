@@ -120,14 +120,18 @@ def add_link_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--congestion-control", default=None, metavar="NAME",
                         help="TCP congestion control of the hosts, e.g. cubic or bbr (default: the machine's; printed)")
     parser.add_argument("--mtu", type=int, default=1500, help="the links' MTU in bytes (default Ethernet's 1500; 9000: jumbo frames)")
+    parser.add_argument("--slow-start-after-idle", type=int, choices=(0, 1), default=None,
+                        help="the hosts' net.ipv4.tcp_slow_start_after_idle (default: Linux's 1, a connection idle for "
+                             "longer than its retransmission timeout starts again from its initial window; 0 keeps it)")
 
 
 def link_options(args: argparse.Namespace) -> dict[str, object]:
     """``preflight(parser, **link_options(args))``, ``EmulatedCluster(..., **link_options(args))``."""
-    return {"congestion_control": args.congestion_control, "mtu": args.mtu}
+    return {"congestion_control": args.congestion_control, "mtu": args.mtu, "slow_start_after_idle": args.slow_start_after_idle}
 
 
-def preflight(parser: argparse.ArgumentParser, congestion_control: str | None = None, mtu: int = 1500) -> None:
+def preflight(parser: argparse.ArgumentParser, congestion_control: str | None = None, mtu: int = 1500,
+              slow_start_after_idle: int | None = None) -> None:
     """A benchmark's checks before it builds anything: a congestion control the hosts cannot run or a bad MTU is a
     usage error, a machine without namespaces (no root, no iproute2) ends the run with the reason."""
     problem = congestion_control_problem(congestion_control) or mtu_problem(mtu)
@@ -188,7 +192,7 @@ class EmulatedCluster:
     """``with EmulatedCluster(8, "200mbit") as cluster: cluster.run(lambda rank: [...])``."""
 
     def __init__(self, hosts: int, rate: str | None = "200mbit", name: str | None = None, port: int = 29500,
-                 congestion_control: str | None = None, mtu: int = 1500) -> None:
+                 congestion_control: str | None = None, mtu: int = 1500, slow_start_after_idle: int | None = None) -> None:
         if isinstance(hosts, bool) or not isinstance(hosts, int) or not 1 <= hosts <= 200:
             raise ValueError(f"hosts must be an integer in [1, 200], got {hosts!r}")
         problem = mtu_problem(mtu)
@@ -199,6 +203,9 @@ class EmulatedCluster:
         if problem:
             raise ValueError(problem)
         self.congestion_control_name = congestion_control
+        if slow_start_after_idle not in (None, 0, 1):
+            raise ValueError(f"slow_start_after_idle must be 0, 1 or None (the machine's), got {slow_start_after_idle!r}")
+        self.slow_start_after_idle = slow_start_after_idle
         self.hosts = hosts
         self.rate = rate
         self.bits_per_second = parse_rate(rate)
@@ -265,7 +272,9 @@ class EmulatedCluster:
             self._ip("-n", self.switch, "link", "set", f"p{host}", "master", "br0")
             self._ip("-n", self.switch, "link", "set", f"p{host}", "up")
             if self.congestion_control_name is not None:
-                self._set_congestion_control(ns)
+                self._set_tcp(ns, "tcp_congestion_control", self.congestion_control_name)
+            if self.slow_start_after_idle is not None:
+                self._set_tcp(ns, "tcp_slow_start_after_idle", str(self.slow_start_after_idle))
             if self.bits_per_second is not None:
                 self._limit(ns, "eth0")  # host -> switch
                 self._limit(self.switch, f"p{host}")  # switch -> host
@@ -280,17 +289,24 @@ class EmulatedCluster:
             check=True, capture_output=True, text=True,
         )
 
-    def _set_congestion_control(self, namespace: str) -> None:
+    def _set_tcp(self, namespace: str, name: str, value: str) -> None:
         # /proc/sys/net shows the reading process's namespace; plain sh, as the lent machines have no sysctl
-        write = f"echo {self.congestion_control_name} > {_IPV4}/tcp_congestion_control"
-        proc = subprocess.run(["ip", "netns", "exec", namespace, "sh", "-c", write], capture_output=True, text=True)
+        proc = subprocess.run(["ip", "netns", "exec", namespace, "sh", "-c", f"echo {value} > {_IPV4}/{name}"],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"cannot set congestion control {self.congestion_control_name!r} in {namespace}: {proc.stderr.strip()}")
+            raise RuntimeError(f"cannot set {name} to {value!r} in {namespace}: {proc.stderr.strip()}")
+
+    def _tcp(self, name: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", self.namespace(0), "cat", f"{_IPV4}/{name}"],
+                              capture_output=True, text=True, check=True).stdout.strip()
 
     def congestion_control(self) -> str:
         """The TCP congestion control the hosts run (read inside host 0)."""
-        return subprocess.run(["ip", "netns", "exec", self.namespace(0), "cat", f"{_IPV4}/tcp_congestion_control"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return self._tcp("tcp_congestion_control")
+
+    def slow_start_after_idle_setting(self) -> int:
+        """The hosts' ``tcp_slow_start_after_idle`` (read inside host 0)."""
+        return int(self._tcp("tcp_slow_start_after_idle"))
 
     def teardown(self) -> None:
         """Delete this cluster's namespaces (their veths and qdiscs go with them); safe to call twice."""

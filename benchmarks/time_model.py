@@ -46,6 +46,10 @@ from cluster_train import MODEL, fit, seconds_per_iteration, slug  # noqa: E402
 OWN_CORES_PERIOD_US = 4000
 CHECKED = ("DDP, all_reduce", "one-peer exponential, bf16", "ring, bf16", "ring, top-1 % CHOCO")
 SETTINGS = {name: BYTES_SETTINGS[name] for name in CHECKED}
+#: the hosts' step without any communication (on an unlimited link only): what DDP's all-reduce adds to it on an
+#: unlimited link is its own CPU, which a slower link spreads over the transfer
+NO_COMMUNICATION = "no communication"
+MEASURED = {**SETTINGS, NO_COMMUNICATION: ["topology=ring", "strategy.gossip.mixing=false"]}
 #: the probes' evaluations are left out of their time; fewer samples make them end sooner
 PROBE = ["evaluation.num_samples=256"]
 
@@ -84,28 +88,59 @@ def fastest(saved: dict, key: str) -> dict | None:
     return {**min(runs, key=lambda r: r["s_per_it"]), "runs": len(runs)}
 
 
-def row_key(rate: str, name: str, congestion: str | None) -> str:
-    """A measured row's key: the rate and setting, and the congestion control where one was chosen (a run on an
-    unlimited link is the compute input of every congestion control's rows)."""
-    chosen = f"@{congestion}" if congestion and rate != "unlimited" else ""
-    return f"{rate}/{slug(name)}{chosen}"
+def link_variant(congestion: str | None, slow_start_after_idle: int | None) -> str:
+    """The key suffix of the link options chosen for a run ('' for the machine's own)."""
+    return (f"@{congestion}" if congestion else "") + (f"@ssai{slow_start_after_idle}" if slow_start_after_idle is not None else "")
+
+
+def variant_words(variant: str) -> str:
+    words = {"ssai0": "slow start after idle off", "ssai1": "slow start after idle on"}
+    return "".join(f", {words.get(part, f'TCP {part}')}" for part in variant.split("@") if part)
+
+
+def row_key(rate: str, name: str, variant: str) -> str:
+    """A measured row's key: the rate and setting, and the link options where some were chosen (a run on an
+    unlimited link is the compute input of every variant's rows)."""
+    return f"{rate}/{slug(name)}{variant if rate != 'unlimited' else ''}"
 
 
 def predict(name: str, rate: str, hosts: int, saved: dict, mtu: int, cores: int) -> float:
     """Predicted seconds per iteration on the emulated cluster: its tbf links (which count the Ethernet header of a
-    frame only, and pass their bucket at once after idling) without latency, its hosts sharing ``cores``. The
-    compute is the setting's own run on an unlimited link, every host computing and mixing at once on the shared
-    cores (its step's work, the mix's CPU included); without one, the compute probe stretched by ``hosts / cores``."""
-    from lightning_dpgan.sim.timing import TBF_FRAME_BYTES, Network, Workload, iteration_seconds
+    frame only, and pass their bucket at once after idling) without latency, its hosts sharing ``cores``. A gossip
+    setting's compute is its own run on an unlimited link, every host computing and mixing at once on the shared
+    cores (its step's work, the mix's CPU included). DDP's is the run without communication, and its all-reduce
+    takes at least its own CPU (its run on an unlimited link less that one). Without those runs: the compute probe
+    stretched by ``hosts / cores``."""
+    from lightning_dpgan.sim.timing import TBF_FRAME_BYTES, Network, iteration_seconds
 
     bps = parse_rate(rate)
     assert bps is not None
-    probe, unlimited = saved["compute"], fastest(saved, f"unlimited/{slug(name)}")
-    workload = Workload(numel=int(probe["numel"]), step_s=probe["step_s"],
-                        shared_step_s=unlimited["s_per_it"] if unlimited else None)
     network = Network(hosts=hosts, bandwidth_bps=bps, latency_s=0.0, mtu=mtu, frame_bytes=TBF_FRAME_BYTES, cores=cores,
                       burst_bytes=tbf_burst_bytes(bps))
-    return iteration_seconds(setting_of(SETTINGS[name]), workload, network)
+    return iteration_seconds(setting_of(SETTINGS[name]), workload(name, saved), network)
+
+
+def workload(name: str, saved: dict) -> object:
+    """The time model's ``Workload`` of a setting on these hosts (see :func:`predict`)."""
+    from lightning_dpgan.sim.timing import Workload
+
+    probe, unlimited = saved["compute"], fastest(saved, f"unlimited/{slug(name)}")
+    alone = fastest(saved, f"unlimited/{slug(NO_COMMUNICATION)}")
+    if setting_of(SETTINGS[name]).is_ddp and unlimited and alone:
+        cpu = max(0.0, unlimited["s_per_it"] - alone["s_per_it"])
+        return Workload(numel=int(probe["numel"]), step_s=probe["step_s"], shared_step_s=alone["s_per_it"],
+                        shared_allreduce_cpu_s=cpu)
+    return Workload(numel=int(probe["numel"]), step_s=probe["step_s"], shared_step_s=unlimited["s_per_it"] if unlimited else None)
+
+
+def compute_input(name: str, saved: dict) -> str:
+    """The table's compute column: the runs on an unlimited link that :func:`workload` takes."""
+    step = workload(name, saved)
+    if step.shared_step_s is None:
+        return "(probe × hosts / cores)"
+    if step.shared_allreduce_cpu_s is not None:
+        return f"{1 / step.shared_step_s:.2f} without communication, all-reduce CPU {1e3 * step.shared_allreduce_cpu_s:.0f} ms"
+    return f"{1 / step.shared_step_s:.2f}"
 
 
 def host_line() -> str:
@@ -129,17 +164,16 @@ def table(saved: dict, hosts: int, cores: int) -> str:
         "| predicted ÷ measured | what the emulation cannot show |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
-    chosen = sorted({k.split("@")[1] for k in saved["measured"] if "@" in k})
+    variants = sorted({k[k.index("@"):] for k in saved["measured"] if "@" in k})
     for rate in sorted(saved["rates"], key=parse_rate, reverse=True):
-        for name, congestion in [(n, None) for n in SETTINGS] + [(n, c) for c in chosen for n in SETTINGS]:
-            row = fastest(saved, row_key(rate, name, congestion))
+        for name, variant in [(n, "") for n in SETTINGS] + [(n, v) for v in variants for n in SETTINGS]:
+            row = fastest(saved, row_key(rate, name, variant))
             if row is None:
                 continue
-            unlimited = fastest(saved, f"unlimited/{slug(name)}")
             predicted = predict(name, rate, hosts, saved, row["mtu"], cores)
             ratio = row["s_per_it"] / predicted  # predicted it/s ÷ measured it/s
-            compute = f"{1 / unlimited['s_per_it']:.2f}" if unlimited else "(probe × hosts / cores)"
-            named = name if congestion is None else f"{name}, TCP {congestion}"
+            compute = compute_input(name, saved)
+            named = name + variant_words(variant)
             lines.append(f"| {rate} | {named} | {compute} | {1 / predicted:.2f} | {1 / row['s_per_it']:.2f} ({row['runs']}) "
                          f"| {ratio:.2f} | {cannot_show(name, rate, hosts, saved)} |")
     return "\n".join(lines)
@@ -164,7 +198,7 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, default=8)
     parser.add_argument("--rates", nargs="+", default=["unlimited", "200mbit", "50mbit", "10mbit"],
                         help="unlimited: the settings' compute input (every host computing and mixing on the shared cores)")
-    parser.add_argument("--settings", nargs="+", default=None, help="a subset, by slug: " + ", ".join(map(slug, SETTINGS)))
+    parser.add_argument("--settings", nargs="+", default=None, help="a subset, by slug: " + ", ".join(map(slug, MEASURED)))
     parser.add_argument("--probe-steps", type=int, default=20, help="iterations of each speed probe")
     parser.add_argument("--compute-steps", type=int, default=30, help="steps the compute probe times")
     parser.add_argument("--seed", type=int, default=0)
@@ -188,15 +222,17 @@ def main() -> None:
         for rate in args.rates:
             if rate != "unlimited" and parse_rate(rate) is None:
                 parser.error(f"--rates must be limits such as 10mbit, or unlimited, got {rate!r}")
-        unknown = sorted(set(args.settings or ()) - {slug(s) for s in SETTINGS})
+        unknown = sorted(set(args.settings or ()) - {slug(s) for s in MEASURED})
         if unknown:
-            parser.error(f"unknown --settings {', '.join(unknown)}; allowed: {', '.join(map(slug, SETTINGS))}")
+            parser.error(f"unknown --settings {', '.join(unknown)}; allowed: {', '.join(map(slug, MEASURED))}")
         if "compute" not in saved or args.compute_again:
             saved["compute"] = compute_probe(args.compute_steps)
             saved["host"] = host_line()
         print(f"compute probe: {json.dumps(saved['compute'])}", file=sys.stderr, flush=True)
-        names = [s for s in SETTINGS if args.settings is None or slug(s) in args.settings]
-        runs = [(rate, name, SETTINGS[name]) for rate in args.rates for name in names]
+        chosen = args.settings or [slug(s) for s in MEASURED]
+        names = [s for s in MEASURED if slug(s) in chosen]
+        runs = [(rate, name, MEASURED[name]) for rate in args.rates for name in names
+                if rate == "unlimited" or name != NO_COMMUNICATION]
         for rate, name, overrides in runs:
             run_dir = args.out / slug(name) / rate / time.strftime("%H%M%S")
             with contextlib.ExitStack() as stack:
@@ -205,14 +241,16 @@ def main() -> None:
                           for h in range(args.hosts)] if args.own_cores else []
                 cluster = stack.enter_context(
                     EmulatedCluster(args.hosts, None if rate == "unlimited" else rate, port=29611, **link_options(args)))
-                congestion = cluster.congestion_control()
+                congestion, slow_start = cluster.congestion_control(), cluster.slow_start_after_idle_setting()
                 load = [os.getloadavg()[0]]  # the machine's 1-minute load before and after: others' work shows here
                 rows = fit(cluster, overrides + PROBE, run_dir, args.probe_steps, args.probe_steps // 2, args.seed,
                            started=(lambda host, proc: quotas[host].add(proc.pid)) if quotas else None)
             load.append(os.getloadavg()[0])
             measured = {"s_per_it": seconds_per_iteration(rows), "congestion_control": congestion, "mtu": args.mtu,
+                        "slow_start_after_idle": slow_start,
                         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": load}
-            saved["measured"].setdefault(row_key(rate, name, args.congestion_control), []).append(measured)
+            variant = link_variant(args.congestion_control, args.slow_start_after_idle)
+            saved["measured"].setdefault(row_key(rate, name, variant), []).append(measured)
             if rate != "unlimited":
                 saved["rates"] = list(dict.fromkeys([*saved["rates"], rate]))
             print(f"{rate} {name}: {1 / measured['s_per_it']:.3f} it/s, load {load}", file=sys.stderr, flush=True)

@@ -171,3 +171,21 @@ def test_a_shaped_link_passes_its_bucket_at_once_after_idling_for_the_compute():
     assert iteration_seconds(overlapped, step, shaped) == pytest.approx(2 * (64 + 2 * MB) * tbf * 8 / 10e6, rel=1e-12)
     with pytest.raises(ValueError, match="burst_bytes must be an integer >= 0, got -1"):
         Network(hosts=8, bandwidth_bps=10e6, burst_bytes=-1)
+
+
+def test_ddps_all_reduce_on_shared_cores_takes_the_longer_of_its_transfer_and_its_cpu():
+    # 8 hosts on 2 cores: the step without communication 270 ms, the all-reduce's own CPU 110 ms; Ethernet at MTU 1500
+    # carries 1448 bytes of payload in 1538, and the all-reduce moves 14/8 of the 4 MB gradients through each link
+    step = Workload(numel=1_000_000, step_s=0.04, shared_step_s=0.27, shared_allreduce_cpu_s=0.11)
+    wire = 14 / 8 * 4 * MB * 1538 / 1448 * 8
+    slow = Network(hosts=8, bandwidth_bps=200e6, cores=2)  # the transfer, 297 ms, is the longer
+    assert iteration_seconds(Setting.ddp(), step, slow) == pytest.approx(0.27 + wire / 200e6, rel=1e-12)
+    fast = Network(hosts=8, bandwidth_bps=1e9, cores=2)  # the transfer, 59 ms, hides in the CPU's 110 ms
+    assert iteration_seconds(Setting.ddp(), step, fast) == pytest.approx(0.27 + 0.11, rel=1e-12)
+    own = Network(hosts=8, bandwidth_bps=1e9)  # a core per host: the one-core step, and no shared CPU to count
+    assert iteration_seconds(Setting.ddp(), step, own) == pytest.approx(0.04 + wire / 1e9, rel=1e-12)
+    # a gossip mix's CPU is in its own run's step (before and after its transfer): the field is DDP's alone
+    gossip = Setting("ring", 1, "bf16")
+    assert iteration_seconds(gossip, step, fast) == iteration_seconds(gossip, Workload(1_000_000, 0.04, shared_step_s=0.27), fast)
+    with pytest.raises(ValueError, match="shared_allreduce_cpu_s"):
+        Workload(numel=1, step_s=0.1, shared_allreduce_cpu_s=-1)

@@ -24,8 +24,10 @@ which counts the Ethernet header only.
 
 Compute: one step's seconds on one core, measured (:func:`lightning_dpgan.sim.compute.step_seconds`) or given.
 On the emulated cluster the hosts share the machine's ``cores``: a step then takes ``shared_step_s``, measured
-where they share them (each setting's run on an unlimited link, its mix's CPU included), or ``step_s`` stretched
-by ``hosts / cores``.
+where they share them (each gossip setting's run on an unlimited link, its mix's CPU included, which comes before
+and after its transfer), or ``step_s`` stretched by ``hosts / cores``. DDP's all-reduce does its CPU work (the
+reductions and copies of its chunks) while the chunks move: its ``shared_step_s`` is the hosts' step without
+communication, and the all-reduce takes the longer of its transfer and ``shared_allreduce_cpu_s``.
 
 A shaped link (``tc tbf``, the emulated cluster's) is a token bucket: while the host computes its link idles and
 the bucket fills at the link's rate, up to ``burst_bytes``, and the next transfer's first bytes pass at once. A link
@@ -119,12 +121,16 @@ class Workload:
         shared_step_s: one step's compute while every host computes at once on cores they share (the emulated
             cluster); ``None``: ``step_s`` stretched by ``hosts / cores``. Measure it where the hosts really share
             cores: their processes also contend for caches and memory, which the stretch alone leaves out.
+        shared_allreduce_cpu_s: on shared cores, the CPU seconds of DDP's all-reduce on each host (DDP's run on an
+            unlimited link less the same hosts' run without communication, which is then ``shared_step_s``). Its
+            reductions and copies run while its chunks move, so the all-reduce takes the longer of the two.
     """
 
     numel: int
     step_s: float
     itemsize: int = 4
     shared_step_s: float | None = None
+    shared_allreduce_cpu_s: float | None = None
 
     def __post_init__(self) -> None:
         check_int("numel (parameters)", self.numel, 1)
@@ -132,6 +138,8 @@ class Workload:
         check_choice("itemsize", self.itemsize, (2, 4, 8))
         if self.shared_step_s is not None:
             check_number("shared_step_s (seconds of compute per step on shared cores)", self.shared_step_s, 0)
+        if self.shared_allreduce_cpu_s is not None:
+            check_number("shared_allreduce_cpu_s (CPU seconds of an all-reduce on shared cores)", self.shared_allreduce_cpu_s, 0)
 
     @property
     def gradient_bytes(self) -> int:
@@ -287,7 +295,8 @@ def iteration_seconds(setting: Setting, workload: Workload, network: Network) ->
     """Predicted seconds of one iteration: a host computes, then communicates (DDP: the all-reduce, less the buckets
     hidden behind its backward pass; gossip: ``t`` rounds); overlap and staleness hide the communication behind up
     to the compute. On shared cores the compute is :func:`compute_seconds`: a synchronous mix ends at about the same
-    moment on neighbouring hosts, so they compute at the same time, on the same cores. A shaped link's bucket,
+    moment on neighbouring hosts, so they compute at the same time, on the same cores; DDP's all-reduce takes at
+    least its CPU (``shared_allreduce_cpu_s``). A shaped link's bucket,
     filled while the link idled, passes the start of the communication at once."""
     compute = compute_seconds(workload, network)
     communication = communication_seconds(setting, workload, network)
@@ -298,7 +307,8 @@ def iteration_seconds(setting: Setting, workload: Workload, network: Network) ->
         hidden = ddp_hidden_seconds(workload, network, compute, communication, setting.allreduce)
         # the link idles for the compute less the hidden buckets' all-reduce
         exposed = 2 * (n - 1) / n * _last_bucket_bytes(workload)
-        return compute + communication - hidden - network.burst_seconds(exposed, compute - hidden)
+        transfer = communication - hidden - network.burst_seconds(exposed, compute - hidden)
+        return compute + max(transfer, _exposed_allreduce_cpu(workload, network))
     if setting.overlap or setting.staleness:
         return max(compute, communication)
     if _topology(str(setting.topology), n).is_complete:
@@ -315,6 +325,13 @@ def ddp_hidden_seconds(workload: Workload, network: Network, compute: float, com
     the backward pass's time."""
     exposed = allreduce_seconds(workload, network, payload_bytes=_last_bucket_bytes(workload), algorithm=algorithm)
     return max(0.0, min(communication - exposed, BACKWARD_SHARE * compute))
+
+
+def _exposed_allreduce_cpu(workload: Workload, network: Network) -> float:
+    """On shared cores, the CPU of the last bucket's all-reduce (the others' hides with their transfer)."""
+    if workload.shared_allreduce_cpu_s is None or network.cores is None or network.cores >= network.hosts:
+        return 0.0
+    return workload.shared_allreduce_cpu_s * _last_bucket_bytes(workload) / workload.gradient_bytes
 
 
 def _last_bucket_bytes(workload: Workload) -> int:
