@@ -41,13 +41,14 @@ BILINEAR_CONVERGENCE = {"t1": {"rounds": 1}, "t3": {"rounds": 3}, "t1_overlap": 
                         "t1_every4": {"rounds": 1, "gossip_every": 4}}
 EVALUATE = {"steps": 30, "samples": 400}
 # test_simulator.py: the simulator against a real run of the ``grid`` scenario (DPGAN, OptimisticAdam, MLPs of width
-# 32, 64 points per worker and step, 200 steps); n = 4 is a scenario of suite4, n = 8 a launch of its own (SIM_N8=1)
-SIM_STEPS, SIM_HIDDEN, SIM_BATCH = 200, 32, 64
+# 32, 64 points per worker and step, 200 steps, each replica also saved after SIM_EARLY); n = 4 is a scenario of
+# suite4, n = 8 a launch of its own (SIM_N8=1)
+SIM_STEPS, SIM_EARLY, SIM_HIDDEN, SIM_BATCH = 200, 20, 32, 64
 SIM_CASES = {4: {"topology": "ring", "rounds": 1}, 8: {"topology": "exponential", "rounds": 2}}
 
 
 def sim_real_options(n: int) -> dict:
-    return {"devices": n, "steps": SIM_STEPS, "hidden": SIM_HIDDEN, "batch_size": SIM_BATCH, "consensus_every": 0,
+    return {"devices": n, "steps": SIM_STEPS, "save_at": SIM_EARLY, "hidden": SIM_HIDDEN, "batch_size": SIM_BATCH, "consensus_every": 0,
             "log_every": 1000, **SIM_CASES[n]}
 
 

@@ -422,10 +422,10 @@ def test_resuming_last_in_a_moved_run_folder_goes_on_from_its_newest_checkpoint(
 
 def test_two_runs_on_one_explicit_master_port_started_together(tmp_path):
     """The second of two runs started at once on the same MASTER_PORT ends with one line naming the port, before
-    its workers could meet the first run's; the first trains on."""
+    its workers could meet the first run's; the first trains on, and its summary says what was measured (the
+    consensus distance from metrics.csv, every 50 steps)."""
     env = {**worker_env(), "MASTER_PORT": str(free_port())}
-    args = ["devices=2", "max_steps=30", "batch_size=64", "evaluation.every_n_steps=0", "evaluation.num_samples=100",
-            "trainer.enable_progress_bar=false"]
+    args = ["devices=2", "max_steps=60", "evaluation.enabled=false", "trainer.enable_progress_bar=false", "compression=topk"]
     procs = [subprocess.Popen([*CLI, "fit", *args, f"output_dir={tmp_path / str(i)}"], env=env, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = [(proc.wait(timeout=240), *proc.communicate()) for proc in procs]
@@ -433,6 +433,11 @@ def test_two_runs_on_one_explicit_master_port_started_together(tmp_path):
     (status, out, err), = [r for r in results if r[0] == 2]
     one_error(status, err, f"MASTER_PORT={env['MASTER_PORT']} is already in use on this machine")
     assert "Initializing distributed" not in out + err
+    (_, trained, _), = [r for r in results if r[0] == 0]
+    assert "(ring, gossip_rounds=1, compression=topk with consensus step 0.02, OptimisticAdam)" in trained
+    (line,) = [line for line in trained.splitlines() if "consensus distance:" in line]
+    assert "not measured" not in line and "generator" in line, line
+    assert " 1 modes" not in trained
 
 
 # ---------------------------------------------------------------------- no orphans
@@ -727,12 +732,11 @@ def _small_disk(folder: Path, size: int):
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
-@pytest.mark.parametrize("which", ["replica", "main"])
-def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_whole_checkpoint(tmp_path, which):
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_whole_checkpoint(tmp_path):
     """A fit checkpoints at step 5 on a small disk; the disk is then filled, and the resumed fit's checkpoint at
-    step 10 does not fit: its replicas (``replica``), or only rank 0's main file (``main``). Every rank stops with
-    the same error, the CLI prints one line naming the file and the space, nothing of the new set is left, and the
-    checkpoint of step 5 still loads, whole."""
+    step 10 does not fit: its replicas, or (the second resume, from the same step 5) only rank 0's main file. Every
+    rank stops with the same error, the CLI prints one line naming the file and the space, nothing of the new set is
+    left, and the checkpoint of step 5 still loads, whole."""
     with _small_disk(tmp_path / "disk", 32 * 2**20) as disk:
         run_dir, args = disk / "run", ["checkpoint.every_n_train_steps=5", "trainer.log_every_n_steps=1000"]
         first = _fit_cli(run_dir, "max_steps=5", *args, devices=2)
@@ -740,20 +744,20 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_whole_checkpo
         last = run_dir / "checkpoints" / "last.ckpt"
         replica = next(Path(f"{last}.replicas").glob("step*/rank0.pt")).stat().st_size
         main = last.stat().st_size
-        free = replica // 2 if which == "replica" else 2 * replica + main // 2  # room for the replicas, not the main file
-        with open(disk / "filler", "wb") as f:
-            f.truncate(0)
-            f.write(b"\0" * max(0, shutil.disk_usage(disk).free - free))
-        resumed = _fit_cli(run_dir, "max_steps=10", f"ckpt_path={last}", *args, devices=2)
-        stderr, _ = _ended(resumed, resumed.pid)
-        assert resumed.returncode == 2, stderr[-3000:]
-        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "Traceback" not in stderr and "[rank" not in stderr.split("error:")[-1], stderr[-3000:]
-        assert f"error: checkpoint file '{run_dir}/checkpoints/epoch=0-step=10.ckpt" in errors[0], errors[0]
-        assert ("replicas/step000000010-" in errors[0]) == (which == "replica"), errors[0]
-        assert "could not be written (No space left on device); it needs about 1.5 MB and its filesystem has" in errors[0], errors[0]
-        assert not list(run_dir.glob("checkpoints/*.replicas/step000000010-*")), "a partial set was left"
-        assert not list(run_dir.glob("checkpoints/epoch=0-step=10.ckpt*")), "a partial file was left"
-        check_set(last, 2)  # the set of step 5: its main file and every replica load and belong together
-        assert read_main(last)["global_step"] == 5
-        check_set(run_dir / "checkpoints" / "epoch=0-step=5.ckpt", 2)
+        for which, free in [("replica", replica // 2), ("main", 2 * replica + main // 2)]:  # main: room for the replicas
+            with open(disk / "filler", "wb") as f:
+                f.truncate(0)
+                f.write(b"\0" * max(0, shutil.disk_usage(disk).free - free))
+            resumed = _fit_cli(run_dir, "max_steps=10", f"ckpt_path={last}", *args, devices=2)
+            stderr, _ = _ended(resumed, resumed.pid)
+            assert resumed.returncode == 2, (which, stderr[-3000:])
+            errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and "Traceback" not in stderr and "[rank" not in stderr.split("error:")[-1], stderr[-3000:]
+            assert f"error: checkpoint file '{run_dir}/checkpoints/epoch=0-step=10.ckpt" in errors[0], errors[0]
+            assert ("replicas/step000000010-" in errors[0]) == (which == "replica"), errors[0]
+            assert "could not be written (No space left on device); it needs about 1.5 MB and its filesystem has" in errors[0], errors[0]
+            assert not list(run_dir.glob("checkpoints/*.replicas/step000000010-*")), f"{which}: a partial set was left"
+            assert not list(run_dir.glob("checkpoints/epoch=0-step=10.ckpt*")), f"{which}: a partial file was left"
+            check_set(last, 2)  # the set of step 5: its main file and every replica load and belong together
+            assert read_main(last)["global_step"] == 5
+            check_set(run_dir / "checkpoints" / "epoch=0-step=5.ckpt", 2)

@@ -190,7 +190,8 @@ def worker_id(trainer: pl.Trainer) -> int:
 
 
 class SaveReplica(Callback):
-    """Writes each rank's parameters (and anything the scenario adds) at a chosen hook."""
+    """Writes each rank's parameters (and anything the scenario adds) at a chosen hook, or after step K
+    (``when="stepK"``)."""
 
     def __init__(self, out: str, when: str = "end") -> None:
         self.out, self.when = out, when
@@ -201,6 +202,10 @@ class SaveReplica(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if self.when == "start":
+            self._save(trainer, module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if self.when == f"step{trainer.global_step}":
             self._save(trainer, module)
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -781,6 +786,8 @@ def run(scenario: str, out: str, opts: dict[str, str]) -> None:
     elif scenario == "grid":  # DPGAN with OptimisticAdam on the grid of 25 Gaussians
         strategy = decentralized(opts, consensus_every=int(opts.get("consensus_every", 50)))
         callbacks = [SaveReplica(out), Snapshots(out, int(opts.get("snapshot_every", 10**9))), NoiseAtFirstBatch(out)]
+        if "save_at" in opts:
+            callbacks.append(SaveReplica(out, when=f"step{opts['save_at']}"))
         if opts.get("count") == "1":
             callbacks.append(CountCollectives(out))
         if opts.get("strategy") == "ddp":  # centralized OSG (CPOSG): gradients all-reduced, same optimizer
