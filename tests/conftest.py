@@ -11,6 +11,11 @@ import gc
 gc.disable()  # until the collection has imported torch and Lightning (pytest_collection_finish), as the workers do
 
 import json
+import os
+
+# three test processes share the cores: one thread each, as worker_env() gives the processes they start (two
+# threads cost 10 % more CPU in the in-process tests, waiting for each other)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 
 import pytest
