@@ -12,11 +12,14 @@ host, the real command line on every host. The runs:
 * per setting on an unlimited link: the compute input on these hosts, which share the machine's cores (every host
   computing and mixing at once, the mix's CPU included); with ``--own-cores`` each host is held to its share by a
   cgroup quota, so that a host waiting on its link leaves its share unused instead of lending it to the others;
+  and once without any communication (``--settings no_communication``), DDP's compute: its all-reduce's CPU (its
+  unlimited run less that one) runs while its chunks move, so a slower link hides it;
 * per rate and setting: ``cluster_bytes.py``'s speed probe (``--probe-steps`` iterations, seconds per iteration
   between its two evaluations, evaluations excluded);
 * the prediction: :func:`lightning_dpgan.sim.timing.iteration_seconds` for the same setting, rate and hosts: the
   unlimited run's seconds plus the α–β communication on the cluster's links (tbf framing and bucket, its MTU, no
-  latency, which this kernel cannot emulate).
+  latency, which this kernel cannot emulate); for DDP the run without communication plus the longer of the
+  all-reduce's transfer and its CPU.
 
 Every run is saved in ``--out/time_model.json`` as it is taken, so the settings can be run in chunks (``--rates``,
 ``--settings``; ``--congestion-control`` rows are kept apart) and repeated; a cell is its fastest run (the machine

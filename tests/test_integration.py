@@ -197,9 +197,9 @@ def test_the_built_wheel_carries_configs_license_types_and_version(tmp_path):
     run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], timeout=180)
     env = dict(worker_env(), PYTHONPATH=str(tmp_path / "site"))
     # one interpreter: where the package comes from, then the CLI twice, as ``python -m lightning_dpgan`` runs it
-    code = """import runpy, sys
+    code = """import gc, runpy, sys
 import lightning_dpgan
-print(lightning_dpgan.__file__)
+print(lightning_dpgan.__file__, gc.isenabled(), gc.get_freeze_count())
 for sys.argv[1:] in (["--version"], ["topology", "topology=torus", "devices=6"]):
     try:
         runpy.run_module("lightning_dpgan", run_name="__main__", alter_sys=True)
@@ -209,7 +209,10 @@ for sys.argv[1:] in (["--version"], ["topology", "topology=torus", "devices=6"])
     proc = subprocess.run([sys.executable, "-c", code, "lightning_dpgan"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     where, version, *topology = proc.stdout.splitlines()
-    assert where.startswith(str(tmp_path / "site")), where
+    module, collecting, frozen = where.split()
+    assert module.startswith(str(tmp_path / "site")), where
+    # the import paused the garbage collector, froze what it made (torch's and Lightning's objects) and restarted it
+    assert collecting == "True" and int(frozen) > 100_000, where
     assert version == f"lightning-dpgan {__version__}", proc.stdout[-2000:]
     assert "topology: torus" in topology and "world_size: 6" in topology, proc.stdout[-2000:]
 

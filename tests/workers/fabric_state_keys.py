@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 
-gc.disable()  # while torch and Lightning import, as `python -m lightning_dpgan` does (lightning_dpgan/__main__.py)
+gc.disable()  # while torch and Lightning import, as lightning_dpgan/__init__.py does for its own imports
 
 import json
 import sys

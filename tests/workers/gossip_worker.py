@@ -12,7 +12,7 @@ dense reference. GOSSIP_BACKEND=nccl puts each rank's tensors on cuda:LOCAL_RANK
 
 import gc
 
-gc.disable()  # while torch and Lightning import, as `python -m lightning_dpgan` does (lightning_dpgan/__main__.py)
+gc.disable()  # while torch and Lightning import, as lightning_dpgan/__init__.py does for its own imports
 
 import json
 import os

@@ -3,7 +3,7 @@ connection has closed (gloo then raises at the post, not at the wait) and prints
 
 import gc
 
-gc.disable()  # while torch and Lightning import, as `python -m lightning_dpgan` does (lightning_dpgan/__main__.py)
+gc.disable()  # while torch and Lightning import, as lightning_dpgan/__init__.py does for its own imports
 
 import os
 import time
