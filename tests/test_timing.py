@@ -184,6 +184,13 @@ def test_ddps_all_reduce_on_shared_cores_takes_the_longer_of_its_transfer_and_it
     assert iteration_seconds(Setting.ddp(), step, fast) == pytest.approx(0.27 + 0.11, rel=1e-12)
     own = Network(hosts=8, bandwidth_bps=1e9)  # a core per host: the one-core step, and no shared CPU to count
     assert iteration_seconds(Setting.ddp(), step, own) == pytest.approx(0.04 + wire / 1e9, rel=1e-12)
+    # 40 MB of gradients: two buckets, the first (25 MiB) all-reduced during the backward pass, so only the last
+    # one's 13,785,600 bytes are exposed, in transfer (20.5 ms at 10 Gbit/s) and in their share of the CPU (37.9 ms)
+    large = Workload(numel=10_000_000, step_s=0.04, shared_step_s=0.27, shared_allreduce_cpu_s=0.11)
+    last = 40_000_000 - 25 * 2**20
+    wide = Network(hosts=8, bandwidth_bps=10e9, cores=2)
+    assert last / 40e6 * 0.11 > 14 / 8 * last * 1538 / 1448 * 8 / 10e9
+    assert iteration_seconds(Setting.ddp(), large, wide) == pytest.approx(0.27 + 0.11 * last / 40e6, rel=1e-12)
     # a gossip mix's CPU is in its own run's step (before and after its transfer): the field is DDP's alone
     gossip = Setting("ring", 1, "bf16")
     assert iteration_seconds(gossip, step, fast) == iteration_seconds(gossip, Workload(1_000_000, 0.04, shared_step_s=0.27), fast)
