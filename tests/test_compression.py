@@ -107,6 +107,24 @@ def test_each_compressor_reads_back_what_numpy_computes(compression):
     np.testing.assert_allclose(out.numpy(), REFERENCE[compression](v.numpy()), rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("compression", ["int8", "sign", "topk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_roundtrip_of_many_rows_is_each_rows_encode_and_decode(compression, dtype):
+    """What the simulator compresses for all replicas at once is, row by row, what a worker's decode reads back."""
+    rows = torch.tensor(np.random.default_rng(11).standard_normal((5, 2 * CHUNK + 33)), dtype=dtype)
+    rows[1, :CHUNK] = 0.0  # a chunk of zeros: int8's scale falls back to 1, sign's is 0
+    compressor = build_compressor(compression, 0.05)  # REFERENCE's fraction
+    together = compressor.roundtrip(rows)
+    for row, got in zip(rows, together):
+        payload = torch.zeros(compressor.wire_bytes(row.numel(), dtype), dtype=torch.uint8)
+        compressor.encode(row, payload)
+        alone = torch.empty_like(row)
+        compressor.decode(payload, alone)
+        assert torch.equal(got, alone)
+        if dtype == torch.float32:
+            np.testing.assert_allclose(got.double().numpy(), REFERENCE[compression](row.double().numpy()), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_topk_reads_back_the_largest_entries_for_every_dtype(dtype):
     """An odd number of kept 2-byte values: the int32 indices after them must still be aligned."""

@@ -45,7 +45,9 @@ def _chunks(numel: int) -> int:
 
 
 class Compressor:
-    """``encode(v, out)`` writes ``v`` (1-D) into ``wire_bytes`` bytes; ``decode(payload, out)`` reads them back."""
+    """``encode(v, out)`` writes ``v`` (1-D) into ``wire_bytes`` bytes; ``decode(payload, out)`` reads them back.
+    ``roundtrip(v)`` is what a decode of the encoding gives, bit for bit, for every row of ``v`` at once: the
+    many-replica simulator compresses all replicas' differences in one call with the same math."""
 
     name = ""
 
@@ -58,6 +60,17 @@ class Compressor:
     def decode(self, payload: Tensor, out: Tensor) -> None:
         raise NotImplementedError
 
+    def roundtrip(self, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def _chunked(v: Tensor, fill: Tensor | None = None) -> Tensor:
+    """``v`` (..., n) zero-padded to whole chunks, as (..., chunks, CHUNK)."""
+    n = v.shape[-1]
+    padded = torch.zeros(*v.shape[:-1], _chunks(n) * CHUNK, dtype=v.dtype if fill is None else fill.dtype, device=v.device)
+    padded[..., :n] = v
+    return padded.view(*v.shape[:-1], _chunks(n), CHUNK)
+
 
 class Int8(Compressor):
     name = "int8"
@@ -65,24 +78,32 @@ class Int8(Compressor):
     def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
         return _chunks(numel) * _itemsize(dtype) + numel
 
+    @staticmethod
+    def _quantize(v: Tensor) -> tuple[Tensor, Tensor]:
+        """Per chunk of the last dimension, its scale and ``v`` in its steps (whole numbers in ``v``'s dtype)."""
+        rows = _chunked(v)
+        scales = rows.abs().amax(dim=-1) / 127
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(rows / safe[..., None]).clamp_(-127, 127).view(*v.shape[:-1], -1)[..., : v.shape[-1]]
+        return scales, q
+
+    @staticmethod
+    def _dequantize(scales: Tensor, q: Tensor) -> Tensor:
+        return (_chunked(q, fill=scales) * scales[..., None]).view(*q.shape[:-1], -1)[..., : q.shape[-1]]
+
     def encode(self, v: Tensor, out: Tensor) -> None:
         n, chunks, size = v.numel(), _chunks(v.numel()), _itemsize(v.dtype)
-        padded = torch.zeros(chunks * CHUNK, dtype=v.dtype, device=v.device)
-        padded[:n] = v
-        rows = padded.view(chunks, CHUNK)
-        scales = rows.abs().amax(dim=1) / 127
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        q = torch.round(rows / safe[:, None]).clamp_(-127, 127).view(-1)[:n]
+        scales, q = self._quantize(v)
         out[: chunks * size].view(v.dtype).copy_(scales)
         out[chunks * size : chunks * size + n].view(torch.int8).copy_(q)
 
     def decode(self, payload: Tensor, out: Tensor) -> None:
         n, chunks, size = out.numel(), _chunks(out.numel()), _itemsize(out.dtype)
         scales = payload[: chunks * size].view(out.dtype)
-        q = payload[chunks * size : chunks * size + n].view(torch.int8)
-        padded = torch.zeros(chunks * CHUNK, dtype=out.dtype, device=out.device)
-        padded[:n] = q
-        out.copy_((padded.view(chunks, CHUNK) * scales[:, None]).view(-1)[:n])
+        out.copy_(self._dequantize(scales, payload[chunks * size : chunks * size + n].view(torch.int8)))
+
+    def roundtrip(self, v: Tensor) -> Tensor:
+        return self._dequantize(*self._quantize(v))
 
 
 class TopK(Compressor):
@@ -97,6 +118,10 @@ class TopK(Compressor):
     def _values_bytes(self, k: int, dtype: torch.dtype) -> int:
         return -(-k * _itemsize(dtype) // 4) * 4  # padded, so that the int32 indices after them stay aligned
 
+    def _largest(self, v: Tensor) -> Tensor:
+        """The indices of the entries largest in magnitude, per row of the last dimension."""
+        return torch.topk(v.abs(), self.kept(v.shape[-1]), dim=-1, sorted=False).indices
+
     def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
         k = self.kept(numel)
         return self._values_bytes(k, dtype) + 4 * k
@@ -104,7 +129,7 @@ class TopK(Compressor):
     def encode(self, v: Tensor, out: Tensor) -> None:
         k, size = self.kept(v.numel()), _itemsize(v.dtype)
         start = self._values_bytes(k, v.dtype)
-        index = torch.topk(v.abs(), k, sorted=False).indices
+        index = self._largest(v)
         out[: k * size].view(v.dtype).copy_(v[index])
         out[start : start + 4 * k].view(torch.int32).copy_(index)
 
@@ -114,6 +139,10 @@ class TopK(Compressor):
         out.zero_()
         out[payload[start : start + 4 * k].view(torch.int32).long()] = payload[: k * size].view(out.dtype)
 
+    def roundtrip(self, v: Tensor) -> Tensor:
+        index = self._largest(v)
+        return torch.zeros_like(v).scatter_(-1, index, v.gather(-1, index))
+
 
 class Sign(Compressor):
     name = "sign"
@@ -121,13 +150,22 @@ class Sign(Compressor):
     def wire_bytes(self, numel: int, dtype: torch.dtype) -> int:
         return _chunks(numel) * _itemsize(dtype) + -(-numel // 8)
 
-    def encode(self, v: Tensor, out: Tensor) -> None:
-        n, chunks, size = v.numel(), _chunks(v.numel()), _itemsize(v.dtype)
-        padded = torch.zeros(chunks * CHUNK, dtype=v.dtype, device=v.device)
-        padded[:n] = v.abs()
+    @staticmethod
+    def _scales(v: Tensor) -> Tensor:
+        """Per chunk of the last dimension, the mean magnitude of its elements (the last chunk's own count)."""
+        n, chunks = v.shape[-1], _chunks(v.shape[-1])
         counts = torch.full((chunks,), CHUNK, dtype=v.dtype, device=v.device)
         counts[-1] = n - (chunks - 1) * CHUNK
-        out[: chunks * size].view(v.dtype).copy_(padded.view(chunks, CHUNK).sum(dim=1) / counts)
+        return _chunked(v.abs()).sum(dim=-1) / counts
+
+    @staticmethod
+    def _signed(scales: Tensor, positive: Tensor) -> Tensor:
+        magnitude = scales.repeat_interleave(CHUNK, dim=-1)[..., : positive.shape[-1]]  # each chunk's over its elements
+        return torch.where(positive, magnitude, -magnitude)
+
+    def encode(self, v: Tensor, out: Tensor) -> None:
+        n, chunks, size = v.numel(), _chunks(v.numel()), _itemsize(v.dtype)
+        out[: chunks * size].view(v.dtype).copy_(self._scales(v))
         bits = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=v.device)
         bits[:n] = v >= 0
         packed = (bits.view(-1, 8) * _BITS.to(v.device)).sum(dim=1, dtype=torch.uint8)
@@ -137,9 +175,10 @@ class Sign(Compressor):
         n, chunks, size = out.numel(), _chunks(out.numel()), _itemsize(out.dtype)
         scales = payload[: chunks * size].view(out.dtype)
         packed = payload[chunks * size : chunks * size + -(-n // 8)]
-        bits = (packed[:, None] & _BITS.to(out.device)).ne(0).view(-1)[:n]
-        magnitude = scales.repeat_interleave(CHUNK)[:n]
-        out.copy_(torch.where(bits, magnitude, -magnitude))
+        out.copy_(self._signed(scales, (packed[:, None] & _BITS.to(out.device)).ne(0).view(-1)[:n]))
+
+    def roundtrip(self, v: Tensor) -> Tensor:
+        return self._signed(self._scales(v), v >= 0)
 
 
 def build_compressor(name: str, topk_fraction: float) -> Compressor:
