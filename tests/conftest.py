@@ -52,9 +52,17 @@ SIM_STEPS, SIM_EARLY, SIM_HIDDEN, SIM_BATCH = 200, 20, 32, 64
 SIM_CASES = {4: {"topology": "ring", "rounds": 1}, 8: {"topology": "exponential", "rounds": 2}}
 
 
+# and CHOCO with local steps: top-5 % compressed differences mixed every second step, SIM_CHOCO_STEPS steps
+SIM_CHOCO, SIM_CHOCO_STEPS = {"compression": "topk", "topk_fraction": 0.05, "gossip_every": 2}, 60
+
+
 def sim_real_options(n: int) -> dict:
     return {"devices": n, "steps": SIM_STEPS, "save_at": SIM_EARLY, "hidden": SIM_HIDDEN, "batch_size": SIM_BATCH, "consensus_every": 0,
             "log_every": 1000, **SIM_CASES[n]}
+
+
+def sim_choco_options() -> dict:
+    return {**sim_real_options(4), "steps": SIM_CHOCO_STEPS, **SIM_CHOCO}
 
 
 # The runs that several tests share, by fixture: the tests that use one run in one xdist worker (``--dist
@@ -150,6 +158,7 @@ def suite4_scenarios(out: Path) -> list[list]:
         ["grid", "noise_decentralized", {"steps": 1}],
         ["grid", "cposg", {"steps": 5, "strategy": "ddp", "n_critic": 2, "loss": "wgan-gp"}],
         ["grid", "sim_real4", sim_real_options(4)],
+        ["grid", "sim_choco4", sim_choco_options()],
         # torch.distributed calls per training step: gossip only, consensus every 5 steps, and DDP
         ["grid", "calls_gossip", {"steps": 12, "count": 1, "consensus_every": 0, "log_every": 50}],
         ["grid", "calls_consensus5", {"steps": 12, "count": 1, "consensus_every": 5, "log_every": 50}],

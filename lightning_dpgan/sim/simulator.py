@@ -21,9 +21,13 @@ multi-process run replica by replica (``tests/test_simulator.py``). ``streams="f
 in one call from one generator and their batches uniformly from their shards: the same distribution, not the
 same numbers, and no Python loop over replicas.
 
-What it does not do yet (issue 45): CHOCO compression, local steps (``every``), a narrow wire dtype, overlap,
-staleness, time-varying graphs beyond cycling their matrices, n_critic > 1, EMA, WGAN-GP (its interpolates draw
-random numbers inside the vectorized step), BatchNorm (buffers), non-anchored optimizers. R1 is taken through
+The gossip is given as the real run's :class:`~lightning_dpgan.gossip.GossipOptions`: rounds, local steps
+(``every``: the anchor hook mixes on every ``every``-th step, as the engine counts them), CHOCO compression
+(``compression``, ``topk_fraction``, ``consensus_step``: one public copy ``x_hat`` per replica, the same on every
+worker that holds it, compressed by the package's compressors, :meth:`~lightning_dpgan.gossip.compression.Compressor.roundtrip`
+for all replicas at once) and ``mixing=False`` (no communication). It refuses, naming them, what it does not
+simulate: a narrow wire dtype, overlap, staleness, live membership, n_critic > 1, EMA, WGAN-GP (its interpolates
+draw random numbers inside the vectorized step), BatchNorm (buffers), a scheduler, non-anchored optimizers. R1 is taken through
 ``torch.func.vjp`` (:func:`~lightning_dpgan.losses.r1_scores`), the same penalty as the worker's autograd one.
 """
 
@@ -40,6 +44,8 @@ from torch.func import functional_call, grad, vmap
 from lightning_dpgan.data.sharding import ShardSampler
 from lightning_dpgan.gan import DPGAN, player_losses
 from lightning_dpgan.gossip.combine import lerps
+from lightning_dpgan.gossip.compression import build_compressor
+from lightning_dpgan.gossip.options import GossipOptions
 from lightning_dpgan.mix_sets import AnchoredOptimizer
 from lightning_dpgan.optim import OPTIMIZERS
 from lightning_dpgan.seeding import rank_seed
@@ -54,6 +60,15 @@ def replica_streams(world_size: int, seed: int = 0) -> list[torch.Generator]:
     """One generator per replica in the state :func:`~lightning_dpgan.seeding.seed_for_rank` leaves torch's global
     one in on that rank, when ``PL_GLOBAL_SEED`` is ``seed``."""
     return [torch.Generator().manual_seed(rank_seed(seed, rank)) for rank in range(world_size)]
+
+
+def _flat(tensors: list[Tensor], n: int) -> Tensor:
+    """The stacked tensors end to end per replica, ``(n, numel)``: every replica's bucket, as the engine packs it."""
+    return torch.cat([t.reshape(n, -1) for t in tensors], dim=1)
+
+
+def _unflatten(flat: Tensor, tensors: list[Tensor]) -> None:
+    torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(flat.split([t[0].numel() for t in tensors], 1), tensors)])
 
 
 class _Players(nn.Module):
@@ -78,6 +93,8 @@ class Simulator:
             (the real run broadcasts rank 0's).
         datamodule: a sharded datamodule (e.g. ``GaussianMixtureDataModule``) of in-memory tensors.
         topology: a name of :func:`~lightning_dpgan.topology.build_topology` or a built topology.
+        rounds: gossip rounds per mix (``t``), when ``gossip`` is not given.
+        gossip: the real run's gossip options (rounds, ``every``, CHOCO compression, ``mixing``); see the module.
         seed: the run's global seed (``pl.seed_everything(seed)``).
         mixing: ``"dense"`` (one ``W^t`` matrix), ``"sparse"`` (``t`` sparse products per step), ``"auto"``
             (dense up to 64 replicas), or ``"engine"`` (each replica's round with the gossip engine's own arithmetic,
@@ -99,6 +116,7 @@ class Simulator:
         mixing: str = "auto",
         streams: str = "exact",
         compute: str = "vmap",
+        gossip: GossipOptions | None = None,
         **topology_options: Any,
     ) -> None:
         if streams not in STREAMS:
@@ -114,10 +132,28 @@ class Simulator:
         ]
         if unsupported:
             raise ValueError(f"the simulator does not simulate {', '.join(unsupported)} yet")
-        self.n, self.rounds, self.streams = world_size, rounds, streams
+        if gossip is not None and rounds not in (1, gossip.rounds):
+            raise ValueError(f"rounds={rounds} and gossip.rounds={gossip.rounds}: give the rounds in gossip only")
+        self.options = gossip if gossip is not None else GossipOptions(rounds=rounds)
+        refused = [f"{name}={value!r}" for name, value, plain in (
+            ("wire_dtype", self.options.wire_dtype, self.options.wire_dtype in (None, "fp32", "float32")),
+            ("overlap", self.options.overlap, not self.options.overlap),
+            ("staleness", self.options.staleness, not self.options.staleness),
+            ("membership", self.options.membership, self.options.membership == "fixed"),
+        ) if not plain]
+        if refused:
+            raise ValueError(f"the simulator does not simulate {', '.join(refused)} yet; it simulates rounds, every, "
+                             "compression and mixing=False")
+        self.n, self.rounds, self.streams = world_size, self.options.rounds, streams
         self.topology = topology if isinstance(topology, Topology) else build_topology(topology, world_size, **topology_options)
         if self.topology.world_size != world_size:
             raise ValueError(f"the topology has {self.topology.world_size} workers, not {world_size}")
+        self.options.check_topology(self.topology)  # CHOCO: a static graph, and a warning for a large consensus step
+        self.compressor = (build_compressor(self.options.compression, self.options.topk_fraction)
+                           if self.options.compression is not None else None)
+        self.consensus_step = self.options.resolved_consensus_step()
+        self.public: Tensor | None = None  # CHOCO's public copies x_hat, (n, numel): identical wherever held
+        self.hook_steps = 0  # anchor-hook calls: the engine's ``steps``, which ``every`` counts
         self.players = _Players(gan)
         self.latent_dim = gan.latent_dim
 
@@ -137,7 +173,7 @@ class Simulator:
         )
         if not isinstance(self.optimizer, AnchoredOptimizer):
             raise ValueError(f"the simulator mixes anchors: {type(self.optimizer).__name__} has none (use an optimistic optimizer)")
-        self.optimizer.register_anchor_hook(lambda optimizer, anchors: self.mix(anchors))
+        self.optimizer.register_anchor_hook(lambda optimizer, anchors: self.gossip_step(anchors))
         self._names = g_names + d_names
 
         # mixing: W^t over the replica dimension; a time-varying graph's rounds go on counting across steps
@@ -196,16 +232,66 @@ class Simulator:
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
+    def gossip_step(self, tensors: list[Tensor]) -> None:
+        """What the real run's engine does with the anchors at one optimizer step (the anchor hook): on every
+        ``every``-th step, CHOCO's compressed mix or the ``W^t`` mix, and nothing without mixing."""
+        self.hook_steps += 1
+        if not self.options.mixing or self.hook_steps % self.options.every:
+            return
+        if self.compressor is not None:
+            self.choco_mix(tensors)
+        else:
+            self.mix(tensors)
+
+    @torch.no_grad()
+    def choco_mix(self, tensors: list[Tensor]) -> None:
+        """One CHOCO round (:mod:`lightning_dpgan.gossip.choco`) over the replica dimension::
+
+            q = Q(x - x_hat);  x_hat <- x_hat + q;  x <- x + gamma (W - I) x_hat
+
+        Every worker's copy of replica ``j``'s ``x_hat`` is the same (each adds the same decoded ``q``), so one copy
+        per replica stands for all. The copies start at replica 0's tensors at the first mix, as the engine's
+        broadcast starts them. ``mixing="engine"`` compresses one replica at a time with the engine's
+        ``encode``/``decode`` and combines in the engine's order, to the bit; otherwise ``Q`` runs on all rows at
+        once (:meth:`~lightning_dpgan.gossip.compression.Compressor.roundtrip`) and ``(W - I) x_hat`` is one product."""
+        assert self.compressor is not None
+        flat = _flat(tensors, self.n)
+        if self.public is None:
+            self.public = flat[:1].repeat(self.n, 1)
+        public, gamma = self.public, self.consensus_step
+        if self.mixing == "engine":
+            payload = torch.zeros(self.compressor.wire_bytes(flat.shape[1], flat.dtype), dtype=torch.uint8)
+            decoded = torch.empty(flat.shape[1], dtype=flat.dtype)
+            for i in range(self.n):
+                self.compressor.encode(torch.sub(flat[i], public[i]), payload)
+                self.compressor.decode(payload, decoded)
+                public[i].add_(decoded)
+            for i in range(self.n):  # each worker adds its in-neighbours' terms in the engine's order
+                nb = self.topology.neighbours(i, 0)
+                for j, weight in zip(nb.receive_from, nb.receive_weights):
+                    flat[i].add_(public[j] - public[i], alpha=gamma * weight)
+        else:
+            public.add_(self.compressor.roundtrip(flat - public))
+            flat.add_(self._mixed(public, 0) - public, alpha=gamma)
+        _unflatten(flat, tensors)
+        self.phase += 1
+
+    @torch.no_grad()
     def mix(self, tensors: list[Tensor]) -> None:
-        """``x <- W^t x`` over the replica dimension, in place (the anchor hook; the gossip's ``step``)."""
+        """``x <- W^t x`` over the replica dimension, in place (the synchronous engine's ``mix``)."""
         start = self.phase % self.topology.period
         if self.mixing == "engine":
-            flat = torch.cat([t.reshape(self.n, -1) for t in tensors], dim=1)
+            flat = _flat(tensors, self.n)
             for r in range(self.rounds):
                 flat = self._engine_round(flat, start + r)
-            torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(flat.split([t[0].numel() for t in tensors], 1), tensors)])
-            self.phase += self.rounds
-            return
+            _unflatten(flat, tensors)
+        else:
+            for tensor in tensors:  # tensor by tensor: packing them into one buffer first would cost a pass more
+                tensor.copy_(self._mixed(tensor.view(self.n, -1), start).view_as(tensor))
+        self.phase += self.rounds
+
+    def _mixed(self, rows: Tensor, start: int) -> Tensor:
+        """``W^t rows`` from round ``start`` of the graph's cycle: one dense ``W^t``, or ``t`` sparse products."""
         if start not in self._mixers:
             if self._dense:
                 self._mixers[start] = [torch.tensor(self.topology.mixing_product(self.rounds, start), dtype=torch.float32)]
@@ -214,12 +300,9 @@ class Simulator:
                     warnings.simplefilter("ignore", UserWarning)
                     self._mixers[start] = [torch.tensor(self.topology.matrix(start + r), dtype=torch.float32).to_sparse_csr()
                                            for r in range(self.rounds)]
-        for tensor in tensors:  # tensor by tensor: packing them into one buffer first would cost a pass more
-            rows = tensor.view(self.n, -1)
-            for m in self._mixers[start]:
-                rows = m @ rows
-            tensor.copy_(rows.view_as(tensor))
-        self.phase += self.rounds
+        for m in self._mixers[start]:
+            rows = m @ rows
+        return rows
 
     def _engine_round(self, flat: Tensor, phase: int) -> Tensor:
         """One gossip round with the engine's arithmetic on every replica (``gossip/combine.py``): a lerp for one
