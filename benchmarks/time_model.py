@@ -23,7 +23,8 @@ host, the real command line on every host. The runs:
 
 Every run is saved in ``--out/time_model.json`` as it is taken, so the settings can be run in chunks (``--rates``,
 ``--settings``; ``--congestion-control`` rows are kept apart) and repeated; a cell is its fastest run (the machine
-is shared, and others' work only slows a run). ``--collect`` prints the table from what is there.
+is shared, and others' work only slows a run); the table gives every run's ratio too, in the order they were taken.
+``--collect`` prints the table from what is there.
 """
 
 from __future__ import annotations
@@ -164,8 +165,8 @@ def table(saved: dict, hosts: int, cores: int) -> str:
         f"step (one process, one thread), {probe['numel']:,} parameters",
         "",
         "| rate | setting | compute input: it/s on an unlimited link | predicted it/s | measured it/s (runs) "
-        "| predicted ÷ measured | what the emulation cannot show |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| predicted ÷ measured | each run | what the emulation cannot show |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     variants = sorted({k[k.index("@"):] for k in saved["measured"] if "@" in k})
     for rate in sorted(saved["rates"], key=parse_rate, reverse=True):
@@ -175,10 +176,11 @@ def table(saved: dict, hosts: int, cores: int) -> str:
                 continue
             predicted = predict(name, rate, hosts, saved, row["mtu"], cores)
             ratio = row["s_per_it"] / predicted  # predicted it/s ÷ measured it/s
+            each = ", ".join(f"{run['s_per_it'] / predicted:.2f}" for run in saved["measured"][row_key(rate, name, variant)])
             compute = compute_input(name, saved)
             named = name + variant_words(variant)
             lines.append(f"| {rate} | {named} | {compute} | {1 / predicted:.2f} | {1 / row['s_per_it']:.2f} ({row['runs']}) "
-                         f"| {ratio:.2f} | {cannot_show(name, rate, hosts, saved)} |")
+                         f"| {ratio:.2f} | {each} | {cannot_show(name, rate, hosts, saved)} |")
     return "\n".join(lines)
 
 
