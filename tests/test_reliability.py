@@ -537,13 +537,15 @@ def test_sigterm_to_the_process_group_stops_every_rank_at_one_step_with_a_checkp
 
 
 # ---------------------------------------------------------------------- the worker that failed is named, soon
-def _fit_cli(run_dir: Path, *extra: str, devices: int = 4, env: dict[str, str] | None = None, output: Any = None) -> subprocess.Popen:
+def _fit_cli(run_dir: Path, *extra: str, devices: int = 4, env: dict[str, str] | None = None, output: Any = None,
+             errors: Any = None) -> subprocess.Popen:
+    """``fit`` on the command line; its stdout to ``output`` and its stderr to ``errors`` (else also ``output``), or pipes."""
     args = [f"devices={devices}", "evaluation.num_samples=100", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
             "+logger.flush_logs_every_n_steps=1", f"hydra.run.dir={run_dir}"]
     if not any(e.startswith("evaluation.every_n_steps=") for e in extra):
         args.append("evaluation.every_n_steps=0")
     return subprocess.Popen([*CLI, "fit", *args, *extra], env=env or worker_env(), start_new_session=True,
-                            stdout=output or subprocess.PIPE, stderr=output or subprocess.PIPE, text=True)
+                            stdout=output or subprocess.PIPE, stderr=errors or output or subprocess.PIPE, text=True)
 
 
 def _worker_pid(launcher: int, rank: int) -> int:
@@ -636,22 +638,29 @@ def test_a_live_run_started_by_the_cli_admits_a_new_worker_and_goes_on_without_a
     kill = tmp_path / "kill"  # rank 2 dies in its first evaluation after the step it holds (tests/workers/kill_in_evaluation)
     env = {**worker_env(), "PYTHONPATH": os.pathsep.join([str(WORKERS / "kill_in_evaluation"), os.environ.get("PYTHONPATH", "")]),
            "DPGAN_TEST_KILL_RANK": "2", "DPGAN_TEST_KILL_FLAG": str(kill)}
-    proc = _fit_cli(tmp_path / "run", *settings, env={**env, "MASTER_PORT": str(port)})
+    # every output to a file: a pipe nobody reads while the test waits for the join would fill and block the members
+    with open(tmp_path / "run.out", "w") as run_out, open(tmp_path / "run.err", "w") as run_err:
+        proc = _fit_cli(tmp_path / "run", *settings, env={**env, "MASTER_PORT": str(port)}, output=run_out, errors=run_err)
     with open(tmp_path / "joiner.txt", "w") as joiner_output:  # its output and log, read as it runs
         joiner = _fit_cli(tmp_path / "joiner", *settings, "ckpt_path=join", devices=1, output=joiner_output,
                           env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+    def outputs() -> str:
+        return "".join(f"--- {name}\n{(tmp_path / name).read_text()[-3000:]}\n" for name in ("run.out", "run.err", "joiner.txt"))
+
     deadline = time.monotonic() + 120
     while (joined := re.search(r"worker 4: membership step (\d+): worker\(s\) 4 joined", (tmp_path / "joiner.txt").read_text())) is None:
-        assert proc.poll() is None and joiner.poll() is None and time.monotonic() < deadline, (tmp_path / "joiner.txt").read_text()[-3000:]
+        assert proc.poll() is None and joiner.poll() is None and time.monotonic() < deadline, outputs()
         time.sleep(0.05)
     kill.write_text(joined.group(1))  # rank 2 dies in its first evaluation after the join
     try:
-        out, err = proc.communicate(timeout=180)
+        proc.wait(timeout=180)
         joiner.wait(timeout=60)
     finally:
         for p in (proc, joiner):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
+    out, err = (tmp_path / "run.out").read_text(), (tmp_path / "run.err").read_text()
     joiner_out = (tmp_path / "joiner.txt").read_text()
     assert proc.returncode == 0, (out + err)[-3000:]
     assert joiner.returncode == 0, joiner_out[-3000:]
