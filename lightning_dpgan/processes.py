@@ -43,6 +43,15 @@ def close_gossip_group(group: torch.distributed.ProcessGroup | None) -> None:
             torch.distributed.destroy_process_group(group)
 
 
+def release_default_group() -> None:
+    """Destroy torch.distributed's default group where a process's training ends for good. A process that exits
+    with gloo's threads still holding its groups can abort in the interpreter's finalization (``terminate called
+    without an active exception``, pytorch/pytorch#190489), which a launcher then counts as a failed worker (torchrun
+    restarts every worker). Only after a fit that ended well: every work is complete, so the join is immediate."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 #: how long rank 0 has to say which worker failed, after one of the workers it launched has failed, before
 #: everything still running is killed
 REPORT_GRACE_S = 15.0

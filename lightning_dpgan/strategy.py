@@ -53,7 +53,7 @@ from lightning_dpgan.gossip.options import JOIN
 from lightning_dpgan.gossip_strategy import DDP_ARGUMENTS, GossipStrategyMixin
 from lightning_dpgan.gossiper import point_anchors_at_parameters
 from lightning_dpgan.loading import safe_loads
-from lightning_dpgan.processes import launch_watched
+from lightning_dpgan.processes import launch_watched, release_default_group
 from lightning_dpgan.replicas import atomic_save, consensus_restart_reason, read_main, remove_other_sets, replica_set_of
 from lightning_dpgan.seeding import rng_state, seed_for_rank, set_rng_state
 from lightning_dpgan.signals import replace_sigterm_notifier, skip_step_broadcast
@@ -342,12 +342,10 @@ class DecentralizedStrategy(GossipStrategyMixin, DDPStrategy):
         super().teardown()
         if self._start_method == "popen" or multiprocessing.parent_process() is None:
             return
-        # A worker the spawn launcher started ends with this fit. gloo's threads still holding work when a process
-        # exits without destroying its groups can abort it (pytorch/pytorch#190489); nothing of the launcher's own
-        # after this (collecting rank 0's results) is a collective. Walking every object of torch and Lightning at
-        # the exit takes seconds; frozen, they are left to the operating system.
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        # A worker the spawn launcher started ends with this fit; nothing of the launcher's own after this
+        # (collecting rank 0's results) is a collective. Walking every object of torch and Lightning at the exit
+        # takes seconds; frozen, they are left to the operating system.
+        release_default_group()
         gc.freeze()
 
     @override

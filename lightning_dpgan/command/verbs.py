@@ -32,6 +32,7 @@ def fit(run: Run, worker: bool = False) -> None:
 
     from lightning_dpgan.gossip import GossipPeerError
     from lightning_dpgan.guard import NonFiniteError, NonFiniteGuard
+    from lightning_dpgan.processes import release_default_group
     from lightning_dpgan.progress import StepProgressBar
     from lightning_dpgan.replicas import CheckpointError
     from lightning_dpgan.signals import StopOnSigterm
@@ -73,7 +74,8 @@ def fit(run: Run, worker: bool = False) -> None:
         finish_wandb(cfg)
     if trainer.is_global_zero and rank_zero_only.rank == 0:
         changes = getattr(getattr(run.strategy, "engine", None), "changes", ())  # a live run's changes of members
-        print(fit_summary(cfg, run_dir, time.perf_counter() - start, cfg.devices * cfg.num_nodes, changes))
+        print(fit_summary(cfg, run_dir, time.perf_counter() - start, cfg.devices * cfg.num_nodes, changes), flush=True)
+    release_default_group()  # this process trains no more (a multirun's jobs run in spawned workers)
 
 
 def make_logger(cfg: DictConfig, run_dir: str) -> Any:
