@@ -20,8 +20,7 @@ Tolerances, and why:
   a wrong mixing (measured 2026-12-06). Equality after 200 steps is therefore checked in the checking mode, where
   it is exact; the fast mode is checked to be that computation rounded otherwise, before the amplification. One
   more mixing round, or a complete graph, moves every replica by >1e-4 from the real run after 20 steps (n = 8,
-  whose exponential graph at t = 2 nearly averages already: 4e-4), and 5
-  steps by >3e-4 (tested below).
+  whose exponential graph at t = 2 nearly averages already: 4e-4), and 5 steps by >3e-4 (tested below).
 """
 
 from __future__ import annotations
