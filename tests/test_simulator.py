@@ -19,8 +19,8 @@ Tolerances, and why:
   fast mode is 4e-3 (n = 4, ring) to 1e-1 (n = 8, exponential, t = 2) from the real run in that norm, as large as
   a wrong mixing (measured 2026-12-06). Equality after 200 steps is therefore checked in the checking mode, where
   it is exact; the fast mode is checked to be that computation rounded otherwise, before the amplification. One
-  more mixing round, or a complete graph, moves every replica by >1e-4 from the real run after 20 steps (n = 8,
-  whose exponential graph at t = 2 nearly averages already: 4e-4), and 5 steps by >3e-4 (tested below).
+  more mixing round, or a complete graph, moves every replica by >1e-3 from the real run after 20 steps (n = 8,
+  whose exponential graph at t = 2 nearly averages already: >1e-4, measured 4e-4), and 5 steps by >3e-4 (tested below).
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ def test_a_perturbed_simulation_does_not_equal_the_real_run(real_run, perturbati
     # the same (the checking mode equals the real run at every step)
     perturbed = simulate(n, steps=SIM_EARLY, compute="loop", mixing="engine" if "topology" not in perturbation else "dense", **perturbation)
     worst = differences(perturbed, out, f"step{SIM_EARLY}")
-    assert min(worst) > 1e-4, worst  # rounding alone would be 0 here, and 1e-7 in the vectorized kernels
+    # rounding alone would be 0 here, and 1e-7 in the vectorized kernels; n = 8's graph nearly averages already
+    assert min(worst) > (1e-3 if n == 4 else 1e-4), worst
     assert max(differences(simulate(n, steps=SIM_EARLY, compute="loop", mixing="engine"), out, f"step{SIM_EARLY}")) == 0
     fast = simulate(4, steps=FEW, **perturbation)
     checking = simulate(4, steps=FEW, compute="loop", mixing="engine")
